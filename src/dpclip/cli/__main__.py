@@ -1,0 +1,5 @@
+import sys
+
+from dpclip.cli import main
+
+sys.exit(main())
