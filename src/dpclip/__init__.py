@@ -1,0 +1,48 @@
+"""dpclip: differentially private deep learning in PyTorch with automatic clipping.
+
+The public surface is small and loaded lazily, so ``import dpclip`` (and ``dpclip.accounting``,
+which never needs torch) stays cheap::
+
+    engine = dpclip.PrivacyEngine(model, optimizer, sample_size=60_000, batch_size=1024,
+                                  epochs=10, target_epsilon=3.0)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PrivacyEngine": "dpclip.engine",
+    "PrivacyConfig": "dpclip.config",
+    "PerformanceConfig": "dpclip.config",
+    "fix": "dpclip.validate",
+    "find_unsupported": "dpclip.validate",
+    "UnsupportedModuleError": "dpclip.validate",
+    "register_layer": "dpclip.engine",
+    "PrivacyBudgetExceeded": "dpclip.accounting",
+    "accounting": "dpclip.accounting",
+    "layers": "dpclip.layers",
+    "data": "dpclip.data",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dpclip import accounting, data, layers  # noqa: F401
+    from dpclip.accounting import PrivacyBudgetExceeded  # noqa: F401
+    from dpclip.config import PerformanceConfig, PrivacyConfig  # noqa: F401
+    from dpclip.engine import PrivacyEngine, register_layer  # noqa: F401
+    from dpclip.validate import UnsupportedModuleError, find_unsupported, fix  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'dpclip' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name == f"dpclip.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value

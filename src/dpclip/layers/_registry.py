@@ -1,0 +1,83 @@
+"""The registry of layer rules: which module types dpclip can clip, and how.
+
+A rule is two functions of a module's recorded forward inputs and its output gradient:
+
+- ``norm_sq(module, inputs, grad_output, names, strategy) -> {name: Tensor[b]}``: the squared
+  norm of each sample's gradient for each trainable parameter named in ``names``.
+- ``clipped_grad(module, inputs, grad_output, factors) -> {name: Tensor}``: ``Σ_i C_i g_i`` for
+  each parameter in ``factors`` (``{name: Tensor[b]}``), shaped like the parameter.
+
+and, optionally, ``per_sample_grad(module, inputs, grad_output, names) -> {name: Tensor[b, ...]}``,
+needed only when one parameter is used by several layers (tied weights).
+
+``inputs`` is the tuple of positional tensors the module's ``forward`` received (detached);
+``grad_output`` is ∂L/∂output with the batch on dim 0. ``strategy`` is ``"ghost"``,
+``"instantiate"`` or ``"mixed"`` (pick the cheaper per layer); rules without that choice ignore it.
+Rules compute in float32 or wider (bf16 inputs are upcast) and never scale by the loss reduction:
+the engine does that through the factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+NormSq = Callable[[nn.Module, tuple, Tensor, Sequence[str], str], dict[str, Tensor]]
+ClippedGrad = Callable[[nn.Module, tuple, Tensor, Mapping[str, Tensor]], dict[str, Tensor]]
+PerSampleGrad = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, Tensor]]
+
+STRATEGIES = ("ghost", "instantiate", "mixed")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How to clip one layer family (see the module docstring for the contract)."""
+
+    norm_sq: NormSq
+    clipped_grad: ClippedGrad
+    per_sample_grad: PerSampleGrad | None = None
+
+
+class LayerRegistry:
+    """Maps module types to rules.
+
+    A subclass inherits its base's rule only if it does not override ``forward``: a subclass that
+    computes differently (or bypasses ``forward``) must be registered on its own.
+    """
+
+    def __init__(self) -> None:
+        self._rules: dict[type, LayerRule] = {}
+
+    def register(self, module_type: type, rule: LayerRule, *, replace: bool = False) -> None:
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise TypeError(f"expected an nn.Module subclass, got {module_type!r}")
+        if module_type in self._rules and not replace:
+            raise ValueError(
+                f"a rule for {module_type.__qualname__} is already registered; "
+                "pass replace=True to override it"
+            )
+        self._rules[module_type] = rule
+
+    def rule_for(self, module: nn.Module) -> LayerRule | None:
+        own = type(module)
+        for cls in own.__mro__:
+            rule = self._rules.get(cls)
+            if rule is not None:
+                return rule if cls is own or own.forward is cls.forward else None
+        return None
+
+    def __contains__(self, module_type: type) -> bool:
+        return module_type in self._rules
+
+    def types(self) -> tuple[type, ...]:
+        return tuple(self._rules)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32 for half/bf16/float32 inputs, float64 if any input is float64."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
