@@ -8,7 +8,9 @@ A rule is two functions of a module's recorded forward inputs and its output gra
   each parameter in ``factors`` (``{name: Tensor[b]}``), shaped like the parameter.
 
 and, optionally, ``per_sample_grad(module, inputs, grad_output, names) -> {name: Tensor[b, ...]}``,
-needed only when one parameter is used by several layers (tied weights).
+needed only when one parameter is used by several layers (tied weights), and, optionally,
+``check(module) -> str | None``: why this instance cannot be clipped (e.g. an Embedding with
+``max_norm``), so the engine refuses it at construction.
 
 ``inputs`` is the tuple of positional tensors the module's ``forward`` received (detached);
 ``grad_output`` is ∂L/∂output with the batch on dim 0. ``strategy`` is ``"ghost"``,
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 NormSq = Callable[[nn.Module, tuple, Tensor, Sequence[str], str], dict[str, Tensor]]
 ClippedGrad = Callable[[nn.Module, tuple, Tensor, Mapping[str, Tensor]], dict[str, Tensor]]
 PerSampleGrad = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, Tensor]]
+Check = Callable[[nn.Module], "str | None"]
 
 STRATEGIES = ("ghost", "instantiate", "mixed")
 
@@ -39,6 +42,7 @@ class LayerRule:
     norm_sq: NormSq
     clipped_grad: ClippedGrad
     per_sample_grad: PerSampleGrad | None = None
+    check: Check | None = None  # reason this module instance cannot be clipped, or None
 
 
 class LayerRegistry:

@@ -1,0 +1,369 @@
+"""PrivacyEngine: makes an ordinary PyTorch training loop differentially private.
+
+The engine composes the pieces: it records each supported layer's inputs and output gradients
+(:mod:`dpclip.hooks`), turns them into clipped sums at the end of every backward pass
+(:mod:`dpclip._bookkeeping`), and, through the optimizer's own step hooks, adds the noise once
+per logical step, divides by the expected batch size and records the step in the ledger.
+While attached, trainable parameters have ``requires_grad=False``: autograd computes only the
+gradients flowing between layers, never the unclipped weight gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpclip import accounting
+from dpclip._bookkeeping import NonFiniteNormError, Plan, clipped_sums
+from dpclip.clipping import group_parameters
+from dpclip.config import PerformanceConfig, PrivacyConfig
+from dpclip.hooks import Record, Recorder
+from dpclip.layers import LayerRegistry, LayerRule, default_registry
+from dpclip.noise import GaussianNoise
+from dpclip.validate import UnsupportedModuleError, find_unsupported
+
+_REGISTRY = default_registry()
+_STATE_VERSION = 1
+
+
+def register_layer(
+    module_type: type[nn.Module],
+    *,
+    norm_sq: Callable,
+    clipped_grad: Callable,
+    per_sample_grad: Callable | None = None,
+    check: Callable | None = None,
+    replace: bool = False,
+) -> None:
+    """Teach every new PrivacyEngine a rule for ``module_type`` (see :mod:`dpclip.layers`)."""
+    _REGISTRY.register(
+        module_type, LayerRule(norm_sq, clipped_grad, per_sample_grad, check), replace=replace
+    )
+
+
+class PhysicalBatchTooLarge(ValueError):
+    """A backward pass saw more samples than ``max_physical_batch_size``."""
+
+
+class PrivacyEngine:
+    """Attach DP training with automatic clipping to ``model`` and ``optimizer``.
+
+    Args:
+        model: the model to train; every module with trainable parameters needs a layer rule.
+        optimizer: any ``torch.optim.Optimizer`` over (a subset of) the model's parameters.
+        sample_size: N, the number of training examples.
+        batch_size: the expected logical batch size B; the update is divided by it.
+        epochs, steps: the plan (exactly one); the ledger refuses steps beyond the budget.
+        noise_multiplier, target_epsilon: σ, or the ε to calibrate σ for (exactly one).
+        target_delta: δ; default :func:`dpclip.accounting.default_delta` (below 1/N).
+        accountant: ``"pld"`` (default), ``"rdp"`` or ``"gdp"``.
+        clipping, clip_norm, gamma: the clipping function, R and AUTO-S's γ.
+        clipping_style: ``"all-layer"``, ``"layer-wise"``, ``"param-wise"`` or a list of groups.
+        loss_reduction: ``"mean"`` if the loss is averaged over the physical batch, else ``"sum"``.
+        norm_strategy: ``"ghost"``, ``"instantiate"`` or ``"mixed"`` (per layer, the cheaper).
+        max_physical_batch_size: refuse backward passes over more samples than this.
+        seed, secure_rng: the noise generator's seed, or OS randomness reseeded every step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        sample_size: int,
+        batch_size: int,
+        epochs: float | None = None,
+        steps: int | None = None,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        accountant: str = "pld",
+        clipping: str = "automatic",
+        clip_norm: float = 1.0,
+        gamma: float = 0.01,
+        clipping_style: str | Sequence[Sequence[nn.Parameter | str]] = "all-layer",
+        loss_reduction: str = "mean",
+        norm_strategy: str = "mixed",
+        max_physical_batch_size: int | None = None,
+        seed: int | None = None,
+        secure_rng: bool = False,
+        registry: LayerRegistry | None = None,
+    ) -> None:
+        self.privacy = PrivacyConfig(
+            sample_size=sample_size, batch_size=batch_size, epochs=epochs, steps=steps,
+            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+            target_delta=target_delta, accountant=accountant, clipping=clipping,
+            clip_norm=clip_norm, gamma=gamma, clipping_style=clipping_style,
+            loss_reduction=loss_reduction,
+        )  # fmt: skip
+        self.performance = PerformanceConfig(norm_strategy, max_physical_batch_size)
+        _refuse_distributed()
+        self.model, self.optimizer = model, optimizer
+        self._plan = _make_plan(
+            model, optimizer, self.privacy, self.performance, registry or _REGISTRY
+        )
+        self._group_of = self._plan.group_index()
+        self._params = [p for group in self._plan.groups for p in group]
+
+        self.sample_rate = self.privacy.sample_rate
+        self.planned_steps = self.privacy.planned_steps
+        self.target_epsilon = self.privacy.target_epsilon
+        self.target_delta = self.privacy.target_delta or accounting.default_delta(sample_size)
+        self.noise_multiplier = self._calibrate()
+        self.ledger = accounting.PrivacyLedger(accountant)
+        self._noise = GaussianNoise(self.noise_multiplier * clip_norm, seed=seed, secure=secure_rng)
+        self._budget_steps: int | None = None
+
+        self._micro_batches = 0
+        self._empty_allowed = False
+        self._poisoned: str | None = None
+        self._attach()
+
+    # ----------------------------------------------------------------------------- wiring
+    def _calibrate(self) -> float:
+        if self.privacy.noise_multiplier is not None:
+            return float(self.privacy.noise_multiplier)
+        return accounting.get_noise_multiplier(
+            target_epsilon=self.privacy.target_epsilon, delta=self.target_delta,
+            sample_rate=self.sample_rate, steps=self.planned_steps,
+            accountant=self.privacy.accountant,
+        )  # fmt: skip
+
+    def _attach(self) -> None:
+        self._restore = [(p, p.requires_grad) for p in self._params]
+        for p in self._params:
+            p.requires_grad_(False)
+            p.grad = None
+        self._recorder = Recorder(self._on_backward_end)
+        self._recorder.attach(self._plan.rules)
+        self._hooks = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+        self.attached = True
+
+    def detach(self) -> None:
+        """Return model and optimizer to ordinary, non-private training."""
+        if not self.attached:
+            return
+        self._recorder.detach()
+        for handle in self._hooks:
+            handle.remove()
+        for p, flag in self._restore:
+            p.requires_grad_(flag)
+        self.attached = False
+
+    def __enter__(self) -> PrivacyEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ----------------------------------------------------------------------------- backward
+    def _on_backward_end(self, records: list[Record]) -> None:
+        batch = records[0].grad_output.shape[0]
+        limit = self.performance.max_physical_batch_size
+        if limit is not None and batch > limit:
+            raise PhysicalBatchTooLarge(
+                f"physical batch of {batch} samples exceeds max_physical_batch_size={limit}; "
+                "split the logical batch (engine.data_loader(..., physical_batch_size=...))"
+            )
+        if self._micro_batches == 0:
+            self._check_fresh_grads()
+        try:
+            sums = clipped_sums(self._plan, self._group_of, records)
+        except NonFiniteNormError as err:
+            self._poisoned = str(err)
+            raise
+        for p, g in sums.items():
+            if p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.add_(g.to(p.dtype))
+        self._micro_batches += 1
+
+    def _check_fresh_grads(self) -> None:
+        for p in self._params:
+            if p.grad is not None and bool(p.grad.any()):
+                raise RuntimeError(
+                    "gradients from before the last optimizer.step() are still there; call "
+                    "optimizer.zero_grad() after each step"
+                )
+        self._poisoned = None
+
+    # ----------------------------------------------------------------------------- step
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._poisoned is not None:
+            raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
+        if self._micro_batches == 0 and not self._empty_allowed:
+            raise RuntimeError(
+                "optimizer.step() was called without a backward pass since the last step; "
+                "dpclip takes exactly one noisy step per logical batch"
+            )
+        self._check_no_foreign_grads()
+        allowed = self._allowed_steps()
+        if self.ledger.steps + 1 > allowed:
+            raise accounting.PrivacyBudgetExceeded(
+                f"step {self.ledger.steps + 1} would exceed the privacy budget "
+                f"({self._budget_text()}, {allowed} steps); the parameters are unchanged. "
+                "Create a new PrivacyEngine with a larger plan to train longer."
+            )
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self._params]
+        self._noise.add_(grads)
+        torch._foreach_div_(grads, float(self.privacy.batch_size))
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
+        self._micro_batches = 0
+        self._empty_allowed = False
+
+    def _check_no_foreign_grads(self) -> None:
+        managed = {id(p) for p in self._params}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in managed:
+                    if p.requires_grad:
+                        raise RuntimeError(
+                            "a parameter managed by dpclip has requires_grad=True again; its "
+                            "gradient would not be clipped. Do not re-enable it while attached"
+                        )
+                elif p.grad is not None:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} in the optimizer has a gradient "
+                        "dpclip did not clip; refusing a non-private update"
+                    )
+
+    def _allowed_steps(self) -> int:
+        if self.target_epsilon is None or self.noise_multiplier == 0:
+            return self.planned_steps
+        if self.ledger.steps < self.planned_steps:
+            return self.planned_steps
+        if self._budget_steps is None:
+            self._budget_steps = self.ledger.steps + self.ledger.steps_within_budget(
+                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+                target_epsilon=self.target_epsilon, delta=self.target_delta,
+            )  # fmt: skip
+        return max(self.planned_steps, self._budget_steps)
+
+    def _budget_text(self) -> str:
+        if self.target_epsilon is None:
+            return f"σ={self.noise_multiplier:.4g} planned for {self.planned_steps} steps"
+        return f"ε={self.target_epsilon:g}, δ={self.target_delta:g}"
+
+    # ----------------------------------------------------------------------------- reporting
+    @property
+    def steps_taken(self) -> int:
+        return self.ledger.steps
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent by the steps taken so far, at ``delta`` (default: the target δ)."""
+        if self.ledger.steps == 0:
+            return 0.0
+        return self.ledger.epsilon(self.target_delta if delta is None else delta)
+
+    def privacy_spent(self) -> tuple[float, float]:
+        """(ε, δ) spent so far at the target δ."""
+        return self.epsilon(), self.target_delta
+
+    def data_loader(
+        self,
+        dataset: Any,
+        *,
+        physical_batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        collate_fn: Callable | None = None,
+        num_workers: int = 0,
+    ) -> Any:
+        """Poisson-sampled logical batches at rate q, each split into physical batches."""
+        from dpclip.data import PoissonLoader
+
+        if len(dataset) != self.privacy.sample_size:
+            raise ValueError(
+                f"dataset has {len(dataset)} examples but the engine was built for "
+                f"sample_size={self.privacy.sample_size}"
+            )
+        return PoissonLoader(
+            dataset, sample_rate=self.sample_rate, physical_batch_size=physical_batch_size,
+            generator=generator, collate_fn=collate_fn, num_workers=num_workers,
+            on_logical_batch=self._begin_logical_batch,
+        )  # fmt: skip
+
+    def _begin_logical_batch(self, size: int) -> None:
+        self._empty_allowed = size == 0
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """The ledger and the noise generator, for resuming with the same ε."""
+        return {
+            "version": _STATE_VERSION,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "ledger": self.ledger.state_dict(),
+            "noise": self._noise.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a saved ledger and noise state; the settings must match this engine's."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError("not a dpclip PrivacyEngine state_dict (or from another version)")
+        for key in ("noise_multiplier", "sample_rate"):
+            if abs(float(state[key]) - getattr(self, key)) > 1e-12 * max(1.0, getattr(self, key)):
+                raise ValueError(
+                    f"saved {key}={state[key]} differs from this engine's {getattr(self, key)}"
+                )
+        self.ledger.load_state_dict(state["ledger"])
+        self._noise.load_state_dict(state["noise"])
+        self._budget_steps = None
+
+
+def _refuse_distributed() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise NotImplementedError(
+            "dpclip does not support multi-process training yet: the noise would be added once "
+            "per process. Train in a single process."
+        )
+
+
+def _make_plan(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    privacy: PrivacyConfig,
+    performance: PerformanceConfig,
+    registry: LayerRegistry,
+) -> Plan:
+    problems = find_unsupported(model, registry)
+    if problems:
+        raise UnsupportedModuleError(problems)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    model_ids = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in model_ids:
+                raise ValueError("the optimizer holds a parameter that is not in the model")
+    rules: dict[nn.Module, LayerRule] = {}
+    names: dict[nn.Module, tuple[str, ...]] = {}
+    owners: dict[str, str] = {}
+    owner_of_param = {id(p): n for n, p in named}
+    for path, module in model.named_modules():
+        own = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
+        if own:
+            rules[module] = registry.rule_for(module)
+            names[module] = own
+            for n in own:
+                full = owner_of_param[id(getattr(module, n))]
+                owners.setdefault(full, path)
+    groups = group_parameters(privacy.clipping_style, named, owners)
+    return Plan(
+        rules=rules, names=names, groups=groups, clipping=privacy.clipping,
+        clip_norm=privacy.clip_norm, gamma=privacy.gamma, strategy=performance.norm_strategy,
+        mean_reduction=privacy.loss_reduction == "mean",
+    )  # fmt: skip

@@ -1,0 +1,92 @@
+"""Capture each module call's inputs and output gradient; nothing DP-specific.
+
+A forward hook stores the call's (detached) positional inputs in a :class:`Record` and hooks
+the output tensor so its gradient lands in the same record during backward. When the backward
+pass that touched any record ends, ``on_backward_end`` receives those records, in one list.
+Records are owned by the autograd graph, so a forward that never sees a backward leaks nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Variable
+from torch.utils.hooks import RemovableHandle
+
+
+@dataclass(eq=False)
+class Record:
+    """One call of one module: its inputs, and the gradient of its output once known."""
+
+    module: nn.Module
+    inputs: tuple
+    grad_output: Tensor | None = None
+
+
+class _Attach(torch.autograd.Function):
+    """Identity that links an output which needs no gradient into the graph, via a dummy leaf."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, output: Tensor) -> Tensor:  # type: ignore[override]
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        return None, grad
+
+
+class DoubleBackwardError(RuntimeError):
+    """A graph's gradients reached the same module call twice (backward twice on one graph)."""
+
+
+@dataclass(eq=False)
+class Recorder:
+    """Records calls of ``modules`` while attached; calls ``on_backward_end(records)``."""
+
+    on_backward_end: Callable[[list[Record]], None]
+    _handles: list[RemovableHandle] = field(default_factory=list)
+    _pending: list[Record] = field(default_factory=list)
+    _anchor: Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
+
+    def attach(self, modules: Iterable[nn.Module]) -> None:
+        for module in modules:
+            self._handles.append(module.register_forward_hook(self._forward_hook))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
+        if not torch.is_grad_enabled():
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"dpclip records modules that return one tensor; {type(module).__name__} "
+                f"returned {type(output).__name__}"
+            )
+        record = Record(module, tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs))
+        if not output.requires_grad:
+            output = _Attach.apply(self._anchor, output)
+        output.register_hook(lambda grad: self._on_grad(record, grad))
+        return output
+
+    def _on_grad(self, record: Record, grad: Tensor) -> None:
+        if record.grad_output is not None:
+            raise DoubleBackwardError(
+                f"a second backward pass reached {type(record.module).__name__} through the same "
+                "graph; dpclip needs exactly one backward per forward (do not use retain_graph "
+                "to backpropagate twice)"
+            )
+        record.grad_output = grad
+        if not self._pending:
+            Variable._execution_engine.queue_callback(self._flush)
+        self._pending.append(record)
+
+    def _flush(self) -> None:
+        records, self._pending = self._pending, []
+        self.on_backward_end(records)

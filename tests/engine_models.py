@@ -1,0 +1,125 @@
+"""Small float64 models, one per supported layer family, for the engine-vs-naive-loop tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+class Pool(nn.Module):
+    """Mean over every dim but batch and the last, so any layer can feed a classifier."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)
+
+
+class Flatten(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1)
+
+
+class TiedLM(nn.Module):
+    """Embedding whose weight is also the output head's (tied), as in GPT-2."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.wte(ids)))).mean(dim=1)
+
+
+class Reused(nn.Module):
+    """One Linear applied twice in a forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def _tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt = model
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.gpt(input_ids=ids).logits.mean(dim=1)
+
+    return Wrapped()
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], nn.Module]
+    make_x: Callable[[int, torch.Generator], Tensor]
+    classes: int
+
+
+def _randn(*shape: int) -> Callable[[int, torch.Generator], Tensor]:
+    return lambda b, g: torch.randn(b, *shape, generator=g, dtype=torch.float64)
+
+
+def _ids(vocab: int, T: int, pad: int | None = None) -> Callable[[int, torch.Generator], Tensor]:
+    def make(b: int, g: torch.Generator) -> Tensor:
+        ids = torch.randint(0, vocab, (b, T), generator=g)
+        if pad is not None:
+            ids[0, :2] = pad
+        return ids
+
+    return make
+
+
+def _frozen_first() -> nn.Module:
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].requires_grad_(False)
+    model[2].weight.requires_grad_(False)  # bias-only for the head
+    return model
+
+
+CASES: dict[str, Case] = {
+    "linear": Case(lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), _randn(5), 3),
+    "linear_3d_input": Case(lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Pool(), nn.Linear(4, 3)), _randn(6, 5), 3),
+    "conv1d": Case(lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Tanh(), Flatten(), nn.Linear(12, 3)), _randn(2, 8), 3),
+    "conv2d_dilated_grouped": Case(lambda: nn.Sequential(nn.Conv2d(2, 4, 3, dilation=2, groups=2, padding="same"), nn.ReLU(inplace=True), Flatten(), nn.Linear(4 * 36, 3)), _randn(2, 6, 6), 3),
+    "conv3d": Case(lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.Tanh(), Flatten(), nn.Linear(2 * 27, 3)), _randn(1, 4, 4, 4), 3),
+    "embedding_padding_idx": Case(lambda: nn.Sequential(nn.Embedding(9, 4, padding_idx=0), Pool(), nn.Linear(4, 3)), _ids(9, 5, pad=0), 3),
+    "layernorm": Case(lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)), _randn(3, 5), 3),
+    "groupnorm": Case(lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), Flatten(), nn.Linear(16, 3)), _randn(2, 4, 4), 3),
+    "instancenorm": Case(lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, affine=True), Flatten(), nn.Linear(12, 3)), _randn(2, 5), 3),
+    "rmsnorm": Case(lambda: nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Linear(6, 3)), _randn(5), 3),
+    "tied_embedding_head": Case(TiedLM, _ids(7, 5), 7),
+    "reused_layer": Case(Reused, _randn(4), 3),
+    "frozen_layers": Case(_frozen_first, _randn(5), 3),
+    "gpt2_tiny": Case(_tiny_gpt2, _ids(11, 6), 11),
+}  # fmt: skip
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return CASES[name].build().double()
+
+
+def batch(name: str, size: int, seed: int = 1) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    case = CASES[name]
+    return case.make_x(size, g), torch.randint(0, case.classes, (size,), generator=g)

@@ -1,0 +1,42 @@
+"""The engine's oracle: per-sample gradients from a loop over samples, clipped by hand."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpclip.clipping import CLIPPING_FUNCTIONS
+
+
+def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[list[Tensor]]:
+    """grads[i][k]: sample i's gradient of its own loss for the k-th trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        out.append([g.detach().clone() for g in torch.autograd.grad(loss, params, allow_unused=True)])
+    return out
+
+
+def clipped_sum(
+    grads: list[list[Tensor]],
+    groups: Sequence[Sequence[int]],
+    *,
+    clipping: str,
+    clip_norm: float,
+    gamma: float,
+) -> list[Tensor]:
+    """Σ_i C_i g_i with groups given as lists of parameter positions, each clipped to R/√K."""
+    radius = clip_norm / math.sqrt(len(groups))
+    total = [torch.zeros_like(g) for g in grads[0]]
+    for g_i in grads:
+        for group in groups:
+            norm = torch.sqrt(sum(g_i[k].square().sum() for k in group))
+            factor = CLIPPING_FUNCTIONS[clipping](norm, radius, gamma)
+            for k in group:
+                total[k] += factor * g_i[k]
+    return total

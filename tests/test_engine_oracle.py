@@ -1,0 +1,73 @@
+"""One step of the engine (noise 0, SGD lr=1) equals -(1/B) Σ C_i g_i from the naive loop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpclip
+from dpclip.clipping import CLIPPING_FUNCTIONS
+from tests import engine_models
+from tests.oracle import clipped_sum, per_sample_grads
+
+STYLES = ["all-layer", "layer-wise", "param-wise", "custom"]
+B = 8  # expected logical batch size; the update is divided by it
+
+
+def _groups(model: torch.nn.Module, style: str) -> tuple[object, list[list[int]]]:
+    """The engine's clipping_style argument and the same groups as parameter positions."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if style == "all-layer":
+        return style, [list(range(len(named)))]
+    if style == "param-wise":
+        return style, [[k] for k in range(len(named))]
+    if style == "layer-wise":
+        owner = {n: n.rsplit(".", 1)[0] if "." in n else "" for n, _ in named}
+        by_owner: dict[str, list[int]] = {}
+        for k, (n, _) in enumerate(named):
+            by_owner.setdefault(owner[n], []).append(k)
+        return style, list(by_owner.values())
+    half = max(1, len(named) // 2)
+    positions = [list(range(half)), list(range(half, len(named)))]
+    positions = [g for g in positions if g]
+    return [[named[k][0] for k in g] for g in positions], positions
+
+
+def run_one_step(name: str, clipping: str, style: str, reduction: str, batch: int = 4, **kw):
+    model = engine_models.build(name)
+    x, y = engine_models.batch(name, batch)
+    grads = per_sample_grads(copy.deepcopy(model), x, y)
+    style_arg, positions = _groups(model, style)
+    expected = clipped_sum(grads, positions, clipping=clipping, clip_norm=1.0, gamma=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(
+        model, optimizer, sample_size=100, batch_size=B, steps=1, noise_multiplier=0.0,
+        clipping=clipping, clipping_style=style_arg, loss_reduction=reduction, **kw,
+    )  # fmt: skip
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+    optimizer.step()
+    for p, old, want in zip(trainable, before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / B, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("clipping", sorted(CLIPPING_FUNCTIONS))
+@pytest.mark.parametrize("name", sorted(engine_models.CASES))
+def test_update_equals_naive_loop(name, clipping, style, reduction):
+    run_one_step(name, clipping, style, reduction)
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+@pytest.mark.parametrize("name", ["linear_3d_input", "conv2d_dilated_grouped", "gpt2_tiny"])
+def test_update_equals_naive_loop_for_each_norm_strategy(name, strategy):
+    run_one_step(name, "automatic", "all-layer", "mean", norm_strategy=strategy)
+
+
+def test_update_equals_naive_loop_for_batch_of_one():
+    run_one_step("linear", "automatic", "all-layer", "mean", batch=1)
