@@ -18,7 +18,9 @@ def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[list[Tensor
     out = []
     for i in range(x.shape[0]):
         loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        out.append([g.detach().clone() for g in torch.autograd.grad(loss, params, allow_unused=True)])
+        out.append(
+            [g.detach().clone() for g in torch.autograd.grad(loss, params, allow_unused=True)]
+        )
     return out
 
 

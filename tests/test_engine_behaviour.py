@@ -1,0 +1,315 @@
+"""The engine's contract beyond one clean step: accumulation, noise, detach, and every bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpclip
+from dpclip.hooks import DoubleBackwardError
+from tests import engine_models
+
+
+def _setup(name="linear", optimizer=torch.optim.SGD, **kw):
+    model = engine_models.build(name)
+    opt = optimizer(model.parameters(), lr=1.0)
+    args = dict(sample_size=100, batch_size=8, steps=10, noise_multiplier=0.0)
+    args.update(kw)
+    return model, opt, dpclip.PrivacyEngine(model, opt, **args)
+
+
+def _snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_unchanged(model, snapshot):
+    for p, old in zip(model.parameters(), snapshot, strict=True):
+        assert torch.equal(p.detach(), old)
+
+
+def _loss(model, x, y, reduction="mean"):
+    return F.cross_entropy(model(x), y, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_accumulating_three_micro_batches_equals_one_batch_of_their_union(reduction):
+    x, y = engine_models.batch("conv2d_dilated_grouped", 9)
+    updates = []
+    for chunks in (1, 3):
+        model, opt, _ = _setup("conv2d_dilated_grouped", loss_reduction=reduction)
+        before = _snapshot(model)
+        for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
+            _loss(model, xc, yc, reduction).backward()
+        opt.step()
+        updates.append([b - p.detach() for b, p in zip(before, model.parameters(), strict=True)])
+    for one, three in zip(*updates, strict=True):
+        torch.testing.assert_close(one, three, rtol=1e-9, atol=1e-12)
+
+
+def test_noise_has_std_sigma_r_over_batch_size_mean_zero_and_is_fresh_every_step():
+    torch.manual_seed(0)
+    model = nn.Linear(200, 100, bias=False).double()
+    nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sigma, clip_norm, batch = 2.0, 3.0, 16
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=1000, batch_size=batch, steps=5, noise_multiplier=sigma,
+        clip_norm=clip_norm, seed=0,
+    )  # fmt: skip
+    x = torch.zeros(4, 200, dtype=torch.float64)  # zero input: every per-sample gradient is 0
+    updates = []
+    for _ in range(2):
+        before = model.weight.detach().clone()
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        updates.append(before - model.weight.detach())
+    expected_std = sigma * clip_norm / batch
+    for u in updates:
+        assert abs(u.std().item() / expected_std - 1) < 0.02
+        assert abs(u.mean().item()) < 4 * expected_std / u.numel() ** 0.5
+    assert (
+        torch.corrcoef(torch.stack([updates[0].flatten(), updates[1].flatten()]))[0, 1].abs() < 0.02
+    )
+    assert engine._noise.draws == 2 and engine.steps_taken == 2
+
+
+def test_noise_is_drawn_once_per_step_however_many_micro_batches():
+    model, opt, engine = _setup(noise_multiplier=1.0)
+    x, y = engine_models.batch("linear", 6)
+    for xc, yc in zip(x.chunk(3), y.chunk(3), strict=True):
+        _loss(model, xc, yc).backward()
+    opt.step()
+    assert engine._noise.draws == 1 and engine.steps_taken == 1
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop])
+def test_any_optimizer_receives_the_clipped_gradient(optimizer):
+    model, opt, _ = _setup(optimizer=optimizer)
+    x, y = engine_models.batch("linear", 4)
+    _loss(model, x, y).backward()
+    grads_before_step = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads_before_step)
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+
+
+def test_detach_restores_ordinary_non_private_training():
+    model, opt, engine = _setup()
+    flags = [p.requires_grad for p in model.parameters()]
+    with engine:
+        assert not any(p.requires_grad for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [True] * len(flags)
+    x, y = engine_models.batch("linear", 4)
+    reference = [
+        g.clone() for g in torch.autograd.grad(_loss(model, x, y), list(model.parameters()))
+    ]
+    _loss(model, x, y).backward()
+    for p, g in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    opt.step()  # no hook left: no error without dpclip's bookkeeping
+
+
+def test_bf16_autocast_trains_with_norms_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dpclip.PrivacyEngine(model, opt, sample_size=100, batch_size=8, steps=2, noise_multiplier=0.0)
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    before = _snapshot(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(
+        not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True)
+    )
+
+
+def test_target_epsilon_calibrates_sigma_and_ledger_records_every_step():
+    model, opt, engine = _setup(
+        noise_multiplier=None, target_epsilon=2.0, target_delta=1e-5, steps=3
+    )
+    assert engine.noise_multiplier > 0
+    x, y = engine_models.batch("linear", 4)
+    for _ in range(3):
+        _loss(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert engine.steps_taken == 3
+    eps, delta = engine.privacy_spent()
+    assert 0.99 * 2.0 <= eps <= 2.0 and delta == 1e-5
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_step_beyond_the_budget_raises_and_leaves_parameters_unchanged():
+    model, opt, engine = _setup(steps=1, noise_multiplier=1.0)
+    x, y = engine_models.batch("linear", 4)
+    _loss(model, x, y).backward()
+    opt.step()
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    before = _snapshot(model)
+    with pytest.raises(dpclip.PrivacyBudgetExceeded, match="would exceed the privacy budget"):
+        opt.step()
+    _assert_unchanged(model, before)
+    assert engine.steps_taken == 1
+
+
+@pytest.mark.parametrize(
+    "module, fragment",
+    [
+        (nn.MultiheadAttention(4, 2), "MultiheadAttention"),
+        (nn.LSTM(4, 4), "LSTM"),
+        (nn.BatchNorm1d(4), "dpclip.fix"),
+    ],
+)
+def test_unsupported_trainable_module_is_an_error_naming_path_type_and_fix(module, fragment):
+    model = nn.Sequential(nn.Linear(4, 4), module)
+    before = _snapshot(model)
+    with pytest.raises(dpclip.UnsupportedModuleError, match=fragment) as info:
+        dpclip.PrivacyEngine(
+            model, torch.optim.SGD(model.parameters(), lr=1), sample_size=10, batch_size=2,
+            steps=1, noise_multiplier=1.0,
+        )  # fmt: skip
+    assert "1 (" in str(info.value)  # the module's path in the Sequential
+    _assert_unchanged(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bare_parameter_used_in_forward_is_an_error():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    with pytest.raises(dpclip.UnsupportedModuleError, match=r"<model> \(Scaled\).*\['scale'\]"):
+        model = Scaled()
+        dpclip.PrivacyEngine(
+            model, torch.optim.SGD(model.parameters(), lr=1), sample_size=10, batch_size=2,
+            steps=1, noise_multiplier=1.0,
+        )  # fmt: skip
+
+
+def test_fix_replaces_batchnorm_with_groupnorm_and_the_model_then_attaches():
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4, 2)
+    )
+    dpclip.fix(model)
+    assert isinstance(model[1], nn.GroupNorm) and model[1].num_groups == 6
+    dpclip.PrivacyEngine(
+        model, torch.optim.SGD(model.parameters(), lr=1), sample_size=10, batch_size=2,
+        steps=1, noise_multiplier=1.0,
+    )  # fmt: skip
+
+
+def test_step_without_backward_raises_and_leaves_parameters_unchanged():
+    model, opt, _ = _setup()
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
+    _assert_unchanged(model, before)
+
+
+def test_backward_twice_on_the_same_graph_raises():
+    model, opt, _ = _setup()
+    x, y = engine_models.batch("linear", 4)
+    loss = _loss(model, x, y)
+    loss.backward(retain_graph=True)
+    before = _snapshot(model)
+    with pytest.raises(DoubleBackwardError, match="second backward pass"):
+        loss.backward()
+    _assert_unchanged(model, before)
+
+
+def test_physical_batch_above_the_maximum_raises():
+    model, opt, _ = _setup(max_physical_batch_size=3)
+    x, y = engine_models.batch("linear", 4)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="exceeds max_physical_batch_size=3"):
+        _loss(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
+    _assert_unchanged(model, before)
+
+
+def test_non_finite_loss_raises_and_the_step_is_refused():
+    model, opt, _ = _setup()
+    x, y = engine_models.batch("linear", 4)
+    x[1, 0] = float("nan")
+    before = _snapshot(model)
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        _loss(model, x, y).backward()
+    with pytest.raises(FloatingPointError, match="refusing to step"):
+        opt.step()
+    _assert_unchanged(model, before)
+
+
+def test_gradient_the_engine_did_not_clip_is_refused_at_step():
+    model, opt, _ = _setup()
+    x, y = engine_models.batch("linear", 4)
+    _loss(model, x, y).backward()
+    model[0].weight.requires_grad_(True)  # a user re-enables autograd on a managed parameter
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match="would not be clipped"):
+        opt.step()
+    _assert_unchanged(model, before)
+
+
+def test_optimizer_parameter_outside_the_model_is_an_error():
+    model = engine_models.build("linear")
+    stray = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="not in the model"):
+        dpclip.PrivacyEngine(
+            model, torch.optim.SGD([*model.parameters(), stray], lr=1), sample_size=10,
+            batch_size=2, steps=1, noise_multiplier=1.0,
+        )  # fmt: skip
+
+
+def test_stale_gradients_without_zero_grad_are_an_error():
+    model, opt, _ = _setup()
+    x, y = engine_models.batch("linear", 4)
+    _loss(model, x, y).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        _loss(model, x, y).backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=200), r"expected 1 <= batch_size <= sample_size \(100\), got 200"),
+        (dict(noise_multiplier=-1.0), "expected noise_multiplier >= 0, got -1.0"),
+        (dict(clipping="nope"), "unknown clipping 'nope'"),
+        (dict(clipping_style="rows"), "unknown clipping_style 'rows'"),
+        (dict(loss_reduction="avg"), "unknown loss_reduction 'avg'"),
+        (dict(norm_strategy="fast"), "unknown norm_strategy 'fast'"),
+        (dict(steps=None), "exactly one of epochs= and steps="),
+        (dict(target_epsilon=1.0), "exactly one of noise_multiplier= and target_epsilon="),
+        (dict(clip_norm=0.0), "expected clip_norm > 0"),
+        (dict(gamma=-0.1), "expected gamma > 0"),
+        (dict(target_delta=1.5), "expected 0 < target_delta < 1"),
+        (dict(clipping_style=[["0.weight"]]), "leave out trainable parameters"),
+        (dict(clipping_style=[["0.weight"], ["0.weight"]]), "is in clipping_style groups 0 and 1"),
+    ],
+)
+def test_bad_arguments_raise_value_error_and_change_nothing(kwargs, message):
+    model = engine_models.build("linear")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    args = dict(sample_size=100, batch_size=8, steps=10, noise_multiplier=0.0)
+    args.update(kwargs)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        dpclip.PrivacyEngine(model, opt, **args)
+    _assert_unchanged(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not opt._optimizer_step_pre_hooks
