@@ -138,7 +138,7 @@ class PrivacyEngine:
             p.requires_grad_(False)
             p.grad = None
         self._recorder = Recorder(self._on_backward_end)
-        self._recorder.attach(self._plan.rules)
+        self._recorder.attach(self._plan.rules, root=self.model)
         self._hooks = [
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),

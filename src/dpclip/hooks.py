@@ -4,6 +4,11 @@ A forward hook stores the call's (detached) positional inputs in a :class:`Recor
 the output tensor so its gradient lands in the same record during backward. When the backward
 pass that touched any record ends, ``on_backward_end`` receives those records, in one list.
 Records are owned by the autograd graph, so a forward that never sees a backward leaks nothing.
+
+A layer whose input has batch size 1 inside a forward pass whose batch is larger (GPT-2's
+position embedding gets ``position_ids`` of shape (1, T)) is broadcast by the model. Its output
+gradient would arrive summed over the batch, losing the per-sample split, so its output (and
+recorded input) are expanded to the batch size first: the model computes the same values.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ class DoubleBackwardError(RuntimeError):
     """A graph's gradients reached the same module call twice (backward twice on one graph)."""
 
 
+def _expand(x: object, batch: int) -> object:
+    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    return x
+
+
 @dataclass(eq=False)
 class Recorder:
     """Records calls of ``modules`` while attached; calls ``on_backward_end(records)``."""
@@ -50,10 +61,15 @@ class Recorder:
     _handles: list[RemovableHandle] = field(default_factory=list)
     _pending: list[Record] = field(default_factory=list)
     _anchor: Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
+    _batch: int = 0  # the batch size seen so far in the current top-level forward
 
-    def attach(self, modules: Iterable[nn.Module]) -> None:
+    def attach(self, modules: Iterable[nn.Module], root: nn.Module) -> None:
+        self._handles.append(root.register_forward_pre_hook(self._new_forward))
         for module in modules:
             self._handles.append(module.register_forward_hook(self._forward_hook))
+
+    def _new_forward(self, module: nn.Module, inputs: tuple) -> None:
+        self._batch = 0
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -69,7 +85,13 @@ class Recorder:
                 f"dpclip records modules that return one tensor; {type(module).__name__} "
                 f"returned {type(output).__name__}"
             )
-        record = Record(module, tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs))
+        inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
+        if output.dim() > 0 and output.shape[0] == 1 and self._batch > 1:
+            inputs = tuple(_expand(x, self._batch) for x in inputs)
+            output = output.expand(self._batch, *output.shape[1:])
+        elif output.dim() > 0:
+            self._batch = max(self._batch, output.shape[0])
+        record = Record(module, inputs)
         if not output.requires_grad:
             output = _Attach.apply(self._anchor, output)
         output.register_hook(lambda grad: self._on_grad(record, grad))

@@ -6,6 +6,12 @@ from dpclip.layers._registry import LayerRegistry
 
 
 def register_all(registry: LayerRegistry) -> None:
-    from dpclip.layers import linear
+    from dpclip.layers import conv, embedding, gpt2_conv1d, groupnorm, layernorm, linear, rmsnorm
 
     linear.register(registry)
+    conv.register(registry)
+    embedding.register(registry)
+    layernorm.register(registry)
+    groupnorm.register(registry)
+    rmsnorm.register(registry)
+    gpt2_conv1d.register(registry)

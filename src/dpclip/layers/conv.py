@@ -1,0 +1,178 @@
+"""nn.Conv1d/2d/3d: after unfolding, each group's weight gradient is g_i = s_iᵀ a_i.
+
+The input is padded exactly as the module pads it (zeros, reflect, replicate, circular, 'same'),
+then unfolded into a: (b·groups, in/groups·prod(kernel), T) with T the number of output positions;
+the output gradient is viewed as s: (b·groups, out/groups, T). Both keep the batch major, so for
+groups > 1 the per-sample gradient is block-diagonal over groups and its squared norm is the sum
+of the per-group blocks' norms. The clipped sum Σ_i C_i g_i needs no unfolding: it is the
+convolution's own weight gradient of the scaled output gradient C ⊙ s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpclip.layers._common import outer_norm_sq, outer_per_sample, use_ghost
+from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
+
+_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _check_shapes(module: _Conv, inputs: tuple, grad_output: Tensor) -> int:
+    """Number of spatial dims; a clear error for unbatched or mismatched tensors."""
+    n = len(module.kernel_size)
+    x = inputs[0]
+    if x.dim() != n + 2 or grad_output.dim() != n + 2:
+        raise ValueError(
+            f"{type(module).__name__} rule needs batched input of shape (batch, channels, "
+            f"{n} spatial dims); got input {tuple(x.shape)} and output gradient "
+            f"{tuple(grad_output.shape)}. Unbatched input is not supported: add a batch dim."
+        )
+    if x.shape[0] != grad_output.shape[0]:
+        raise ValueError(
+            f"input batch {x.shape[0]} != output gradient batch {grad_output.shape[0]}"
+        )
+    return n
+
+
+def _pad_amounts(module: _Conv) -> list[tuple[int, int]]:
+    """(before, after) padding per spatial dim, as the module applies it ('same' pads after)."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
+
+
+def _padded(module: _Conv, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The input and the symmetric zero padding left for the convolution to apply.
+
+    Symmetric zero padding is left to the caller (no copy); any other padding is applied here
+    with ``F.pad``, in the module's mode, so the returned padding is all zeros.
+    """
+    amounts = _pad_amounts(module)
+    if module.padding_mode == "zeros" and all(lo == hi for lo, hi in amounts):
+        return x, tuple(lo for lo, _ in amounts)
+    pads = [p for pair in reversed(amounts) for p in pair]  # F.pad wants the last dim first
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pads, mode=mode), (0,) * len(amounts)
+
+
+def _padded_fully(module: _Conv, x: Tensor) -> Tensor:
+    x, padding = _padded(module, x)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    return x
+
+
+def _unfold(module: _Conv, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """a: (b·groups, in/groups·prod(kernel), T), the only copy of the unfolded input.
+
+    One path for every number of spatial dims (F.unfold is 2-D only and was no faster in CPU
+    timings): a strided view of the padded input, then one copy that also casts to ``dtype``.
+    """
+    n = len(module.kernel_size)
+    x = _padded_fully(module, x)
+    # Sliding windows as a view: (b, C, *out_positions, *kernel); dilation is a strided slice.
+    for dim, (k, d, st) in enumerate(
+        zip(module.kernel_size, module.dilation, module.stride, strict=True)
+    ):
+        x = x.unfold(2 + dim, d * (k - 1) + 1, st)[..., ::d]
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))  # (b, C, *kernel, *out)
+    cols = torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)  # one copy, cast
+    b, groups, positions = x.shape[0], module.groups, math.prod(x.shape[2 + n :])
+    return cols.view(b * groups, -1, positions)
+
+
+def _flat(module: _Conv, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    """a: (b·G, D, T) and s: (b·G, out/G, T) in the compute dtype; checks they line up."""
+    dtype = compute_dtype(module.weight, grad_output)
+    a = _unfold(module, inputs[0], dtype)
+    b, groups = grad_output.shape[0], module.groups
+    s = grad_output.to(dtype).reshape(b * groups, module.out_channels // groups, -1)
+    if a.shape[2] != s.shape[2]:
+        raise ValueError(
+            f"input {tuple(inputs[0].shape)} gives {a.shape[2]} output positions but the output "
+            f"gradient {tuple(grad_output.shape)} has {s.shape[2]}"
+        )
+    return a, s
+
+
+def _bias_per_sample(grad_output: Tensor, dtype: torch.dtype) -> Tensor:
+    return grad_output.sum(dim=tuple(range(2, grad_output.dim())), dtype=dtype)
+
+
+def norm_sq(
+    module: _Conv, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+) -> dict[str, Tensor]:
+    """Squared per-sample gradient norms, {name: (b,)}; ghost/instantiate chosen per group size."""
+    _check_shapes(module, inputs, grad_output)
+    dtype = compute_dtype(module.weight, grad_output)
+    out: dict[str, Tensor] = {}
+    if "weight" in names:
+        a, s = _flat(module, inputs, grad_output)
+        ghost = use_ghost(strategy, a.shape[2], a.shape[1], s.shape[1])
+        per_group = outer_norm_sq(a.transpose(1, 2), s.transpose(1, 2), ghost)
+        out["weight"] = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
+    if "bias" in names:
+        out["bias"] = _bias_per_sample(grad_output, dtype).square().sum(dim=1)
+    return out
+
+
+_WEIGHT_GRAD = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+def clipped_grad(
+    module: _Conv, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Σ_i C_i g_i per parameter: the convolution's weight gradient for C ⊙ s, no unfolding."""
+    n = _check_shapes(module, inputs, grad_output)
+    dtype = compute_dtype(module.weight, grad_output)
+    out: dict[str, Tensor] = {}
+    if "weight" in factors:
+        scale = factors["weight"].to(dtype).view(-1, *([1] * (n + 1)))
+        x, padding = _padded(module, inputs[0])
+        out["weight"] = _WEIGHT_GRAD[n](
+            x.to(dtype),
+            module.weight.shape,
+            grad_output.to(dtype) * scale,
+            module.stride,
+            padding,
+            module.dilation,
+            module.groups,
+        )
+    if "bias" in factors:
+        out["bias"] = factors["bias"].to(dtype) @ _bias_per_sample(grad_output, dtype)
+    return out
+
+
+def per_sample_grad(
+    module: _Conv, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+) -> dict[str, Tensor]:
+    """Per-sample gradients {name: (b, *param.shape)} (for tied parameters)."""
+    _check_shapes(module, inputs, grad_output)
+    dtype = compute_dtype(module.weight, grad_output)
+    out: dict[str, Tensor] = {}
+    if "weight" in names:
+        a, s = _flat(module, inputs, grad_output)
+        g = outer_per_sample(a.transpose(1, 2), s.transpose(1, 2))  # (b·G, out/G, D)
+        out["weight"] = g.view(grad_output.shape[0], *module.weight.shape)
+    if "bias" in names:
+        out["bias"] = _bias_per_sample(grad_output, dtype)
+    return out
+
+
+def register(registry: LayerRegistry) -> None:
+    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad)
+    for conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        registry.register(conv_type, rule)

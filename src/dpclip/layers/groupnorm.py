@@ -1,0 +1,79 @@
+"""nn.GroupNorm and affine nn.InstanceNorm1d/2d/3d: per-channel affine gradients.
+
+Input is (b, C, *spatial). With x̂ the normalised input, sample i's gradients are
+Σ_spatial s_i ⊙ x̂_i (weight, per channel) and Σ_spatial s_i (bias) — only (b, C), so the rule
+builds them outright. x̂ is recomputed the way the module computes it in its current mode:
+GroupNorm and InstanceNorm in training (or without running stats) normalise each sample by its
+own statistics; InstanceNorm in eval mode with ``track_running_stats`` uses the running
+statistics. The running statistics are only read, never updated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
+
+_INSTANCE_NORM_NDIM = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+
+
+def _check_batched(module: nn.Module, x: Tensor) -> None:
+    for cls, ndim in _INSTANCE_NORM_NDIM.items():
+        if isinstance(module, cls) and x.dim() != ndim:
+            raise ValueError(
+                f"{type(module).__name__} rule expects batched input of {ndim} dims "
+                f"(b, C, *spatial), got shape {tuple(x.shape)}"
+            )
+
+
+def _x_hat(module: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    if module.training or not module.track_running_stats:
+        return F.instance_norm(x, eps=module.eps)
+    return F.instance_norm(
+        x,
+        module.running_mean.to(x.dtype),
+        module.running_var.to(x.dtype),
+        use_input_stats=False,
+        eps=module.eps,
+    )
+
+
+def per_sample_grad(
+    module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+) -> dict[str, Tensor]:
+    _check_batched(module, inputs[0])
+    dtype = compute_dtype(inputs[0], grad_output)
+    b, c = grad_output.shape[:2]
+    s = grad_output.to(dtype).reshape(b, c, -1)
+    out: dict[str, Tensor] = {}
+    if "weight" in names:
+        x_hat = _x_hat(module, inputs[0].to(dtype))
+        out["weight"] = (s * x_hat.reshape(b, c, -1)).sum(dim=2)
+    if "bias" in names:
+        out["bias"] = s.sum(dim=2)
+    return out
+
+
+def norm_sq(
+    module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+) -> dict[str, Tensor]:
+    grads = per_sample_grad(module, inputs, grad_output, names)
+    return {n: g.square().sum(dim=1) for n, g in grads.items()}
+
+
+def clipped_grad(
+    module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    grads = per_sample_grad(module, inputs, grad_output, list(factors))
+    return {n: factors[n].to(g.dtype) @ g for n, g in grads.items()}
+
+
+def register(registry: LayerRegistry) -> None:
+    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad)
+    for module_type in (nn.GroupNorm, *_INSTANCE_NORM_NDIM):
+        registry.register(module_type, rule)

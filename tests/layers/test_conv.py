@@ -1,0 +1,139 @@
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dpclip.layers import default_registry
+from tests.layers.oracle import assert_rule_matches_oracle
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+SIZE = {1: (11,), 2: (7, 6), 3: (5, 4, 6)}
+
+
+def _case(dim: int, batch: int = 3, in_ch: int = 4, out_ch: int = 6, size=None, seed=0, **kw):
+    """A float64 conv, a random input and a random output gradient of the right shape."""
+    torch.manual_seed(seed)
+    layer = CONV[dim](in_ch, out_ch, **kw).double()
+    x = torch.randn(batch, in_ch, *(size or SIZE[dim]), dtype=torch.float64)
+    with torch.no_grad():
+        s = torch.randn_like(layer(x))
+    return layer, (x,), s
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"kernel_size": 3},
+        {"kernel_size": 1, "bias": False},
+        {"kernel_size": 2, "stride": 2, "padding": 1},
+        {"kernel_size": 3, "dilation": 2, "padding": "same"},
+        {"kernel_size": 2, "padding": "same"},  # even kernel: 'same' pads one more at the end
+        {"kernel_size": 3, "padding": "valid", "stride": 2, "bias": False},
+        {"kernel_size": 3, "groups": 2, "padding": 1},
+        {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
+        {"kernel_size": 2, "padding": "same", "padding_mode": "replicate", "dilation": 2},
+        {"kernel_size": 3, "padding": 2, "padding_mode": "circular", "stride": 2},
+    ],
+)
+def test_conv_rule_equals_naive_loop(dim, kw):
+    assert_rule_matches_oracle(*_case(dim, **kw))
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_conv_rule_equals_naive_loop_depthwise(dim):
+    assert_rule_matches_oracle(*_case(dim, in_ch=4, out_ch=8, kernel_size=3, groups=4, padding=1))
+
+
+def test_conv2d_rule_equals_naive_loop_per_dim_tuples():
+    kw = {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)}
+    assert_rule_matches_oracle(*_case(2, size=(9, 8), groups=2, **kw))
+
+
+def test_conv2d_rule_equals_naive_loop_channels_last_input():
+    layer, (x,), s = _case(2, kernel_size=3, padding=1)
+    assert_rule_matches_oracle(layer, (x.to(memory_format=torch.channels_last),), s)
+
+
+def test_conv_rule_frozen_weight_trains_bias_only():
+    layer, inputs, s = _case(2, kernel_size=3, groups=2)
+    layer.weight.requires_grad_(False)
+    assert_rule_matches_oracle(layer, inputs, s)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dim=st.sampled_from([1, 2, 3]),
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 3),
+    padding=st.integers(0, 2),
+    extra=st.integers(0, 3),
+    groups=st.sampled_from([1, 3]),
+    bias=st.booleans(),
+)
+def test_conv_rule_equals_naive_loop_odd_shapes(
+    dim, kernel, stride, dilation, padding, extra, groups, bias
+):
+    # extra = 0 makes the output length 1 along every dim; batch 1 is the edge case.
+    span = dilation * (kernel - 1) + 1
+    length = max(span - 2 * padding, 1) + extra
+    assert_rule_matches_oracle(
+        *_case(
+            dim,
+            batch=1,
+            in_ch=3,
+            out_ch=3,
+            size=(length,) * dim,
+            kernel_size=kernel,
+            stride=stride,
+            dilation=dilation,
+            padding=padding,
+            groups=groups,
+            bias=bias,
+        )
+    )
+
+
+def _rule():
+    return default_registry().rule_for(nn.Conv2d(1, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_rule_low_precision_inputs_computed_in_float32(dtype):
+    reference, (x,), s = _case(2, kernel_size=3, groups=2, padding=1)
+    layer = copy.deepcopy(reference).to(dtype)
+    x_low, s_low = x.to(dtype), s.to(dtype)
+    reference.weight.data = layer.weight.data.double()
+    # float64 on the same rounded values, so only float32 accumulation error remains.
+    want = _rule().norm_sq(reference, (x_low.double(),), s_low.double(), ["weight"], "ghost")
+    for strategy in ("ghost", "instantiate"):
+        got = _rule().norm_sq(layer, (x_low,), s_low, ["weight", "bias"], strategy)
+        assert got["weight"].dtype == torch.float32 and got["bias"].dtype == torch.float32
+        torch.testing.assert_close(got["weight"].double(), want["weight"], rtol=1e-4, atol=0)
+    factors = {"weight": torch.rand(3), "bias": torch.rand(3)}
+    got = _rule().clipped_grad(layer, (x_low,), s_low, factors)["weight"]
+    per_sample = _rule().per_sample_grad(layer, (x_low,), s_low, ["weight"])["weight"]
+    assert got.dtype == per_sample.dtype == torch.float32
+    want = torch.einsum("b,b...->...", factors["weight"], per_sample)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_rule_rejects_unbatched_input():
+    layer = nn.Conv2d(2, 3, 3)
+    x = torch.randn(2, 5, 5)
+    s = torch.randn(3, 3, 3)
+    with pytest.raises(ValueError, match="Unbatched input is not supported"):
+        _rule().norm_sq(layer, (x,), s, ["weight"], "mixed")
+    with pytest.raises(ValueError, match="Unbatched input is not supported"):
+        _rule().clipped_grad(layer, (x,), s, {"bias": torch.ones(1)})
+
+
+def test_conv_rule_rejects_output_gradient_of_wrong_size():
+    layer, (x,), s = _case(2, kernel_size=3)
+    with pytest.raises(ValueError, match="output positions"):
+        _rule().norm_sq(layer, (x,), s[..., :-1], ["weight"], "ghost")
