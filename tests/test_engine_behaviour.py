@@ -313,3 +313,53 @@ def test_bad_arguments_raise_value_error_and_change_nothing(kwargs, message):
     _assert_unchanged(model, before)
     assert all(p.requires_grad for p in model.parameters())
     assert not opt._optimizer_step_pre_hooks
+
+
+def test_embedding_with_max_norm_is_refused_at_construction():
+    model = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0))
+    with pytest.raises(dpclip.UnsupportedModuleError, match=r"0 \(Embedding\).*max_norm=1.0"):
+        dpclip.PrivacyEngine(
+            model, torch.optim.SGD(model.parameters(), lr=1), sample_size=10, batch_size=2,
+            steps=1, noise_multiplier=1.0,
+        )  # fmt: skip
+
+
+def test_a_registered_user_layer_is_clipped_like_the_naive_loop():
+    class Scale(nn.Module):
+        """y = x * w, elementwise: per-sample grad Σ_t x_t s_t."""
+
+        def __init__(self, d):
+            super().__init__()
+            self.w = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.w
+
+    def per_sample(module, inputs, s, names):
+        return {"w": (inputs[0] * s).reshape(s.shape[0], -1, s.shape[-1]).sum(1)}
+
+    def norm_sq(module, inputs, s, names, strategy):
+        return {"w": per_sample(module, inputs, s, names)["w"].square().sum(1)}
+
+    def clipped(module, inputs, s, factors):
+        return {"w": factors["w"].to(s.dtype) @ per_sample(module, inputs, s, ["w"])["w"]}
+
+    registry = dpclip.layers.default_registry()
+    registry.register(Scale, dpclip.layers.LayerRule(norm_sq, clipped, per_sample))
+    torch.manual_seed(0)
+    model = nn.Sequential(Scale(4), nn.Linear(4, 3).double())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    from tests.oracle import clipped_sum, per_sample_grads
+
+    expected = clipped_sum(
+        per_sample_grads(model, x, y), [[0, 1, 2]], clipping="automatic", clip_norm=1.0, gamma=0.01
+    )
+    before = _snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(
+        model, opt, sample_size=50, batch_size=5, steps=1, noise_multiplier=0.0, registry=registry
+    )
+    _loss(model, x, y).backward()
+    opt.step()
+    for p, old, want in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / 5, rtol=1e-6, atol=1e-12)

@@ -126,4 +126,13 @@ def per_sample_grad(
 
 
 def register(registry: LayerRegistry) -> None:
-    registry.register(nn.Embedding, LayerRule(norm_sq, clipped_grad, per_sample_grad))
+    registry.register(nn.Embedding, LayerRule(norm_sq, clipped_grad, per_sample_grad, check))
+
+
+def check(module: nn.Embedding) -> str | None:
+    """Why the engine must refuse this embedding at construction, or None."""
+    try:
+        _check(module)
+    except ValueError as err:
+        return str(err)
+    return None
