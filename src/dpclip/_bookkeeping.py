@@ -51,11 +51,18 @@ def clipped_sums(
     shared = {p for p, u in uses.items() if len(u) > 1}
 
     norm_sq: dict[nn.Parameter, Tensor] = {}
-    per_sample: dict[nn.Parameter, Tensor] = {}
+    per_sample: dict[nn.Parameter, Tensor] = {}  # shared parameters: Σ over uses, per sample
+    reuse: dict[Record, dict[str, Tensor]] = {}  # instantiated per-sample grads kept for the sum
     for rec in records:
         rule, names = plan.rules[rec.module], plan.names[rec.module]
         single = [n for n in names if getattr(rec.module, n) not in shared]
-        if single:
+        if single and _instantiate(rule, rec, plan.strategy):
+            got = rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, single)
+            for n in single:
+                norm_sq[getattr(rec.module, n)] = got[n].reshape(batch, -1).square().sum(dim=1)
+            if sum(g.numel() for g in got.values()) <= _recorded_numel(rec):
+                reuse[rec] = got
+        elif single:
             got = rule.norm_sq(rec.module, rec.inputs, rec.grad_output, single, plan.strategy)
             for n in single:
                 norm_sq[getattr(rec.module, n)] = got[n]
@@ -76,9 +83,13 @@ def clipped_sums(
     factors = _factors(plan, group_of, norm_sq, batch)
 
     sums: dict[nn.Parameter, Tensor] = {}
+    for rec, got in reuse.items():
+        for n, g in got.items():
+            p = getattr(rec.module, n)
+            _accumulate(sums, p, torch.tensordot(factors[p].to(g.dtype), g, dims=1))
     for rec in records:
         names = [n for n in plan.names[rec.module] if getattr(rec.module, n) not in shared]
-        if names:
+        if names and rec not in reuse:
             f = {n: factors[getattr(rec.module, n)] for n in names}
             got = plan.rules[rec.module].clipped_grad(rec.module, rec.inputs, rec.grad_output, f)
             for n in names:
@@ -86,6 +97,20 @@ def clipped_sums(
     for p, g in per_sample.items():
         _accumulate(sums, p, torch.tensordot(factors[p].to(g.dtype), g, dims=1))
     return sums
+
+
+def _instantiate(rule: LayerRule, rec: Record, strategy: str) -> bool:
+    return (
+        rule.instantiates is not None
+        and rule.per_sample_grad is not None
+        and rule.instantiates(rec.module, rec.inputs, rec.grad_output, strategy)
+    )
+
+
+def _recorded_numel(rec: Record) -> int:
+    """What the record already holds: reusing per-sample grads at most doubles it."""
+    held = sum(x.numel() for x in rec.inputs if isinstance(x, Tensor))
+    return held + rec.grad_output.numel()
 
 
 def _batch_size(records: Sequence[Record]) -> int:

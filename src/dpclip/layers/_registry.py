@@ -10,7 +10,11 @@ A rule is two functions of a module's recorded forward inputs and its output gra
 and, optionally, ``per_sample_grad(module, inputs, grad_output, names) -> {name: Tensor[b, ...]}``,
 needed only when one parameter is used by several layers (tied weights), and, optionally,
 ``check(module) -> str | None``: why this instance cannot be clipped (e.g. an Embedding with
-``max_norm``), so the engine refuses it at construction.
+``max_norm``), so the engine refuses it at construction, and, optionally,
+``instantiates(module, inputs, grad_output, strategy) -> bool``: True when building this call's
+per-sample gradients is the cheaper way to its norms; the engine then builds them once with
+``per_sample_grad`` and reuses them for the clipped sum (one small contraction instead of a
+second matmul), as long as they are no larger than the recorded activations.
 
 ``inputs`` is the tuple of positional tensors the module's ``forward`` received (detached);
 ``grad_output`` is ∂L/∂output with the batch on dim 0. ``strategy`` is ``"ghost"``,
@@ -31,6 +35,7 @@ NormSq = Callable[[nn.Module, tuple, Tensor, Sequence[str], str], dict[str, Tens
 ClippedGrad = Callable[[nn.Module, tuple, Tensor, Mapping[str, Tensor]], dict[str, Tensor]]
 PerSampleGrad = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, Tensor]]
 Check = Callable[[nn.Module], "str | None"]
+Instantiates = Callable[[nn.Module, tuple, Tensor, str], bool]
 
 STRATEGIES = ("ghost", "instantiate", "mixed")
 
@@ -43,6 +48,7 @@ class LayerRule:
     clipped_grad: ClippedGrad
     per_sample_grad: PerSampleGrad | None = None
     check: Check | None = None  # reason this module instance cannot be clipped, or None
+    instantiates: Instantiates | None = None  # build per-sample grads once, reuse for the sum
 
 
 class LayerRegistry:

@@ -172,7 +172,14 @@ def per_sample_grad(
     return out
 
 
+def instantiates(module: _Conv, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
+    """Per-sample gradients are the cheaper route when ghost's T×T Gram matrices are not."""
+    positions = math.prod(grad_output.shape[2:])
+    d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+    return not use_ghost(strategy, positions, d_in, module.out_channels // module.groups)
+
+
 def register(registry: LayerRegistry) -> None:
-    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad)
+    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=instantiates)
     for conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         registry.register(conv_type, rule)

@@ -59,5 +59,11 @@ def per_sample_grad(
     return out
 
 
+def instantiates(module: nn.Linear, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
+    T = grad_output.numel() // (grad_output.shape[0] * module.out_features)
+    return T > 1 and not use_ghost(strategy, T, module.in_features, module.out_features)
+
+
 def register(registry: LayerRegistry) -> None:
-    registry.register(nn.Linear, LayerRule(norm_sq, clipped_grad, per_sample_grad))
+    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=instantiates)
+    registry.register(nn.Linear, rule)
