@@ -363,3 +363,42 @@ def test_a_registered_user_layer_is_clipped_like_the_naive_loop():
     opt.step()
     for p, old, want in zip(model.parameters(), before, expected, strict=True):
         torch.testing.assert_close(old - p.detach(), want / 5, rtol=1e-6, atol=1e-12)
+
+
+def _train(model, opt, steps, x, y):
+    for _ in range(steps):
+        _loss(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_resume_from_state_dict_reports_the_epsilon_and_noise_of_an_uninterrupted_run():
+    x, y = engine_models.batch("linear", 4)
+    kw = dict(noise_multiplier=1.0, steps=6, seed=3)
+    model, opt, engine = _setup(**kw)
+    _train(model, opt, 6, x, y)
+    uninterrupted = (engine.epsilon(), [p.detach().clone() for p in model.parameters()])
+
+    model, opt, engine = _setup(**kw)
+    _train(model, opt, 3, x, y)
+    saved = (engine.state_dict(), model.state_dict(), opt.state_dict())
+    model, opt, engine = _setup(**{**kw, "seed": 99})
+    engine.load_state_dict(saved[0])
+    model.load_state_dict(saved[1])
+    opt.load_state_dict(saved[2])
+    assert engine.steps_taken == 3
+    _train(model, opt, 3, x, y)
+    assert engine.epsilon() == uninterrupted[0]
+    for p, want in zip(model.parameters(), uninterrupted[1], strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=0)
+    with pytest.raises(dpclip.PrivacyBudgetExceeded):
+        _train(model, opt, 1, x, y)
+
+
+def test_load_state_dict_refuses_a_different_noise_multiplier():
+    _, _, engine = _setup(noise_multiplier=1.0)
+    _, _, other = _setup(noise_multiplier=2.0)
+    with pytest.raises(ValueError, match="saved noise_multiplier=1.0 differs"):
+        other.load_state_dict(engine.state_dict())
+    with pytest.raises(ValueError, match="not a dpclip PrivacyEngine state_dict"):
+        other.load_state_dict({"ledger": {}})
