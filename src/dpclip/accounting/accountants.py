@@ -1,0 +1,174 @@
+"""Accountants: a history of :class:`GaussianStep` events and δ in, ε out.
+
+Three accountants, chosen by name in one place (``_REGISTRY``; the names are :data:`ACCOUNTANTS`):
+
+``"pld"`` (default)
+    Privacy loss distributions (dp_accounting's ``PLDAccountant``, connect-the-dots discretization,
+    pessimistic rounding). Tight: the result is an upper bound on the true ε of the history, and
+    the discretization is chosen per history so that it exceeds the exact ε by about 0.1 % at
+    most (see :func:`pld_discretization`).
+``"rdp"``
+    Rényi DP (dp_accounting's ``RdpAccountant`` with its standard orders, and its conversion to
+    (ε, δ)). A valid upper bound; typically 5-20 % above ``"pld"``.
+``"gdp"``
+    Gaussian DP through the central limit theorem (Bu, Dong, Long, Su 2020, eq. for Poisson
+    sampling): μ = q·sqrt(T·(exp(1/σ²) − 1)), composed over phases as sqrt(Σ μᵢ²), then ε from the
+    exact (ε, δ) curve of μ-GDP. **An approximation, not a bound**: it is the limit T → ∞ with
+    q·sqrt(T) fixed, and it can understate ε badly for few steps (σ = 0.65, q = 0.01, 100 steps,
+    δ = 1e-5: 1.18 against 2.99 from ``"pld"``). Use it to compare with papers that report it (the
+    automatic-clipping paper does), never as the guarantee you publish.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import dp_accounting
+import numpy as np
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld.privacy_loss_mechanism import AdjacencyType, GaussianPrivacyLoss
+from dp_accounting.rdp import rdp_privacy_accountant
+from scipy import optimize, special
+
+from dpclip.accounting.events import History, check_delta
+
+__all__ = ["ACCOUNTANTS", "check_accountant", "epsilon", "gdp_delta", "gdp_mu"]
+
+# The tail mass dp_accounting's PLDAccountant leaves out of each Gaussian step (its default).
+_LOG_MASS_TRUNCATION = -50.0
+
+
+def epsilon(history: History, delta: float, accountant: str = "pld") -> float:
+    """ε of a history at ``delta`` under ``accountant`` (∞ if any step added no noise)."""
+    compute = _REGISTRY[check_accountant(accountant)]
+    delta = check_delta(delta)
+    history = tuple(event for event in history if event.steps > 0)
+    if not history:
+        return 0.0
+    if any(event.noise_multiplier == 0 for event in history):
+        return math.inf
+    return _cached(compute, history, delta)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached(compute: Callable[[History, float], float], history: History, delta: float) -> float:
+    return float(compute(history, delta))
+
+
+def check_accountant(name: str) -> str:
+    """The accountant's name, if it is one of :data:`ACCOUNTANTS`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"expected accountant in {tuple(ACCOUNTANTS)}, got {name!r}")
+    return name
+
+
+def _dp_event(history: History) -> dp_accounting.DpEvent:
+    return dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(
+                    e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)
+                ),
+                e.steps,
+            )
+            for e in history
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------- RDP
+def _rdp_epsilon(history: History, delta: float) -> float:
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(_dp_event(history))
+    return accountant.get_epsilon(delta)
+
+
+# --------------------------------------------------------------------------------------- PLD
+def pld_discretization(history: History) -> float:
+    """The PLD value-discretization interval used for ``history``.
+
+    Rule: one tenth of the smallest per-step GDP scale μ₁ = q·sqrt(exp(1/σ²) − 1) among the
+    history's events, but no finer than 1/200,000 of the widest single-step privacy-loss range,
+    and at most 1e-2.
+
+    Why: a step's privacy loss has spread about μ₁, and the connect-the-dots rounding error in ε
+    grows like (interval / μ₁)², almost independently of σ, q and the number of steps (measured:
+    about 0.4 % at μ₁/5, 0.1 % at μ₁/10). The cost grows like (loss range) / interval, so the
+    second bound keeps one evaluation near a second even for q ≤ 1e-4 with σ < 1, where the error
+    may then reach a few percent (of an ε below 0.05). Any interval gives a valid upper bound (pessimistic
+    rounding); the rule only trades tightness for time.
+    """
+    scale = min(gdp_mu((event.with_steps(1),)) for event in history)
+    span = max(_single_step_loss_span(e.noise_multiplier, e.sample_rate) for e in history)
+    return min(max(0.1 * scale, span / 200_000, 1e-12), 1e-2)
+
+
+@functools.lru_cache(maxsize=256)
+def _single_step_loss_span(noise_multiplier: float, sample_rate: float) -> float:
+    """Width of the privacy-loss grid dp_accounting builds for one step (both adjacencies)."""
+    span = 0.0
+    for adjacency in (AdjacencyType.ADD, AdjacencyType.REMOVE):
+        bounds = GaussianPrivacyLoss(
+            noise_multiplier,
+            sampling_prob=sample_rate,
+            adjacency_type=adjacency,
+            log_mass_truncation_bound=_LOG_MASS_TRUNCATION,
+        ).connect_dots_bounds()
+        span += bounds.epsilon_upper - bounds.epsilon_lower
+    return span
+
+
+def _pld_epsilon(history: History, delta: float) -> float:
+    return _pld_epsilon_at(history, delta, pld_discretization(history))
+
+
+def _pld_epsilon_at(history: History, delta: float, interval: float) -> float:
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
+    accountant.compose(_dp_event(history))
+    return max(0.0, accountant.get_epsilon(delta))
+
+
+# --------------------------------------------------------------------------------------- GDP
+def gdp_mu(history: History) -> float:
+    """μ of the CLT approximation: sqrt(Σ qᵢ²·Tᵢ·(exp(1/σᵢ²) − 1)) (∞ if σ = 0)."""
+    total = 0.0
+    for e in history:
+        if e.steps == 0:
+            continue
+        if e.noise_multiplier == 0:
+            return math.inf
+        with np.errstate(over="ignore"):
+            total += e.sample_rate**2 * e.steps * float(np.expm1(e.noise_multiplier**-2.0))
+    return math.sqrt(total)
+
+
+def gdp_delta(mu: float, eps: float) -> float:
+    """The exact δ(ε) of μ-GDP: Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) (Dong, Roth, Su 2019, Cor. 2.13)."""
+    if mu == 0:
+        return 0.0
+    first = special.log_ndtr(-eps / mu + mu / 2)
+    second = eps + special.log_ndtr(-eps / mu - mu / 2)
+    # Difference of two exponentials, computed without overflow: e^a − e^b = e^a·(1 − e^(b−a)).
+    return float(math.exp(first) * -math.expm1(min(second - first, 0.0)))
+
+
+def _gdp_epsilon(history: History, delta: float) -> float:
+    mu = gdp_mu(history)
+    if not math.isfinite(mu):
+        return math.inf
+    if gdp_delta(mu, 0.0) <= delta:
+        return 0.0
+    upper = 1.0
+    while gdp_delta(mu, upper) > delta:
+        upper *= 2
+    return optimize.brentq(lambda e: gdp_delta(mu, e) - delta, 0.0, upper, xtol=1e-12, rtol=1e-14)
+
+
+_REGISTRY: dict[str, Callable[[History, float], float]] = {
+    "pld": _pld_epsilon,
+    "rdp": _rdp_epsilon,
+    "gdp": _gdp_epsilon,
+}
+ACCOUNTANTS: tuple[str, ...] = tuple(_REGISTRY)

@@ -1,0 +1,121 @@
+"""``dpclip epsilon`` and ``dpclip noise``: the real entry point, output shapes and user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dpclip.accounting import get_epsilon
+from dpclip.cli import main
+from dpclip.cli.noise import steps_for_epochs
+
+
+def dpclip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpclip.cli", *args], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_epsilon_json_reports_every_accountant_through_the_entry_point():
+    out = dpclip("epsilon", "--sigma", "1.1", "--sample-rate", "0.004", "--steps", "10000",
+                 "--delta", "1e-5", "--accountant", "all", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["steps"] == 10000 and report["delta"] == 1e-5
+    for name in ("pld", "rdp", "gdp"):
+        assert report["epsilon"][name] == get_epsilon(noise_multiplier=1.1, sample_rate=0.004,
+                                                      steps=10000, delta=1e-5, accountant=name)  # fmt: skip
+
+
+def test_noise_from_epochs_meets_the_target_through_the_entry_point():
+    out = dpclip("noise", "--epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.004",
+                 "--epochs", "40", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["steps"] == 10000  # ceil(40 / 0.004), without float noise
+    sigma = report["noise_multiplier"]["pld"]
+    spent = get_epsilon(noise_multiplier=sigma, sample_rate=0.004, steps=10000, delta=1e-5)
+    assert spent == report["epsilon"]["pld"]
+    assert 0.99 * 3 <= spent <= 3
+
+
+def test_bad_value_is_one_line_exit_2_without_traceback_through_the_entry_point():
+    out = dpclip("epsilon", "--sigma", "1", "--sample-rate", "1.5", "--steps", "10",
+                 "--delta", "1e-5")  # fmt: skip
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr == "dpclip epsilon: error: expected --sample-rate in (0, 1], got 1.5\n"
+
+
+def test_plain_text_is_for_people(capsys):
+    assert main(["epsilon", "--sigma", "4", "--sample-rate", "0.01", "--steps", "10000",
+                 "--delta", "1e-5", "--accountant", "rdp"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "σ = 4, q = 0.01, 10000 steps, δ = 1e-05"
+    assert lines[1] == "ε = 1.035  (rdp)"
+
+
+def test_noise_plain_text_names_gdp_an_approximation(capsys):
+    assert main(["noise", "--epsilon", "2", "--delta", "1e-5", "--sample-rate", "0.01",
+                 "--steps", "1000", "--accountant", "gdp"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "1000 steps" in out and "(gdp, CLT approximation, not a bound)" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["epsilon", "--sigma", "0", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5"],
+         "expected --sigma > 0 and finite, got 0.0"),
+        (["epsilon", "--sigma", "-2", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5"],
+         "expected --sigma > 0 and finite, got -2.0"),
+        (["epsilon", "--sigma", "1", "--sample-rate", "0", "--steps", "10", "--delta", "1e-5"],
+         "expected --sample-rate in (0, 1], got 0.0"),
+        (["epsilon", "--sigma", "1", "--sample-rate", "0.1", "--steps", "0", "--delta", "1e-5"],
+         "expected --steps >= 1, got 0"),
+        (["epsilon", "--sigma", "1", "--sample-rate", "0.1", "--steps", "10", "--delta", "1"],
+         "expected --delta in (0, 1), got 1.0"),
+        (["noise", "--epsilon", "0", "--delta", "1e-5", "--sample-rate", "0.1", "--steps", "10"],
+         "expected --epsilon > 0 and finite, got 0.0"),
+        (["noise", "--epsilon", "1", "--delta", "1e-5", "--sample-rate", "2", "--epochs", "3"],
+         "expected --sample-rate in (0, 1], got 2.0"),
+        (["noise", "--epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.1", "--epochs", "-3"],
+         "expected --epochs > 0 and finite, got -3.0"),
+        (["noise", "--epsilon", "1", "--delta", "1.5", "--sample-rate", "0.1", "--steps", "10"],
+         "expected --delta in (0, 1), got 1.5"),
+        (["noise", "--epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.1", "--steps", "-1"],
+         "expected --steps >= 1, got -1"),
+    ],
+)  # fmt: skip
+def test_bad_values_exit_2_with_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"dpclip {argv[0]}: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["noise", "--epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.1"],
+        ["noise", "--epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.1", "--epochs", "2",
+         "--steps", "20"],
+        ["epsilon", "--sigma", "1", "--sample-rate", "0.1", "--steps", "1e4", "--delta", "1e-5"],
+        ["epsilon", "--sigma", "1", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5",
+         "--accountant", "moments"],
+    ],
+)  # fmt: skip
+def test_usage_errors_exit_2_with_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"dpclip {argv[0]}: error:")
+
+
+@pytest.mark.parametrize(("epochs", "q", "steps"), [(40, 0.004, 10000), (1, 0.3, 4),
+                                                    (1.2, 0.01, 120), (0.5, 1.0, 1)])  # fmt: skip
+def test_epochs_become_ceil_epochs_over_q(epochs, q, steps):
+    assert steps_for_epochs(epochs, q) == steps
