@@ -402,3 +402,9 @@ def test_load_state_dict_refuses_a_different_noise_multiplier():
         other.load_state_dict(engine.state_dict())
     with pytest.raises(ValueError, match="not a dpclip PrivacyEngine state_dict"):
         other.load_state_dict({"ledger": {}})
+
+
+def test_epochs_plan_as_many_steps_as_the_data_loader_yields():
+    model, opt, engine = _setup(sample_size=1437, batch_size=256, steps=None, epochs=30)
+    dataset = torch.utils.data.TensorDataset(torch.zeros(1437, 5, dtype=torch.float64))
+    assert engine.planned_steps == 30 * len(engine.data_loader(dataset)) == 180

@@ -118,10 +118,15 @@ class PrivacyConfig:
         return self.batch_size / self.sample_size
 
     @property
+    def steps_per_epoch(self) -> int:
+        """Logical batches per pass over the data: round(1/q), as engine.data_loader yields."""
+        return max(1, round(self.sample_size / self.batch_size))
+
+    @property
     def planned_steps(self) -> int:
         if self.steps is not None:
             return self.steps
-        return max(1, math.ceil(self.epochs * self.sample_size / self.batch_size))
+        return max(1, math.ceil(self.epochs * self.steps_per_epoch - 1e-9))
 
 
 @dataclass(frozen=True)

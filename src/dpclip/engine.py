@@ -110,6 +110,7 @@ class PrivacyEngine:
 
         self.sample_rate = self.privacy.sample_rate
         self.planned_steps = self.privacy.planned_steps
+        self.steps_per_epoch = self.privacy.steps_per_epoch
         self.target_epsilon = self.privacy.target_epsilon
         self.target_delta = self.privacy.target_delta or accounting.default_delta(sample_size)
         self.noise_multiplier = self._calibrate()

@@ -1,0 +1,166 @@
+"""Poisson sampling into logical batches, each split into bounded physical batches.
+
+The privacy accounting assumes every logical batch is drawn by Poisson sampling: each example is
+included independently with probability q, so the batch size is Binomial(N, q) and may be zero.
+A logical batch is what the optimizer steps on (one noisy update); its physical batches are what
+fits in memory. Examples are loaded lazily, one physical batch at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["LogicalBatch", "PoissonLoader"]
+
+
+class LogicalBatch:
+    """One Poisson-sampled logical batch: iterate over its collated physical batches.
+
+    ``len(batch)`` is the number of examples (0 is possible); ``batch.indices`` are their dataset
+    indices in increasing order. Iterating an empty batch yields nothing.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: torch.Tensor,
+        physical_batch_size: int | None,
+        collate_fn: Callable[[list], Any] | None,
+        num_workers: int,
+    ) -> None:
+        self.dataset = dataset
+        self.indices = indices
+        self.physical_batch_size = physical_batch_size
+        self._collate_fn = collate_fn
+        self._num_workers = num_workers
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __repr__(self) -> str:
+        return f"LogicalBatch(size={len(self)}, physical_batch_size={self.physical_batch_size})"
+
+    def chunks(self) -> list[torch.Tensor]:
+        """The index tensors of the physical batches, in order."""
+        if len(self) == 0:
+            return []
+        size = self.physical_batch_size or len(self)
+        return list(torch.split(self.indices, size))
+
+    def __iter__(self) -> Iterator[Any]:
+        chunks = self.chunks()
+        if not chunks:
+            return iter(())
+        if self._fast_path():
+            tensors = self.dataset.tensors  # type: ignore[attr-defined]
+            # Same structure default_collate gives for a TensorDataset: a list of stacked tensors.
+            return ([t[idx] for t in tensors] for idx in chunks)
+        sampler: Sequence[list[int]] = [c.tolist() for c in chunks]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=self._collate_fn,
+            num_workers=self._num_workers,
+        )
+        return iter(loader)
+
+    def _fast_path(self) -> bool:
+        return (
+            type(self.dataset) is TensorDataset
+            and self._collate_fn is None
+            and self._num_workers == 0
+        )
+
+
+class PoissonLoader:
+    """Iterate over Poisson-sampled logical batches of ``dataset``.
+
+    Args:
+        dataset: a map-style dataset with ``__len__``.
+        sample_rate: q, the probability that each example is in a logical batch.
+        physical_batch_size: the most examples per physical batch; None means one physical
+            batch per logical batch.
+        generator: the source of sampling randomness (seed it for reproducible runs); None
+            uses torch's global generator.
+        collate_fn: as for :class:`torch.utils.data.DataLoader` (None: default collation).
+        num_workers: DataLoader worker processes used to load each logical batch.
+        steps: logical batches per pass; default ``round(1 / sample_rate)`` (one epoch in
+            expectation).
+        on_logical_batch: called with the batch size each time a logical batch is yielded.
+
+    >>> from torch.utils.data import TensorDataset
+    >>> data = TensorDataset(torch.arange(10.0), torch.arange(10))
+    >>> loader = PoissonLoader(data, sample_rate=0.5, physical_batch_size=2,
+    ...                        generator=torch.Generator().manual_seed(0))
+    >>> len(loader)
+    2
+    >>> for logical in loader:
+    ...     assert all(len(x) <= 2 for x, y in logical)
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        sample_rate: float,
+        physical_batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        collate_fn: Callable[[list], Any] | None = None,
+        num_workers: int = 0,
+        steps: int | None = None,
+        on_logical_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        try:
+            size = len(dataset)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise ValueError("expected a map-style dataset with __len__") from err
+        if size < 1:
+            raise ValueError(f"expected a non-empty dataset, got {size} examples")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
+            raise ValueError(f"expected sample_rate to be a number, got {sample_rate!r}")
+        if not 0.0 < sample_rate <= 1.0:  # also rejects NaN
+            raise ValueError(f"expected 0 < sample_rate <= 1, got {sample_rate}")
+        _check_positive_int("physical_batch_size", physical_batch_size, allow_none=True)
+        _check_positive_int("steps", steps, allow_none=True)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"expected num_workers >= 0, got {num_workers!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"expected generator to be a torch.Generator, got {generator!r}")
+        self.dataset = dataset
+        self.sample_rate = float(sample_rate)
+        self.physical_batch_size = physical_batch_size
+        self.generator = generator
+        self.collate_fn = collate_fn
+        self.num_workers = num_workers
+        self.steps = steps if steps is not None else max(1, round(1.0 / self.sample_rate))
+        self.on_logical_batch = on_logical_batch
+        self._size = size
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[LogicalBatch]:
+        for _ in range(self.steps):
+            batch = self._sample()
+            if self.on_logical_batch is not None:
+                self.on_logical_batch(len(batch))
+            yield batch
+
+    def _sample(self) -> LogicalBatch:
+        """Draw one logical batch: each example independently with probability q."""
+        mask = torch.rand(self._size, generator=self.generator) < self.sample_rate
+        indices = mask.nonzero().flatten()
+        return LogicalBatch(
+            self.dataset, indices, self.physical_batch_size, self.collate_fn, self.num_workers
+        )
+
+
+def _check_positive_int(name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected {name} to be a positive integer, got {value!r}")

@@ -1,0 +1,228 @@
+"""`dpclip train` end to end: the real entry point in a subprocess, its files and exit codes."""
+
+import csv
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dpclip.cli import main
+
+FAST = ("--epochs", "2", "--no-progress", "--seed", "0")
+
+
+def _dpclip_train(*args, cwd=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "dpclip.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def _assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One complete two-epoch run on digits with --output, shared by the tests that inspect it."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = _dpclip_train(*FAST, "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_run_writes_metrics_csv_checkpoint_and_curves(finished_run):
+    out, proc = finished_run
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "curves.png",
+        "metrics.csv",
+        "metrics.json",
+    ]  # and no temporary files left behind
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = metrics["config"]
+    assert config["dataset"] == "digits" and config["model"] == "mlp" and config["seed"] == 0
+    assert config["epochs"] == 2 and config["batch_size"] == 256 and config["lr"] == 0.1
+    assert metrics["steps"] == 2 * round(1437 / 256)
+    assert metrics["delta"] == 1e-5 and metrics["noise_multiplier"] > 0
+    # The whole planned run was spent, within the calibration's tolerance, never above it.
+    assert 0.97 * 3.0 <= metrics["epsilon"] <= 3.0
+    assert 0.1 < metrics["test_accuracy"] <= 1.0 and metrics["wall_time_s"] > 0
+    rows = _read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert (
+        float(rows[0]["epsilon"])
+        < float(rows[1]["epsilon"])
+        == pytest.approx(metrics["epsilon"], rel=1e-5)
+    )
+    assert float(rows[1]["test_accuracy"]) == pytest.approx(metrics["test_accuracy"], rel=1e-5)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["engine"]["ledger"]["events"]
+    assert "test accuracy" in proc.stdout and "ε = " in proc.stdout
+
+
+def test_interrupted_run_resumes_to_the_same_epsilon_and_model(finished_run, tmp_path):
+    out_full, _ = finished_run
+    out = tmp_path / "out"
+    from dpclip.cli import _train_loop
+
+    calls = []
+    evaluate = _train_loop.evaluate
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    _train_loop.evaluate = interrupt_in_second_epoch
+    try:
+        with torch.random.fork_rng():
+            assert main(["train", *FAST, "--output", str(out)]) == 130
+    finally:
+        _train_loop.evaluate = evaluate
+    # An interrupted run leaves a resumable checkpoint but nothing that looks complete.
+    assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
+    assert len(_read_csv(out / "metrics.csv")) == 1
+
+    proc = _dpclip_train("--output", str(out), "--resume", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads((out / "metrics.json").read_text())
+    full = json.loads((out_full / "metrics.json").read_text())
+    assert resumed["steps"] == full["steps"]
+    assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert resumed["config"] == full["config"]
+    a = torch.load(out / "checkpoint.pt", weights_only=True)
+    b = torch.load(out_full / "checkpoint.pt", weights_only=True)
+    for name, tensor in b["model"].items():
+        torch.testing.assert_close(a["model"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def _main_error(argv, capsys):
+    """Run the CLI in this process; return the stderr of a run that must fail with exit code 2."""
+    with torch.random.fork_rng():
+        code = main(["train", "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("dpclip train: error: ")
+    return err
+
+
+def test_resume_with_different_options_is_refused(finished_run, capsys):
+    out, _ = finished_run
+    err = _main_error(["--output", str(out), "--resume", "--lr", "0.5", "--epochs", "3"], capsys)
+    assert "cannot resume" in err and "--lr 0.5 (saved run: 0.1)" in err
+    assert "--epochs 3 (saved run: 2)" in err
+
+
+def test_resume_of_a_finished_run_is_refused(finished_run, capsys):
+    out, _ = finished_run
+    assert "already complete" in _main_error(["--output", str(out), "--resume"], capsys)
+
+
+def test_fresh_run_into_an_existing_run_directory_is_refused(finished_run, capsys):
+    out, _ = finished_run
+    err = _main_error([*FAST, "--output", str(out)], capsys)
+    assert "already holds a run" in err and "--resume" in err
+
+
+def test_corrupt_checkpoint_gives_one_line_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00not a checkpoint")
+    proc = _dpclip_train("--output", str(tmp_path), "--resume")
+    _assert_one_line_error(proc, "is corrupt or not a dpclip checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_nonpositive_epsilon_exits_2_without_output(tmp_path):
+    proc = _dpclip_train("--epsilon", "0", "--output", str(tmp_path / "out"))
+    _assert_one_line_error(proc, "--epsilon must be > 0, got 0.0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mnist_idx_files_train_a_cnn_with_progress_bar(tmp_path):
+    rng = np.random.default_rng(0)
+    for stem, shape in [
+        ("train-images-idx3-ubyte", (64, 28, 28)),
+        ("train-labels-idx1-ubyte", (64,)),
+        ("t10k-images-idx3-ubyte", (16, 28, 28)),
+        ("t10k-labels-idx1-ubyte", (16,)),
+    ]:
+        high = 10 if len(shape) == 1 else 256
+        array = rng.integers(0, high, shape, dtype=np.uint8)
+        header = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
+        with gzip.open(tmp_path / f"{stem}.gz", "wb") as fh:
+            fh.write(header + array.tobytes())
+    args = ("--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "cnn", "--epochs", "1")
+    proc = _dpclip_train(*args, "--batch-size", "16", "--physical-batch-size", "5", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "loss=" in proc.stderr and "acc=" in proc.stderr and "ε=" in proc.stderr  # tqdm bar
+    assert "epoch 1/1" in proc.stdout and "mnist / cnn" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--epsilon", "-1"], ["--epsilon must be > 0"]),
+        (["--epsilon", "nan"], ["--epsilon must be > 0"]),
+        (["--delta", "1"], ["--delta must be in (0, 1)"]),
+        (["--batch-size", "2000"], ["--batch-size 2000 exceeds the 1437 training examples"]),
+        (["--batch-size", "0"], ["--batch-size must be > 0"]),
+        (["--epochs", "0"], ["--epochs must be > 0"]),
+        (["--physical-batch-size", "0"], ["--physical-batch-size must be > 0"]),
+        (["--lr", "0"], ["--lr must be > 0"]),
+        (["--resume"], ["--resume needs --output"]),
+        (["--dataset", "mnist", "--data-dir", "{tmp}"], ["missing", "--download"]),
+        (["--dataset", "cifar10", "--data-dir", "{tmp}"], ["cifar-10-batches-py", "--download"]),
+    ],
+)
+def test_bad_input_is_a_one_line_error_with_exit_code_2(argv, fragments, tmp_path, capsys):
+    err = _main_error([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    for fragment in fragments:
+        assert fragment in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--dataset", "svhn"], ["--model", "resnet"], ["--optimizer", "rmsprop"], ["--epochs", "x"]],
+)
+def test_unknown_names_are_rejected_by_argparse_with_exit_code_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "invalid" in err
+
+
+@pytest.mark.slow
+def test_default_run_reaches_94_percent_on_digits_in_under_two_minutes(tmp_path):
+    """The defaults, as the README promises: mean test accuracy of 3 seeds >= 94% at ε=3."""
+    accuracies = []
+    for seed in (0, 1, 2):
+        out = tmp_path / f"seed{seed}"
+        proc = _dpclip_train("--no-progress", "--seed", str(seed), "--output", str(out))
+        assert proc.returncode == 0, proc.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["config"]["epsilon"] == 3.0 and metrics["delta"] == 1e-5
+        assert metrics["epsilon"] <= 3.0
+        assert metrics["wall_time_s"] < 120
+        accuracies.append(metrics["test_accuracy"])
+    assert sum(accuracies) / 3 >= 0.94, accuracies
