@@ -10,7 +10,9 @@ from dpclip.layers import STRATEGIES, default_registry
 REGISTRY = default_registry()
 
 
-def naive_per_sample_grads(module: nn.Module, inputs: tuple, grad_output: Tensor) -> dict[str, Tensor]:
+def naive_per_sample_grads(
+    module: nn.Module, inputs: tuple, grad_output: Tensor
+) -> dict[str, Tensor]:
     """{name: (b, *param.shape)} by running each sample through the module on its own."""
     names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     per_sample: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -20,7 +22,9 @@ def naive_per_sample_grads(module: nn.Module, inputs: tuple, grad_output: Tensor
         out.backward(grad_output[i : i + 1])
         for n in names:
             grad = getattr(module, n).grad
-            per_sample[n].append(torch.zeros_like(getattr(module, n)) if grad is None else grad.clone())
+            per_sample[n].append(
+                torch.zeros_like(getattr(module, n)) if grad is None else grad.clone()
+            )
     module.zero_grad(set_to_none=True)
     return {n: torch.stack(gs) for n, gs in per_sample.items()}
 
@@ -41,8 +45,10 @@ def assert_rule_matches_oracle(
         for n in names:
             want = expected[n].reshape(b, -1).square().sum(dim=1)
             torch.testing.assert_close(got[n], want, rtol=rtol, atol=1e-10, msg=f"{n} {strategy}")
-    factors = {n: torch.rand(b, dtype=grad_output.dtype, generator=torch.Generator().manual_seed(1))
-               for n in names}
+    factors = {
+        n: torch.rand(b, dtype=grad_output.dtype, generator=torch.Generator().manual_seed(1))
+        for n in names
+    }
     got = rule.clipped_grad(module, detached, grad_output, factors)
     for n in names:
         want = torch.einsum("b,b...->...", factors[n], expected[n])

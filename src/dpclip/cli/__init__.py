@@ -23,7 +23,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dpclip", description="Differentially private training with automatic clipping.")
+    parser = _Parser(
+        prog="dpclip", description="Differentially private training with automatic clipping."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"dpclip.cli.{name}")
