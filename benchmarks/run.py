@@ -1,0 +1,376 @@
+"""Benchmark harness: throughput and peak memory of non-private, dpclip and Opacus training.
+
+Every configuration runs in its own fresh interpreter (``benchmarks._worker``), interleaved
+A B C A B C ... for several rounds, so slow drifts of a shared machine hit every configuration
+alike. The table reports medians over rounds; the ratio to non-private is the median of the
+per-round ratios (each against the non-private run of the same round). Results go to
+``--results`` (Markdown, only this run's section is replaced) and ``--out`` (JSON, plot).
+
+Usage (from the repository root)::
+
+    python -m benchmarks.run --models cnn,gpt-like --rounds 3 --steps 5
+    python -m benchmarks.run --sweep            # GPT-like: sequence-length and batch-size sweeps
+    python -m benchmarks.run --profile gpt-like # torch.profiler tables for one step
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = "cnn,gpt-like"
+SWEEP_MODEL = "gpt-like"
+SWEEP_CONFIGS = ("non-private", "dpclip-ghost", "dpclip-instantiate", "dpclip-mixed")
+
+
+class HarnessError(Exception):
+    """A user error (unknown model or configuration): one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named configuration: which framework and how it is set up."""
+
+    method: str
+    norm_strategy: str = "mixed"
+    clipping_style: str = "all-layer"
+    grad_sample_mode: str = "hooks"
+
+
+CONFIGS: dict[str, Method] = {
+    "non-private": Method("non-private"),
+    "dpclip-ghost": Method("dpclip", norm_strategy="ghost"),
+    "dpclip-instantiate": Method("dpclip", norm_strategy="instantiate"),
+    "dpclip-mixed": Method("dpclip", norm_strategy="mixed"),
+    "dpclip-mixed-layer-wise": Method("dpclip", norm_strategy="mixed", clipping_style="layer-wise"),
+    "opacus-hooks": Method("opacus", grad_sample_mode="hooks"),
+    "opacus-ghost": Method("opacus", grad_sample_mode="ghost"),
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One (model, batch size, sequence length) at which every configuration is measured."""
+
+    model: str
+    batch_size: int
+    seq_len: int | None
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _int_csv(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The harness's options (shared with ``dpclip bench``); importing this costs no torch."""
+    parser.add_argument(
+        "--models",
+        default=DEFAULT_MODELS,
+        help=f"comma-separated model names or 'all' (default: {DEFAULT_MODELS})",
+    )
+    parser.add_argument(
+        "--configs",
+        default="all",
+        help="comma-separated configurations or 'all': " + ", ".join(CONFIGS),
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--rounds", type=_positive, default=3)
+    parser.add_argument("--steps", type=_positive, default=5, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--batch-size", type=_positive, help="override every model's default")
+    parser.add_argument("--seq-len", type=_positive, help="override sequence models' default T")
+    parser.add_argument(
+        "--threads", type=_positive, help="torch.set_num_threads in each worker (default: 2 on cpu)"
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help=f"{SWEEP_MODEL}: sweep T and batch size instead of the model table",
+    )
+    parser.add_argument("--sweep-lengths", type=_int_csv, default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--sweep-batches", type=_int_csv, default=[4, 8, 16, 32, 64])
+    parser.add_argument(
+        "--profile",
+        metavar="MODEL",
+        help="write torch.profiler tables of one step (non-private, dpclip-mixed)",
+    )
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=1800.0, help="seconds per worker"
+    )
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "out")
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _select_configs(text: str, opacus: bool) -> list[str]:
+    names = list(CONFIGS) if text == "all" else _csv(text)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise HarnessError(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    if "non-private" not in names:
+        names.insert(0, "non-private")  # every ratio needs its baseline from the same round
+    if not opacus and text == "all":
+        names = [n for n in names if CONFIGS[n].method != "opacus"]
+    elif not opacus and any(CONFIGS[n].method == "opacus" for n in names):
+        raise HarnessError("Opacus configurations were asked for but opacus is not installed")
+    return names
+
+
+def _run_worker(
+    point: Point, name: str, args: argparse.Namespace, profile_path: str | None = None
+) -> dict[str, Any]:
+    """One configuration in a fresh interpreter; a crash or timeout becomes a failed record."""
+    threads = args.threads or (2 if args.device == "cpu" else None)
+    cfg = {
+        **asdict(CONFIGS[name]),
+        **asdict(point),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": args.device,
+        "threads": threads,
+        "profile_path": profile_path,
+    }
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks._worker",
+            "--config",
+            json.dumps(cfg),
+            "--result",
+            str(result_path),
+        ]
+        try:
+            proc = subprocess.run(
+                cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=args.timeout
+            )
+        except subprocess.TimeoutExpired:
+            record = {"ok": False, "error": f"timed out after {args.timeout:g} s", "config": cfg}
+            return {**record, "name": name}
+        if result_path.exists():
+            record = json.loads(result_path.read_text())
+        else:  # killed (e.g. out of memory) before it could write
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or [
+                f"exit status {proc.returncode}"
+            ]
+            record = {"ok": False, "error": f"worker died: {tail[0][:300]}", "config": cfg}
+    if not record["ok"]:  # keep the traceback for the JSON file
+        record["stderr_tail"] = (proc.stderr or "")[-3000:]
+    record["name"] = name
+    return record
+
+
+def _progress(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def measure(
+    points: Sequence[Point], names: Sequence[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """All points x configurations x rounds, interleaved; returns the raw worker records."""
+    records = []
+    for r in range(args.rounds):
+        for point in points:
+            for name in names:
+                rec = _run_worker(point, name, args)
+                rec.update(round=r, point=asdict(point))
+                records.append(rec)
+                what = (
+                    f"{rec['samples_per_s']:.1f} samples/s, {rec['peak_mem_bytes'] / 2**20:.0f} MiB"
+                    if rec["ok"]
+                    else f"FAILED: {rec['error']}"
+                )
+                _progress(
+                    args,
+                    f"[round {r + 1}/{args.rounds}] {point.model} B={point.batch_size}"
+                    f" T={point.seq_len or '-'} {name}: {what}",
+                )
+    return records
+
+
+def _point_for(model: str, args: argparse.Namespace) -> Point:
+    from benchmarks.models import MODELS
+
+    spec = MODELS[model]
+    seq_len = (args.seq_len or spec.seq_len) if spec.is_sequence else None
+    return Point(model, args.batch_size or spec.batch_size, seq_len)
+
+
+def _points(args: argparse.Namespace, models: Sequence[str]) -> list[Point]:
+    if args.sweep:
+        base = _point_for(SWEEP_MODEL, args)
+        pts = [Point(SWEEP_MODEL, base.batch_size, length) for length in args.sweep_lengths]
+        pts += [Point(SWEEP_MODEL, b, base.seq_len) for b in args.sweep_batches]
+        return list(dict.fromkeys(pts))
+    return [_point_for(m, args) for m in models]
+
+
+def _profile(args: argparse.Namespace, model: str) -> int:
+    """torch.profiler tables of one step per configuration (default: non-private, dpclip-mixed)."""
+    point = _point_for(model, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    all_configs = args.configs == "all"
+    names = ["non-private", "dpclip-mixed"] if all_configs else _select_configs(args.configs, True)
+    status = 0
+    for name in names:
+        path = args.out / f"profile-{args.device}-{model}-{name}.txt"
+        rec = _run_worker(point, name, args, profile_path=str(path))
+        if rec["ok"]:
+            _progress(args, f"wrote {path}")
+        else:
+            status = 1
+            _progress(args, f"{name}: FAILED: {rec['error']}")
+    return status
+
+
+def machine_description(args: argparse.Namespace, records: Sequence[dict[str, Any]]) -> dict:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    ok = [r for r in records if r.get("ok")]
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "device": ok[0]["device_name"] if ok else args.device,
+        "torch_threads": ok[0]["torch_threads"] if ok else args.threads,
+        "python": sys.version.split()[0],
+        "torch": version("torch"),
+        "opacus": version("opacus"),
+        "dpclip": version("dpclip"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "mem_method": ok[0]["mem_method"] if ok else None,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args``; 0 when every configuration ran."""
+    from benchmarks.models import MODELS
+
+    models = list(MODELS) if args.models == "all" else _csv(args.models)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise HarnessError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.profile:
+        if args.profile not in MODELS:
+            raise HarnessError(f"unknown model {args.profile!r}; choose from {list(MODELS)}")
+        return _profile(args, args.profile)
+    opacus = importlib.util.find_spec("opacus") is not None
+    names = _select_configs(args.configs, opacus)
+    if args.sweep:
+        names = [n for n in names if n in SWEEP_CONFIGS]
+    points = _points(args, models)
+    start = report.now()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    records = measure(points, names, args)
+    machine = machine_description(args, records)
+    machine.update(
+        started=start,
+        finished=report.now(),
+        load_average_before=load_before,
+        rounds=args.rounds,
+        steps=args.steps,
+        warmup=args.warmup,
+        opacus_included=opacus,
+    )
+    section = f"{'sweep' if args.sweep else 'models'}-{args.device}"
+    summary = report.summarise(records, names)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot = None
+    if args.sweep:
+        plot = report.plot_sweep(summary, args.out / f"sweep-{args.device}.png")
+    payload = {
+        "section": section,
+        "machine": machine,
+        "configs": names,
+        "summary": summary,
+        "records": records,
+    }
+    (args.out / f"results-{section}.json").write_text(json.dumps(payload, indent=1))
+    body = report.markdown_section(
+        section, machine, summary, names, args.sweep, plot, args.results.parent
+    )
+    report.write_section(args.results, section, body)
+    _progress(args, f"wrote {args.results} [{section}] and {args.out}")
+    failed = [r for r in records if not r["ok"]]
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(build_parser().parse_args(argv))
+    except HarnessError as err:
+        print(f"benchmarks.run: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The benchmark harness keeps running: one tiny round end to end, plus its reporting pieces.
+
+No timing is asserted anywhere: a benchmark is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the checkout's `benchmarks`, not Opacus's package of that name
+
+from benchmarks import report, run  # noqa: E402
+
+HAS_OPACUS = importlib.util.find_spec("opacus") is not None
+
+
+def _harness(tmp_path: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "benchmarks.run", "--out", str(tmp_path / "out"),
+           "--results", str(tmp_path / "RESULTS.md"), "--quiet", *extra]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows[1:]]  # drop the header row
+
+
+def test_one_round_on_smallest_model_writes_finite_ratios(tmp_path: Path) -> None:
+    configs = ["non-private", "dpclip-mixed"] + (["opacus-ghost"] if HAS_OPACUS else [])
+    proc = _harness(tmp_path, "--models", "cnn", "--configs", ",".join(configs), "--rounds", "1",
+                    "--steps", "2", "--warmup", "1", "--batch-size", "8")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    rows = _table_rows((tmp_path / "RESULTS.md").read_text())
+    assert [row[3] for row in rows] == configs
+    for row in rows:
+        assert row[:3] == ["cnn", "8", "-"]
+        assert math.isfinite(float(row[5].rstrip("×"))) and float(row[5].rstrip("×")) > 0
+        assert math.isfinite(float(row[7].rstrip("×"))) and float(row[7].rstrip("×")) > 0
+
+    payload = json.loads((tmp_path / "out" / "results-models-cpu.json").read_text())
+    assert payload["configs"] == configs
+    assert all(rec["ok"] and rec["samples_per_s"] > 0 for rec in payload["records"])
+    assert payload["machine"]["torch_threads"] == 2
+
+
+def test_a_failing_configuration_is_reported_and_sets_the_exit_status(tmp_path: Path) -> None:
+    proc = _harness(tmp_path, "--models", "cnn", "--configs", "non-private", "--rounds", "1",
+                    "--steps", "1", "--warmup", "0", "--batch-size", "2", "--timeout", "0.05")  # fmt: skip
+    assert proc.returncode == 1
+    rows = _table_rows((tmp_path / "RESULTS.md").read_text())
+    assert rows[0][3] == "non-private" and "failed: timed out after 0.05 s" in rows[0][4]
+
+
+def test_unknown_model_is_an_error_naming_the_choices(capsys: pytest.CaptureFixture) -> None:
+    assert run.main(["--models", "cnn,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model(s) ['nope']" in err and "gpt-like" in err
+
+
+def _record(name: str, rnd: int, thr: float, mem: int, model: str = "m", b: int = 4, t=8) -> dict:
+    point = {"model": model, "batch_size": b, "seq_len": t}
+    return {"name": name, "round": rnd, "point": point, "ok": True, "samples_per_s": thr,
+            "peak_mem_bytes": mem}  # fmt: skip
+
+
+def test_ratio_is_median_of_same_round_ratios() -> None:
+    recs = [_record("non-private", 0, 100.0, 10), _record("dp", 0, 50.0, 20),
+            _record("non-private", 1, 10.0, 10), _record("dp", 1, 9.0, 30),
+            _record("non-private", 2, 100.0, 10), _record("dp", 2, 80.0, 40)]  # fmt: skip
+    (point,) = report.summarise(recs, ["non-private", "dp"])
+    dp = point["rows"][1]
+    assert dp["throughput_ratio"] == pytest.approx(0.8)  # median of 0.5, 0.9, 0.8
+    assert dp["memory_ratio"] == pytest.approx(3.0)
+    assert dp["samples_per_s"] == pytest.approx(50.0)
+
+
+def test_failed_baseline_round_gives_no_ratio_for_that_round() -> None:
+    base_failed = {**_record("non-private", 0, 0.0, 0), "ok": False, "error": "boom"}
+    recs = [base_failed, _record("dp", 0, 50.0, 20)]
+    rows = report.summarise(recs, ["non-private", "dp"])[0]["rows"]
+    assert rows[0]["errors"] == ["boom"] and rows[0]["rounds_ok"] == 0
+    assert rows[1]["throughput_ratio"] is None and rows[1]["samples_per_s"] == 50.0
+
+
+def test_rewriting_a_section_keeps_hand_written_text(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    report.write_section(path, "models-cpu", "first\n")
+    path.write_text(path.read_text() + "\n## Profile notes (by hand)\nkeep me\n")
+    report.write_section(path, "sweep-cpu", "sweep\n")
+    report.write_section(path, "models-cpu", "second\n")
+    text = path.read_text()
+    assert "second" in text and "first" not in text and "sweep" in text and "keep me" in text
+    assert text.count("BEGIN bench:models-cpu") == 1
+
+
+def test_sweep_plot_is_written(tmp_path: Path) -> None:
+    names = ["non-private", "dp"]
+    recs = []
+    for b, t in [(4, 8), (8, 8), (4, 16)]:
+        recs += [_record(n, 0, 10.0 * b / t * (i + 1), 1, b=b, t=t) for i, n in enumerate(names)]
+    summary = report.summarise(recs, names)
+    png = report.plot_sweep(summary, tmp_path / "sweep.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    body = report.markdown_section("sweep-cpu", _machine(), summary, names, True, png, tmp_path)
+    assert "](sweep.png)" in body and "| 8 | 4 |" in body
+
+
+def _machine() -> dict:
+    return {"cpu": "x", "usable_cores": 1, "logical_cores": 1, "device": "cpu", "torch": "t",
+            "torch_threads": 1, "python": "3", "opacus": "o", "dpclip": "d", "started": "s",
+            "finished": "f", "rounds": 1, "warmup": 0, "steps": 1, "mem_method": "m",
+            "load_average_before": None, "opacus_included": True}  # fmt: skip
+
+
+def test_dpclip_bench_finds_the_checkout_harness_not_opacus_benchmarks() -> None:
+    from dpclip.cli import bench
+
+    harness = bench.find_harness()
+    assert (
+        harness is not None and Path(harness.__file__).resolve() == ROOT / "benchmarks" / "run.py"
+    )
+
+
+def test_dpclip_bench_without_checkout_is_a_clear_cli_error(monkeypatch, tmp_path) -> None:
+    from dpclip.cli import CliError, bench
+
+    monkeypatch.setattr(bench, "_candidate_roots", lambda: [tmp_path])
+    parser = argparse.ArgumentParser(prog="dpclip")
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--models", "cnn"])
+    with pytest.raises(CliError, match="checkout of the dpclip repository"):
+        args.run(args)
+
+
+def test_dpclip_bench_reports_harness_errors_as_cli_errors() -> None:
+    from dpclip.cli import CliError, bench
+
+    parser = argparse.ArgumentParser(prog="dpclip")
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--configs", "non-private,nope"])
+    with pytest.raises(CliError, match=r"unknown configuration\(s\) \['nope'\]"):
+        args.run(args)
