@@ -1,14 +1,17 @@
-"""Book-keeping: from one backward's records to Σ_i C_i g_i per parameter, without per-sample grads.
+"""Book-keeping: from one backward pass's records to Σ_i C_i g_i per parameter.
 
-Norms come first (ghost or instantiated, per layer rule), then factors per clipping group, then
-one clipped matmul per layer. A parameter used by several calls (tied weights, a reused layer)
-needs the norm of the *sum* of its per-sample gradients, so only such parameters are instantiated.
+Each record is reduced as soon as its output gradient arrives: either its per-sample norms
+(ghost, or any closed form) are computed and the record is kept for the clipped sum later, or
+its per-sample gradients are instantiated, kept instead of the record (whose activations are
+then freed) and reused for the clipped sum as one small contraction. When the backward pass
+ends, the norms give the factors C, and each kept record costs one matmul, (C ⊙ s)ᵀ a.
+A parameter used by several calls (tied weights, a reused layer) needs the norm of the *sum* of
+its per-sample gradients, so its uses are always instantiated and summed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -39,113 +42,120 @@ class Plan:
         return {id(p): gi for gi, group in enumerate(self.groups) for p in group}
 
 
-def clipped_sums(
-    plan: Plan, group_of: dict[int, int], records: Sequence[Record]
-) -> dict[nn.Parameter, Tensor]:
-    """Σ_i C_i g_i for every parameter these records touched (C from the plan's clipping)."""
-    batch = _batch_size(records)
-    uses: dict[nn.Parameter, list[tuple[Record, str]]] = {}
-    for rec in records:
-        for name in plan.names[rec.module]:
-            uses.setdefault(getattr(rec.module, name), []).append((rec, name))
-    shared = {p for p, u in uses.items() if len(u) > 1}
+@dataclass(eq=False)
+class _Entry:
+    """One parameter's contribution in this backward: a kept record, or per-sample grads."""
 
-    norm_sq: dict[nn.Parameter, Tensor] = {}
-    per_sample: dict[nn.Parameter, Tensor] = {}  # shared parameters: Σ over uses, per sample
-    reuse: dict[Record, dict[str, Tensor]] = {}  # instantiated per-sample grads kept for the sum
-    for rec in records:
-        rule, names = plan.rules[rec.module], plan.names[rec.module]
-        single = [n for n in names if getattr(rec.module, n) not in shared]
-        if single and _instantiate(rule, rec, plan.strategy):
-            got = rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, single)
-            for n in single:
-                norm_sq[getattr(rec.module, n)] = got[n].reshape(batch, -1).square().sum(dim=1)
-            if sum(g.numel() for g in got.values()) <= _recorded_numel(rec):
-                reuse[rec] = got
-        elif single:
-            got = rule.norm_sq(rec.module, rec.inputs, rec.grad_output, single, plan.strategy)
-            for n in single:
-                norm_sq[getattr(rec.module, n)] = got[n]
-        multi = [n for n in names if getattr(rec.module, n) in shared]
-        if multi:
-            if rule.per_sample_grad is None:
-                raise TypeError(
-                    f"{type(rec.module).__name__} shares a parameter with another layer, which "
-                    "needs per_sample_grad in its layer rule"
-                )
-            got = rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, multi)
-            for n in multi:
-                p = getattr(rec.module, n)
-                per_sample[p] = per_sample[p] + got[n] if p in per_sample else got[n]
-    for p, g in per_sample.items():
-        norm_sq[p] = g.reshape(batch, -1).square().sum(dim=1)
-
-    factors = _factors(plan, group_of, norm_sq, batch)
-
-    sums: dict[nn.Parameter, Tensor] = {}
-    for rec, got in reuse.items():
-        for n, g in got.items():
-            p = getattr(rec.module, n)
-            _accumulate(sums, p, torch.tensordot(factors[p].to(g.dtype), g, dims=1))
-    for rec in records:
-        names = [n for n in plan.names[rec.module] if getattr(rec.module, n) not in shared]
-        if names and rec not in reuse:
-            f = {n: factors[getattr(rec.module, n)] for n in names}
-            got = plan.rules[rec.module].clipped_grad(rec.module, rec.inputs, rec.grad_output, f)
-            for n in names:
-                _accumulate(sums, getattr(rec.module, n), got[n])
-    for p, g in per_sample.items():
-        _accumulate(sums, p, torch.tensordot(factors[p].to(g.dtype), g, dims=1))
-    return sums
+    record: Record | None = None
+    name: str = ""
+    norm_sq: Tensor | None = None
+    per_sample: Tensor | None = None
 
 
-def _instantiate(rule: LayerRule, rec: Record, strategy: str) -> bool:
-    return (
-        rule.instantiates is not None
-        and rule.per_sample_grad is not None
-        and rule.instantiates(rec.module, rec.inputs, rec.grad_output, strategy)
-    )
+@dataclass(eq=False)
+class Accumulator:
+    """Collects one backward pass's records; :meth:`finish` returns the clipped sums."""
 
+    plan: Plan
+    group_of: dict[int, int]
+    batch: int | None = None
+    entries: dict[nn.Parameter, _Entry] = field(default_factory=dict)
 
-def _recorded_numel(rec: Record) -> int:
-    """What the record already holds: reusing per-sample grads at most doubles it."""
-    held = sum(x.numel() for x in rec.inputs if isinstance(x, Tensor))
-    return held + rec.grad_output.numel()
+    def add(self, rec: Record) -> None:
+        self._check_batch(rec.grad_output.shape[0])
+        rule, module = self.plan.rules[rec.module], rec.module
+        params = {n: getattr(module, n) for n in self.plan.names[module]}
+        again = [n for n, p in params.items() if p in self.entries]
+        fresh = [n for n in params if n not in again]
+        if again:
+            got = _per_sample(rule, rec, again)
+            for n in again:
+                entry = self.entries[params[n]]
+                entry.per_sample = self._instantiated(entry) + got[n]
+                entry.record, entry.norm_sq = None, None
+        if (
+            fresh
+            and rule.per_sample_grad is not None
+            and _instantiates(rule, rec, self.plan.strategy)
+        ):
+            got = rule.per_sample_grad(module, rec.inputs, rec.grad_output, fresh)
+            for n in fresh:
+                self.entries[params[n]] = _Entry(per_sample=got[n])
+        elif fresh:
+            got = rule.norm_sq(module, rec.inputs, rec.grad_output, fresh, self.plan.strategy)
+            for n in fresh:
+                self.entries[params[n]] = _Entry(record=rec, name=n, norm_sq=got[n])
+        if not any(e.record is rec for e in self.entries.values()):
+            rec.inputs, rec.grad_output = (), None  # reduced to per-sample grads: free it
 
-
-def _batch_size(records: Sequence[Record]) -> int:
-    sizes = {rec.grad_output.shape[0] for rec in records}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"layers saw different batch sizes {sorted(sizes)} in one backward pass; dpclip "
-            "needs the batch on dim 0 of every layer's input (batch_first=True)"
-        )
-    return sizes.pop()
-
-
-def _factors(
-    plan: Plan, group_of: dict[int, int], norm_sq: dict[nn.Parameter, Tensor], batch: int
-) -> dict[nn.Parameter, Tensor]:
-    scale = float(batch) if plan.mean_reduction else 1.0
-    group_sq: dict[int, Tensor] = {}
-    for p, sq in norm_sq.items():
-        gi = group_of[id(p)]
-        group_sq[gi] = group_sq[gi] + sq if gi in group_sq else sq
-    radius = group_clip_norm(plan.clip_norm, len(plan.groups))
-    group_factor = {}
-    for gi, sq in group_sq.items():
-        norms = sq.sqrt() * scale
-        if not bool(torch.isfinite(norms).all()):
-            raise NonFiniteNormError(
-                "a per-sample gradient norm is NaN or infinite (check the loss for NaN/inf); "
-                "the clipped gradient was not accumulated and the model is unchanged"
+    def _check_batch(self, size: int) -> None:
+        if self.batch is None:
+            self.batch = size
+        elif size != self.batch:
+            raise ValueError(
+                f"layers saw different batch sizes ({self.batch} and {size}) in one backward "
+                "pass; dpclip needs the batch on dim 0 of every layer's input (batch_first=True)"
             )
-        group_factor[gi] = (
-            clip_factors(plan.clipping, norms, clip_norm=radius, gamma=plan.gamma) * scale
+
+    def _instantiated(self, entry: _Entry) -> Tensor:
+        if entry.per_sample is not None:
+            return entry.per_sample
+        rec = entry.record
+        return _per_sample(self.plan.rules[rec.module], rec, [entry.name])[entry.name]
+
+    def finish(self) -> dict[nn.Parameter, Tensor]:
+        """Σ_i C_i g_i for every parameter touched (C from the plan's clipping)."""
+        for entry in self.entries.values():
+            if entry.norm_sq is None:
+                entry.norm_sq = entry.per_sample.reshape(self.batch, -1).square().sum(dim=1)
+        factors = self._factors()
+        sums: dict[nn.Parameter, Tensor] = {}
+        kept: dict[Record, dict[str, Tensor]] = {}
+        for p, entry in self.entries.items():
+            if entry.per_sample is not None:
+                g = entry.per_sample
+                sums[p] = torch.tensordot(factors[p].to(g.dtype), g, dims=1).reshape(p.shape)
+            else:
+                kept.setdefault(entry.record, {})[entry.name] = factors[p]
+        for rec, f in kept.items():
+            got = self.plan.rules[rec.module].clipped_grad(
+                rec.module, rec.inputs, rec.grad_output, f
+            )
+            for n in f:
+                sums[getattr(rec.module, n)] = got[n].reshape(getattr(rec.module, n).shape)
+        return sums
+
+    def _factors(self) -> dict[nn.Parameter, Tensor]:
+        plan = self.plan
+        scale = float(self.batch) if plan.mean_reduction else 1.0
+        group_sq: dict[int, Tensor] = {}
+        for p, entry in self.entries.items():
+            gi = self.group_of[id(p)]
+            group_sq[gi] = group_sq[gi] + entry.norm_sq if gi in group_sq else entry.norm_sq
+        radius = group_clip_norm(plan.clip_norm, len(plan.groups))
+        group_factor = {}
+        for gi, sq in group_sq.items():
+            norms = sq.sqrt() * scale
+            if not bool(torch.isfinite(norms).all()):
+                raise NonFiniteNormError(
+                    "a per-sample gradient norm is NaN or infinite (check the loss for NaN/inf); "
+                    "the clipped gradient was not accumulated and the model is unchanged"
+                )
+            factor = clip_factors(plan.clipping, norms, clip_norm=radius, gamma=plan.gamma)
+            group_factor[gi] = factor * scale
+        return {p: group_factor[self.group_of[id(p)]] for p in self.entries}
+
+
+def _per_sample(rule: LayerRule, rec: Record, names: list[str]) -> dict[str, Tensor]:
+    if rule.per_sample_grad is None:
+        raise TypeError(
+            f"{type(rec.module).__name__} shares a parameter with another layer call, which "
+            "needs per_sample_grad in its layer rule"
         )
-    return {p: group_factor[group_of[id(p)]] for p in norm_sq}
+    return rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, names)
 
 
-def _accumulate(sums: dict[nn.Parameter, Tensor], p: nn.Parameter, g: Tensor) -> None:
-    g = g.reshape(p.shape)
-    sums[p] = sums[p] + g if p in sums else g
+def _instantiates(rule: LayerRule, rec: Record, strategy: str) -> bool:
+    return rule.instantiates is not None and rule.instantiates(
+        rec.module, rec.inputs, rec.grad_output, strategy
+    )

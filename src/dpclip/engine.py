@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dpclip import accounting
-from dpclip._bookkeeping import NonFiniteNormError, Plan, clipped_sums
+from dpclip._bookkeeping import Accumulator, NonFiniteNormError, Plan
 from dpclip.clipping import group_parameters
 from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.hooks import Record, Recorder
@@ -138,7 +138,8 @@ class PrivacyEngine:
         for p in self._params:
             p.requires_grad_(False)
             p.grad = None
-        self._recorder = Recorder(self._on_backward_end)
+        self._accumulator: Accumulator | None = None
+        self._recorder = Recorder(self._on_grad, self._on_backward_end)
         self._recorder.attach(self._plan.rules, root=self.model)
         self._hooks = [
             self.optimizer.register_step_pre_hook(self._before_step),
@@ -164,18 +165,30 @@ class PrivacyEngine:
         self.detach()
 
     # ----------------------------------------------------------------------------- backward
-    def _on_backward_end(self, records: list[Record]) -> None:
-        batch = records[0].grad_output.shape[0]
-        limit = self.performance.max_physical_batch_size
-        if limit is not None and batch > limit:
-            raise PhysicalBatchTooLarge(
-                f"physical batch of {batch} samples exceeds max_physical_batch_size={limit}; "
-                "split the logical batch (engine.data_loader(..., physical_batch_size=...))"
-            )
-        if self._micro_batches == 0:
-            self._check_fresh_grads()
+    def _on_grad(self, record: Record) -> None:
+        if self._accumulator is None:
+            batch = record.grad_output.shape[0]
+            limit = self.performance.max_physical_batch_size
+            if limit is not None and batch > limit:
+                raise PhysicalBatchTooLarge(
+                    f"physical batch of {batch} samples exceeds max_physical_batch_size={limit}; "
+                    "split the logical batch (engine.data_loader(..., physical_batch_size=...))"
+                )
+            if self._micro_batches == 0:
+                self._check_fresh_grads()
+            self._accumulator = Accumulator(self._plan, self._group_of)
         try:
-            sums = clipped_sums(self._plan, self._group_of, records)
+            self._accumulator.add(record)
+        except BaseException:
+            self._accumulator = None
+            raise
+
+    def _on_backward_end(self) -> None:
+        accumulator, self._accumulator = self._accumulator, None
+        if accumulator is None:
+            return
+        try:
+            sums = accumulator.finish()
         except NonFiniteNormError as err:
             self._poisoned = str(err)
             raise

@@ -1,8 +1,9 @@
 """Capture each module call's inputs and output gradient; nothing DP-specific.
 
 A forward hook stores the call's (detached) positional inputs in a :class:`Record` and hooks
-the output tensor so its gradient lands in the same record during backward. When the backward
-pass that touched any record ends, ``on_backward_end`` receives those records, in one list.
+the output tensor so its gradient lands in the same record during backward. Each record is
+handed to ``on_grad`` as soon as its gradient arrives (so its consumer can reduce it and free
+memory early); ``on_backward_end`` is called once when that backward pass ends.
 Records are owned by the autograd graph, so a forward that never sees a backward leaks nothing.
 
 A layer whose input has batch size 1 inside a forward pass whose batch is larger (GPT-2's
@@ -29,6 +30,7 @@ class Record:
     module: nn.Module
     inputs: tuple
     grad_output: Tensor | None = None
+    done: bool = False  # its gradient arrived (the consumer may drop inputs/grad_output)
 
 
 class _Attach(torch.autograd.Function):
@@ -55,11 +57,12 @@ def _expand(x: object, batch: int) -> object:
 
 @dataclass(eq=False)
 class Recorder:
-    """Records calls of ``modules`` while attached; calls ``on_backward_end(records)``."""
+    """Records calls of ``modules`` while attached; streams them to ``on_grad``."""
 
-    on_backward_end: Callable[[list[Record]], None]
+    on_grad: Callable[[Record], None]
+    on_backward_end: Callable[[], None]
     _handles: list[RemovableHandle] = field(default_factory=list)
-    _pending: list[Record] = field(default_factory=list)
+    _in_backward: bool = False
     _anchor: Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
     _batch: int = 0  # the batch size seen so far in the current top-level forward
 
@@ -75,7 +78,7 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._pending.clear()
+        self._in_backward = False
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
         if not torch.is_grad_enabled():
@@ -98,17 +101,22 @@ class Recorder:
         return output
 
     def _on_grad(self, record: Record, grad: Tensor) -> None:
-        if record.grad_output is not None:
+        if record.done:
             raise DoubleBackwardError(
                 f"a second backward pass reached {type(record.module).__name__} through the same "
                 "graph; dpclip needs exactly one backward per forward (do not use retain_graph "
                 "to backpropagate twice)"
             )
-        record.grad_output = grad
-        if not self._pending:
+        record.grad_output, record.done = grad, True
+        if not self._in_backward:
+            self._in_backward = True
             Variable._execution_engine.queue_callback(self._flush)
-        self._pending.append(record)
+        try:
+            self.on_grad(record)
+        except BaseException:
+            self._in_backward = False  # this backward is abandoned; the next one starts afresh
+            raise
 
     def _flush(self) -> None:
-        records, self._pending = self._pending, []
-        self.on_backward_end(records)
+        self._in_backward = False
+        self.on_backward_end()

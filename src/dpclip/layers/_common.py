@@ -12,12 +12,17 @@ def as_btd(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def use_ghost(strategy: str, T: int, d_in: int, d_out: int) -> bool:
-    """Ghost norm when asked, or under "mixed" when its T×T Gram matrices are the smaller cost."""
+    """Ghost norm when asked, or under "mixed" when it is the cheaper way to the norm.
+
+    Per sample, the ghost norm costs T²·(d_in + d_out) and instantiation T·d_in·d_out, so ghost
+    wins when T·(d_in + d_out) < d_in·d_out: exactly when the per-sample gradient would be
+    larger than the layer's activations a and output gradients s.
+    """
     if strategy == "ghost":
         return True
     if strategy == "instantiate":
         return False
-    return 2 * T * T < d_in * d_out
+    return T * (d_in + d_out) < d_in * d_out
 
 
 def outer_norm_sq(a: Tensor, s: Tensor, ghost: bool) -> Tensor:

@@ -86,6 +86,11 @@ class LayerRegistry:
         return tuple(self._rules)
 
 
+def always(module: nn.Module, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
+    """An ``instantiates`` for layers whose per-sample gradients are tiny (norm layers)."""
+    return True
+
+
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float32 for half/bf16/float32 inputs, float64 if any input is float64."""
     if any(t.dtype == torch.float64 for t in tensors):

@@ -11,7 +11,7 @@ convolution's own weight gradient of the scaled output gradient C ⊙ s.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,24 @@ def _flat(module: _Conv, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Te
     return a, s
 
 
+_CHUNK_ELEMENTS = 1 << 22  # unfolded elements per batch chunk: bounds the transient copy (16 MB)
+
+
+def _by_batch_chunks(
+    module: _Conv, inputs: tuple, grad_output: Tensor, fn: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    """fn(a, s) over batch chunks, concatenated: the unfolded input never exists whole."""
+    b = grad_output.shape[0]
+    per_sample = module.in_channels * math.prod(module.kernel_size) * grad_output[0].numel()
+    per_sample //= module.out_channels
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    parts = [
+        fn(*_flat(module, (inputs[0][i : i + step],), grad_output[i : i + step]))
+        for i in range(0, b, step)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _bias_per_sample(grad_output: Tensor, dtype: torch.dtype) -> Tensor:
     return grad_output.sum(dim=tuple(range(2, grad_output.dim())), dtype=dtype)
 
@@ -116,9 +134,12 @@ def norm_sq(
     dtype = compute_dtype(module.weight, grad_output)
     out: dict[str, Tensor] = {}
     if "weight" in names:
-        a, s = _flat(module, inputs, grad_output)
-        ghost = use_ghost(strategy, a.shape[2], a.shape[1], s.shape[1])
-        per_group = outer_norm_sq(a.transpose(1, 2), s.transpose(1, 2), ghost)
+
+        def weight_norm_sq(a: Tensor, s: Tensor) -> Tensor:
+            ghost = use_ghost(strategy, a.shape[2], a.shape[1], s.shape[1])
+            return outer_norm_sq(a.transpose(1, 2), s.transpose(1, 2), ghost)
+
+        per_group = _by_batch_chunks(module, inputs, grad_output, weight_norm_sq)
         out["weight"] = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
     if "bias" in names:
         out["bias"] = _bias_per_sample(grad_output, dtype).square().sum(dim=1)
@@ -164,8 +185,12 @@ def per_sample_grad(
     dtype = compute_dtype(module.weight, grad_output)
     out: dict[str, Tensor] = {}
     if "weight" in names:
-        a, s = _flat(module, inputs, grad_output)
-        g = outer_per_sample(a.transpose(1, 2), s.transpose(1, 2))  # (b·G, out/G, D)
+        g = _by_batch_chunks(  # (b·G, out/G, D)
+            module,
+            inputs,
+            grad_output,
+            lambda a, s: outer_per_sample(a.transpose(1, 2), s.transpose(1, 2)),
+        )
         out["weight"] = g.view(grad_output.shape[0], *module.weight.shape)
     if "bias" in names:
         out["bias"] = _bias_per_sample(grad_output, dtype)
@@ -173,10 +198,13 @@ def per_sample_grad(
 
 
 def instantiates(module: _Conv, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
-    """Per-sample gradients are the cheaper route when ghost's T×T Gram matrices are not."""
-    positions = math.prod(grad_output.shape[2:])
-    d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-    return not use_ghost(strategy, positions, d_in, module.out_channels // module.groups)
+    """Build per-sample gradients when asked, or under "mixed" when they are no larger than
+    the recorded input and output gradient they replace (so memory does not grow)."""
+    if strategy != "mixed":
+        return strategy == "instantiate"
+    per_sample = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    recorded = (inputs[0].numel() + grad_output.numel()) // grad_output.shape[0]
+    return per_sample <= recorded
 
 
 def register(registry: LayerRegistry) -> None:

@@ -65,10 +65,17 @@ def per_sample_grad(
     return out
 
 
+def instantiates(module: nn.Module, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
+    """As for nn.Linear: per-sample gradients when no larger than the activations they replace."""
+    T = grad_output.numel() // (grad_output.shape[0] * module.nf)
+    return T > 1 and not use_ghost(strategy, T, module.nx, module.nf)
+
+
 def register(registry: LayerRegistry) -> None:
     """Register Conv1D if transformers is installed; without it no Conv1D can exist to clip."""
     if importlib.util.find_spec("transformers") is None:
         return
     from transformers.pytorch_utils import Conv1D
 
-    registry.register(Conv1D, LayerRule(norm_sq, clipped_grad, per_sample_grad))
+    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=instantiates)
+    registry.register(Conv1D, rule)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
+from dpclip.layers._registry import LayerRegistry, LayerRule, always, compute_dtype
 
 _INSTANCE_NORM_NDIM = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 
@@ -74,6 +74,6 @@ def clipped_grad(
 
 
 def register(registry: LayerRegistry) -> None:
-    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad)
+    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=always)
     for module_type in (nn.GroupNorm, *_INSTANCE_NORM_NDIM):
         registry.register(module_type, rule)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
+from dpclip.layers._registry import LayerRegistry, LayerRule, always, compute_dtype
 
 
 def per_sample_grad(
@@ -48,4 +48,6 @@ def clipped_grad(
 
 
 def register(registry: LayerRegistry) -> None:
-    registry.register(nn.LayerNorm, LayerRule(norm_sq, clipped_grad, per_sample_grad))
+    registry.register(
+        nn.LayerNorm, LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=always)
+    )

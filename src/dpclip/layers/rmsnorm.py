@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
+from dpclip.layers._registry import LayerRegistry, LayerRule, always, compute_dtype
 
 
 def _eps(module: nn.RMSNorm, x: Tensor) -> float:
@@ -49,4 +49,6 @@ def clipped_grad(
 
 
 def register(registry: LayerRegistry) -> None:
-    registry.register(nn.RMSNorm, LayerRule(norm_sq, clipped_grad, per_sample_grad))
+    registry.register(
+        nn.RMSNorm, LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=always)
+    )
