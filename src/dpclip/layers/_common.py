@@ -37,9 +37,16 @@ def outer_norm_sq(a: Tensor, s: Tensor, ghost: bool) -> Tensor:
 
 
 def outer_clipped_sum(a: Tensor, s: Tensor, factors: Tensor) -> Tensor:
-    """Σ_i C_i s_iᵀ a_i as one matmul: (C ⊙ s)ᵀ a, shape (out, in)."""
-    scaled = s * factors.to(s.dtype).view(-1, 1, 1)
-    return scaled.reshape(-1, s.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+    """Σ_i C_i s_iᵀ a_i as one matmul: (C ⊙ s)ᵀ a = sᵀ (C ⊙ a), shape (out, in).
+
+    The factors scale whichever of a and s is smaller (same result, less elementwise work).
+    """
+    c = factors.to(s.dtype).view(-1, 1, 1)
+    if s.shape[-1] <= a.shape[-1]:
+        s = s * c
+    else:
+        a = a * c
+    return s.reshape(-1, s.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
 
 
 def outer_per_sample(a: Tensor, s: Tensor) -> Tensor:

@@ -1,8 +1,13 @@
-"""nn.Linear with any number of leading dims: g_i = s_iᵀ a_i over the flattened positions."""
+"""Dense layers: nn.Linear, and any layer computing ``y = x W + b`` with another weight layout.
+
+Sample i's weight gradient is g_i = s_iᵀ a_i over the flattened leading positions (any number of
+leading dims). transformers' GPT-2 ``Conv1D`` stores W transposed, (in, out); :func:`dense_rule`
+builds the same rule for either layout.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -16,54 +21,65 @@ from dpclip.layers._common import (
 )
 from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
 
-
-def _flat(module: nn.Linear, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-    dtype = compute_dtype(module.weight, grad_output)
-    return as_btd(inputs[0], dtype), as_btd(grad_output, dtype)
+Layout = Callable[[nn.Module], tuple[int, int, bool]]  # module -> (d_in, d_out, transposed)
 
 
-def norm_sq(
-    module: nn.Linear, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
-) -> dict[str, Tensor]:
-    a, s = _flat(module, inputs, grad_output)
-    out: dict[str, Tensor] = {}
-    if "weight" in names:
-        ghost = use_ghost(strategy, a.shape[1], module.in_features, module.out_features)
-        out["weight"] = outer_norm_sq(a, s, ghost)
-    if "bias" in names:
-        out["bias"] = bias_per_sample(s).square().sum(dim=1)
-    return out
+def linear_layout(module: nn.Linear) -> tuple[int, int, bool]:
+    return module.in_features, module.out_features, False
 
 
-def clipped_grad(
-    module: nn.Linear, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    a, s = _flat(module, inputs, grad_output)
-    out: dict[str, Tensor] = {}
-    if "weight" in factors:
-        out["weight"] = outer_clipped_sum(a, s, factors["weight"])
-    if "bias" in factors:
-        out["bias"] = factors["bias"].to(s.dtype) @ bias_per_sample(s)
-    return out
+def dense_rule(layout: Layout) -> LayerRule:
+    """The rule for a dense layer whose weight is (out, in), or (in, out) if ``transposed``."""
 
+    def flat(module: nn.Module, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        dtype = compute_dtype(module.weight, grad_output)
+        return as_btd(inputs[0], dtype), as_btd(grad_output, dtype)
 
-def per_sample_grad(
-    module: nn.Linear, inputs: tuple, grad_output: Tensor, names: Sequence[str]
-) -> dict[str, Tensor]:
-    a, s = _flat(module, inputs, grad_output)
-    out: dict[str, Tensor] = {}
-    if "weight" in names:
-        out["weight"] = outer_per_sample(a, s)
-    if "bias" in names:
-        out["bias"] = bias_per_sample(s)
-    return out
+    def norm_sq(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+    ) -> dict[str, Tensor]:
+        a, s = flat(module, inputs, grad_output)
+        d_in, d_out, _ = layout(module)
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            out["weight"] = outer_norm_sq(a, s, use_ghost(strategy, a.shape[1], d_in, d_out))
+        if "bias" in names:
+            out["bias"] = bias_per_sample(s).square().sum(dim=1)
+        return out
 
+    def clipped_grad(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        a, s = flat(module, inputs, grad_output)
+        transposed = layout(module)[2]
+        out: dict[str, Tensor] = {}
+        if "weight" in factors:
+            f = factors["weight"]
+            out["weight"] = outer_clipped_sum(s, a, f) if transposed else outer_clipped_sum(a, s, f)
+        if "bias" in factors:
+            out["bias"] = factors["bias"].to(s.dtype) @ bias_per_sample(s)
+        return out
 
-def instantiates(module: nn.Linear, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
-    T = grad_output.numel() // (grad_output.shape[0] * module.out_features)
-    return T > 1 and not use_ghost(strategy, T, module.in_features, module.out_features)
+    def per_sample_grad(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        a, s = flat(module, inputs, grad_output)
+        transposed = layout(module)[2]
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            out["weight"] = outer_per_sample(s, a) if transposed else outer_per_sample(a, s)
+        if "bias" in names:
+            out["bias"] = bias_per_sample(s)
+        return out
+
+    def instantiates(module: nn.Module, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
+        """Per-sample grads (reused for the sum) when no larger than the a and s they replace."""
+        d_in, d_out, _ = layout(module)
+        T = grad_output.numel() // (grad_output.shape[0] * d_out)
+        return T > 1 and not use_ghost(strategy, T, d_in, d_out)
+
+    return LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=instantiates)
 
 
 def register(registry: LayerRegistry) -> None:
-    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=instantiates)
-    registry.register(nn.Linear, rule)
+    registry.register(nn.Linear, dense_rule(linear_layout))
