@@ -86,9 +86,29 @@ class LayerRegistry:
         return tuple(self._rules)
 
 
-def always(module: nn.Module, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
-    """An ``instantiates`` for layers whose per-sample gradients are tiny (norm layers)."""
-    return True
+def from_per_sample(per_sample_grad: PerSampleGrad) -> LayerRule:
+    """The whole rule of a layer whose per-sample gradients are small (norm layers: (b, C)).
+
+    Norms and the clipped sum come straight from the per-sample gradients, which the engine
+    builds once per call and reuses (``instantiates`` is always true).
+    """
+
+    def norm_sq(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+    ) -> dict[str, Tensor]:
+        grads = per_sample_grad(module, inputs, grad_output, names)
+        return {n: g.flatten(1).square().sum(dim=1) for n, g in grads.items()}
+
+    def clipped_grad(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        grads = per_sample_grad(module, inputs, grad_output, list(factors))
+        return {n: torch.tensordot(factors[n].to(g.dtype), g, dims=1) for n, g in grads.items()}
+
+    def always(module: nn.Module, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
+        return True
+
+    return LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=always)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:

@@ -10,12 +10,12 @@ statistics. The running statistics are only read, never updated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._registry import LayerRegistry, LayerRule, always, compute_dtype
+from dpclip.layers._registry import LayerRegistry, compute_dtype, from_per_sample
 
 _INSTANCE_NORM_NDIM = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 
@@ -59,21 +59,10 @@ def per_sample_grad(
     return out
 
 
-def norm_sq(
-    module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
-) -> dict[str, Tensor]:
-    grads = per_sample_grad(module, inputs, grad_output, names)
-    return {n: g.square().sum(dim=1) for n, g in grads.items()}
-
-
-def clipped_grad(
-    module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    grads = per_sample_grad(module, inputs, grad_output, list(factors))
-    return {n: factors[n].to(g.dtype) @ g for n, g in grads.items()}
+RULE = from_per_sample(per_sample_grad)
+norm_sq, clipped_grad = RULE.norm_sq, RULE.clipped_grad
 
 
 def register(registry: LayerRegistry) -> None:
-    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=always)
     for module_type in (nn.GroupNorm, *_INSTANCE_NORM_NDIM):
-        registry.register(module_type, rule)
+        registry.register(module_type, RULE)

@@ -8,13 +8,12 @@ the norms and the clipped sum from them; recomputing x̂ costs one normalisation
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._registry import LayerRegistry, LayerRule, always, compute_dtype
+from dpclip.layers._registry import LayerRegistry, compute_dtype, from_per_sample
 
 
 def per_sample_grad(
@@ -33,21 +32,9 @@ def per_sample_grad(
     return out
 
 
-def norm_sq(
-    module: nn.LayerNorm, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
-) -> dict[str, Tensor]:
-    grads = per_sample_grad(module, inputs, grad_output, names)
-    return {n: g.flatten(1).square().sum(dim=1) for n, g in grads.items()}
-
-
-def clipped_grad(
-    module: nn.LayerNorm, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    grads = per_sample_grad(module, inputs, grad_output, list(factors))
-    return {n: torch.tensordot(factors[n].to(g.dtype), g, dims=1) for n, g in grads.items()}
+RULE = from_per_sample(per_sample_grad)
+norm_sq, clipped_grad = RULE.norm_sq, RULE.clipped_grad
 
 
 def register(registry: LayerRegistry) -> None:
-    registry.register(
-        nn.LayerNorm, LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=always)
-    )
+    registry.register(nn.LayerNorm, RULE)
