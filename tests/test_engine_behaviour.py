@@ -408,3 +408,33 @@ def test_epochs_plan_as_many_steps_as_the_data_loader_yields():
     model, opt, engine = _setup(sample_size=1437, batch_size=256, steps=None, epochs=30)
     dataset = torch.utils.data.TensorDataset(torch.zeros(1437, 5, dtype=torch.float64))
     assert engine.planned_steps == 30 * len(engine.data_loader(dataset)) == 180
+
+
+def test_target_epsilon_budget_is_never_exceeded_and_the_refused_step_changes_nothing():
+    model, opt, engine = _setup(
+        noise_multiplier=None, target_epsilon=1.0, target_delta=1e-5, steps=3
+    )
+    x, y = engine_models.batch("linear", 4)
+    with pytest.raises(dpclip.PrivacyBudgetExceeded, match="ε=1"):
+        for _ in range(100):
+            _loss(model, x, y).backward()
+            before = _snapshot(model)
+            opt.step()
+            opt.zero_grad()
+    _assert_unchanged(model, before)
+    assert 3 <= engine.steps_taken < 100
+    assert engine.epsilon() <= 1.0
+
+
+def test_secure_noise_cannot_be_seeded_and_is_not_reproducible():
+    with pytest.raises(ValueError, match="secure noise cannot be seeded"):
+        _setup(noise_multiplier=1.0, seed=0, secure_rng=True)
+    updates = []
+    for _ in range(2):
+        model, opt, _ = _setup(noise_multiplier=1.0, secure_rng=True)
+        before = _snapshot(model)
+        x, y = engine_models.batch("linear", 4)
+        _loss(model, x, y).backward()
+        opt.step()
+        updates.append(before[0] - model[0].weight.detach())
+    assert not torch.equal(updates[0], updates[1])
