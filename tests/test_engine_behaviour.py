@@ -438,3 +438,35 @@ def test_secure_noise_cannot_be_seeded_and_is_not_reproducible():
         opt.step()
         updates.append(before[0] - model[0].weight.detach())
     assert not torch.equal(updates[0], updates[1])
+
+
+def test_data_loader_epoch_takes_one_noisy_step_per_logical_batch_including_empty_ones():
+    model, opt, engine = _setup(
+        sample_size=50,
+        batch_size=2,
+        steps=None,
+        epochs=1,
+        noise_multiplier=1.0,
+        max_physical_batch_size=1,
+    )
+    x, y = engine_models.batch("linear", 50)
+    loader = engine.data_loader(
+        torch.utils.data.TensorDataset(x, y),
+        physical_batch_size=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    sizes = []
+    for logical in loader:
+        sizes.append(len(logical))
+        for xb, yb in logical:
+            _loss(model, xb, yb).backward()
+        opt.step()  # an empty logical batch makes a noise-only step
+        opt.zero_grad()
+    assert 0 in sizes and engine.steps_taken == len(loader) == engine.planned_steps == 25
+    assert engine._noise.draws == 25
+
+
+def test_data_loader_refuses_a_dataset_of_another_size():
+    _, _, engine = _setup()
+    with pytest.raises(ValueError, match="built for sample_size=100"):
+        engine.data_loader(torch.utils.data.TensorDataset(torch.zeros(7, 5)))
