@@ -470,3 +470,19 @@ def test_data_loader_refuses_a_dataset_of_another_size():
     _, _, engine = _setup()
     with pytest.raises(ValueError, match="built for sample_size=100"):
         engine.data_loader(torch.utils.data.TensorDataset(torch.zeros(7, 5)))
+
+
+def test_a_recorded_module_returning_a_tuple_is_a_clear_error():
+    class Pair(nn.Linear):
+        def forward(self, x):
+            return super().forward(x), x
+
+    registry = dpclip.layers.default_registry()
+    registry.register(Pair, registry.rule_for(nn.Linear(1, 1)))
+    model = nn.Sequential(Pair(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(
+        model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0, registry=registry
+    )
+    with pytest.raises(TypeError, match="modules that return one tensor; Pair returned tuple"):
+        model(torch.randn(2, 3))
