@@ -145,3 +145,38 @@ def test_conv_rule_equals_naive_loop_when_the_batch_is_unfolded_in_chunks(dim, m
 
     monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", 50)  # a chunk of one or two samples
     assert_rule_matches_oracle(*_case(dim, batch=5, kernel_size=3, groups=2, stride=2, padding=1))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize(
+    "dim, kw",
+    [
+        (2, {"in_ch": 1, "kernel_size": 8, "stride": 2, "padding": 3, "size": (28, 28)}),
+        (
+            2,
+            {
+                "in_ch": 4,
+                "out_ch": 8,
+                "kernel_size": 3,
+                "groups": 4,
+                "dilation": 2,
+                "padding": "same",
+                "padding_mode": "reflect",
+            },
+        ),
+        (1, {"in_ch": 3, "out_ch": 6, "kernel_size": 2, "groups": 3, "stride": 2}),
+        (3, {"in_ch": 2, "out_ch": 2, "kernel_size": 2, "groups": 2, "padding": 1}),
+    ],
+)
+def test_float32_one_channel_per_group_kernel_path_equals_float64_oracle(dim, kw):
+    """in_channels == groups in float32 takes the grouped weight-gradient kernel, not unfold."""
+    kw = dict(kw)
+    layer, (x,), s = _case(
+        dim, batch=4, **{k: kw.pop(k) for k in ("in_ch", "out_ch", "size") if k in kw}, **kw
+    )
+    want = _rule().per_sample_grad(layer, (x,), s, ["weight", "bias"])
+    low = copy.deepcopy(layer).float()
+    got = _rule().per_sample_grad(low, (x.float(),), s.float(), ["weight", "bias"])
+    for n in want:
+        assert got[n].dtype == torch.float32
+        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-4)
