@@ -59,7 +59,7 @@ class LayerRegistry:
     """
 
     def __init__(self) -> None:
-        self._rules: dict[type, LayerRule] = {}
+        self._rules: dict[type | str, LayerRule] = {}
 
     def register(self, module_type: type, rule: LayerRule, *, replace: bool = False) -> None:
         if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
@@ -71,18 +71,29 @@ class LayerRegistry:
             )
         self._rules[module_type] = rule
 
+    def register_by_name(self, qualified_name: str, rule: LayerRule) -> None:
+        """Register a type from an optional package by its ``module.QualName``, without importing
+        the package: if an instance exists, its package is already imported."""
+        if qualified_name in self._rules:
+            raise ValueError(f"a rule for {qualified_name} is already registered")
+        self._rules[qualified_name] = rule
+
     def rule_for(self, module: nn.Module) -> LayerRule | None:
         own = type(module)
         for cls in own.__mro__:
-            rule = self._rules.get(cls)
+            rule = self._rules.get(cls) or self._rules.get(f"{cls.__module__}.{cls.__qualname__}")
             if rule is not None:
                 return rule if cls is own or own.forward is cls.forward else None
         return None
 
-    def __contains__(self, module_type: type) -> bool:
+    def __contains__(self, module_type: type | str) -> bool:
+        if isinstance(module_type, type):
+            return module_type in self._rules or (
+                f"{module_type.__module__}.{module_type.__qualname__}" in self._rules
+            )
         return module_type in self._rules
 
-    def types(self) -> tuple[type, ...]:
+    def types(self) -> tuple[type | str, ...]:
         return tuple(self._rules)
 
 
