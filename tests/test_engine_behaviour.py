@@ -300,6 +300,12 @@ def test_stale_gradients_without_zero_grad_are_an_error():
         (dict(target_delta=1.5), "expected 0 < target_delta < 1"),
         (dict(clipping_style=[["0.weight"]]), "leave out trainable parameters"),
         (dict(clipping_style=[["0.weight"], ["0.weight"]]), "is in clipping_style groups 0 and 1"),
+        (
+            dict(clipping_style=[[nn.Parameter(torch.zeros(1))]]),
+            "not a trainable parameter of the model",
+        ),
+        (dict(clipping_style=[["no.such"]]), "names no.such that is not a trainable parameter"),
+        (dict(clipping_style=[[]]), "group 0 must be a non-empty list of parameters"),
     ],
 )
 def test_bad_arguments_raise_value_error_and_change_nothing(kwargs, message):
