@@ -73,19 +73,18 @@ class Accumulator:
                 entry = self.entries[params[n]]
                 entry.per_sample = self._instantiated(entry) + got[n]
                 entry.record, entry.norm_sq = None, None
-        if (
-            fresh
-            and rule.per_sample_grad is not None
-            and _instantiates(rule, rec, self.plan.strategy)
-        ):
-            got = rule.per_sample_grad(module, rec.inputs, rec.grad_output, fresh)
-            for n in fresh:
-                self.entries[params[n]] = _Entry(per_sample=got[n])
-        elif fresh:
+        kept = bool(fresh) and not (
+            rule.per_sample_grad is not None and _instantiates(rule, rec, self.plan.strategy)
+        )
+        if kept:
             got = rule.norm_sq(module, rec.inputs, rec.grad_output, fresh, self.plan.strategy)
             for n in fresh:
                 self.entries[params[n]] = _Entry(record=rec, name=n, norm_sq=got[n])
-        if not any(e.record is rec for e in self.entries.values()):
+        else:
+            if fresh:
+                got = rule.per_sample_grad(module, rec.inputs, rec.grad_output, fresh)
+                for n in fresh:
+                    self.entries[params[n]] = _Entry(per_sample=got[n])
             rec.inputs, rec.grad_output = (), None  # reduced to per-sample grads: free it
 
     def _check_batch(self, size: int) -> None:

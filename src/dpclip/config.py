@@ -12,10 +12,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from dpclip.accounting import ACCOUNTANTS
 from dpclip.clipping import CLIPPING_FUNCTIONS, NEEDS_GAMMA, STYLES
 from dpclip.layers import STRATEGIES
 
-ACCOUNTANTS = ("pld", "rdp", "gdp")
 REDUCTIONS = ("mean", "sum")
 
 

@@ -107,6 +107,7 @@ class PrivacyEngine:
         )
         self._group_of = self._plan.group_index()
         self._params = [p for group in self._plan.groups for p in group]
+        self._managed = {id(p) for p in self._params}
 
         self.sample_rate = self.privacy.sample_rate
         self.planned_steps = self.privacy.planned_steps
@@ -238,10 +239,9 @@ class PrivacyEngine:
         self._empty_allowed = False
 
     def _check_no_foreign_grads(self) -> None:
-        managed = {id(p) for p in self._params}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if id(p) in managed:
+                if id(p) in self._managed:
                     if p.requires_grad:
                         raise RuntimeError(
                             "a parameter managed by dpclip has requires_grad=True again; its "

@@ -26,17 +26,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "add/remove-one adjacency.",
     )
     p.add_argument("--sigma", type=float, required=True, help="noise multiplier σ (> 0)")
-    p.add_argument("--sample-rate", type=float, required=True,
-                   help="Poisson sampling rate q = batch size / data set size, in (0, 1]")  # fmt: skip
     p.add_argument("--steps", type=int, required=True, help="number of noisy steps (>= 1)")
-    p.add_argument("--delta", type=float, required=True, help="δ, in (0, 1)")
-    add_accountant_options(p)
+    add_mechanism_options(p)
     p.set_defaults(run=run)
     return p
 
 
-def add_accountant_options(p: argparse.ArgumentParser) -> None:
-    """``--accountant`` and ``--json``, shared with ``dpclip noise``."""
+def add_mechanism_options(p: argparse.ArgumentParser) -> None:
+    """``--sample-rate``, ``--delta``, ``--accountant`` and ``--json``, shared with ``noise``."""
+    p.add_argument("--sample-rate", type=float, required=True,
+                   help="Poisson sampling rate q = batch size / data set size, in (0, 1]")  # fmt: skip
+    p.add_argument("--delta", type=float, required=True, help="δ, in (0, 1)")
     p.add_argument("--accountant", choices=ACCOUNTANT_CHOICES, default="pld",
                    help="pld (tight, default), rdp, gdp (an approximation) or all")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")

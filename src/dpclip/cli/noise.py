@@ -14,7 +14,7 @@ from dpclip.cli import CliError
 from dpclip.cli.epsilon import (
     NOTES,
     accountants_for,
-    add_accountant_options,
+    add_mechanism_options,
     checked,
     quiet_dp_accounting,
 )
@@ -26,16 +26,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "noise",
         help="noise multiplier σ for a target ε, δ, sampling rate and number of epochs or steps",
         description="Calibrate σ of DP-SGD (Poisson sampling, add/remove-one adjacency) so the "
-        "whole run spends at most the target ε, and at least 99%% of it.",
+        "whole run spends at most the target ε, and at least 99% of it.",
     )
     p.add_argument("--epsilon", type=float, required=True, help="target ε (> 0)")
-    p.add_argument("--delta", type=float, required=True, help="δ, in (0, 1)")
-    p.add_argument("--sample-rate", type=float, required=True,
-                   help="Poisson sampling rate q = batch size / data set size, in (0, 1]")  # fmt: skip
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--epochs", type=float, help="passes over the data (steps = ceil(E / q))")
     length.add_argument("--steps", type=int, help="number of noisy steps (>= 1)")
-    add_accountant_options(p)
+    add_mechanism_options(p)
     p.set_defaults(run=run)
     return p
 
