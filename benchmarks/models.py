@@ -27,6 +27,13 @@ class ModelSpec:
     batch_size: int
     seq_len: int | None  # None: not a sequence model (make_batch ignores seq_len)
     description: str
+    cuda_batch_size: int | None = None  # default on a GPU, where small batches leave it idle
+
+    def default_batch_size(self, device: str) -> int:
+        """The batch the model is measured at on ``device`` ("cpu" or "cuda")."""
+        if device == "cuda" and self.cuda_batch_size:
+            return self.cuda_batch_size
+        return self.batch_size
 
     @property
     def is_sequence(self) -> bool:
@@ -241,6 +248,7 @@ MODELS: dict[str, ModelSpec] = {
         batch_size=1024,
         seq_len=None,
         description="Tramer-Boneh CNN, 1x28x28, 26k params",
+        cuda_batch_size=4096,
     ),
     "gpt-like": ModelSpec(
         build=lambda: GPTLike(vocab=5000, width=256, layers=4, heads=4, max_len=GPT_LIKE_MAX_LEN),
@@ -249,6 +257,7 @@ MODELS: dict[str, ModelSpec] = {
         batch_size=16,
         seq_len=128,
         description="decoder 4x256, 4 heads, vocab 5000, untied head",
+        cuda_batch_size=64,
     ),
     "gpt2": ModelSpec(
         build=lambda: GPT2Logits(tied=True, seq_len=128),
@@ -257,6 +266,7 @@ MODELS: dict[str, ModelSpec] = {
         batch_size=4,
         seq_len=128,
         description="GPT-2 small (transformers), tied wte/lm_head",
+        cuda_batch_size=16,
     ),
     "gpt2-untied": ModelSpec(
         build=lambda: GPT2Logits(tied=False, seq_len=128),
@@ -265,6 +275,7 @@ MODELS: dict[str, ModelSpec] = {
         batch_size=4,
         seq_len=128,
         description="GPT-2 small (transformers), untied lm_head",
+        cuda_batch_size=16,
     ),
     "resnet18-gn": ModelSpec(
         build=ResNet18GN,
@@ -273,6 +284,7 @@ MODELS: dict[str, ModelSpec] = {
         batch_size=32,
         seq_len=None,
         description="ResNet-18 with GroupNorm(16), 3x32x32",
+        cuda_batch_size=256,
     ),
     "vit-small": ModelSpec(
         build=lambda: ViT(image=32, patch=4, width=384, depth=12, heads=6, classes=10),
@@ -281,5 +293,6 @@ MODELS: dict[str, ModelSpec] = {
         batch_size=32,
         seq_len=None,
         description="ViT-S/4 encoder (12x384, 6 heads), 3x32x32",
+        cuda_batch_size=256,
     ),
 }

@@ -33,6 +33,7 @@ from benchmarks import report
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = "cnn,gpt-like"
 SWEEP_MODEL = "gpt-like"
+SWEEP_BATCHES = {"cpu": [4, 8, 16, 32, 64], "cuda": [16, 32, 64, 128, 256]}
 SWEEP_CONFIGS = ("non-private", "dpclip-ghost", "dpclip-instantiate", "dpclip-mixed")
 
 
@@ -127,7 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"{SWEEP_MODEL}: sweep T and batch size instead of the model table",
     )
     parser.add_argument("--sweep-lengths", type=_int_csv, default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--sweep-batches", type=_int_csv, default=[4, 8, 16, 32, 64])
+    parser.add_argument(
+        "--sweep-batches",
+        type=_int_csv,
+        help="default: 4,8,16,32,64 on cpu; 16,32,64,128,256 on cuda",
+    )
     parser.add_argument(
         "--profile",
         metavar="MODEL",
@@ -139,6 +144,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "out")
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--from-records",
+        type=Path,
+        nargs="+",
+        metavar="JSONL",
+        help="measure nothing: write the table from records files of earlier runs (one section)",
+    )
 
 
 def _select_configs(text: str, opacus: bool) -> list[str]:
@@ -212,9 +224,16 @@ def _progress(args: argparse.Namespace, text: str) -> None:
 
 
 def measure(
-    points: Sequence[Point], names: Sequence[str], args: argparse.Namespace
+    points: Sequence[Point],
+    names: Sequence[str],
+    args: argparse.Namespace,
+    log: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """All points x configurations x rounds, interleaved; returns the raw worker records."""
+    """All points x configurations x rounds, interleaved; returns the raw worker records.
+
+    Each record is also appended to ``log`` (JSON lines) as soon as it exists, so a run cut off
+    by a time limit keeps what it measured (``--from-records`` turns such files into tables).
+    """
     records = []
     for r in range(args.rounds):
         for point in points:
@@ -222,6 +241,9 @@ def measure(
                 rec = _run_worker(point, name, args)
                 rec.update(round=r, point=asdict(point))
                 records.append(rec)
+                if log is not None:
+                    with log.open("a") as f:
+                        f.write(json.dumps({"record": rec}) + "\n")
                 what = (
                     f"{rec['samples_per_s']:.1f} samples/s, {rec['peak_mem_bytes'] / 2**20:.0f} MiB"
                     if rec["ok"]
@@ -240,14 +262,15 @@ def _point_for(model: str, args: argparse.Namespace) -> Point:
 
     spec = MODELS[model]
     seq_len = (args.seq_len or spec.seq_len) if spec.is_sequence else None
-    return Point(model, args.batch_size or spec.batch_size, seq_len)
+    return Point(model, args.batch_size or spec.default_batch_size(args.device), seq_len)
 
 
 def _points(args: argparse.Namespace, models: Sequence[str]) -> list[Point]:
     if args.sweep:
         base = _point_for(SWEEP_MODEL, args)
         pts = [Point(SWEEP_MODEL, base.batch_size, length) for length in args.sweep_lengths]
-        pts += [Point(SWEEP_MODEL, b, base.seq_len) for b in args.sweep_batches]
+        batches = args.sweep_batches or SWEEP_BATCHES[args.device]
+        pts += [Point(SWEEP_MODEL, b, base.seq_len) for b in batches]
         return list(dict.fromkeys(pts))
     return [_point_for(m, args) for m in models]
 
@@ -303,6 +326,36 @@ def machine_description(args: argparse.Namespace, records: Sequence[dict[str, An
     }
 
 
+def _load_records(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Header of the first file and the records of all; rounds renumbered to stay apart."""
+    header: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as err:
+            raise HarnessError(f"cannot read records from {path}: {err}") from None
+        offset = 1 + max((r["round"] for r in records), default=-1)
+        for item in lines:
+            if "header" in item:
+                if header is None:
+                    header = item["header"]
+                elif item["header"]["section"] != header["section"]:
+                    raise HarnessError(
+                        f"{path} holds section {item['header']['section']!r}, "
+                        f"not {header['section']!r}: merge one section at a time"
+                    )
+                else:
+                    header["names"] += [
+                        n for n in item["header"]["names"] if n not in header["names"]
+                    ]
+            elif "record" in item:
+                records.append({**item["record"], "round": item["record"]["round"] + offset})
+    if header is None or not records:
+        raise HarnessError(f"no header or no records in {[str(p) for p in paths]}")
+    return header, records
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args``; 0 when every configuration ran."""
     from benchmarks.models import MODELS
@@ -315,30 +368,45 @@ def run(args: argparse.Namespace) -> int:
         if args.profile not in MODELS:
             raise HarnessError(f"unknown model {args.profile!r}; choose from {list(MODELS)}")
         return _profile(args, args.profile)
-    opacus = importlib.util.find_spec("opacus") is not None
-    names = _select_configs(args.configs, opacus)
-    if args.sweep:
-        names = [n for n in names if n in SWEEP_CONFIGS]
-    points = _points(args, models)
-    start = report.now()
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    records = measure(points, names, args)
-    machine = machine_description(args, records)
-    machine.update(
-        started=start,
-        finished=report.now(),
-        load_average_before=load_before,
-        rounds=args.rounds,
-        steps=args.steps,
-        warmup=args.warmup,
-        opacus_included=opacus,
-    )
-    section = f"{'sweep' if args.sweep else 'models'}-{args.device}"
-    summary = report.summarise(records, names)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_records:
+        header, records = _load_records(args.from_records)
+    else:
+        opacus = importlib.util.find_spec("opacus") is not None
+        names = _select_configs(args.configs, opacus)
+        if args.sweep:
+            names = [n for n in names if n in SWEEP_CONFIGS]
+        section = f"{'sweep' if args.sweep else 'models'}-{args.device}"
+        machine = machine_description(args, [])
+        machine.update(
+            started=report.now(),
+            load_average_before=os.getloadavg() if hasattr(os, "getloadavg") else None,
+            rounds=args.rounds,
+            steps=args.steps,
+            warmup=args.warmup,
+            opacus_included=opacus,
+        )
+        header = {"section": section, "sweep": args.sweep, "names": names, "machine": machine}
+        log = args.out / f"records-{section}.jsonl"
+        log.write_text(json.dumps({"header": header}) + "\n")
+        records = measure(_points(args, models), names, args, log)
+    return _report(header, records, args)
+
+
+def _report(header: dict[str, Any], records: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """Summarise ``records`` into the JSON file, the plot and the section of RESULTS.md."""
+    section, names, sweep = header["section"], header["names"], header["sweep"]
+    machine = dict(header["machine"])
+    ok = [r for r in records if r.get("ok")]
+    seen = {"device": "device_name", "torch_threads": "torch_threads", "mem_method": "mem_method"}
+    for key, field in seen.items():  # what the workers saw, not what the parent guessed
+        if ok and field in ok[0]:
+            machine[key] = ok[0][field]
+    machine["finished"] = report.now()
+    summary = report.summarise(records, names)
     plot = None
-    if args.sweep:
-        plot = report.plot_sweep(summary, args.out / f"sweep-{args.device}.png")
+    if sweep:
+        plot = report.plot_sweep(summary, args.out / f"{section}.png")
     payload = {
         "section": section,
         "machine": machine,
@@ -348,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     }
     (args.out / f"results-{section}.json").write_text(json.dumps(payload, indent=1))
     body = report.markdown_section(
-        section, machine, summary, names, args.sweep, plot, args.results.parent
+        section, machine, summary, names, sweep, plot, args.results.parent
     )
     report.write_section(args.results, section, body)
     _progress(args, f"wrote {args.results} [{section}] and {args.out}")

@@ -51,6 +51,9 @@ def test_one_round_on_smallest_model_writes_finite_ratios(tmp_path: Path) -> Non
     assert payload["configs"] == configs
     assert all(rec["ok"] and rec["samples_per_s"] > 0 for rec in payload["records"])
     assert payload["machine"]["torch_threads"] == 2
+    lines = (tmp_path / "out" / "records-models-cpu.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["header"]["names"] == configs
+    assert [json.loads(line)["record"]["name"] for line in lines[1:]] == configs
 
 
 def test_a_failing_configuration_is_reported_and_sets_the_exit_status(tmp_path: Path) -> None:
@@ -150,3 +153,50 @@ def test_dpclip_bench_reports_harness_errors_as_cli_errors() -> None:
     args = parser.parse_args(["bench", "--configs", "non-private,nope"])
     with pytest.raises(CliError, match=r"unknown configuration\(s\) \['nope'\]"):
         args.run(args)
+
+
+def _records_file(path: Path, names: list[str], recs: list[dict], section="models-cuda") -> Path:
+    header = {"section": section, "sweep": False, "names": names, "machine": _machine()}
+    lines = [{"header": header}] + [{"record": r} for r in recs]
+    path.write_text("\n".join(json.dumps(item) for item in lines) + "\n")
+    return path
+
+
+def test_records_of_runs_cut_short_merge_into_one_table(tmp_path: Path) -> None:
+    a = _records_file(tmp_path / "a.jsonl", ["non-private", "dp"],
+                      [_record("non-private", 0, 100.0, 10, model="m1"),
+                       _record("dp", 0, 50.0, 20, model="m1")])  # fmt: skip
+    b = _records_file(tmp_path / "b.jsonl", ["non-private", "dp", "other"],
+                      [_record("non-private", 0, 10.0, 10, model="m1"),
+                       _record("dp", 0, 8.0, 10, model="m1"),
+                       _record("other", 0, 1.0, 10, model="m1")])  # fmt: skip
+    results = tmp_path / "RESULTS.md"
+    argv = ["--from-records", str(a), str(b), "--out", str(tmp_path / "out"),
+            "--results", str(results), "--quiet"]  # fmt: skip
+    assert run.main(argv) == 0
+    payload = json.loads((tmp_path / "out" / "results-models-cuda.json").read_text())
+    assert payload["configs"] == ["non-private", "dp", "other"]
+    assert sorted({r["round"] for r in payload["records"]}) == [0, 1]  # files stay apart
+    dp = payload["summary"][0]["rows"][1]
+    assert dp["throughput_ratio"] == pytest.approx((0.5 + 0.8) / 2)
+    assert "BEGIN bench:models-cuda" in results.read_text()
+
+
+def test_merging_records_of_different_sections_is_refused(tmp_path: Path, capsys) -> None:
+    a = _records_file(tmp_path / "a.jsonl", ["non-private"], [_record("non-private", 0, 1.0, 1)])
+    b = _records_file(tmp_path / "b.jsonl", ["non-private"], [_record("non-private", 0, 1.0, 1)],
+                      section="sweep-cuda")  # fmt: skip
+    results = tmp_path / "RESULTS.md"
+    argv = ["--from-records", str(a), str(b), "--out", str(tmp_path / "out"),
+            "--results", str(results)]  # fmt: skip
+    assert run.main(argv) == 2
+    assert "holds section 'sweep-cuda', not 'models-cuda'" in capsys.readouterr().err
+    assert not results.exists()
+
+
+def test_models_have_larger_default_batches_on_a_gpu() -> None:
+    from benchmarks.models import MODELS
+
+    for spec in MODELS.values():
+        assert spec.default_batch_size("cuda") >= spec.default_batch_size("cpu")
+    assert MODELS["cnn"].default_batch_size("cpu") == 1024

@@ -36,10 +36,14 @@ def _groups(model: torch.nn.Module, style: str) -> tuple[object, list[list[int]]
     return [[named[k][0] for k in g] for g in positions], positions
 
 
-def run_one_step(name: str, clipping: str, style: str, reduction: str, batch: int = 4, **kw):
+def run_one_step(
+    name: str, clipping: str, style: str, reduction: str, batch: int = 4, device: str = "cpu", **kw
+):
+    """The engine's update on ``device`` against the naive loop's, computed on the CPU."""
     model = engine_models.build(name)
     x, y = engine_models.batch(name, batch)
     grads = per_sample_grads(copy.deepcopy(model), x, y)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     style_arg, positions = _groups(model, style)
     expected = clipped_sum(grads, positions, clipping=clipping, clip_norm=1.0, gamma=0.01)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -52,7 +56,7 @@ def run_one_step(name: str, clipping: str, style: str, reduction: str, batch: in
     F.cross_entropy(model(x), y, reduction=reduction).backward()
     optimizer.step()
     for p, old, want in zip(trainable, before, expected, strict=True):
-        torch.testing.assert_close(old - p.detach(), want / B, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close((old - p.detach()).cpu(), want / B, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
