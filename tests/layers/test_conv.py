@@ -143,7 +143,7 @@ def test_conv_rule_rejects_output_gradient_of_wrong_size():
 def test_conv_rule_equals_naive_loop_when_the_batch_is_unfolded_in_chunks(dim, monkeypatch):
     from dpclip.layers import conv
 
-    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", 50)  # a chunk of one or two samples
+    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", {"cpu": 50})  # a chunk of one or two samples
     assert_rule_matches_oracle(*_case(dim, batch=5, kernel_size=3, groups=2, stride=2, padding=1))
 
 

@@ -104,7 +104,9 @@ def _flat(module: _Conv, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Te
     return a, s
 
 
-_CHUNK_ELEMENTS = 1 << 22  # unfolded elements per batch chunk: bounds the transient copy (16 MB)
+# Unfolded elements per batch chunk: bounds the transient copy. 16 MB on a CPU, where bigger
+# chunks gain nothing; 256 MB on a GPU, where many small chunks leave it idle between launches.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def _by_batch_chunks(
@@ -114,7 +116,8 @@ def _by_batch_chunks(
     b = grad_output.shape[0]
     per_sample = module.in_channels * math.prod(module.kernel_size) * grad_output[0].numel()
     per_sample //= module.out_channels
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    budget = _CHUNK_ELEMENTS.get(grad_output.device.type, _CHUNK_ELEMENTS["cpu"])
+    step = max(1, budget // max(1, per_sample))
     parts = [
         fn(*_flat(module, (inputs[0][i : i + step],), grad_output[i : i + step]))
         for i in range(0, b, step)
@@ -184,7 +187,7 @@ def per_sample_grad(
     _check_shapes(module, inputs, grad_output)
     dtype = compute_dtype(module.weight, grad_output)
     out: dict[str, Tensor] = {}
-    if "weight" in names and module.in_channels == module.groups and dtype == torch.float32:
+    if "weight" in names and _kernel_is_faster(module, grad_output, dtype):
         out["weight"] = _per_sample_by_kernel(module, inputs[0], grad_output)
     elif "weight" in names:
         g = _by_batch_chunks(  # (b·G, out/G, D)
@@ -197,6 +200,13 @@ def per_sample_grad(
     if "bias" in names:
         out["bias"] = _bias_per_sample(grad_output, dtype)
     return out
+
+
+def _kernel_is_faster(module: _Conv, grad_output: Tensor, dtype: torch.dtype) -> bool:
+    """One input channel per group, float32, on a CPU: there the grouped kernel wins. On an H100
+    the backend's depthwise weight-gradient kernel took 2.6 of the CNN's 4.7 GPU-ms per step."""
+    one_channel = module.in_channels == module.groups
+    return one_channel and dtype == torch.float32 and grad_output.device.type == "cpu"
 
 
 def _per_sample_by_kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:

@@ -1,0 +1,85 @@
+"""GaussianNoise on its own: std, independence across tensors and buckets, reproducibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpclip import noise as noise_module
+from dpclip.noise import GaussianNoise
+
+
+def _tensors() -> list[torch.Tensor]:
+    return [
+        torch.zeros(300, 100),
+        torch.zeros(7, dtype=torch.float64),
+        torch.zeros(50_000, dtype=torch.float64),
+        torch.zeros(20, 30),
+    ]
+
+
+@pytest.mark.parametrize("bucket", [1 << 24, 1000])
+def test_every_tensor_gets_its_own_noise_of_the_requested_std(monkeypatch, bucket):
+    monkeypatch.setattr(noise_module, "_BUCKET_ELEMENTS", bucket)
+    tensors = _tensors()
+    GaussianNoise(2.5, seed=0).add_(tensors)
+    assert [t.dtype for t in tensors] == [t.dtype for t in _tensors()]
+    for t in (tensors[0], tensors[2]):
+        assert abs(t.std().item() / 2.5 - 1) < 0.02
+    # no two tensors start with the same stretch of the draw
+    flats = [t.flatten().double() for t in tensors]
+    for i, x in enumerate(flats):
+        for y in flats[i + 1 :]:
+            n = min(x.numel(), y.numel())
+            assert not torch.equal(x[:n], y[:n])
+
+
+def test_buckets_keep_order_split_on_device_dtype_and_size(monkeypatch):
+    monkeypatch.setattr(noise_module, "_BUCKET_ELEMENTS", 30_000)
+    sizes = [[t.numel() for t in b] for b in noise_module._buckets(_tensors())]
+    assert sizes == [[30_000], [7], [50_000], [600]]
+    monkeypatch.setattr(noise_module, "_BUCKET_ELEMENTS", 1 << 24)
+    sizes = [[t.numel() for t in b] for b in noise_module._buckets(_tensors())]
+    assert sizes == [[30_000], [7, 50_000], [600]]
+
+
+def test_seeded_noise_is_reproducible_and_std_zero_adds_nothing():
+    a, b = _tensors(), _tensors()
+    GaussianNoise(1.0, seed=3).add_(a)
+    GaussianNoise(1.0, seed=3).add_(b)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    zeros = _tensors()
+    GaussianNoise(0.0, seed=3).add_(zeros)
+    assert all(not t.any() for t in zeros)
+
+
+def test_negative_std_is_refused():
+    with pytest.raises(ValueError, match="expected noise std >= 0, got -1"):
+        GaussianNoise(-1.0)
+
+
+def test_chunked_cpu_draw_has_the_std_and_does_not_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setattr(noise_module, "_CPU_CHUNK_ELEMENTS", 4096)
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            tensors = _tensors()
+            GaussianNoise(2.5, seed=7).add_(tensors)
+            draws.append(tensors)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(*draws, strict=True))
+    big = draws[0][2]
+    assert abs(big.std().item() / 2.5 - 1) < 0.02
+    chunks = big.split(4096)
+    assert not torch.equal(chunks[0], chunks[1])  # every chunk has a generator of its own
+
+
+def test_chunked_secure_draws_differ_between_engines(monkeypatch):
+    monkeypatch.setattr(noise_module, "_CPU_CHUNK_ELEMENTS", 4096)
+    a, b = _tensors(), _tensors()
+    GaussianNoise(1.0, secure=True).add_(a)
+    GaussianNoise(1.0, secure=True).add_(b)
+    assert not torch.equal(a[2], b[2])
