@@ -20,7 +20,7 @@ def _tensors() -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("bucket", [1 << 24, 1000])
 def test_every_tensor_gets_its_own_noise_of_the_requested_std(monkeypatch, bucket):
-    monkeypatch.setattr(noise_module, "_BUCKET_ELEMENTS", bucket)
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", bucket)
     tensors = _tensors()
     GaussianNoise(2.5, seed=0).add_(tensors)
     assert [t.dtype for t in tensors] == [t.dtype for t in _tensors()]
@@ -35,10 +35,10 @@ def test_every_tensor_gets_its_own_noise_of_the_requested_std(monkeypatch, bucke
 
 
 def test_buckets_keep_order_split_on_device_dtype_and_size(monkeypatch):
-    monkeypatch.setattr(noise_module, "_BUCKET_ELEMENTS", 30_000)
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 30_000)
     sizes = [[t.numel() for t in b] for b in noise_module._buckets(_tensors())]
-    assert sizes == [[30_000], [7], [50_000], [600]]
-    monkeypatch.setattr(noise_module, "_BUCKET_ELEMENTS", 1 << 24)
+    assert sizes == [[30_000], [7], [30_000], [20_000], [600]]  # the big tensor is cut in two
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 1 << 24)
     sizes = [[t.numel() for t in b] for b in noise_module._buckets(_tensors())]
     assert sizes == [[30_000], [7, 50_000], [600]]
 
@@ -58,8 +58,8 @@ def test_negative_std_is_refused():
         GaussianNoise(-1.0)
 
 
-def test_chunked_cpu_draw_has_the_std_and_does_not_depend_on_the_thread_count(monkeypatch):
-    monkeypatch.setattr(noise_module, "_CPU_CHUNK_ELEMENTS", 4096)
+def test_bucketed_cpu_draw_has_the_std_and_does_not_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 4096)
     threads = torch.get_num_threads()
     draws = []
     try:
@@ -74,11 +74,11 @@ def test_chunked_cpu_draw_has_the_std_and_does_not_depend_on_the_thread_count(mo
     big = draws[0][2]
     assert abs(big.std().item() / 2.5 - 1) < 0.02
     chunks = big.split(4096)
-    assert not torch.equal(chunks[0], chunks[1])  # every chunk has a generator of its own
+    assert not torch.equal(chunks[0], chunks[1])  # every bucket has a generator of its own
 
 
-def test_chunked_secure_draws_differ_between_engines(monkeypatch):
-    monkeypatch.setattr(noise_module, "_CPU_CHUNK_ELEMENTS", 4096)
+def test_bucketed_secure_draws_differ_between_engines(monkeypatch):
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 4096)
     a, b = _tensors(), _tensors()
     GaussianNoise(1.0, secure=True).add_(a)
     GaussianNoise(1.0, secure=True).add_(b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -10,12 +11,14 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-_BUCKET_ELEMENTS = 1 << 24  # one flat draw covers at most this many elements (64 MB in float32)
+# A bucket is one flat draw, added to a run of tensors (or pieces of one) of one device and dtype:
+# two kernel launches per bucket instead of two per parameter, which matters on a GPU.
+_BUCKET_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 24}
 # On a CPU, torch's normal_ runs one serial generator at ~8 ns per element: a second per step for
-# GPT-2's 124M parameters. Larger draws are cut into chunks of this size, each from a generator
-# seeded by the device generator, filled by as many threads as torch uses; the noise does not
-# depend on the thread count.
-_CPU_CHUNK_ELEMENTS = 1 << 21
+# GPT-2's 124M parameters. There every bucket has a generator of its own, seeded from the device
+# generator in bucket order, and threads (as many as torch uses) fill and add the buckets through
+# small per-thread scratch buffers. The noise does not depend on the thread count.
+_scratch = threading.local()
 
 
 @lru_cache(maxsize=4)
@@ -24,19 +27,37 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
-    """Consecutive runs of one device and dtype, each of at most _BUCKET_ELEMENTS (or one tensor)."""
+    """Consecutive runs of one device and dtype of at most the device's bucket size; a larger
+    contiguous tensor is cut into flat pieces first."""
     buckets: list[list[Tensor]] = []
     size = 0
     for t in tensors:
-        last = buckets[-1][-1] if buckets else None
-        same = last is not None and (last.device, last.dtype) == (t.device, t.dtype)
-        if same and size + t.numel() <= _BUCKET_ELEMENTS:
-            buckets[-1].append(t)
-            size += t.numel()
-        else:
-            buckets.append([t])
-            size = t.numel()
+        limit = _BUCKET_ELEMENTS.get(t.device.type, _BUCKET_ELEMENTS["cuda"])
+        pieces = t.view(-1).split(limit) if t.numel() > limit and t.is_contiguous() else [t]
+        for piece in pieces:
+            last = buckets[-1][-1] if buckets else None
+            same = last is not None and (last.device, last.dtype) == (t.device, t.dtype)
+            if same and size + piece.numel() <= limit:
+                buckets[-1].append(piece)
+                size += piece.numel()
+            else:
+                buckets.append([piece])
+                size = piece.numel()
     return buckets
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
+    """This thread's CPU scratch, kept between steps (a fresh allocation faults its pages in)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _add_drawn(bucket: list[Tensor], flat: Tensor) -> None:
+    noise = flat.split([t.numel() for t in bucket])
+    torch._foreach_add_(bucket, [n.view_as(t) for n, t in zip(noise, bucket, strict=True)])
 
 
 class GaussianNoise:
@@ -55,7 +76,6 @@ class GaussianNoise:
         self.secure = secure
         self.seed = seed if seed is not None else secrets.randbits(62)
         self._generators: dict[str, torch.Generator] = {}
-        self._scratch: dict[torch.dtype, Tensor] = {}
         self.draws = 0
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -70,45 +90,29 @@ class GaussianNoise:
         return gen
 
     def add_(self, tensors: Iterable[Tensor]) -> None:
-        """Add fresh noise to each tensor in place (one draw for the whole step).
-
-        Tensors of one device and dtype share a flat draw of up to ``_BUCKET_ELEMENTS``: two
-        kernel launches per bucket instead of two per parameter, which matters on a GPU.
-        """
+        """Add fresh noise to each tensor in place (one draw for the whole step)."""
         self.draws += 1
         if self.std == 0:
             return
+        cpu_jobs = []
         for bucket in _buckets(list(tensors)):
             first = bucket[0]
-            sizes = [t.numel() for t in bucket]
-            flat = self._buffer(sum(sizes), first.dtype, first.device)
-            self._fill(flat, self._generator(first.device))
-            noise = [part.view_as(t) for part, t in zip(flat.split(sizes), bucket, strict=True)]
-            torch._foreach_add_(bucket, noise)
+            gen = self._generator(first.device)
+            numel = sum(t.numel() for t in bucket)
+            if first.device.type != "cpu":
+                flat = torch.empty(numel, dtype=first.dtype, device=first.device)
+                _add_drawn(bucket, flat.normal_(0.0, self.std, generator=gen))
+            else:
+                seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+                cpu_jobs.append((bucket, numel, seed))
+        if cpu_jobs:
+            list(_pool(max(1, torch.get_num_threads())).map(self._add_cpu, cpu_jobs))
 
-    def _buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """Scratch for one bucket's draw. Kept between steps on a CPU, where a fresh large
-        allocation is page-faulted in again every step; GPUs have a caching allocator."""
-        if device.type != "cpu":
-            return torch.empty(numel, dtype=dtype, device=device)
-        buf = self._scratch.get(dtype)
-        if buf is None or buf.numel() < numel:
-            buf = self._scratch[dtype] = torch.empty(numel, dtype=dtype)
-        return buf[:numel]
-
-    def _fill(self, flat: Tensor, gen: torch.Generator) -> None:
-        """flat ~ N(0, std²): one draw, or on a CPU chunks drawn in parallel (see above)."""
-        if flat.device.type != "cpu" or flat.numel() <= _CPU_CHUNK_ELEMENTS:
-            flat.normal_(0.0, self.std, generator=gen)
-            return
-        chunks = flat.split(_CPU_CHUNK_ELEMENTS)
-        seeds = torch.randint(0, 2**62, (len(chunks),), generator=gen).tolist()
-
-        def fill(chunk: Tensor, seed: int) -> None:
-            chunk.normal_(0.0, self.std, generator=torch.Generator().manual_seed(seed))
-
-        threads = max(1, torch.get_num_threads())
-        list(_pool(threads).map(fill, chunks, seeds))
+    def _add_cpu(self, job: tuple[list[Tensor], int, int]) -> None:
+        bucket, numel, seed = job
+        flat = _scratch_buffer(numel, bucket[0].dtype)
+        flat.normal_(0.0, self.std, generator=torch.Generator().manual_seed(seed))
+        _add_drawn(bucket, flat)
 
     def state_dict(self) -> dict:
         return {
