@@ -47,6 +47,19 @@ class Reused(nn.Module):
         return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
+class EmbeddingTwice(nn.Module):
+    """One Embedding looking up two id streams (the ids and their reverse)."""
+
+    def __init__(self, vocab: int = 6, dim: int = 4) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        mixed = self.wte(ids) + torch.tanh(self.wte(ids.flip(1)))
+        return self.head(mixed).mean(dim=1)
+
+
 def _tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -110,6 +123,7 @@ CASES: dict[str, Case] = {
     "rmsnorm": Case(lambda: nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Linear(6, 3)), _randn(5), 3),
     "tied_embedding_head": Case(TiedLM, _ids(7, 5), 7),
     "reused_layer": Case(Reused, _randn(4), 3),
+    "embedding_twice": Case(EmbeddingTwice, _ids(6, 5), 3),
     "frozen_layers": Case(_frozen_first, _randn(5), 3),
     "gpt2_tiny": Case(_tiny_gpt2, _ids(11, 6), 11),
 }  # fmt: skip

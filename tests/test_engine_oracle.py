@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -75,3 +76,27 @@ def test_update_equals_naive_loop_for_each_norm_strategy(name, strategy):
 
 def test_update_equals_naive_loop_for_batch_of_one():
     run_one_step("linear", "automatic", "all-layer", "mean", batch=1)
+
+
+SHARED = ["tied_embedding_head", "reused_layer", "embedding_twice", "gpt2_tiny"]
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate", "mixed"])
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_parameters_equal_naive_loop_for_each_norm_strategy(name, strategy):
+    run_one_step(name, "automatic", "layer-wise", "mean", norm_strategy=strategy)
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_parameters_under_ghost_never_build_per_sample_gradients(name):
+    """Cross terms come from the uses' outer factors: the Embedding and Linear rules (the
+    shared layers here) must never build per-sample gradients."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("per-sample gradients were instantiated")
+
+    registry = dpclip.layers.default_registry()
+    for module_type in (torch.nn.Embedding, torch.nn.Linear):
+        patched = dataclasses.replace(registry.rule_for(module_type(2, 2)), per_sample_grad=refuse)
+        registry.register(module_type, patched, replace=True)
+    run_one_step(name, "abadi", "all-layer", "sum", norm_strategy="ghost", registry=registry)

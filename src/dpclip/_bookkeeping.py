@@ -6,7 +6,10 @@ its per-sample gradients are instantiated, kept instead of the record (whose act
 then freed) and reused for the clipped sum as one small contraction. When the backward pass
 ends, the norms give the factors C, and each kept record costs one matmul, (C ⊙ s)ᵀ a.
 A parameter used by several calls (tied weights, a reused layer) needs the norm of the *sum* of
-its per-sample gradients, so its uses are always instantiated and summed.
+its per-sample gradients: ‖Σ_k g_k‖² = Σ_k ‖g_k‖² + 2 Σ_{j<k} ⟨g_j, g_k⟩. Where every call's rule
+gives outer-product factors, the cross terms come from those (no per-sample gradient, as for an
+embedding tied to the output layer), and each call's record is kept for its share of the clipped
+sum. Otherwise the uses are instantiated and summed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 from dpclip.clipping import clip_factors, group_clip_norm
 from dpclip.hooks import Record
 from dpclip.layers import LayerRule
+from dpclip.layers._common import OuterFactors, outer_inner
 
 
 class NonFiniteNormError(FloatingPointError):
@@ -44,10 +48,10 @@ class Plan:
 
 @dataclass(eq=False)
 class _Entry:
-    """One parameter's contribution in this backward: a kept record, or per-sample grads."""
+    """One parameter's contribution in this backward: kept (record, name) uses, or per-sample
+    grads. ``norm_sq`` covers every use so far (cross terms included)."""
 
-    record: Record | None = None
-    name: str = ""
+    uses: list[tuple[Record, str]] = field(default_factory=list)
     norm_sq: Tensor | None = None
     per_sample: Tensor | None = None
 
@@ -67,25 +71,54 @@ class Accumulator:
         params = {n: getattr(module, n) for n in self.plan.names[module]}
         again = [n for n, p in params.items() if p in self.entries]
         fresh = [n for n in params if n not in again]
+        keep_record = False
         if again:
-            got = _per_sample(rule, rec, again)
-            for n in again:
-                entry = self.entries[params[n]]
-                entry.per_sample = self._instantiated(entry) + got[n]
-                entry.record, entry.norm_sq = None, None
-        kept = bool(fresh) and not (
-            rule.per_sample_grad is not None and _instantiates(rule, rec, self.plan.strategy)
-        )
-        if kept:
-            got = rule.norm_sq(module, rec.inputs, rec.grad_output, fresh, self.plan.strategy)
-            for n in fresh:
-                self.entries[params[n]] = _Entry(record=rec, name=n, norm_sq=got[n])
-        else:
-            if fresh:
+            keep_record = self._add_again(rec, rule, {n: params[n] for n in again})
+        if fresh:
+            instantiate = rule.per_sample_grad is not None and _instantiates(
+                rule, rec, self.plan.strategy
+            )
+            if instantiate:
                 got = rule.per_sample_grad(module, rec.inputs, rec.grad_output, fresh)
                 for n in fresh:
                     self.entries[params[n]] = _Entry(per_sample=got[n])
+            else:
+                got = rule.norm_sq(module, rec.inputs, rec.grad_output, fresh, self.plan.strategy)
+                for n in fresh:
+                    self.entries[params[n]] = _Entry(uses=[(rec, n)], norm_sq=got[n])
+                keep_record = True
+        if not keep_record:
             rec.inputs, rec.grad_output = (), None  # reduced to per-sample grads: free it
+
+    def _add_again(self, rec: Record, rule: LayerRule, params: dict[str, nn.Parameter]) -> bool:
+        """Another use of already-seen parameters; True if the record is kept (cross terms)."""
+        entries = {n: self.entries[p] for n, p in params.items()}
+        crossed = [n for n, e in entries.items() if self._can_cross(rule, e)]
+        if crossed:
+            mine = rule.outer_factors(rec.module, rec.inputs, rec.grad_output, crossed)
+            own = rule.norm_sq(rec.module, rec.inputs, rec.grad_output, crossed, self.plan.strategy)
+            for n in crossed:
+                entry = entries[n]
+                cross = sum(outer_inner(self._factors_of(use), mine[n]) for use in entry.uses)
+                entry.norm_sq = entry.norm_sq + own[n] + 2 * cross
+                entry.uses.append((rec, n))
+        summed = [n for n in entries if n not in crossed]
+        if summed:
+            got = _per_sample(rule, rec, summed)
+            for n in summed:
+                entry = entries[n]
+                entry.per_sample = self._instantiated(entry) + got[n]
+                entry.uses, entry.norm_sq = [], None
+        return bool(crossed)
+
+    def _can_cross(self, rule: LayerRule, entry: _Entry) -> bool:
+        rules = [rule] + [self.plan.rules[r.module] for r, _ in entry.uses]
+        return entry.per_sample is None and all(r.outer_factors is not None for r in rules)
+
+    def _factors_of(self, use: tuple[Record, str]) -> OuterFactors:
+        rec, name = use
+        rule = self.plan.rules[rec.module]
+        return rule.outer_factors(rec.module, rec.inputs, rec.grad_output, [name])[name]
 
     def _check_batch(self, size: int) -> None:
         if self.batch is None:
@@ -99,8 +132,8 @@ class Accumulator:
     def _instantiated(self, entry: _Entry) -> Tensor:
         if entry.per_sample is not None:
             return entry.per_sample
-        rec = entry.record
-        return _per_sample(self.plan.rules[rec.module], rec, [entry.name])[entry.name]
+        parts = [_per_sample(self.plan.rules[r.module], r, [n])[n] for r, n in entry.uses]
+        return sum(parts[1:], parts[0])
 
     def finish(self) -> dict[nn.Parameter, Tensor]:
         """Σ_i C_i g_i for every parameter touched (C from the plan's clipping)."""
@@ -115,13 +148,16 @@ class Accumulator:
                 g = entry.per_sample
                 sums[p] = torch.tensordot(factors[p].to(g.dtype), g, dims=1).reshape(p.shape)
             else:
-                kept.setdefault(entry.record, {})[entry.name] = factors[p]
+                for rec, name in entry.uses:
+                    kept.setdefault(rec, {})[name] = factors[p]
         for rec, f in kept.items():
             got = self.plan.rules[rec.module].clipped_grad(
                 rec.module, rec.inputs, rec.grad_output, f
             )
             for n in f:
-                sums[getattr(rec.module, n)] = got[n].reshape(getattr(rec.module, n).shape)
+                p = getattr(rec.module, n)
+                g = got[n].reshape(p.shape)
+                sums[p] = sums[p] + g if p in sums else g  # tied: one share per use
         return sums
 
     def _factors(self) -> dict[nn.Parameter, Tensor]:
@@ -132,16 +168,18 @@ class Accumulator:
             gi = self.group_of[id(p)]
             group_sq[gi] = group_sq[gi] + entry.norm_sq if gi in group_sq else entry.norm_sq
         radius = group_clip_norm(plan.clip_norm, len(plan.groups))
-        group_factor = {}
-        for gi, sq in group_sq.items():
-            norms = sq.sqrt() * scale
-            if not bool(torch.isfinite(norms).all()):
-                raise NonFiniteNormError(
-                    "a per-sample gradient norm is NaN or infinite (check the loss for NaN/inf); "
-                    "the clipped gradient was not accumulated and the model is unchanged"
-                )
-            factor = clip_factors(plan.clipping, norms, clip_norm=radius, gamma=plan.gamma)
-            group_factor[gi] = factor * scale
+        norms = {gi: sq.sqrt() * scale for gi, sq in group_sq.items()}
+        # one check (one device sync) for all groups, not one per group
+        finite = [torch.isfinite(n).all() for n in norms.values()]
+        if not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
+            raise NonFiniteNormError(
+                "a per-sample gradient norm is NaN or infinite (check the loss for NaN/inf); "
+                "the clipped gradient was not accumulated and the model is unchanged"
+            )
+        group_factor = {
+            gi: clip_factors(plan.clipping, n, clip_norm=radius, gamma=plan.gamma) * scale
+            for gi, n in norms.items()
+        }
         return {p: group_factor[self.group_of[id(p)]] for p in self.entries}
 
 

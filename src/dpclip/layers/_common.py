@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -57,3 +59,37 @@ def outer_per_sample(a: Tensor, s: Tensor) -> Tensor:
 def bias_per_sample(s: Tensor) -> Tensor:
     """Per-sample bias gradient Σ_t s_it, shape (b, out), from s: (b, T, out)."""
     return s.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class OuterFactors:
+    """A parameter's per-sample gradient, viewed as a matrix (dim 0 × the rest), written as
+    g_i = Σ_t rows_it ⊗ cols_it.
+
+    Each side is dense, (b, T, n), or token ids, (b, T) int64, standing for one-hot rows (an
+    embedding's vocabulary side). Linear: rows = s, cols = a; its bias: rows = s, cols = 1.
+    """
+
+    rows: Tensor
+    cols: Tensor
+
+
+def _pairwise(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """(b, T1, T2) of ⟨x_t, y_t'⟩, each side dense (b, T, n) or ids (b, T)."""
+    x_ids, y_ids = not x.is_floating_point(), not y.is_floating_point()
+    if x_ids and y_ids:
+        return (x.unsqueeze(2) == y.unsqueeze(1)).to(dtype)
+    if x_ids:  # ⟨e_{x_t}, y_t'⟩ = y[t', x_t]
+        return y.to(dtype).gather(2, x.unsqueeze(1).expand(-1, y.shape[1], -1)).transpose(1, 2)
+    if y_ids:
+        return _pairwise(y, x, dtype).transpose(1, 2)
+    return torch.bmm(x.to(dtype), y.to(dtype).transpose(1, 2))
+
+
+def outer_inner(f: OuterFactors, g: OuterFactors) -> Tensor:
+    """⟨g_i^f, g_i^g⟩_F per sample: Σ_{t,t'} ⟨f.rows_t, g.rows_t'⟩ ⟨f.cols_t, g.cols_t'⟩."""
+    dense = [t.dtype for t in (f.rows, f.cols, g.rows, g.cols) if t.is_floating_point()]
+    dtype = dense[0]
+    for d in dense[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return (_pairwise(f.rows, g.rows, dtype) * _pairwise(f.cols, g.cols, dtype)).sum(dim=(1, 2))

@@ -14,7 +14,11 @@ needed only when one parameter is used by several layers (tied weights), and, op
 ``instantiates(module, inputs, grad_output, strategy) -> bool``: True when building this call's
 per-sample gradients is the cheaper way to its norms; the engine then builds them once with
 ``per_sample_grad`` and reuses them for the clipped sum (one small contraction instead of a
-second matmul), as long as they are no larger than the recorded activations.
+second matmul), as long as they are no larger than the recorded activations, and, optionally,
+``outer_factors(module, inputs, grad_output, names) -> {name: OuterFactors}``: the gradient as a
+sum of outer products over positions (see :class:`dpclip.layers._common.OuterFactors`). With it,
+a parameter used by several calls (tied weights) gets its per-sample norm from pairwise inner
+products of the calls' factors instead of per-sample gradients.
 
 ``inputs`` is the tuple of positional tensors the module's ``forward`` received (detached);
 ``grad_output`` is ∂L/∂output with the batch on dim 0. ``strategy`` is ``"ghost"``,
@@ -31,11 +35,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dpclip.layers._common import OuterFactors
+
 NormSq = Callable[[nn.Module, tuple, Tensor, Sequence[str], str], dict[str, Tensor]]
 ClippedGrad = Callable[[nn.Module, tuple, Tensor, Mapping[str, Tensor]], dict[str, Tensor]]
 PerSampleGrad = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, Tensor]]
 Check = Callable[[nn.Module], "str | None"]
 Instantiates = Callable[[nn.Module, tuple, Tensor, str], bool]
+OuterFactorsFn = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, OuterFactors]]
 
 STRATEGIES = ("ghost", "instantiate", "mixed")
 
@@ -49,6 +56,7 @@ class LayerRule:
     per_sample_grad: PerSampleGrad | None = None
     check: Check | None = None  # reason this module instance cannot be clipped, or None
     instantiates: Instantiates | None = None  # build per-sample grads once, reuse for the sum
+    outer_factors: OuterFactorsFn | None = None  # for ghost norms of tied parameters
 
 
 class LayerRegistry:

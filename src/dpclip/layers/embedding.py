@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from dpclip.layers._common import OuterFactors
 from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
 
 PAIRWISE_MAX_T = 16
@@ -125,8 +126,17 @@ def per_sample_grad(
     return {"weight": grad.scatter_add_(1, ids.unsqueeze(-1).expand_as(s), s)}
 
 
+def outer_factors(
+    module: nn.Embedding, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+) -> dict[str, OuterFactors]:
+    """g_i = Σ_t e_{id_it} ⊗ s_it: the vocabulary side as ids, never one-hot."""
+    ids, s = _flat(module, inputs, grad_output)
+    return {"weight": OuterFactors(ids, s)} if "weight" in names else {}
+
+
 def register(registry: LayerRegistry) -> None:
-    registry.register(nn.Embedding, LayerRule(norm_sq, clipped_grad, per_sample_grad, check))
+    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad, check, outer_factors=outer_factors)
+    registry.register(nn.Embedding, rule)
 
 
 def check(module: nn.Embedding) -> str | None:

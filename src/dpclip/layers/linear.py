@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from torch import Tensor, nn
 
 from dpclip.layers._common import (
+    OuterFactors,
     as_btd,
     bias_per_sample,
     outer_clipped_sum,
@@ -78,7 +79,25 @@ def dense_rule(layout: Layout) -> LayerRule:
         T = grad_output.numel() // (grad_output.shape[0] * d_out)
         return T > 1 and not use_ghost(strategy, T, d_in, d_out)
 
-    return LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=instantiates)
+    def outer_factors(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+    ) -> dict[str, OuterFactors]:
+        a, s = flat(module, inputs, grad_output)
+        transposed = layout(module)[2]
+        out: dict[str, OuterFactors] = {}
+        if "weight" in names:
+            out["weight"] = OuterFactors(a, s) if transposed else OuterFactors(s, a)
+        if "bias" in names:
+            out["bias"] = OuterFactors(s, s.new_ones(*s.shape[:2], 1))
+        return out
+
+    return LayerRule(
+        norm_sq,
+        clipped_grad,
+        per_sample_grad,
+        instantiates=instantiates,
+        outer_factors=outer_factors,
+    )
 
 
 def register(registry: LayerRegistry) -> None:
