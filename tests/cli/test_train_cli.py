@@ -59,7 +59,7 @@ def test_run_writes_metrics_csv_checkpoint_and_curves(finished_run):
     metrics = json.loads((out / "metrics.json").read_text())
     config = metrics["config"]
     assert config["dataset"] == "digits" and config["model"] == "mlp" and config["seed"] == 0
-    assert config["epochs"] == 2 and config["batch_size"] == 256 and config["lr"] == 0.1
+    assert config["epochs"] == 2 and config["batch_size"] == 256 and config["lr"] == 0.15
     assert metrics["steps"] == 2 * round(1437 / 256)
     assert metrics["delta"] == 1e-5 and metrics["noise_multiplier"] > 0
     # The whole planned run was spent, within the calibration's tolerance, never above it.
@@ -130,7 +130,7 @@ def _main_error(argv, capsys):
 def test_resume_with_different_options_is_refused(finished_run, capsys):
     out, _ = finished_run
     err = _main_error(["--output", str(out), "--resume", "--lr", "0.5", "--epochs", "3"], capsys)
-    assert "cannot resume" in err and "--lr 0.5 (saved run: 0.1)" in err
+    assert "cannot resume" in err and "--lr 0.5 (saved run: 0.15)" in err
     assert "--epochs 3 (saved run: 2)" in err
 
 

@@ -15,7 +15,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 CLIPPINGS = ("automatic", "automatic-v", "abadi", "global", "psac")
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-2, "adamw": 1e-2}
+DEFAULT_LR = {"sgd": 0.15, "adam": 1e-2, "adamw": 1e-2}
 
 # Options that define the run (and its privacy guarantee); a resumed run must agree on all of them.
 # None in DEFAULTS means "no default" (lr: per optimizer; seed: drawn at random and recorded).
@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="sgd (momentum 0.9), adam or adamw (default: sgd)")  # fmt: skip
     p.add_argument(
-        "--lr", type=float, help="learning rate (default: 0.1 for sgd, 1e-2 for adam/adamw)"
+        "--lr", type=float, help="learning rate (default: 0.15 for sgd, 1e-2 for adam/adamw)"
     )
     p.add_argument("--batch-size", type=int, help="expected logical batch size (default: 256)")
     p.add_argument("--physical-batch-size", type=int,
