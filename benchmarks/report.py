@@ -35,10 +35,18 @@ def _point_key(rec: dict[str, Any]) -> tuple:
 def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
     """Per point and configuration: medians over rounds and median per-round ratio to non-private."""
     points: dict[tuple, dict[tuple[str, int], dict]] = {}
+    live: dict[tuple, dict[str, dict]] = {}
     for rec in records:
-        points.setdefault(_point_key(rec), {})[(rec["name"], rec["round"])] = rec
+        if rec.get("pass") == "live-memory":
+            live.setdefault(_point_key(rec), {})[rec["name"]] = rec
+        else:
+            points.setdefault(_point_key(rec), {})[(rec["name"], rec["round"])] = rec
+    for key in live:
+        points.setdefault(key, {})
     out = []
     for (model, batch, seq_len), by in points.items():
+        live_by = live.get((model, batch, seq_len), {})
+        live_base = live_by.get("non-private")
         rounds = sorted({r for _, r in by})
         rows = []
         for name in names:
@@ -52,6 +60,11 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
                     if base["peak_mem_bytes"] > 0:
                         mem_ratio.append(rec["peak_mem_bytes"] / base["peak_mem_bytes"])
             thr = [rec["samples_per_s"] for rec in ok]
+            lv = live_by.get(name)
+            live_mib = lv["peak_mem_bytes"] / MiB if lv and lv["ok"] else None
+            live_ratio = None
+            if live_mib is not None and live_base and live_base["ok"]:
+                live_ratio = lv["peak_mem_bytes"] / max(1, live_base["peak_mem_bytes"])
             rows.append(
                 {
                     "name": name,
@@ -63,6 +76,8 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
                     "throughput_ratio": _median(thr_ratio),
                     "peak_mem_mib": _median([rec["peak_mem_bytes"] / MiB for rec in ok]),
                     "memory_ratio": _median(mem_ratio),
+                    "live_mem_mib": live_mib,
+                    "live_memory_ratio": live_ratio,
                     "errors": sorted({rec["error"] for rec in runs if not rec["ok"]}),
                 }
             )
@@ -85,7 +100,14 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
         f"- Run: {machine['started']} to {machine['finished']}; {machine['rounds']} rounds, "
         f"{machine['warmup']} warm-up + {machine['steps']} timed steps per run, each configuration "
         f"in a fresh process, interleaved; load average at start (1/5/15 min): {load_text}.",
-        f"- Peak memory: {machine['mem_method']}.",
+        f"- Peak memory: {machine['mem_method']}."
+        + (
+            " Live MiB: the same, from one more run per configuration in which glibc returns "
+            "every freed block of 64 KiB or more to the OS (MALLOC_MMAP_THRESHOLD_=65536), so "
+            "the peak is that of live memory, not of what the allocator keeps."
+            if machine.get("live_memory")
+            else ""
+        ),
         "- samples/s = batch size / median step time of a run (robust to stalls on a shared "
         "machine; the mean-based figure is in the JSON).",
         "- Ratios are medians of per-round ratios against the non-private run of the same round; "
@@ -94,14 +116,15 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
 
 
 def _model_table(summary: Sequence[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| model | batch | T | configuration | samples/s [min-max] | × non-private | "
-        "peak MiB | memory × non-private |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
+    live = any(row.get("live_mem_mib") is not None for p in summary for row in p["rows"])
+    head = "| model | batch | T | configuration | samples/s [min-max] | × non-private | peak MiB |"
+    head += " memory × non-private |" + (" live MiB | live × non-private |" if live else "")
+    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if live else "")]
     for point in summary:
         for row in point["rows"]:
-            if row["rounds_ok"] == 0:
+            if row["rounds"] == 0:
+                thr = "not timed"
+            elif row["rounds_ok"] == 0:
                 thr = "failed: " + "; ".join(row["errors"]).replace("|", "/")
             else:
                 thr = (
@@ -110,11 +133,17 @@ def _model_table(summary: Sequence[dict[str, Any]]) -> list[str]:
                 )
                 if row["rounds_ok"] < row["rounds"]:
                     thr += f" ({row['rounds_ok']}/{row['rounds']} rounds ok)"
-            lines.append(
+            line = (
                 f"| {point['model']} | {point['batch_size']} | {point['seq_len'] or '-'} | "
                 f"{row['name']} | {thr} | {_fmt(row['throughput_ratio'], '.2f', '×')} | "
                 f"{_fmt(row['peak_mem_mib'], '.0f')} | {_fmt(row['memory_ratio'], '.2f', '×')} |"
             )
+            if live:
+                line += (
+                    f" {_fmt(row.get('live_mem_mib'), '.0f')} |"
+                    f" {_fmt(row.get('live_memory_ratio'), '.2f', '×')} |"
+                )
+            lines.append(line)
     return lines
 
 

@@ -145,6 +145,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument(
+        "--live-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cpu: one more run per configuration for the peak of live memory (default: on)",
+    )
+    parser.add_argument(
+        "--live-memory-only",
+        action="store_true",
+        help="cpu: only the live-memory runs (merge with --from-records)",
+    )
+    parser.add_argument(
         "--from-records",
         type=Path,
         nargs="+",
@@ -167,16 +178,26 @@ def _select_configs(text: str, opacus: bool) -> list[str]:
     return names
 
 
+# The live-memory pass: glibc returns each freed block of 64 KiB or more to the OS at once, so
+# the peak RSS is the peak of live memory rather than of what the allocator keeps. Slower (every
+# large allocation is a fresh mapping), so only memory is read from these runs.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def _run_worker(
-    point: Point, name: str, args: argparse.Namespace, profile_path: str | None = None
+    point: Point,
+    name: str,
+    args: argparse.Namespace,
+    profile_path: str | None = None,
+    live_memory: bool = False,
 ) -> dict[str, Any]:
     """One configuration in a fresh interpreter; a crash or timeout becomes a failed record."""
     threads = args.threads or (2 if args.device == "cpu" else None)
     cfg = {
         **asdict(CONFIGS[name]),
         **asdict(point),
-        "steps": args.steps,
-        "warmup": args.warmup,
+        "steps": 1 if live_memory else args.steps,
+        "warmup": 1 if live_memory else args.warmup,
         "device": args.device,
         "threads": threads,
         "profile_path": profile_path,
@@ -187,6 +208,8 @@ def _run_worker(
     )
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if live_memory:
+        env.update(LIVE_MEMORY_ENV)
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [
@@ -215,6 +238,8 @@ def _run_worker(
     if not record["ok"]:  # keep the traceback for the JSON file
         record["stderr_tail"] = (proc.stderr or "")[-3000:]
     record["name"] = name
+    if live_memory:
+        record["pass"] = "live-memory"
     return record
 
 
@@ -235,26 +260,38 @@ def measure(
     by a time limit keeps what it measured (``--from-records`` turns such files into tables).
     """
     records = []
-    for r in range(args.rounds):
+
+    def keep(rec: dict[str, Any], r: int, point: Point, label: str) -> None:
+        rec.update(round=r, point=asdict(point))
+        records.append(rec)
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps({"record": rec}) + "\n")
+        what = (
+            f"{rec['samples_per_s']:.1f} samples/s, {rec['peak_mem_bytes'] / 2**20:.0f} MiB"
+            if rec["ok"]
+            else f"FAILED: {rec['error']}"
+        )
+        _progress(
+            args,
+            f"[{label}] {point.model} B={point.batch_size} T={point.seq_len or '-'} {name}: {what}",
+        )
+
+    if not args.live_memory_only:
+        for r in range(args.rounds):
+            for point in points:
+                for name in names:
+                    keep(_run_worker(point, name, args), r, point, f"round {r + 1}/{args.rounds}")
+    if _live_memory(args):
         for point in points:
             for name in names:
-                rec = _run_worker(point, name, args)
-                rec.update(round=r, point=asdict(point))
-                records.append(rec)
-                if log is not None:
-                    with log.open("a") as f:
-                        f.write(json.dumps({"record": rec}) + "\n")
-                what = (
-                    f"{rec['samples_per_s']:.1f} samples/s, {rec['peak_mem_bytes'] / 2**20:.0f} MiB"
-                    if rec["ok"]
-                    else f"FAILED: {rec['error']}"
-                )
-                _progress(
-                    args,
-                    f"[round {r + 1}/{args.rounds}] {point.model} B={point.batch_size}"
-                    f" T={point.seq_len or '-'} {name}: {what}",
-                )
+                keep(_run_worker(point, name, args, live_memory=True), 0, point, "live memory")
     return records
+
+
+def _live_memory(args: argparse.Namespace) -> bool:
+    """The live-memory pass runs for CPU model tables (CUDA's peak already counts live tensors)."""
+    return args.device == "cpu" and not args.sweep and (args.live_memory or args.live_memory_only)
 
 
 def _point_for(model: str, args: argparse.Namespace) -> Point:
@@ -385,6 +422,7 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             warmup=args.warmup,
             opacus_included=opacus,
+            live_memory=_live_memory(args),
         )
         header = {"section": section, "sweep": args.sweep, "names": names, "machine": machine}
         log = args.out / f"records-{section}.jsonl"

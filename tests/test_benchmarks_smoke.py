@@ -44,16 +44,18 @@ def test_one_round_on_smallest_model_writes_finite_ratios(tmp_path: Path) -> Non
     assert [row[3] for row in rows] == configs
     for row in rows:
         assert row[:3] == ["cnn", "8", "-"]
-        assert math.isfinite(float(row[5].rstrip("×"))) and float(row[5].rstrip("×")) > 0
-        assert math.isfinite(float(row[7].rstrip("×"))) and float(row[7].rstrip("×")) > 0
+        for ratio in (row[5], row[7], row[9]):  # speed, peak RSS, peak live memory
+            assert math.isfinite(float(ratio.rstrip("×"))) and float(ratio.rstrip("×")) > 0
 
     payload = json.loads((tmp_path / "out" / "results-models-cpu.json").read_text())
     assert payload["configs"] == configs
-    assert all(rec["ok"] and rec["samples_per_s"] > 0 for rec in payload["records"])
+    assert all(rec["ok"] and rec["peak_mem_bytes"] > 0 for rec in payload["records"])
     assert payload["machine"]["torch_threads"] == 2
     lines = (tmp_path / "out" / "records-models-cpu.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["header"]["names"] == configs
-    assert [json.loads(line)["record"]["name"] for line in lines[1:]] == configs
+    recs = [json.loads(line)["record"] for line in lines[1:]]
+    assert [r["name"] for r in recs if "pass" not in r] == configs
+    assert [r["name"] for r in recs if r.get("pass") == "live-memory"] == configs
 
 
 def test_a_failing_configuration_is_reported_and_sets_the_exit_status(tmp_path: Path) -> None:
@@ -200,3 +202,20 @@ def test_models_have_larger_default_batches_on_a_gpu() -> None:
     for spec in MODELS.values():
         assert spec.default_batch_size("cuda") >= spec.default_batch_size("cpu")
     assert MODELS["cnn"].default_batch_size("cpu") == 1024
+
+
+def test_live_memory_runs_give_their_own_columns_and_never_a_throughput() -> None:
+    live = [{**_record("non-private", 0, 0.0, 100), "pass": "live-memory"},
+            {**_record("dp", 0, 0.0, 150), "pass": "live-memory"}]  # fmt: skip
+    timed = [_record("non-private", 0, 10.0, 400), _record("dp", 0, 8.0, 600)]
+    (point,) = report.summarise(timed + live, ["non-private", "dp"])
+    dp = point["rows"][1]
+    assert dp["samples_per_s"] == 8.0 and dp["memory_ratio"] == pytest.approx(1.5)
+    assert dp["live_mem_mib"] == pytest.approx(150 / 2**20)
+    assert dp["live_memory_ratio"] == pytest.approx(1.5)
+    body = report.markdown_section(
+        "models-cpu", {**_machine(), "live_memory": True}, [point], ["non-private", "dp"],
+        False, None, Path("."),
+    )  # fmt: skip
+    assert "live × non-private" in body and "MALLOC_MMAP_THRESHOLD_=65536" in body
+    assert _table_rows(body)[1][-1] == "1.50×"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -83,3 +87,25 @@ def test_bucketed_secure_draws_differ_between_engines(monkeypatch):
     GaussianNoise(1.0, secure=True).add_(a)
     GaussianNoise(1.0, secure=True).add_(b)
     assert not torch.equal(a[2], b[2])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_draws_bucketed_noise_without_its_parents_threads(monkeypatch):
+    # Tensors below torch's parallel grain (32768 elements): torch's own OpenMP pool is not
+    # fork-safe either, which this test is not about.
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 4096)
+    GaussianNoise(1.0, seed=0).add_([torch.zeros(20_000)])  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # child: would hang on the parent's (thread-less) pool
+        tensors = [torch.zeros(20_000)]
+        GaussianNoise(1.0, seed=0).add_(tensors)
+        os._exit(0 if tensors[0].std().item() > 0.9 else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the forked child hung drawing noise")

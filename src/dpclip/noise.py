@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 from collections.abc import Iterable
@@ -22,7 +23,9 @@ _scratch = threading.local()
 
 
 @lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per thread count and process: a forked child must not reuse its parent's pool,
+    whose threads do not exist in the child."""
     return ThreadPoolExecutor(threads, thread_name_prefix="dpclip-noise")
 
 
@@ -106,7 +109,8 @@ class GaussianNoise:
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen))
                 cpu_jobs.append((bucket, numel, seed))
         if cpu_jobs:
-            list(_pool(max(1, torch.get_num_threads())).map(self._add_cpu, cpu_jobs))
+            pool = _pool(max(1, torch.get_num_threads()), os.getpid())
+            list(pool.map(self._add_cpu, cpu_jobs))
 
     def _add_cpu(self, job: tuple[list[Tensor], int, int]) -> None:
         bucket, numel, seed = job
