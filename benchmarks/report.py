@@ -108,6 +108,16 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
             if machine.get("live_memory")
             else ""
         ),
+        *(
+            [
+                "- Merged from the records files "
+                + ", ".join(f"`{name}`" for name in machine["merged_from"])
+                + ": machine, run dates, rounds and steps above are the first file's; each "
+                "file's own are in its header line, and rounds of different files stay apart."
+            ]
+            if machine.get("merged_from")
+            else []
+        ),
         "- samples/s = batch size / median step time of a run (robust to stalls on a shared "
         "machine; the mean-based figure is in the JSON).",
         "- Ratios are medians of per-round ratios against the non-private run of the same round; "

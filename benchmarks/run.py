@@ -390,6 +390,8 @@ def _load_records(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str,
                 records.append({**item["record"], "round": item["record"]["round"] + offset})
     if header is None or not records:
         raise HarnessError(f"no header or no records in {[str(p) for p in paths]}")
+    if len(paths) > 1:
+        header["machine"]["merged_from"] = [p.name for p in paths]
     return header, records
 
 

@@ -182,6 +182,7 @@ def test_records_of_runs_cut_short_merge_into_one_table(tmp_path: Path) -> None:
     dp = payload["summary"][0]["rows"][1]
     assert dp["throughput_ratio"] == pytest.approx((0.5 + 0.8) / 2)
     assert "BEGIN bench:models-cuda" in results.read_text()
+    assert "Merged from the records files `a.jsonl`, `b.jsonl`" in results.read_text()
 
 
 def test_merging_records_of_different_sections_is_refused(tmp_path: Path, capsys) -> None:

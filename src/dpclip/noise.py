@@ -14,7 +14,7 @@ from torch import Tensor
 
 # A bucket is one flat draw, added to a run of tensors (or pieces of one) of one device and dtype:
 # two kernel launches per bucket instead of two per parameter, which matters on a GPU.
-_BUCKET_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 24}
+_BUCKET_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 # On a CPU, torch's normal_ runs one serial generator at ~8 ns per element: a second per step for
 # GPT-2's 124M parameters. There every bucket has a generator of its own, seeded from the device
 # generator in bucket order, and threads (as many as torch uses) fill and add the buckets through
