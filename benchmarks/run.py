@@ -131,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sweep-batches",
         type=_int_csv,
-        help="default: 4,8,16,32,64 on cpu; 16,32,64,128,256 on cuda",
+        help="default: "
+        + "; ".join(f"{','.join(map(str, b))} on {d}" for d, b in SWEEP_BATCHES.items()),
     )
     parser.add_argument(
         "--profile",
@@ -262,6 +263,7 @@ def measure(
     records = []
 
     def keep(rec: dict[str, Any], r: int, point: Point, label: str) -> None:
+        """Record one worker's result: in the list, in the log, and as a progress line."""
         rec.update(round=r, point=asdict(point))
         records.append(rec)
         if log is not None:
@@ -274,7 +276,8 @@ def measure(
         )
         _progress(
             args,
-            f"[{label}] {point.model} B={point.batch_size} T={point.seq_len or '-'} {name}: {what}",
+            f"[{label}] {point.model} B={point.batch_size} T={point.seq_len or '-'} "
+            f"{rec['name']}: {what}",
         )
 
     if not args.live_memory_only:

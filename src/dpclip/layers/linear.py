@@ -36,6 +36,10 @@ def dense_rule(layout: Layout) -> LayerRule:
         dtype = compute_dtype(module.weight, grad_output)
         return as_btd(inputs[0], dtype), as_btd(grad_output, dtype)
 
+    def weight_sides(module: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols): the sides along the weight's dim 0 and dim 1, s and a or a and s."""
+        return (a, s) if layout(module)[2] else (s, a)
+
     def norm_sq(
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
     ) -> dict[str, Tensor]:
@@ -52,11 +56,10 @@ def dense_rule(layout: Layout) -> LayerRule:
         module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         a, s = flat(module, inputs, grad_output)
-        transposed = layout(module)[2]
         out: dict[str, Tensor] = {}
         if "weight" in factors:
-            f = factors["weight"]
-            out["weight"] = outer_clipped_sum(s, a, f) if transposed else outer_clipped_sum(a, s, f)
+            rows, cols = weight_sides(module, a, s)
+            out["weight"] = outer_clipped_sum(cols, rows, factors["weight"])
         if "bias" in factors:
             out["bias"] = factors["bias"].to(s.dtype) @ bias_per_sample(s)
         return out
@@ -65,10 +68,10 @@ def dense_rule(layout: Layout) -> LayerRule:
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
     ) -> dict[str, Tensor]:
         a, s = flat(module, inputs, grad_output)
-        transposed = layout(module)[2]
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            out["weight"] = outer_per_sample(s, a) if transposed else outer_per_sample(a, s)
+            rows, cols = weight_sides(module, a, s)
+            out["weight"] = outer_per_sample(cols, rows)
         if "bias" in names:
             out["bias"] = bias_per_sample(s)
         return out
@@ -83,10 +86,9 @@ def dense_rule(layout: Layout) -> LayerRule:
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
     ) -> dict[str, OuterFactors]:
         a, s = flat(module, inputs, grad_output)
-        transposed = layout(module)[2]
         out: dict[str, OuterFactors] = {}
         if "weight" in names:
-            out["weight"] = OuterFactors(a, s) if transposed else OuterFactors(s, a)
+            out["weight"] = OuterFactors(*weight_sides(module, a, s))
         if "bias" in names:
             out["bias"] = OuterFactors(s, s.new_ones(*s.shape[:2], 1))
         return out
