@@ -410,6 +410,11 @@ def run(args: argparse.Namespace) -> int:
         if args.profile not in MODELS:
             raise HarnessError(f"unknown model {args.profile!r}; choose from {list(MODELS)}")
         return _profile(args, args.profile)
+    if args.live_memory_only and not _live_memory(args):
+        raise HarnessError(
+            "--live-memory-only applies to CPU model tables: not to --sweep or --device cuda "
+            "(CUDA's peak memory already counts live tensors)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_records:
         header, records = _load_records(args.from_records)

@@ -220,3 +220,12 @@ def test_live_memory_runs_give_their_own_columns_and_never_a_throughput() -> Non
     )  # fmt: skip
     assert "live × non-private" in body and "MALLOC_MMAP_THRESHOLD_=65536" in body
     assert _table_rows(body)[1][-1] == "1.50×"
+
+
+@pytest.mark.parametrize("extra", [["--sweep"], ["--device", "cuda"]])
+def test_live_memory_only_outside_cpu_model_tables_is_refused(extra, tmp_path, capsys) -> None:
+    results = tmp_path / "RESULTS.md"
+    argv = ["--live-memory-only", *extra, "--out", str(tmp_path / "out"), "--results", str(results)]
+    assert run.main(argv) == 2
+    assert "--live-memory-only applies to CPU model tables" in capsys.readouterr().err
+    assert not results.exists() and not (tmp_path / "out").exists()
