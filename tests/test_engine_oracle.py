@@ -90,13 +90,15 @@ def test_shared_parameters_equal_naive_loop_for_each_norm_strategy(name, strateg
 @pytest.mark.parametrize("name", SHARED)
 def test_shared_parameters_under_ghost_never_build_per_sample_gradients(name):
     """Cross terms come from the uses' outer factors: the Embedding and Linear rules (the
-    shared layers here) must never build per-sample gradients."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("per-sample gradients were instantiated")
-
+    shared weights here) must never build per-sample weight gradients (a bias's, (b, out), may)."""
     registry = dpclip.layers.default_registry()
     for module_type in (torch.nn.Embedding, torch.nn.Linear):
-        patched = dataclasses.replace(registry.rule_for(module_type(2, 2)), per_sample_grad=refuse)
+        rule = registry.rule_for(module_type(2, 2))
+
+        def refuse(module, inputs, grad_output, names, _build=rule.per_sample_grad):
+            assert "weight" not in names, "per-sample weight gradients were instantiated"
+            return _build(module, inputs, grad_output, names)
+
+        patched = dataclasses.replace(rule, per_sample_grad=refuse)
         registry.register(module_type, patched, replace=True)
     run_one_step(name, "abadi", "all-layer", "sum", norm_strategy="ghost", registry=registry)

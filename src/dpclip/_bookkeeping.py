@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from dpclip.clipping import clip_factors, group_clip_norm
 from dpclip.hooks import Record
 from dpclip.layers import LayerRule
-from dpclip.layers._common import OuterFactors, outer_inner
+from dpclip.layers._common import OuterFactors, outer_inner, sq_norms
 
 
 class NonFiniteNormError(FloatingPointError):
@@ -74,19 +74,17 @@ class Accumulator:
         keep_record = False
         if again:
             keep_record = self._add_again(rec, rule, {n: params[n] for n in again})
-        if fresh:
-            instantiate = rule.per_sample_grad is not None and _instantiates(
-                rule, rec, self.plan.strategy
-            )
-            if instantiate:
-                got = rule.per_sample_grad(module, rec.inputs, rec.grad_output, fresh)
-                for n in fresh:
-                    self.entries[params[n]] = _Entry(per_sample=got[n])
-            else:
-                got = rule.norm_sq(module, rec.inputs, rec.grad_output, fresh, self.plan.strategy)
-                for n in fresh:
-                    self.entries[params[n]] = _Entry(uses=[(rec, n)], norm_sq=got[n])
-                keep_record = True
+        built = _instantiated_names(rule, rec, fresh, self.plan.strategy)
+        if built:
+            got = rule.per_sample_grad(module, rec.inputs, rec.grad_output, built)
+            for n in built:
+                self.entries[params[n]] = _Entry(per_sample=got[n])
+        ghost = [n for n in fresh if n not in built]
+        if ghost:
+            got = rule.norm_sq(module, rec.inputs, rec.grad_output, ghost, self.plan.strategy)
+            for n in ghost:
+                self.entries[params[n]] = _Entry(uses=[(rec, n)], norm_sq=got[n])
+            keep_record = True
         if not keep_record:
             rec.inputs, rec.grad_output = (), None  # reduced to per-sample grads: free it
 
@@ -139,7 +137,7 @@ class Accumulator:
         """Σ_i C_i g_i for every parameter touched (C from the plan's clipping)."""
         for entry in self.entries.values():
             if entry.norm_sq is None:
-                entry.norm_sq = entry.per_sample.reshape(self.batch, -1).square().sum(dim=1)
+                entry.norm_sq = sq_norms(entry.per_sample)
         factors = self._factors()
         sums: dict[nn.Parameter, Tensor] = {}
         kept: dict[Record, dict[str, Tensor]] = {}
@@ -192,7 +190,9 @@ def _per_sample(rule: LayerRule, rec: Record, names: list[str]) -> dict[str, Ten
     return rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, names)
 
 
-def _instantiates(rule: LayerRule, rec: Record, strategy: str) -> bool:
-    return rule.instantiates is not None and rule.instantiates(
-        rec.module, rec.inputs, rec.grad_output, strategy
-    )
+def _instantiated_names(rule: LayerRule, rec: Record, names: list[str], strategy: str) -> list[str]:
+    """Which of ``names`` this call builds per-sample gradients for (in ``names``' order)."""
+    if not names or rule.instantiates is None or rule.per_sample_grad is None:
+        return []
+    chosen = set(rule.instantiates(rec.module, rec.inputs, rec.grad_output, names, strategy))
+    return [n for n in names if n in chosen]

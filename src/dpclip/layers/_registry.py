@@ -11,10 +11,11 @@ and, optionally, ``per_sample_grad(module, inputs, grad_output, names) -> {name:
 needed only when one parameter is used by several layers (tied weights), and, optionally,
 ``check(module) -> str | None``: why this instance cannot be clipped (e.g. an Embedding with
 ``max_norm``), so the engine refuses it at construction, and, optionally,
-``instantiates(module, inputs, grad_output, strategy) -> bool``: True when building this call's
-per-sample gradients is the cheaper way to its norms; the engine then builds them once with
-``per_sample_grad`` and reuses them for the clipped sum (one small contraction instead of a
-second matmul), as long as they are no larger than the recorded activations, and, optionally,
+``instantiates(module, inputs, grad_output, names, strategy) -> Collection[str]``: the names,
+among ``names``, whose per-sample gradients are the cheaper way to their norms (a bias's are
+(b, out), smaller than the output gradient they are summed from); the engine builds those once
+with ``per_sample_grad`` and reuses them for the clipped sum (one small contraction instead of a
+second matmul), and, optionally,
 ``outer_factors(module, inputs, grad_output, names) -> {name: OuterFactors}``: the gradient as a
 sum of outer products over positions (see :class:`dpclip.layers._common.OuterFactors`). With it,
 a parameter used by several calls (tied weights) gets its per-sample norm from pairwise inner
@@ -29,19 +30,19 @@ the engine does that through the factors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dpclip.layers._common import OuterFactors
+from dpclip.layers._common import OuterFactors, sq_norms
 
 NormSq = Callable[[nn.Module, tuple, Tensor, Sequence[str], str], dict[str, Tensor]]
 ClippedGrad = Callable[[nn.Module, tuple, Tensor, Mapping[str, Tensor]], dict[str, Tensor]]
 PerSampleGrad = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, Tensor]]
 Check = Callable[[nn.Module], "str | None"]
-Instantiates = Callable[[nn.Module, tuple, Tensor, str], bool]
+Instantiates = Callable[[nn.Module, tuple, Tensor, Sequence[str], str], Collection[str]]
 OuterFactorsFn = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, OuterFactors]]
 
 STRATEGIES = ("ghost", "instantiate", "mixed")
@@ -55,7 +56,7 @@ class LayerRule:
     clipped_grad: ClippedGrad
     per_sample_grad: PerSampleGrad | None = None
     check: Check | None = None  # reason this module instance cannot be clipped, or None
-    instantiates: Instantiates | None = None  # build per-sample grads once, reuse for the sum
+    instantiates: Instantiates | None = None  # names whose per-sample grads are built, reused
     outer_factors: OuterFactorsFn | None = None  # for ghost norms of tied parameters
 
 
@@ -116,7 +117,7 @@ def from_per_sample(per_sample_grad: PerSampleGrad) -> LayerRule:
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
     ) -> dict[str, Tensor]:
         grads = per_sample_grad(module, inputs, grad_output, names)
-        return {n: g.flatten(1).square().sum(dim=1) for n, g in grads.items()}
+        return {n: sq_norms(g) for n, g in grads.items()}
 
     def clipped_grad(
         module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
@@ -124,8 +125,10 @@ def from_per_sample(per_sample_grad: PerSampleGrad) -> LayerRule:
         grads = per_sample_grad(module, inputs, grad_output, list(factors))
         return {n: torch.tensordot(factors[n].to(g.dtype), g, dims=1) for n, g in grads.items()}
 
-    def always(module: nn.Module, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
-        return True
+    def always(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+    ) -> Collection[str]:
+        return names
 
     return LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=always)
 

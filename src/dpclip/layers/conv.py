@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._common import outer_norm_sq, outer_per_sample, use_ghost
+from dpclip.layers._common import outer_norm_sq, outer_per_sample, sq_norms, use_ghost
 from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -145,7 +145,7 @@ def norm_sq(
         per_group = _by_batch_chunks(module, inputs, grad_output, weight_norm_sq)
         out["weight"] = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
     if "bias" in names:
-        out["bias"] = _bias_per_sample(grad_output, dtype).square().sum(dim=1)
+        out["bias"] = sq_norms(_bias_per_sample(grad_output, dtype))
     return out
 
 
@@ -235,14 +235,18 @@ def _per_sample_by_kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tens
     return grad.view(b, *module.weight.shape)
 
 
-def instantiates(module: _Conv, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
-    """Build per-sample gradients when asked, or under "mixed" when they are no larger than
-    the recorded input and output gradient they replace (so memory does not grow)."""
-    if strategy != "mixed":
-        return strategy == "instantiate"
-    per_sample = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-    recorded = (inputs[0].numel() + grad_output.numel()) // grad_output.shape[0]
-    return per_sample <= recorded
+def instantiates(
+    module: _Conv, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+) -> list[str]:
+    """The bias always ((b, out) is smaller than s); the weight when asked, or under "mixed"
+    when its per-sample gradients are no larger than the recorded input and output gradient
+    they replace (so memory does not grow)."""
+    if strategy == "mixed":
+        recorded = (inputs[0].numel() + grad_output.numel()) // grad_output.shape[0]
+        weight = module.weight.numel() <= recorded
+    else:
+        weight = strategy == "instantiate"
+    return [n for n in names if n == "bias" or weight]
 
 
 def register(registry: LayerRegistry) -> None:

@@ -18,6 +18,7 @@ from dpclip.layers._common import (
     outer_clipped_sum,
     outer_norm_sq,
     outer_per_sample,
+    sq_norms,
     use_ghost,
 )
 from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
@@ -49,7 +50,7 @@ def dense_rule(layout: Layout) -> LayerRule:
         if "weight" in names:
             out["weight"] = outer_norm_sq(a, s, use_ghost(strategy, a.shape[1], d_in, d_out))
         if "bias" in names:
-            out["bias"] = bias_per_sample(s).square().sum(dim=1)
+            out["bias"] = sq_norms(bias_per_sample(s))
         return out
 
     def clipped_grad(
@@ -76,11 +77,15 @@ def dense_rule(layout: Layout) -> LayerRule:
             out["bias"] = bias_per_sample(s)
         return out
 
-    def instantiates(module: nn.Module, inputs: tuple, grad_output: Tensor, strategy: str) -> bool:
-        """Per-sample grads (reused for the sum) when no larger than the a and s they replace."""
+    def instantiates(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+    ) -> list[str]:
+        """The bias always ((b, out) is smaller than s); the weight when its per-sample grads
+        are no larger than the a and s they replace."""
         d_in, d_out, _ = layout(module)
         T = grad_output.numel() // (grad_output.shape[0] * d_out)
-        return T > 1 and not use_ghost(strategy, T, d_in, d_out)
+        weight = T > 1 and not use_ghost(strategy, T, d_in, d_out)
+        return [n for n in names if n == "bias" or weight]
 
     def outer_factors(
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
