@@ -102,3 +102,16 @@ def test_shared_parameters_under_ghost_never_build_per_sample_gradients(name):
         patched = dataclasses.replace(rule, per_sample_grad=refuse)
         registry.register(module_type, patched, replace=True)
     run_one_step(name, "abadi", "all-layer", "sum", norm_strategy="ghost", registry=registry)
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_parameters_without_in_place_rules_equal_naive_loop(name):
+    """A rule with outer factors but no add_clipped_grad (a user's) still gets one share per use,
+    summed out of place."""
+    registry = dpclip.layers.default_registry()
+    for module_type in (torch.nn.Embedding, torch.nn.Linear):
+        rule = registry.rule_for(module_type(2, 2))
+        registry.register(
+            module_type, dataclasses.replace(rule, add_clipped_grad=None), replace=True
+        )
+    run_one_step(name, "automatic", "all-layer", "mean", norm_strategy="ghost", registry=registry)

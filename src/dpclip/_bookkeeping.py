@@ -149,14 +149,33 @@ class Accumulator:
                 for rec, name in entry.uses:
                     kept.setdefault(rec, {})[name] = factors[p]
         for rec, f in kept.items():
-            got = self.plan.rules[rec.module].clipped_grad(
-                rec.module, rec.inputs, rec.grad_output, f
-            )
-            for n in f:
-                p = getattr(rec.module, n)
-                g = got[n].reshape(p.shape)
-                sums[p] = sums[p] + g if p in sums else g  # tied: one share per use
+            self._clipped_sum(rec, f, sums)
+            rec.inputs, rec.grad_output = (), None  # used up: free it before the next one
         return sums
+
+    def _clipped_sum(self, rec: Record, factors: dict[str, Tensor], sums: dict) -> None:
+        """Add this call's share of Σ_i C_i g_i to ``sums``: in place where its parameter already
+        has a share (a later use of a tied weight) and the rule can, else as a new tensor."""
+        rule, module = self.plan.rules[rec.module], rec.module
+        into = {}
+        if rule.add_clipped_grad is not None:
+            into = {
+                n: sums[p]
+                for n in factors
+                if (p := getattr(module, n)) in sums and sums[p].is_contiguous()
+            }
+        if into:
+            rule.add_clipped_grad(
+                module, rec.inputs, rec.grad_output, {n: factors[n] for n in into}, into
+            )
+        rest = {n: c for n, c in factors.items() if n not in into}
+        if not rest:
+            return
+        got = rule.clipped_grad(module, rec.inputs, rec.grad_output, rest)
+        for n in rest:
+            p = getattr(module, n)
+            g = got[n].reshape(p.shape)
+            sums[p] = sums[p] + g if p in sums else g  # tied, no in-place rule: one share per use
 
     def _factors(self) -> dict[nn.Parameter, Tensor]:
         plan = self.plan

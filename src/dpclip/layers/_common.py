@@ -47,8 +47,9 @@ def outer_norm_sq(a: Tensor, s: Tensor, ghost: bool) -> Tensor:
     return sq_norms(torch.bmm(s.transpose(1, 2), a))
 
 
-def outer_clipped_sum(a: Tensor, s: Tensor, factors: Tensor) -> Tensor:
-    """Σ_i C_i s_iᵀ a_i as one matmul: (C ⊙ s)ᵀ a = sᵀ (C ⊙ a), shape (out, in).
+def outer_clipped_sum(a: Tensor, s: Tensor, factors: Tensor, into: Tensor | None = None) -> Tensor:
+    """Σ_i C_i s_iᵀ a_i as one matmul: (C ⊙ s)ᵀ a = sᵀ (C ⊙ a), shape (out, in); added in
+    place to ``into`` when given (and returned).
 
     The factors scale whichever of a and s is smaller (same result, less elementwise work).
     """
@@ -57,7 +58,8 @@ def outer_clipped_sum(a: Tensor, s: Tensor, factors: Tensor) -> Tensor:
         s = s * c
     else:
         a = a * c
-    return s.reshape(-1, s.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+    s, a = s.reshape(-1, s.shape[-1]).t(), a.reshape(-1, a.shape[-1])
+    return s @ a if into is None else into.addmm_(s.to(into.dtype), a.to(into.dtype))
 
 
 def outer_per_sample(a: Tensor, s: Tensor) -> Tensor:

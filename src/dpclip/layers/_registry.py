@@ -19,7 +19,10 @@ second matmul), and, optionally,
 ``outer_factors(module, inputs, grad_output, names) -> {name: OuterFactors}``: the gradient as a
 sum of outer products over positions (see :class:`dpclip.layers._common.OuterFactors`). With it,
 a parameter used by several calls (tied weights) gets its per-sample norm from pairwise inner
-products of the calls' factors instead of per-sample gradients.
+products of the calls' factors instead of per-sample gradients, and, optionally,
+``add_clipped_grad(module, inputs, grad_output, factors, into) -> None``: ``clipped_grad`` added
+in place to ``into`` ({name: Tensor shaped like the parameter}), which the engine uses for the
+second and later calls of a shared parameter (no temporary as large as the parameter).
 
 ``inputs`` is the tuple of positional tensors the module's ``forward`` received (detached);
 ``grad_output`` is ∂L/∂output with the batch on dim 0. ``strategy`` is ``"ghost"``,
@@ -44,6 +47,9 @@ PerSampleGrad = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, Te
 Check = Callable[[nn.Module], "str | None"]
 Instantiates = Callable[[nn.Module, tuple, Tensor, Sequence[str], str], Collection[str]]
 OuterFactorsFn = Callable[[nn.Module, tuple, Tensor, Sequence[str]], dict[str, OuterFactors]]
+AddClippedGrad = Callable[
+    [nn.Module, tuple, Tensor, Mapping[str, Tensor], Mapping[str, Tensor]], None
+]
 
 STRATEGIES = ("ghost", "instantiate", "mixed")
 
@@ -58,6 +64,7 @@ class LayerRule:
     check: Check | None = None  # reason this module instance cannot be clipped, or None
     instantiates: Instantiates | None = None  # names whose per-sample grads are built, reused
     outer_factors: OuterFactorsFn | None = None  # for ghost norms of tied parameters
+    add_clipped_grad: AddClippedGrad | None = None  # clipped_grad, accumulated in place
 
 
 class LayerRegistry:

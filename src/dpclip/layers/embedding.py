@@ -107,12 +107,30 @@ def norm_sq(
 def clipped_grad(
     module: nn.Embedding, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    ids, s = _flat(module, inputs, grad_output)
     if "weight" not in factors:
         return {}
+    grad = grad_output.new_zeros(
+        module.num_embeddings, module.embedding_dim, dtype=compute_dtype(module.weight, grad_output)
+    )
+    add_clipped_grad(module, inputs, grad_output, factors, {"weight": grad})
+    return {"weight": grad}
+
+
+def add_clipped_grad(
+    module: nn.Embedding,
+    inputs: tuple,
+    grad_output: Tensor,
+    factors: Mapping[str, Tensor],
+    into: Mapping[str, Tensor],
+) -> None:
+    """Scatter-add C_i s_it into the rows id_it of ``into["weight"]`` (vocab × dim)."""
+    if "weight" not in factors:
+        return
+    ids, s = _flat(module, inputs, grad_output)
     scaled = s * factors["weight"].to(s.dtype).view(-1, 1, 1)
-    grad = s.new_zeros(module.num_embeddings, module.embedding_dim)
-    return {"weight": grad.index_add_(0, ids.reshape(-1), scaled.reshape(-1, s.shape[-1]))}
+    into["weight"].index_add_(
+        0, ids.reshape(-1), scaled.reshape(-1, s.shape[-1]).to(into["weight"].dtype)
+    )
 
 
 def per_sample_grad(
@@ -135,7 +153,14 @@ def outer_factors(
 
 
 def register(registry: LayerRegistry) -> None:
-    rule = LayerRule(norm_sq, clipped_grad, per_sample_grad, check, outer_factors=outer_factors)
+    rule = LayerRule(
+        norm_sq,
+        clipped_grad,
+        per_sample_grad,
+        check,
+        outer_factors=outer_factors,
+        add_clipped_grad=add_clipped_grad,
+    )
     registry.register(nn.Embedding, rule)
 
 

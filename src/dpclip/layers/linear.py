@@ -65,6 +65,20 @@ def dense_rule(layout: Layout) -> LayerRule:
             out["bias"] = factors["bias"].to(s.dtype) @ bias_per_sample(s)
         return out
 
+    def add_clipped_grad(
+        module: nn.Module,
+        inputs: tuple,
+        grad_output: Tensor,
+        factors: Mapping[str, Tensor],
+        into: Mapping[str, Tensor],
+    ) -> None:
+        a, s = flat(module, inputs, grad_output)
+        if "weight" in factors:
+            rows, cols = weight_sides(module, a, s)
+            outer_clipped_sum(cols, rows, factors["weight"], into=into["weight"])
+        if "bias" in factors:
+            into["bias"].add_(factors["bias"].to(s.dtype) @ bias_per_sample(s))
+
     def per_sample_grad(
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
     ) -> dict[str, Tensor]:
@@ -104,6 +118,7 @@ def dense_rule(layout: Layout) -> LayerRule:
         per_sample_grad,
         instantiates=instantiates,
         outer_factors=outer_factors,
+        add_clipped_grad=add_clipped_grad,
     )
 
 
