@@ -366,15 +366,34 @@ def machine_description(args: argparse.Namespace, records: Sequence[dict[str, An
     }
 
 
+def _read_records_file(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of one records file: a header line first, then header or record lines."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise HarnessError(f"cannot read records from {path}: {err}") from None
+    items: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise HarnessError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        if not (isinstance(item, dict) and len(item) == 1 and {"header", "record"} & item.keys()):
+            raise HarnessError(f"{path}, line {number}: neither a header nor a record line")
+        if not items and "header" not in item:
+            raise HarnessError(f"{path} does not start with a header line: not a records file")
+        items.append(item)
+    return items
+
+
 def _load_records(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Header of the first file and the records of all; rounds renumbered to stay apart."""
     header: dict[str, Any] | None = None
     records: list[dict[str, Any]] = []
     for path in paths:
-        try:
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, json.JSONDecodeError) as err:
-            raise HarnessError(f"cannot read records from {path}: {err}") from None
+        lines = _read_records_file(path)
         offset = 1 + max((r["round"] for r in records), default=-1)
         for item in lines:
             if "header" in item:

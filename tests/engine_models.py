@@ -35,6 +35,14 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.mix(self.wte(ids)))).mean(dim=1)
 
 
+class TiedOtherLength(TiedLM):
+    """A tied head that reads fewer positions (every other one) than the embedding looks up:
+    the cross terms pair sequences of different lengths."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.wte(ids)[:, ::2]))).mean(dim=1)
+
+
 class Reused(nn.Module):
     """One Linear applied twice in a forward pass."""
 
@@ -122,6 +130,7 @@ CASES: dict[str, Case] = {
     "instancenorm": Case(lambda: nn.Sequential(nn.Conv1d(2, 4, 3, bias=False), nn.InstanceNorm1d(4, affine=True), Flatten(), nn.Linear(12, 3)), _randn(2, 5), 3),
     "rmsnorm": Case(lambda: nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Linear(6, 3)), _randn(5), 3),
     "tied_embedding_head": Case(TiedLM, _ids(7, 5), 7),
+    "tied_head_other_length": Case(TiedOtherLength, _ids(7, 5), 7),
     "reused_layer": Case(Reused, _randn(4), 3),
     "embedding_twice": Case(EmbeddingTwice, _ids(6, 5), 3),
     "frozen_layers": Case(_frozen_first, _randn(5), 3),

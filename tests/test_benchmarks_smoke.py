@@ -228,4 +228,30 @@ def test_live_memory_only_outside_cpu_model_tables_is_refused(extra, tmp_path, c
     argv = ["--live-memory-only", *extra, "--out", str(tmp_path / "out"), "--results", str(results)]
     assert run.main(argv) == 2
     assert "--live-memory-only applies to CPU model tables" in capsys.readouterr().err
-    assert not results.exists() and not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    assert not results.exists() and not (out.exists() and any(out.iterdir()))
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"record": {"round": 0}}'], "does not start with a header line"),
+        (["HEADER", "{not json"], "line 2: not JSON"),
+        (["HEADER", '{"recrod": {}}'], "line 2: neither a header nor a record line"),
+        (["HEADER", "[1, 2]"], "line 2: neither a header nor a record line"),
+    ],
+)
+def test_malformed_records_files_are_refused_naming_the_line(lines, message, tmp_path, capsys):
+    good = _records_file(tmp_path / "good.jsonl", ["non-private"],
+                         [_record("non-private", 0, 1.0, 1)])  # fmt: skip
+    header = good.read_text().splitlines()[0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(header if line == "HEADER" else line for line in lines) + "\n")
+    results = tmp_path / "RESULTS.md"
+    argv = ["--from-records", str(good), str(bad), "--out", str(tmp_path / "out"),
+            "--results", str(results)]  # fmt: skip
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and message in err
+    out = tmp_path / "out"
+    assert not results.exists() and not (out.exists() and any(out.iterdir()))

@@ -78,7 +78,13 @@ def test_update_equals_naive_loop_for_batch_of_one():
     run_one_step("linear", "automatic", "all-layer", "mean", batch=1)
 
 
-SHARED = ["tied_embedding_head", "reused_layer", "embedding_twice", "gpt2_tiny"]
+SHARED = [
+    "tied_embedding_head",
+    "tied_head_other_length",
+    "reused_layer",
+    "embedding_twice",
+    "gpt2_tiny",
+]
 
 
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate", "mixed"])

@@ -109,3 +109,19 @@ def test_a_forked_child_draws_bucketed_noise_without_its_parents_threads(monkeyp
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     pytest.fail("the forked child hung drawing noise")
+
+
+def test_non_contiguous_tensor_larger_than_a_bucket_gets_noise_everywhere_and_only_there(
+    monkeypatch,
+):
+    """A strided view (a transposed grad) cannot be cut into flat pieces: it goes whole into a
+    bucket of its own, still gets every element noised, and the storage around it is untouched."""
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 1000)
+    base = torch.zeros(200, 60)
+    view = base[:, :40].t()  # (40, 200), non-contiguous, 8000 elements > 1000
+    assert not view.is_contiguous()
+    small = torch.zeros(30)
+    GaussianNoise(1.5, seed=0).add_([small, view])
+    assert bool((view != 0).all()) and bool((small != 0).all())
+    assert bool((base[:, 40:] == 0).all())  # the columns outside the view are untouched
+    assert abs(view.std().item() / 1.5 - 1) < 0.05

@@ -1,15 +1,17 @@
 """Book-keeping: from one backward pass's records to Σ_i C_i g_i per parameter.
 
-Each record is reduced as soon as its output gradient arrives: either its per-sample norms
-(ghost, or any closed form) are computed and the record is kept for the clipped sum later, or
-its per-sample gradients are instantiated, kept instead of the record (whose activations are
-then freed) and reused for the clipped sum as one small contraction. When the backward pass
+Each record is reduced as soon as its output gradient arrives, parameter by parameter: either
+the per-sample norms (ghost, or any closed form) are computed and the record is kept for the
+clipped sum later, or the per-sample gradients are instantiated (always for a bias: (b, out)),
+kept, and reused for the clipped sum as one small contraction; a record none of whose
+parameters needs it any more is freed at once. When the backward pass
 ends, the norms give the factors C, and each kept record costs one matmul, (C ⊙ s)ᵀ a.
 A parameter used by several calls (tied weights, a reused layer) needs the norm of the *sum* of
 its per-sample gradients: ‖Σ_k g_k‖² = Σ_k ‖g_k‖² + 2 Σ_{j<k} ⟨g_j, g_k⟩. Where every call's rule
 gives outer-product factors, the cross terms come from those (no per-sample gradient, as for an
 embedding tied to the output layer), and each call's record is kept for its share of the clipped
-sum. Otherwise the uses are instantiated and summed.
+sum; later shares are added in place where the rule can (``add_clipped_grad``), so no temporary
+as large as the parameter is made. Otherwise the uses are instantiated and summed.
 """
 
 from __future__ import annotations
