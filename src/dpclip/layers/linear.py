@@ -53,17 +53,29 @@ def dense_rule(layout: Layout) -> LayerRule:
             out["bias"] = sq_norms(bias_per_sample(s))
         return out
 
-    def clipped_grad(
-        module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
+    def clipped_sums(
+        module: nn.Module,
+        inputs: tuple,
+        grad_output: Tensor,
+        factors: Mapping[str, Tensor],
+        into: Mapping[str, Tensor] | None,
     ) -> dict[str, Tensor]:
+        """Σ_i C_i g_i per parameter in ``factors``: new tensors, or added in place to ``into``."""
         a, s = flat(module, inputs, grad_output)
         out: dict[str, Tensor] = {}
         if "weight" in factors:
             rows, cols = weight_sides(module, a, s)
-            out["weight"] = outer_clipped_sum(cols, rows, factors["weight"])
+            target = None if into is None else into["weight"]
+            out["weight"] = outer_clipped_sum(cols, rows, factors["weight"], into=target)
         if "bias" in factors:
-            out["bias"] = factors["bias"].to(s.dtype) @ bias_per_sample(s)
+            g = factors["bias"].to(s.dtype) @ bias_per_sample(s)
+            out["bias"] = g if into is None else into["bias"].add_(g)
         return out
+
+    def clipped_grad(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return clipped_sums(module, inputs, grad_output, factors, None)
 
     def add_clipped_grad(
         module: nn.Module,
@@ -72,12 +84,7 @@ def dense_rule(layout: Layout) -> LayerRule:
         factors: Mapping[str, Tensor],
         into: Mapping[str, Tensor],
     ) -> None:
-        a, s = flat(module, inputs, grad_output)
-        if "weight" in factors:
-            rows, cols = weight_sides(module, a, s)
-            outer_clipped_sum(cols, rows, factors["weight"], into=into["weight"])
-        if "bias" in factors:
-            into["bias"].add_(factors["bias"].to(s.dtype) @ bias_per_sample(s))
+        clipped_sums(module, inputs, grad_output, factors, into)
 
     def per_sample_grad(
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
