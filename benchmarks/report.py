@@ -52,11 +52,13 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
         for name in names:
             runs = [by[(name, r)] for r in rounds if (name, r) in by]
             ok = [rec for rec in runs if rec["ok"]]
-            thr_ratio, mem_ratio = [], []
+            thr_ratio, best_ratio, mem_ratio = [], [], []
             for r in rounds:
                 rec, base = by.get((name, r)), by.get(("non-private", r))
                 if rec and base and rec["ok"] and base["ok"]:
                     thr_ratio.append(rec["samples_per_s"] / base["samples_per_s"])
+                    if rec.get("step_times_s") and base.get("step_times_s"):
+                        best_ratio.append(min(base["step_times_s"]) / min(rec["step_times_s"]))
                     if base["peak_mem_bytes"] > 0:
                         mem_ratio.append(rec["peak_mem_bytes"] / base["peak_mem_bytes"])
             thr = [rec["samples_per_s"] for rec in ok]
@@ -74,6 +76,7 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
                     "samples_per_s_min": min(thr) if thr else None,
                     "samples_per_s_max": max(thr) if thr else None,
                     "throughput_ratio": _median(thr_ratio),
+                    "best_step_ratio": _median(best_ratio),
                     "peak_mem_mib": _median([rec["peak_mem_bytes"] / MiB for rec in ok]),
                     "memory_ratio": _median(mem_ratio),
                     "live_mem_mib": live_mib,
@@ -121,15 +124,25 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
         "- samples/s = batch size / median step time of a run (robust to stalls on a shared "
         "machine; the mean-based figure is in the JSON).",
         "- Ratios are medians of per-round ratios against the non-private run of the same round; "
-        "samples/s shows the median and [min-max] over rounds.",
+        "samples/s shows the median and [min-max] over rounds. Best step ×: the same from each "
+        "run's fastest step (the least disturbed by other load on a shared machine).",
+        "- Allocator: "
+        + (
+            "glibc keeps freed memory for re-use in every worker (`--allocator retain`, "
+            "GLIBC_TUNABLES mmap_max=0, trim_threshold=4 GiB): no page faults on re-used buffers."
+            if machine.get("allocator") == "retain"
+            else "glibc as configured (large blocks are unmapped when freed and faulted in again "
+            "when re-used; `--allocator retain` measures without that)."
+        ),
     ]
 
 
 def _model_table(summary: Sequence[dict[str, Any]]) -> list[str]:
     live = any(row.get("live_mem_mib") is not None for p in summary for row in p["rows"])
-    head = "| model | batch | T | configuration | samples/s [min-max] | × non-private | peak MiB |"
-    head += " memory × non-private |" + (" live MiB | live × non-private |" if live else "")
-    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if live else "")]
+    head = "| model | batch | T | configuration | samples/s [min-max] | × non-private |"
+    head += " best step × | peak MiB | memory × non-private |"
+    head += " live MiB | live × non-private |" if live else ""
+    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if live else "")]
     for point in summary:
         for row in point["rows"]:
             if row["rounds"] == 0:
@@ -146,6 +159,7 @@ def _model_table(summary: Sequence[dict[str, Any]]) -> list[str]:
             line = (
                 f"| {point['model']} | {point['batch_size']} | {point['seq_len'] or '-'} | "
                 f"{row['name']} | {thr} | {_fmt(row['throughput_ratio'], '.2f', '×')} | "
+                f"{_fmt(row.get('best_step_ratio'), '.2f', '×')} | "
                 f"{_fmt(row['peak_mem_mib'], '.0f')} | {_fmt(row['memory_ratio'], '.2f', '×')} |"
             )
             if live:
@@ -191,7 +205,9 @@ def markdown_section(
 ) -> str:
     """The Markdown body for one section of RESULTS.md."""
     title = "Sequence-length and batch-size sweep (GPT-like)" if sweep else "Models"
-    lines = [f"## {title}, {section.rsplit('-', 1)[1].upper()}", ""] + _machine_lines(machine)
+    device = section.split("-")[1].upper()
+    retain = ", glibc allocator retaining freed memory" if machine.get("allocator") == "retain" else ""
+    lines = [f"## {title}, {device}{retain}", ""] + _machine_lines(machine)
     if not machine.get("opacus_included"):
         lines.append("- Opacus is not installed: its rows are omitted.")
     lines.append("")

@@ -44,7 +44,7 @@ def test_one_round_on_smallest_model_writes_finite_ratios(tmp_path: Path) -> Non
     assert [row[3] for row in rows] == configs
     for row in rows:
         assert row[:3] == ["cnn", "8", "-"]
-        for ratio in (row[5], row[7], row[9]):  # speed, peak RSS, peak live memory
+        for ratio in (row[5], row[6], row[8], row[10]):  # speed, best step, peak RSS, live
             assert math.isfinite(float(ratio.rstrip("×"))) and float(ratio.rstrip("×")) > 0
 
     payload = json.loads((tmp_path / "out" / "results-models-cpu.json").read_text())
@@ -87,6 +87,63 @@ def test_ratio_is_median_of_same_round_ratios() -> None:
     assert dp["throughput_ratio"] == pytest.approx(0.8)  # median of 0.5, 0.9, 0.8
     assert dp["memory_ratio"] == pytest.approx(3.0)
     assert dp["samples_per_s"] == pytest.approx(50.0)
+
+
+def test_best_step_ratio_is_median_of_same_round_fastest_step_ratios() -> None:
+    def timed(name: str, rnd: int, steps: list[float]) -> dict:
+        return {**_record(name, rnd, 4 / sorted(steps)[len(steps) // 2], 10), "step_times_s": steps}
+
+    recs = [timed("non-private", 0, [1.0, 3.0, 1.2]), timed("dp", 0, [2.0, 2.5, 2.1]),
+            timed("non-private", 1, [1.0, 1.1, 1.0]), timed("dp", 1, [1.25, 9.0, 9.0]),
+            timed("non-private", 2, [2.0, 2.0, 2.0]), timed("dp", 2, [2.2, 2.0, 2.5])]  # fmt: skip
+    dp = report.summarise(recs, ["non-private", "dp"])[0]["rows"][1]
+    assert dp["best_step_ratio"] == pytest.approx(0.8)  # median of 0.5, 0.8, 1.0
+    old = report.summarise([_record("non-private", 0, 1.0, 1), _record("dp", 0, 1.0, 1)],
+                           ["non-private", "dp"])  # fmt: skip
+    assert old[0]["rows"][1]["best_step_ratio"] is None  # records without step times
+    body = report.markdown_section("models-cpu", _machine(), old, ["non-private", "dp"],
+                                   False, None, Path("."))  # fmt: skip
+    assert _table_rows(body)[1][6] == "n/a"
+
+
+def _worker_env(monkeypatch, *argv: str, live_memory: bool = False) -> dict[str, str]:
+    """The environment a worker would get (the subprocess is not started)."""
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(kwargs["env"])
+        return subprocess.CompletedProcess(cmd, 1, "", "not run")
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    args = run.build_parser().parse_args(list(argv))
+    rec = run._run_worker(run.Point("cnn", 2, None), "non-private", args, live_memory=live_memory)
+    assert not rec["ok"] and "not run" in rec["error"]
+    return seen
+
+
+def test_allocator_retain_reaches_timed_workers_but_not_live_memory_runs(monkeypatch) -> None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert "GLIBC_TUNABLES" not in _worker_env(monkeypatch)
+    assert _worker_env(monkeypatch, "--allocator", "retain")["GLIBC_TUNABLES"] == (
+        "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+    )
+    live = _worker_env(monkeypatch, "--allocator", "retain", live_memory=True)
+    assert "GLIBC_TUNABLES" not in live and live["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")  # the user's own are kept
+    assert _worker_env(monkeypatch, "--allocator", "retain")["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+    )
+
+
+def test_allocator_is_named_in_the_section_title_and_machine_lines() -> None:
+    summary = report.summarise([_record("non-private", 0, 1.0, 1)], ["non-private"])
+    body = report.markdown_section("models-cpu-retain", {**_machine(), "allocator": "retain"},
+                                   summary, ["non-private"], False, None, Path("."))  # fmt: skip
+    assert body.startswith("## Models, CPU, glibc allocator retaining freed memory\n")
+    assert "`--allocator retain`, GLIBC_TUNABLES mmap_max=0" in body
+    plain = report.markdown_section("models-cpu", _machine(), summary, ["non-private"], False,
+                                    None, Path("."))  # fmt: skip
+    assert plain.startswith("## Models, CPU\n") and "glibc as configured" in plain
 
 
 def test_failed_baseline_round_gives_no_ratio_for_that_round() -> None:
