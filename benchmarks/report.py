@@ -206,7 +206,9 @@ def markdown_section(
     """The Markdown body for one section of RESULTS.md."""
     title = "Sequence-length and batch-size sweep (GPT-like)" if sweep else "Models"
     device = section.split("-")[1].upper()
-    retain = ", glibc allocator retaining freed memory" if machine.get("allocator") == "retain" else ""
+    retain = (
+        ", glibc allocator retaining freed memory" if machine.get("allocator") == "retain" else ""
+    )
     lines = [f"## {title}, {device}{retain}", ""] + _machine_lines(machine)
     if not machine.get("opacus_included"):
         lines.append("- Opacus is not installed: its rows are omitted.")
