@@ -90,13 +90,14 @@ def test_bucketed_secure_draws_differ_between_engines(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_draws_bucketed_noise_without_its_parents_threads(monkeypatch):
-    # Tensors below torch's parallel grain (32768 elements): torch's own OpenMP pool is not
-    # fork-safe either, which this test is not about.
+def test_a_forked_child_draws_bucketed_noise_after_its_parent_did(monkeypatch):
+    # A DataLoader worker or a multiprocessing child forks a process that has drawn noise:
+    # noise must keep no thread state a child would wait on. Tensors below torch's parallel
+    # grain (32768 elements): torch's own OpenMP pool is not fork-safe, which is not tested here.
     monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 4096)
-    GaussianNoise(1.0, seed=0).add_([torch.zeros(20_000)])  # the parent's pool now exists
+    GaussianNoise(1.0, seed=0).add_([torch.zeros(20_000)])
     pid = os.fork()
-    if pid == 0:  # child: would hang on the parent's (thread-less) pool
+    if pid == 0:
         tensors = [torch.zeros(20_000)]
         GaussianNoise(1.0, seed=0).add_(tensors)
         os._exit(0 if tensors[0].std().item() > 0.9 else 1)
@@ -125,3 +126,16 @@ def test_non_contiguous_tensor_larger_than_a_bucket_gets_noise_everywhere_and_on
     assert bool((view != 0).all()) and bool((small != 0).all())
     assert bool((base[:, 40:] == 0).all())  # the columns outside the view are untouched
     assert abs(view.std().item() / 1.5 - 1) < 0.05
+
+
+def test_cpu_scratch_is_reused_but_every_draw_is_fresh_and_leaves_nothing_shared():
+    noise = GaussianNoise(1.0, seed=0)
+    first, second = [torch.zeros(5000)], [torch.zeros(5000)]
+    noise.add_(first)
+    kept = first[0].clone()
+    scratch = noise._scratch[torch.float32].data_ptr()
+    noise.add_(second)
+    assert noise._scratch[torch.float32].data_ptr() == scratch  # no new buffer per step
+    assert torch.equal(first[0], kept)  # the second draw did not write through the scratch
+    assert not torch.equal(first[0], second[0])
+    assert noise.draws == 2

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 # A bucket is one flat draw, added to a run of tensors (or pieces of one) of one device and dtype:
-# two kernel launches per bucket instead of two per parameter, which matters on a GPU.
+# two kernel launches per bucket instead of two per parameter, which matters on a GPU. On a CPU the
+# draw goes through one scratch buffer of a bucket's size, kept between steps (a fresh
+# model-sized buffer would be faulted in again every step). Each CPU bucket is drawn from a
+# generator of its own, seeded in bucket order from the engine's: buckets could be filled in any
+# order (and were, from a thread pool, until a per-process benchmark showed that pool making the
+# step slower: benchmarks/RESULTS.md); the stream of noise a seed gives is kept.
 _BUCKET_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
-# On a CPU, torch's normal_ runs one serial generator at ~8 ns per element: a second per step for
-# GPT-2's 124M parameters. There every bucket has a generator of its own, seeded from the device
-# generator in bucket order, and threads (as many as torch uses) fill and add the buckets through
-# small per-thread scratch buffers. The noise does not depend on the thread count.
-_scratch = threading.local()
-
-
-@lru_cache(maxsize=4)
-def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
-    """A pool per thread count and process: a forked child must not reuse its parent's pool,
-    whose threads do not exist in the child."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="dpclip-noise")
 
 
 def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
@@ -47,15 +36,6 @@ def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
                 buckets.append([piece])
                 size = piece.numel()
     return buckets
-
-
-def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
-    """This thread's CPU scratch, kept between steps (a fresh allocation faults its pages in)."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    buf = buffers.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
 
 
 def _add_drawn(bucket: list[Tensor], flat: Tensor) -> None:
@@ -79,6 +59,7 @@ class GaussianNoise:
         self.secure = secure
         self.seed = seed if seed is not None else secrets.randbits(62)
         self._generators: dict[str, torch.Generator] = {}
+        self._scratch: dict[torch.dtype, Tensor] = {}
         self.draws = 0
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -97,26 +78,24 @@ class GaussianNoise:
         self.draws += 1
         if self.std == 0:
             return
-        cpu_jobs = []
         for bucket in _buckets(list(tensors)):
             first = bucket[0]
             gen = self._generator(first.device)
-            numel = sum(t.numel() for t in bucket)
-            if first.device.type != "cpu":
-                flat = torch.empty(numel, dtype=first.dtype, device=first.device)
-                _add_drawn(bucket, flat.normal_(0.0, self.std, generator=gen))
-            else:
+            if first.device.type == "cpu":  # a generator per bucket, seeded from the engine's
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-                cpu_jobs.append((bucket, numel, seed))
-        if cpu_jobs:
-            pool = _pool(max(1, torch.get_num_threads()), os.getpid())
-            list(pool.map(self._add_cpu, cpu_jobs))
+                gen = torch.Generator().manual_seed(seed)
+            flat = self._buffer(sum(t.numel() for t in bucket), first)
+            _add_drawn(bucket, flat.normal_(0.0, self.std, generator=gen))
 
-    def _add_cpu(self, job: tuple[list[Tensor], int, int]) -> None:
-        bucket, numel, seed = job
-        flat = _scratch_buffer(numel, bucket[0].dtype)
-        flat.normal_(0.0, self.std, generator=torch.Generator().manual_seed(seed))
-        _add_drawn(bucket, flat)
+    def _buffer(self, numel: int, like: Tensor) -> Tensor:
+        """Where a bucket is drawn: on a CPU a scratch kept by this object, elsewhere a fresh
+        block from the device's caching allocator."""
+        if like.device.type != "cpu":
+            return torch.empty(numel, dtype=like.dtype, device=like.device)
+        buf = self._scratch.get(like.dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self._scratch[like.dtype] = torch.empty(numel, dtype=like.dtype)
+        return buf[:numel]
 
     def state_dict(self) -> dict:
         return {
