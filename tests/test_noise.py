@@ -90,14 +90,14 @@ def test_bucketed_secure_draws_differ_between_engines(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_draws_bucketed_noise_after_its_parent_did(monkeypatch):
-    # A DataLoader worker or a multiprocessing child forks a process that has drawn noise:
-    # noise must keep no thread state a child would wait on. Tensors below torch's parallel
-    # grain (32768 elements): torch's own OpenMP pool is not fork-safe, which is not tested here.
+def test_a_forked_child_draws_bucketed_noise_without_its_parents_threads(monkeypatch):
+    # Tensors below torch's parallel grain (32768 elements): torch's own OpenMP pool is not
+    # fork-safe either, which this test is not about.
     monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 4096)
-    GaussianNoise(1.0, seed=0).add_([torch.zeros(20_000)])
+    monkeypatch.setattr(noise_module, "_POOL_ELEMENTS", 0)
+    GaussianNoise(1.0, seed=0).add_([torch.zeros(20_000)])  # the parent's pool now exists
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # child: would hang on the parent's (thread-less) pool
         tensors = [torch.zeros(20_000)]
         GaussianNoise(1.0, seed=0).add_(tensors)
         os._exit(0 if tensors[0].std().item() > 0.9 else 1)
@@ -133,9 +133,28 @@ def test_cpu_scratch_is_reused_but_every_draw_is_fresh_and_leaves_nothing_shared
     first, second = [torch.zeros(5000)], [torch.zeros(5000)]
     noise.add_(first)
     kept = first[0].clone()
-    scratch = noise._scratch[torch.float32].data_ptr()
+    scratch = noise_module._scratch_buffer(1, torch.float32).data_ptr()
     noise.add_(second)
-    assert noise._scratch[torch.float32].data_ptr() == scratch  # no new buffer per step
+    assert noise_module._scratch_buffer(1, torch.float32).data_ptr() == scratch  # kept
     assert torch.equal(first[0], kept)  # the second draw did not write through the scratch
     assert not torch.equal(first[0], second[0])
     assert noise.draws == 2
+
+
+def test_thread_pool_and_calling_thread_draw_the_same_noise(monkeypatch):
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 4096)
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        torch.set_num_threads(2)
+        for pool_from in (1 << 40, 0):  # never, always
+            monkeypatch.setattr(noise_module, "_POOL_ELEMENTS", pool_from)
+            tensors = _tensors()
+            noise = GaussianNoise(1.0, seed=11)
+            noise.add_(tensors)
+            noise.add_(tensors)  # a second step continues the same stream in both cases
+            draws.append(tensors)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(*draws, strict=True))
+    assert noise_module._pool.cache_info().currsize >= 1  # the pool did run

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 # A bucket is one flat draw, added to a run of tensors (or pieces of one) of one device and dtype:
-# two kernel launches per bucket instead of two per parameter, which matters on a GPU. On a CPU the
-# draw goes through one scratch buffer of a bucket's size, kept between steps (a fresh
-# model-sized buffer would be faulted in again every step). Each CPU bucket is drawn from a
-# generator of its own, seeded in bucket order from the engine's: buckets could be filled in any
-# order (and were, from a thread pool, until a per-process benchmark showed that pool making the
-# step slower: benchmarks/RESULTS.md); the stream of noise a seed gives is kept.
+# two kernel launches per bucket instead of two per parameter, which matters on a GPU.
 _BUCKET_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+# On a CPU torch's normal_ is one serial generator, ~4 ns per element. Every CPU bucket is drawn
+# from a generator of its own, seeded in bucket order from the engine's, into a per-thread scratch
+# kept between steps (a fresh buffer would be faulted in again every step): the noise does not
+# depend on which thread draws a bucket. Above _POOL_ELEMENTS per step, threads (as many as torch
+# uses) draw the buckets: GPT-2's 124 M elements take ~0.25 s instead of ~0.5 s. Below it the
+# calling thread does: per process, the pool cost GPT-like (6 M) and ViT-small (22 M) more step
+# time than it saved (benchmarks/RESULTS.md, "The noise").
+_POOL_ELEMENTS = 1 << 26
+_scratch = threading.local()
+
+
+@lru_cache(maxsize=4)
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per thread count and process: a forked child must not reuse its parent's pool,
+    whose threads do not exist in the child."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="dpclip-noise")
 
 
 def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
@@ -36,6 +51,22 @@ def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
                 buckets.append([piece])
                 size = piece.numel()
     return buckets
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
+    """This thread's CPU scratch, kept between steps."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _draw_cpu(job: tuple[list[Tensor], int, int, float]) -> None:
+    bucket, numel, seed, std = job
+    flat = _scratch_buffer(numel, bucket[0].dtype)
+    flat.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+    _add_drawn(bucket, flat)
 
 
 def _add_drawn(bucket: list[Tensor], flat: Tensor) -> None:
@@ -59,7 +90,6 @@ class GaussianNoise:
         self.secure = secure
         self.seed = seed if seed is not None else secrets.randbits(62)
         self._generators: dict[str, torch.Generator] = {}
-        self._scratch: dict[torch.dtype, Tensor] = {}
         self.draws = 0
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -78,24 +108,23 @@ class GaussianNoise:
         self.draws += 1
         if self.std == 0:
             return
+        cpu_jobs = []
         for bucket in _buckets(list(tensors)):
             first = bucket[0]
             gen = self._generator(first.device)
-            if first.device.type == "cpu":  # a generator per bucket, seeded from the engine's
+            numel = sum(t.numel() for t in bucket)
+            if first.device.type != "cpu":
+                flat = torch.empty(numel, dtype=first.dtype, device=first.device)
+                _add_drawn(bucket, flat.normal_(0.0, self.std, generator=gen))
+            else:
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-                gen = torch.Generator().manual_seed(seed)
-            flat = self._buffer(sum(t.numel() for t in bucket), first)
-            _add_drawn(bucket, flat.normal_(0.0, self.std, generator=gen))
-
-    def _buffer(self, numel: int, like: Tensor) -> Tensor:
-        """Where a bucket is drawn: on a CPU a scratch kept by this object, elsewhere a fresh
-        block from the device's caching allocator."""
-        if like.device.type != "cpu":
-            return torch.empty(numel, dtype=like.dtype, device=like.device)
-        buf = self._scratch.get(like.dtype)
-        if buf is None or buf.numel() < numel:
-            buf = self._scratch[like.dtype] = torch.empty(numel, dtype=like.dtype)
-        return buf[:numel]
+                cpu_jobs.append((bucket, numel, seed, self.std))
+        threads = torch.get_num_threads()
+        if threads > 1 and sum(job[1] for job in cpu_jobs) >= _POOL_ELEMENTS:
+            list(_pool(threads, os.getpid()).map(_draw_cpu, cpu_jobs))
+        else:
+            for job in cpu_jobs:
+                _draw_cpu(job)
 
     def state_dict(self) -> dict:
         return {
