@@ -284,7 +284,7 @@ def measure(
 
     def keep(rec: dict[str, Any], r: int, point: Point, label: str) -> None:
         """Record one worker's result: in the list, in the log, and as a progress line."""
-        rec.update(round=r, point=asdict(point))
+        rec.update(round=r, point=asdict(point), finished_at=report.now())
         records.append(rec)
         if log is not None:
             with log.open("a") as f:
@@ -414,6 +414,11 @@ def _load_records(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str,
     records: list[dict[str, Any]] = []
     for path in paths:
         lines = _read_records_file(path)
+        if header is None:  # the Run line is the first file's: it ends with its last record
+            stamps = [
+                i["record"]["finished_at"] for i in lines if "finished_at" in i.get("record", {})
+            ]
+            first_finished = max(stamps, default=None)
         offset = 1 + max((r["round"] for r in records), default=-1)
         for item in lines:
             if "header" in item:
@@ -434,6 +439,8 @@ def _load_records(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str,
         raise HarnessError(f"no header or no records in {[str(p) for p in paths]}")
     if len(paths) > 1:
         header["machine"]["merged_from"] = [p.name for p in paths]
+    machine = header["machine"]
+    machine["finished"] = first_finished or machine.get("finished") or "an unrecorded time"
     return header, records
 
 
@@ -457,6 +464,8 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_records:
         header, records = _load_records(args.from_records)
+        rank = {m: i for i, m in enumerate(MODELS)}  # the table's usual model order, any file order
+        records.sort(key=lambda r: rank.get(r["point"]["model"], len(rank)))
     else:
         opacus = importlib.util.find_spec("opacus") is not None
         names = _select_configs(args.configs, opacus)
@@ -492,7 +501,7 @@ def _report(header: dict[str, Any], records: list[dict[str, Any]], args: argpars
     for key, field in seen.items():  # what the workers saw, not what the parent guessed
         if ok and field in ok[0]:
             machine[key] = ok[0][field]
-    machine["finished"] = report.now()
+    machine.setdefault("finished", report.now())  # a live run ends now; records keep theirs
     summary = report.summarise(records, names)
     plot = None
     if sweep:

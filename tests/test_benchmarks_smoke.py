@@ -242,6 +242,30 @@ def test_records_of_runs_cut_short_merge_into_one_table(tmp_path: Path) -> None:
     assert "Merged from the records files `a.jsonl`, `b.jsonl`" in results.read_text()
 
 
+def test_merged_table_ends_at_the_first_files_last_record_not_at_merge_time(tmp_path: Path):
+    early = {**_record("non-private", 0, 100.0, 10), "finished_at": "2026-01-01 10:05 UTC"}
+    late = {**_record("dp", 0, 50.0, 20), "finished_at": "2026-01-01 10:09 UTC"}
+    a = _records_file(tmp_path / "a.jsonl", ["non-private", "dp"], [late, early])
+    b = _records_file(tmp_path / "b.jsonl", ["non-private", "dp"],
+                      [{**_record("dp", 0, 8.0, 10), "finished_at": "2026-02-02 00:00 UTC"}])  # fmt: skip
+    c = _records_file(tmp_path / "c.jsonl", ["non-private"], [_record("non-private", 0, 1.0, 1)])
+    d = tmp_path / "d.jsonl"  # no stamps and no end in the header either
+    header = json.loads(c.read_text().splitlines()[0])
+    del header["header"]["machine"]["finished"]
+    d.write_text("\n".join([json.dumps(header), *c.read_text().splitlines()[1:]]) + "\n")
+    results = tmp_path / "RESULTS.md"
+    cases = [
+        ((a, b), "to 2026-01-01 10:09 UTC;"),
+        ((c,), "to f;"),
+        ((d,), "to an unrecorded time;"),
+    ]
+    for files, end in cases:
+        argv = ["--from-records", *map(str, files), "--out", str(tmp_path / "out"),
+                "--results", str(results), "--quiet"]  # fmt: skip
+        assert run.main(argv) == 0
+        assert end in results.read_text()
+
+
 def test_merging_records_of_different_sections_is_refused(tmp_path: Path, capsys) -> None:
     a = _records_file(tmp_path / "a.jsonl", ["non-private"], [_record("non-private", 0, 1.0, 1)])
     b = _records_file(tmp_path / "b.jsonl", ["non-private"], [_record("non-private", 0, 1.0, 1)],
