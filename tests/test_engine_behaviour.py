@@ -492,3 +492,80 @@ def test_a_recorded_module_returning_a_tuple_is_a_clear_error():
     )
     with pytest.raises(TypeError, match="modules that return one tensor; Pair returned tuple"):
         model(torch.randn(2, 3))
+
+
+class _Scale(nn.Module):
+    """y = x * w, elementwise: per-sample grad Σ_t x_t s_t (a user layer for rule tests)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def _scale_per_sample(module, inputs, s, names):
+    return {"w": (inputs[0] * s).reshape(s.shape[0], -1, s.shape[-1]).sum(1)}
+
+
+def _scale_rule(norm_sq=None, per_sample=_scale_per_sample, instantiates=None):
+    def good_norm_sq(module, inputs, s, names, strategy):
+        return {"w": _scale_per_sample(module, inputs, s, names)["w"].square().sum(1)}
+
+    def clipped(module, inputs, s, factors):
+        return {"w": factors["w"].to(s.dtype) @ _scale_per_sample(module, inputs, s, ["w"])["w"]}
+
+    return dpclip.layers.LayerRule(
+        norm_sq or good_norm_sq, clipped, per_sample, instantiates=instantiates
+    )
+
+
+def _summed_norm(module, inputs, s, names, strategy):  # the batch's norm, not each sample's
+    return {"w": _scale_per_sample(module, inputs, s, names)["w"].square().sum()}
+
+
+def _always(module, inputs, s, names, strategy):
+    return names
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (_scale_rule(norm_sq=_summed_norm), r"returned shape \(\) from norm_sq for 'w'"),
+        (
+            _scale_rule(norm_sq=lambda m, i, s, n, st: {"w": torch.ones(s.shape[0], 1)}),
+            r"returned shape \(5, 1\) from norm_sq for 'w'; expected .* \(5,\)",
+        ),
+        (_scale_rule(norm_sq=lambda m, i, s, n, st: {}), "returned NoneType from norm_sq"),
+        (
+            _scale_rule(
+                per_sample=lambda m, i, s, n: {"w": torch.ones(s.shape[0], 2)},
+                instantiates=_always,
+            ),
+            r"returned shape \(5, 2\) from per_sample_grad for 'w'.*4 per sample",
+        ),
+        (
+            _scale_rule(instantiates=lambda m, i, s, n, st: ["weight"]),
+            r"chose \['weight'\] in instantiates, which were not among the names",
+        ),
+    ],
+)
+def test_a_user_rule_returning_the_wrong_shape_or_names_is_refused_and_changes_nothing(
+    rule, message
+):
+    registry = dpclip.layers.default_registry()
+    registry.register(_Scale, rule)
+    model = nn.Sequential(_Scale(4), nn.Linear(4, 3).double())
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(
+        model, opt, sample_size=50, batch_size=5, steps=2, noise_multiplier=1.0, registry=registry
+    )
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        _loss(model, x, y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
+    _assert_unchanged(model, before)

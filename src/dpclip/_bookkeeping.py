@@ -16,6 +16,7 @@ as large as the parameter is made. Otherwise the uses are instantiated and summe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -78,12 +79,12 @@ class Accumulator:
             keep_record = self._add_again(rec, rule, {n: params[n] for n in again})
         built = _instantiated_names(rule, rec, fresh, self.plan.strategy)
         if built:
-            got = rule.per_sample_grad(module, rec.inputs, rec.grad_output, built)
+            got = _per_sample(rule, rec, built, self.batch)
             for n in built:
                 self.entries[params[n]] = _Entry(per_sample=got[n])
         ghost = [n for n in fresh if n not in built]
         if ghost:
-            got = rule.norm_sq(module, rec.inputs, rec.grad_output, ghost, self.plan.strategy)
+            got = _norm_sq(rule, rec, ghost, self.plan.strategy, self.batch)
             for n in ghost:
                 self.entries[params[n]] = _Entry(uses=[(rec, n)], norm_sq=got[n])
             keep_record = True
@@ -96,7 +97,7 @@ class Accumulator:
         crossed = [n for n, e in entries.items() if self._can_cross(rule, e)]
         if crossed:
             mine = rule.outer_factors(rec.module, rec.inputs, rec.grad_output, crossed)
-            own = rule.norm_sq(rec.module, rec.inputs, rec.grad_output, crossed, self.plan.strategy)
+            own = _norm_sq(rule, rec, crossed, self.plan.strategy, self.batch)
             for n in crossed:
                 entry = entries[n]
                 cross = sum(outer_inner(self._factors_of(use), mine[n]) for use in entry.uses)
@@ -104,7 +105,7 @@ class Accumulator:
                 entry.uses.append((rec, n))
         summed = [n for n in entries if n not in crossed]
         if summed:
-            got = _per_sample(rule, rec, summed)
+            got = _per_sample(rule, rec, summed, self.batch)
             for n in summed:
                 entry = entries[n]
                 entry.per_sample = self._instantiated(entry) + got[n]
@@ -132,7 +133,9 @@ class Accumulator:
     def _instantiated(self, entry: _Entry) -> Tensor:
         if entry.per_sample is not None:
             return entry.per_sample
-        parts = [_per_sample(self.plan.rules[r.module], r, [n])[n] for r, n in entry.uses]
+        parts = [
+            _per_sample(self.plan.rules[r.module], r, [n], self.batch)[n] for r, n in entry.uses
+        ]
         return sum(parts[1:], parts[0])
 
     def finish(self) -> dict[nn.Parameter, Tensor]:
@@ -202,13 +205,40 @@ class Accumulator:
         return {p: group_factor[self.group_of[id(p)]] for p in self.entries}
 
 
-def _per_sample(rule: LayerRule, rec: Record, names: list[str]) -> dict[str, Tensor]:
+def _per_sample(rule: LayerRule, rec: Record, names: list[str], batch: int | None) -> dict:
     if rule.per_sample_grad is None:
         raise TypeError(
             f"{type(rec.module).__name__} shares a parameter with another layer call, which "
             "needs per_sample_grad in its layer rule"
         )
-    return rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, names)
+    got = rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, names)
+    sizes = {n: (batch, getattr(rec.module, n).numel()) for n in names}
+    return _checked(rec, "per_sample_grad", got, sizes)
+
+
+def _norm_sq(rule: LayerRule, rec: Record, names: list[str], strategy: str, batch: int | None):
+    got = rule.norm_sq(rec.module, rec.inputs, rec.grad_output, names, strategy)
+    return _checked(rec, "norm_sq", got, {n: (batch, 1) for n in names}, flat=True)
+
+
+def _checked(
+    rec: Record, what: str, got: object, sizes: dict[str, tuple[int | None, int]], flat=False
+) -> dict[str, Tensor]:
+    """A layer rule's result, refused unless it has, for every name, a tensor with the batch on
+    dim 0 and the parameter's size per sample (norms: exactly (batch,)). A norm of the wrong
+    shape would broadcast into wrong clipping factors, silently."""
+    for n, (batch, per_sample) in sizes.items():
+        t = got.get(n) if isinstance(got, Mapping) else None
+        ok = isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == batch
+        ok = ok and (t.dim() == 1 if flat else t.numel() == batch * per_sample)
+        if not ok:
+            have = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            want = f"({batch},)" if flat else f"({batch}, ...) with {per_sample} per sample"
+            raise ValueError(
+                f"the layer rule for {type(rec.module).__name__} returned {have} from {what} "
+                f"for {n!r}; expected a tensor of shape {want}"
+            )
+    return got  # type: ignore[return-value]
 
 
 def _instantiated_names(rule: LayerRule, rec: Record, names: list[str], strategy: str) -> list[str]:
@@ -216,4 +246,9 @@ def _instantiated_names(rule: LayerRule, rec: Record, names: list[str], strategy
     if not names or rule.instantiates is None or rule.per_sample_grad is None:
         return []
     chosen = set(rule.instantiates(rec.module, rec.inputs, rec.grad_output, names, strategy))
+    if not chosen <= set(names):
+        raise ValueError(
+            f"the layer rule for {type(rec.module).__name__} chose {sorted(chosen - set(names))} "
+            f"in instantiates, which were not among the names it was offered {names}"
+        )
     return [n for n in names if n in chosen]

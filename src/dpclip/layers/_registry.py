@@ -28,7 +28,9 @@ second and later calls of a shared parameter (no temporary as large as the param
 ``grad_output`` is ∂L/∂output with the batch on dim 0. ``strategy`` is ``"ghost"``,
 ``"instantiate"`` or ``"mixed"`` (pick the cheaper per layer); rules without that choice ignore it.
 Rules compute in float32 or wider (bf16 inputs are upcast) and never scale by the loss reduction:
-the engine does that through the factors.
+the engine does that through the factors. The engine checks the shape of what ``norm_sq`` and
+``per_sample_grad`` return and the names ``instantiates`` picks, and raises on a mismatch
+(a per-sample norm of the wrong shape would broadcast into wrong clipping factors).
 """
 
 from __future__ import annotations
