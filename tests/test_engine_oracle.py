@@ -121,3 +121,32 @@ def test_shared_parameters_without_in_place_rules_equal_naive_loop(name):
             module_type, dataclasses.replace(rule, add_clipped_grad=None), replace=True
         )
     run_one_step(name, "automatic", "all-layer", "mean", norm_strategy="ghost", registry=registry)
+
+
+@pytest.mark.parametrize("name", ["tied_embedding_head", "reused_layer"])
+def test_an_add_clipped_grad_that_does_not_add_in_place_is_refused(name):
+    """A user's in-place rule that computes its share but never writes it would drop a use of a
+    shared weight from the gradient: the engine checks the tensors' version counters."""
+    registry = dpclip.layers.default_registry()
+    for module_type in (torch.nn.Embedding, torch.nn.Linear):
+        rule = registry.rule_for(module_type(2, 2))
+
+        def forgets(module, inputs, grad_output, factors, into, _rule=rule):
+            _rule.clipped_grad(module, inputs, grad_output, factors)  # computed, not added
+
+        registry.register(
+            module_type, dataclasses.replace(rule, add_clipped_grad=forgets), replace=True
+        )
+    model = engine_models.build(name)
+    x, y = engine_models.batch(name, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(
+        model, optimizer, sample_size=100, batch_size=4, steps=1, noise_multiplier=0.0,
+        norm_strategy="ghost", registry=registry,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="without adding in place to"):
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        optimizer.step()
+    assert all(torch.equal(p, old) for p, old in zip(model.parameters(), before, strict=True))

@@ -170,9 +170,16 @@ class Accumulator:
                 if (p := getattr(module, n)) in sums and sums[p].is_contiguous()
             }
         if into:
+            versions = {n: t._version for n, t in into.items()}
             rule.add_clipped_grad(
                 module, rec.inputs, rec.grad_output, {n: factors[n] for n in into}, into
             )
+            missed = [n for n, t in into.items() if t._version == versions[n]]
+            if missed:  # this use's share would be lost: a wrong gradient, silently
+                raise ValueError(
+                    f"the layer rule for {type(module).__name__} returned from add_clipped_grad "
+                    f"without adding in place to {missed}"
+                )
         rest = {n: c for n, c in factors.items() if n not in into}
         if not rest:
             return
