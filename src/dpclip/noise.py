@@ -19,9 +19,9 @@ _BUCKET_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 # from a generator of its own, seeded in bucket order from the engine's, into a per-thread scratch
 # kept between steps (a fresh buffer would be faulted in again every step): the noise does not
 # depend on which thread draws a bucket. Above _POOL_ELEMENTS per step, threads (as many as torch
-# uses) draw the buckets: GPT-2's 124 M elements take ~0.25 s instead of ~0.5 s. Below it the
-# calling thread does: per process, the pool cost GPT-like (6 M) and ViT-small (22 M) more step
-# time than it saved (benchmarks/RESULTS.md, "The noise").
+# uses) draw the buckets, in about half the time on 2 cores (166 M: 0.40-0.53 s, 0.74-1.18 s
+# serial). Below it the calling thread does: per process, the pool cost GPT-like (6 M) and
+# ViT-small (22 M) more step time than it saved (benchmarks/RESULTS.md, "The noise").
 _POOL_ELEMENTS = 1 << 26
 _scratch = threading.local()
 
