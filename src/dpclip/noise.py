@@ -62,13 +62,6 @@ def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
-def _draw_cpu(job: tuple[list[Tensor], int, int, float]) -> None:
-    bucket, numel, seed, std = job
-    flat = _scratch_buffer(numel, bucket[0].dtype)
-    flat.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
-    _add_drawn(bucket, flat)
-
-
 def _add_drawn(bucket: list[Tensor], flat: Tensor) -> None:
     noise = flat.split([t.numel() for t in bucket])
     torch._foreach_add_(bucket, [n.view_as(t) for n, t in zip(noise, bucket, strict=True)])
@@ -118,13 +111,19 @@ class GaussianNoise:
                 _add_drawn(bucket, flat.normal_(0.0, self.std, generator=gen))
             else:
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-                cpu_jobs.append((bucket, numel, seed, self.std))
+                cpu_jobs.append((bucket, numel, seed))
         threads = torch.get_num_threads()
         if threads > 1 and sum(job[1] for job in cpu_jobs) >= _POOL_ELEMENTS:
-            list(_pool(threads, os.getpid()).map(_draw_cpu, cpu_jobs))
+            list(_pool(threads, os.getpid()).map(self._add_cpu, cpu_jobs))
         else:
             for job in cpu_jobs:
-                _draw_cpu(job)
+                self._add_cpu(job)
+
+    def _add_cpu(self, job: tuple[list[Tensor], int, int]) -> None:
+        bucket, numel, seed = job
+        flat = _scratch_buffer(numel, bucket[0].dtype)
+        flat.normal_(0.0, self.std, generator=torch.Generator().manual_seed(seed))
+        _add_drawn(bucket, flat)
 
     def state_dict(self) -> dict:
         return {
