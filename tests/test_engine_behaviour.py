@@ -330,30 +330,46 @@ def test_embedding_with_max_norm_is_refused_at_construction():
         )  # fmt: skip
 
 
-def test_a_registered_user_layer_is_clipped_like_the_naive_loop():
-    class Scale(nn.Module):
-        """y = x * w, elementwise: per-sample grad Σ_t x_t s_t."""
+class _Scale(nn.Module):
+    """y = x * w, elementwise: per-sample grad Σ_t x_t s_t (a user layer for rule tests)."""
 
-        def __init__(self, d):
-            super().__init__()
-            self.w = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
 
-        def forward(self, x):
-            return x * self.w
+    def forward(self, x):
+        return x * self.w
 
-    def per_sample(module, inputs, s, names):
-        return {"w": (inputs[0] * s).reshape(s.shape[0], -1, s.shape[-1]).sum(1)}
 
-    def norm_sq(module, inputs, s, names, strategy):
-        return {"w": per_sample(module, inputs, s, names)["w"].square().sum(1)}
+def _scale_per_sample(module, inputs, s, names):
+    return {"w": (inputs[0] * s).reshape(s.shape[0], -1, s.shape[-1]).sum(1)}
+
+
+def _scale_rule(norm_sq=None, per_sample=_scale_per_sample, instantiates=None):
+    def good_norm_sq(module, inputs, s, names, strategy):
+        return {"w": _scale_per_sample(module, inputs, s, names)["w"].square().sum(1)}
 
     def clipped(module, inputs, s, factors):
-        return {"w": factors["w"].to(s.dtype) @ per_sample(module, inputs, s, ["w"])["w"]}
+        return {"w": factors["w"].to(s.dtype) @ _scale_per_sample(module, inputs, s, ["w"])["w"]}
 
+    return dpclip.layers.LayerRule(
+        norm_sq or good_norm_sq, clipped, per_sample, instantiates=instantiates
+    )
+
+
+def _summed_norm(module, inputs, s, names, strategy):  # the batch's norm, not each sample's
+    return {"w": _scale_per_sample(module, inputs, s, names)["w"].square().sum()}
+
+
+def _always(module, inputs, s, names, strategy):
+    return names
+
+
+def test_a_registered_user_layer_is_clipped_like_the_naive_loop():
     registry = dpclip.layers.default_registry()
-    registry.register(Scale, dpclip.layers.LayerRule(norm_sq, clipped, per_sample))
+    registry.register(_Scale, _scale_rule())
     torch.manual_seed(0)
-    model = nn.Sequential(Scale(4), nn.Linear(4, 3).double())
+    model = nn.Sequential(_Scale(4), nn.Linear(4, 3).double())
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     from tests.oracle import clipped_sum, per_sample_grads
 
@@ -492,41 +508,6 @@ def test_a_recorded_module_returning_a_tuple_is_a_clear_error():
     )
     with pytest.raises(TypeError, match="modules that return one tensor; Pair returned tuple"):
         model(torch.randn(2, 3))
-
-
-class _Scale(nn.Module):
-    """y = x * w, elementwise: per-sample grad Σ_t x_t s_t (a user layer for rule tests)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
-
-    def forward(self, x):
-        return x * self.w
-
-
-def _scale_per_sample(module, inputs, s, names):
-    return {"w": (inputs[0] * s).reshape(s.shape[0], -1, s.shape[-1]).sum(1)}
-
-
-def _scale_rule(norm_sq=None, per_sample=_scale_per_sample, instantiates=None):
-    def good_norm_sq(module, inputs, s, names, strategy):
-        return {"w": _scale_per_sample(module, inputs, s, names)["w"].square().sum(1)}
-
-    def clipped(module, inputs, s, factors):
-        return {"w": factors["w"].to(s.dtype) @ _scale_per_sample(module, inputs, s, ["w"])["w"]}
-
-    return dpclip.layers.LayerRule(
-        norm_sq or good_norm_sq, clipped, per_sample, instantiates=instantiates
-    )
-
-
-def _summed_norm(module, inputs, s, names, strategy):  # the batch's norm, not each sample's
-    return {"w": _scale_per_sample(module, inputs, s, names)["w"].square().sum()}
-
-
-def _always(module, inputs, s, names, strategy):
-    return names
 
 
 @pytest.mark.parametrize(

@@ -93,20 +93,29 @@ def test_shared_parameters_equal_naive_loop_for_each_norm_strategy(name, strateg
     run_one_step(name, "automatic", "layer-wise", "mean", norm_strategy=strategy)
 
 
+def _registry_with(change) -> dpclip.layers.LayerRegistry:
+    """The default registry with the Embedding and Linear rules (the shared weights of SHARED)
+    replaced by ``dataclasses.replace(rule, **change(rule))``."""
+    registry = dpclip.layers.default_registry()
+    for module_type in (torch.nn.Embedding, torch.nn.Linear):
+        rule = registry.rule_for(module_type(2, 2))
+        registry.register(module_type, dataclasses.replace(rule, **change(rule)), replace=True)
+    return registry
+
+
 @pytest.mark.parametrize("name", SHARED)
 def test_shared_parameters_under_ghost_never_build_per_sample_gradients(name):
     """Cross terms come from the uses' outer factors: the Embedding and Linear rules (the
     shared weights here) must never build per-sample weight gradients (a bias's, (b, out), may)."""
-    registry = dpclip.layers.default_registry()
-    for module_type in (torch.nn.Embedding, torch.nn.Linear):
-        rule = registry.rule_for(module_type(2, 2))
 
-        def refuse(module, inputs, grad_output, names, _build=rule.per_sample_grad):
+    def refusing(rule):
+        def refuse(module, inputs, grad_output, names):
             assert "weight" not in names, "per-sample weight gradients were instantiated"
-            return _build(module, inputs, grad_output, names)
+            return rule.per_sample_grad(module, inputs, grad_output, names)
 
-        patched = dataclasses.replace(rule, per_sample_grad=refuse)
-        registry.register(module_type, patched, replace=True)
+        return {"per_sample_grad": refuse}
+
+    registry = _registry_with(refusing)
     run_one_step(name, "abadi", "all-layer", "sum", norm_strategy="ghost", registry=registry)
 
 
@@ -114,12 +123,7 @@ def test_shared_parameters_under_ghost_never_build_per_sample_gradients(name):
 def test_shared_parameters_without_in_place_rules_equal_naive_loop(name):
     """A rule with outer factors but no add_clipped_grad (a user's) still gets one share per use,
     summed out of place."""
-    registry = dpclip.layers.default_registry()
-    for module_type in (torch.nn.Embedding, torch.nn.Linear):
-        rule = registry.rule_for(module_type(2, 2))
-        registry.register(
-            module_type, dataclasses.replace(rule, add_clipped_grad=None), replace=True
-        )
+    registry = _registry_with(lambda rule: {"add_clipped_grad": None})
     run_one_step(name, "automatic", "all-layer", "mean", norm_strategy="ghost", registry=registry)
 
 
@@ -127,16 +131,14 @@ def test_shared_parameters_without_in_place_rules_equal_naive_loop(name):
 def test_an_add_clipped_grad_that_does_not_add_in_place_is_refused(name):
     """A user's in-place rule that computes its share but never writes it would drop a use of a
     shared weight from the gradient: the engine checks the tensors' version counters."""
-    registry = dpclip.layers.default_registry()
-    for module_type in (torch.nn.Embedding, torch.nn.Linear):
-        rule = registry.rule_for(module_type(2, 2))
 
-        def forgets(module, inputs, grad_output, factors, into, _rule=rule):
-            _rule.clipped_grad(module, inputs, grad_output, factors)  # computed, not added
+    def forgetting(rule):
+        def forgets(module, inputs, grad_output, factors, into):
+            rule.clipped_grad(module, inputs, grad_output, factors)  # computed, not added
 
-        registry.register(
-            module_type, dataclasses.replace(rule, add_clipped_grad=forgets), replace=True
-        )
+        return {"add_clipped_grad": forgets}
+
+    registry = _registry_with(forgetting)
     model = engine_models.build(name)
     x, y = engine_models.batch(name, 4)
     before = [p.detach().clone() for p in model.parameters()]
