@@ -345,15 +345,16 @@ def _scale_per_sample(module, inputs, s, names):
     return {"w": (inputs[0] * s).reshape(s.shape[0], -1, s.shape[-1]).sum(1)}
 
 
-def _scale_rule(norm_sq=None, per_sample=_scale_per_sample, instantiates=None):
+def _scale_clipped(module, inputs, s, factors):
+    return {"w": factors["w"].to(s.dtype) @ _scale_per_sample(module, inputs, s, ["w"])["w"]}
+
+
+def _scale_rule(norm_sq=None, per_sample=_scale_per_sample, instantiates=None, clipped=None):
     def good_norm_sq(module, inputs, s, names, strategy):
         return {"w": _scale_per_sample(module, inputs, s, names)["w"].square().sum(1)}
 
-    def clipped(module, inputs, s, factors):
-        return {"w": factors["w"].to(s.dtype) @ _scale_per_sample(module, inputs, s, ["w"])["w"]}
-
     return dpclip.layers.LayerRule(
-        norm_sq or good_norm_sq, clipped, per_sample, instantiates=instantiates
+        norm_sq or good_norm_sq, clipped or _scale_clipped, per_sample, instantiates=instantiates
     )
 
 
@@ -524,7 +525,22 @@ def test_a_recorded_module_returning_a_tuple_is_a_clear_error():
                 per_sample=lambda m, i, s, n: {"w": torch.ones(s.shape[0], 2)},
                 instantiates=_always,
             ),
-            r"returned shape \(5, 2\) from per_sample_grad for 'w'.*4 per sample",
+            r"returned shape \(5, 2\) from per_sample_grad for 'w'; expected .* \(5, 4\)",
+        ),
+        (  # the right size in the wrong shape: would be reshaped into a wrong gradient
+            _scale_rule(
+                per_sample=lambda m, i, s, n: {
+                    "w": _scale_per_sample(m, i, s, n)["w"].view(-1, 2, 2)
+                },
+                instantiates=_always,
+            ),
+            r"returned shape \(5, 2, 2\) from per_sample_grad for 'w'; expected .* \(5, 4\)",
+        ),
+        (
+            _scale_rule(
+                clipped=lambda m, i, s, f: {"w": _scale_clipped(m, i, s, f)["w"].view(2, 2)}
+            ),
+            r"returned shape \(2, 2\) from clipped_grad for 'w'; expected .* shape \(4,\)",
         ),
         (
             _scale_rule(instantiates=lambda m, i, s, n, st: ["weight"]),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import dpclip
 from dpclip.clipping import CLIPPING_FUNCTIONS
+from dpclip.layers._common import OuterFactors
 from tests import engine_models
 from tests.oracle import clipped_sum, per_sample_grads
 
@@ -127,18 +128,40 @@ def test_shared_parameters_without_in_place_rules_equal_naive_loop(name):
     run_one_step(name, "automatic", "all-layer", "mean", norm_strategy="ghost", registry=registry)
 
 
+def _forgetting(rule):
+    """add_clipped_grad that computes its share but never writes it: a use of a shared weight
+    would be dropped from the gradient (the engine checks the tensors' version counters)."""
+
+    def forgets(module, inputs, grad_output, factors, into):
+        rule.clipped_grad(module, inputs, grad_output, factors)
+
+    return {"add_clipped_grad": forgets}
+
+
+def _cols_missing_a_position(rule):
+    """outer_factors whose cols lack the first position: with one position left, the pairwise
+    products would broadcast into a wrong cross term without an error."""
+
+    def factors(module, inputs, grad_output, names):
+        got = rule.outer_factors(module, inputs, grad_output, names)
+        return {n: OuterFactors(f.rows, f.cols[:, 1:]) for n, f in got.items()}
+
+    return {"outer_factors": factors}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_forgetting, "without adding in place to"),
+        (
+            _cols_missing_a_position,
+            r"returned rows \(4, \d+(, \d+)?\) and cols \(4, \d+, \d+\) from outer_f",
+        ),
+    ],
+)
 @pytest.mark.parametrize("name", ["tied_embedding_head", "reused_layer"])
-def test_an_add_clipped_grad_that_does_not_add_in_place_is_refused(name):
-    """A user's in-place rule that computes its share but never writes it would drop a use of a
-    shared weight from the gradient: the engine checks the tensors' version counters."""
-
-    def forgetting(rule):
-        def forgets(module, inputs, grad_output, factors, into):
-            rule.clipped_grad(module, inputs, grad_output, factors)  # computed, not added
-
-        return {"add_clipped_grad": forgets}
-
-    registry = _registry_with(forgetting)
+def test_a_shared_parameter_rule_breaking_its_contract_is_refused(name, change, message):
+    registry = _registry_with(change)
     model = engine_models.build(name)
     x, y = engine_models.batch(name, 4)
     before = [p.detach().clone() for p in model.parameters()]
@@ -147,7 +170,7 @@ def test_an_add_clipped_grad_that_does_not_add_in_place_is_refused(name):
         model, optimizer, sample_size=100, batch_size=4, steps=1, noise_multiplier=0.0,
         norm_strategy="ghost", registry=registry,
     )  # fmt: skip
-    with pytest.raises(ValueError, match="without adding in place to"):
+    with pytest.raises(ValueError, match=message):
         F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="without a backward pass"):
         optimizer.step()

@@ -96,7 +96,7 @@ class Accumulator:
         entries = {n: self.entries[p] for n, p in params.items()}
         crossed = [n for n, e in entries.items() if self._can_cross(rule, e)]
         if crossed:
-            mine = rule.outer_factors(rec.module, rec.inputs, rec.grad_output, crossed)
+            mine = _outer_factors(rule, rec, crossed, self.batch)
             own = _norm_sq(rule, rec, crossed, self.plan.strategy, self.batch)
             for n in crossed:
                 entry = entries[n]
@@ -119,7 +119,7 @@ class Accumulator:
     def _factors_of(self, use: tuple[Record, str]) -> OuterFactors:
         rec, name = use
         rule = self.plan.rules[rec.module]
-        return rule.outer_factors(rec.module, rec.inputs, rec.grad_output, [name])[name]
+        return _outer_factors(rule, rec, [name], self.batch)[name]
 
     def _check_batch(self, size: int) -> None:
         if self.batch is None:
@@ -149,7 +149,7 @@ class Accumulator:
         for p, entry in self.entries.items():
             if entry.per_sample is not None:
                 g = entry.per_sample
-                sums[p] = torch.tensordot(factors[p].to(g.dtype), g, dims=1).reshape(p.shape)
+                sums[p] = torch.tensordot(factors[p].to(g.dtype), g, dims=1)
             else:
                 for rec, name in entry.uses:
                     kept.setdefault(rec, {})[name] = factors[p]
@@ -184,9 +184,9 @@ class Accumulator:
         if not rest:
             return
         got = rule.clipped_grad(module, rec.inputs, rec.grad_output, rest)
-        for n in rest:
+        shapes = {n: tuple(getattr(module, n).shape) for n in rest}
+        for n, g in _checked(rec, "clipped_grad", got, shapes).items():
             p = getattr(module, n)
-            g = got[n].reshape(p.shape)
             sums[p] = sums[p] + g if p in sums else g  # tied, no in-place rule: one share per use
 
     def _factors(self) -> dict[nn.Parameter, Tensor]:
@@ -219,33 +219,60 @@ def _per_sample(rule: LayerRule, rec: Record, names: list[str], batch: int | Non
             "needs per_sample_grad in its layer rule"
         )
     got = rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, names)
-    sizes = {n: (batch, getattr(rec.module, n).numel()) for n in names}
-    return _checked(rec, "per_sample_grad", got, sizes)
+    shapes = {n: (batch, *getattr(rec.module, n).shape) for n in names}
+    return _checked(rec, "per_sample_grad", got, shapes)
 
 
 def _norm_sq(rule: LayerRule, rec: Record, names: list[str], strategy: str, batch: int | None):
     got = rule.norm_sq(rec.module, rec.inputs, rec.grad_output, names, strategy)
-    return _checked(rec, "norm_sq", got, {n: (batch, 1) for n in names}, flat=True)
+    return _checked(rec, "norm_sq", got, {n: (batch,) for n in names})
 
 
 def _checked(
-    rec: Record, what: str, got: object, sizes: dict[str, tuple[int | None, int]], flat=False
+    rec: Record, what: str, got: object, shapes: dict[str, tuple[int | None, ...]]
 ) -> dict[str, Tensor]:
-    """A layer rule's result, refused unless it has, for every name, a tensor with the batch on
-    dim 0 and the parameter's size per sample (norms: exactly (batch,)). A norm of the wrong
-    shape would broadcast into wrong clipping factors, silently."""
-    for n, (batch, per_sample) in sizes.items():
+    """A layer rule's result, refused unless it has a tensor of exactly the expected shape for
+    every name: norms (batch,), per-sample gradients (batch, *param.shape), clipped sums the
+    parameter's shape. A norm of the wrong shape would broadcast into wrong clipping factors,
+    and a gradient of the right size in another shape would be reshaped into a wrong one,
+    silently."""
+    for n, shape in shapes.items():
         t = got.get(n) if isinstance(got, Mapping) else None
-        ok = isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == batch
-        ok = ok and (t.dim() == 1 if flat else t.numel() == batch * per_sample)
-        if not ok:
+        if not (isinstance(t, Tensor) and tuple(t.shape) == shape):
             have = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-            want = f"({batch},)" if flat else f"({batch}, ...) with {per_sample} per sample"
             raise ValueError(
                 f"the layer rule for {type(rec.module).__name__} returned {have} from {what} "
-                f"for {n!r}; expected a tensor of shape {want}"
+                f"for {n!r}; expected a tensor of shape {shape}"
             )
     return got  # type: ignore[return-value]
+
+
+def _outer_factors(
+    rule: LayerRule, rec: Record, names: list[str], batch: int | None
+) -> dict[str, OuterFactors]:
+    """A rule's outer factors, refused unless each side is (batch, positions, width) or token
+    ids (batch, positions) with the same positions on both sides: mismatched sides would
+    broadcast in the pairwise products into a wrong norm without an error."""
+    got = rule.outer_factors(rec.module, rec.inputs, rec.grad_output, names)  # type: ignore[misc]
+    for n in names:
+        f = got.get(n) if isinstance(got, Mapping) else None
+        sides = (f.rows, f.cols) if isinstance(f, OuterFactors) else ()
+        ok = len(sides) == 2 and all(
+            isinstance(t, Tensor) and t.dim() == (3 if t.is_floating_point() else 2) for t in sides
+        )
+        if not (ok and sides[0].shape[:2] == sides[1].shape[:2] and sides[0].shape[0] == batch):
+            have = (
+                f"rows {tuple(sides[0].shape)} and cols {tuple(sides[1].shape)}"
+                if ok
+                else type(f).__name__
+            )
+            raise ValueError(
+                f"the layer rule for {type(rec.module).__name__} returned {have} from "
+                f"outer_factors for {n!r}; expected OuterFactors whose rows and cols are "
+                f"({batch}, positions, width) or token ids ({batch}, positions), with the "
+                "same positions"
+            )
+    return got
 
 
 def _instantiated_names(rule: LayerRule, rec: Record, names: list[str], strategy: str) -> list[str]:

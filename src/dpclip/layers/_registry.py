@@ -7,8 +7,9 @@ A rule is two functions of a module's recorded forward inputs and its output gra
 - ``clipped_grad(module, inputs, grad_output, factors) -> {name: Tensor}``: ``Σ_i C_i g_i`` for
   each parameter in ``factors`` (``{name: Tensor[b]}``), shaped like the parameter.
 
-and, optionally, ``per_sample_grad(module, inputs, grad_output, names) -> {name: Tensor[b, ...]}``,
-needed only when one parameter is used by several layers (tied weights), and, optionally,
+and, optionally, ``per_sample_grad(module, inputs, grad_output, names)``
+``-> {name: Tensor[b, *param.shape]}``, needed only when one parameter is used by several
+layers (tied weights), and, optionally,
 ``check(module) -> str | None``: why this instance cannot be clipped (e.g. an Embedding with
 ``max_norm``), so the engine refuses it at construction, and, optionally,
 ``instantiates(module, inputs, grad_output, names, strategy) -> Collection[str]``: the names,
@@ -28,9 +29,11 @@ second and later calls of a shared parameter (no temporary as large as the param
 ``grad_output`` is ∂L/∂output with the batch on dim 0. ``strategy`` is ``"ghost"``,
 ``"instantiate"`` or ``"mixed"`` (pick the cheaper per layer); rules without that choice ignore it.
 Rules compute in float32 or wider (bf16 inputs are upcast) and never scale by the loss reduction:
-the engine does that through the factors. The engine checks the shape of what ``norm_sq`` and
-``per_sample_grad`` return and the names ``instantiates`` picks, and raises on a mismatch
-(a per-sample norm of the wrong shape would broadcast into wrong clipping factors).
+the engine does that through the factors. The engine checks the exact shapes of what
+``norm_sq``, ``per_sample_grad`` and ``clipped_grad`` return, the positions of both sides of
+``outer_factors``, the names ``instantiates`` picks, and that ``add_clipped_grad`` wrote in place,
+and raises on a mismatch: a norm of the wrong shape would broadcast into wrong clipping factors,
+a gradient of the right size in the wrong shape would be reshaped into a wrong one.
 """
 
 from __future__ import annotations
