@@ -55,6 +55,12 @@ class WorkerConfig:
     grad_sample_mode: str = "hooks"  # opacus only
     seed: int = 0
     profile_path: str | None = None  # write a torch.profiler table here instead of timing
+    accumulate: int = 1  # physical batches (forward + backward) per optimizer step
+
+    @property
+    def logical_batch(self) -> int:
+        """Samples per optimizer step (one noise draw for the DP methods)."""
+        return self.batch_size * self.accumulate
 
 
 # --- memory ----------------------------------------------------------------------------------------
@@ -114,12 +120,23 @@ class MemoryMeter:
 Step = Callable[[], Tensor]
 
 
-def _plain_step(model: nn.Module, opt: Any, spec: ModelSpec, x: Tensor, y: Tensor) -> Step:
+def _plain_step(
+    model: nn.Module, opt: Any, spec: ModelSpec, x: Tensor, y: Tensor, accumulate: int = 1
+) -> Step:
+    """``accumulate`` forward and backward passes of (x, y), then one optimizer step. Opacus'
+    optimizer is told to skip (clip and sum, no noise, no update) after all but the last."""
+    skip = getattr(opt, "signal_skip_step", None)
+
     def step() -> Tensor:  # record_function labels let a profile split the step into phases
-        with record_function("bench.forward"):
-            loss = spec.loss_fn(model(x), y)
-        with record_function("bench.backward"):
-            loss.backward()
+        for k in range(accumulate):
+            with record_function("bench.forward"):
+                loss = spec.loss_fn(model(x), y)
+            with record_function("bench.backward"):
+                loss.backward()
+            if k < accumulate - 1 and skip is not None:
+                skip(do_skip=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         with record_function("bench.optimizer_step"):
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -134,8 +151,8 @@ def _attach_dpclip(cfg: WorkerConfig, model: nn.Module, opt: Any) -> Any:
     return dpclip.PrivacyEngine(
         model,
         opt,
-        sample_size=SAMPLE_RATE_DENOM * cfg.batch_size,
-        batch_size=cfg.batch_size,
+        sample_size=SAMPLE_RATE_DENOM * cfg.logical_batch,
+        batch_size=cfg.logical_batch,
         steps=cfg.warmup + cfg.steps + 1,
         noise_multiplier=DPCLIP_NOISE,
         clipping="automatic",
@@ -153,7 +170,11 @@ def _opacus_step(cfg: WorkerConfig, spec: ModelSpec, model: nn.Module, opt: Any,
     from torch.utils.data import DataLoader, TensorDataset
 
     warnings.filterwarnings("ignore", module="opacus")  # secure-RNG and accountant notices
-    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
+    k = cfg.accumulate  # the loader only sets Opacus' expected batch: the logical one
+    loader = DataLoader(
+        TensorDataset(x.repeat(k, *[1] * (x.dim() - 1)), y.repeat(k, *[1] * (y.dim() - 1))),
+        batch_size=cfg.logical_batch,
+    )
     engine = PrivacyEngine()
     criterion = nn.CrossEntropyLoss()
     made = engine.make_private(
@@ -168,18 +189,20 @@ def _opacus_step(cfg: WorkerConfig, spec: ModelSpec, model: nn.Module, opt: Any,
     )
     if cfg.grad_sample_mode == "hooks":
         dp_model, dp_opt, _ = made
-        return _plain_step(dp_model, dp_opt, spec, x, y)
+        return _plain_step(dp_model, dp_opt, spec, x, y, cfg.accumulate)
     dp_model, dp_opt, dp_criterion, _ = made
 
     def step() -> Tensor:
-        out = dp_model(x)
-        if spec.is_sequence:  # per-sample loss = mean over the sequence (Opacus' `shape` argument)
-            loss = dp_criterion(out.reshape(-1, out.shape[-1]), y.reshape(-1), shape=out.shape)
-        else:
-            loss = dp_criterion(out, y)
-        loss.backward()  # Opacus runs its two backward passes in here
-        dp_opt.step()
-        dp_opt.zero_grad(set_to_none=True)
+        for k in range(cfg.accumulate):
+            out = dp_model(x)
+            if spec.is_sequence:  # per-sample loss = mean over the sequence (Opacus' `shape`)
+                loss = dp_criterion(out.reshape(-1, out.shape[-1]), y.reshape(-1), shape=out.shape)
+            else:
+                loss = dp_criterion(out, y)
+            loss.backward()  # Opacus runs its two backward passes in here
+            dp_opt.signal_skip_step(do_skip=k < cfg.accumulate - 1)
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step
@@ -195,10 +218,10 @@ def _build(cfg: WorkerConfig, device: torch.device) -> tuple[Step, int, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     keep_alive = None
     if cfg.method == "non-private":
-        step = _plain_step(model, opt, spec, x, y)
+        step = _plain_step(model, opt, spec, x, y, cfg.accumulate)
     elif cfg.method == "dpclip":
         keep_alive = _attach_dpclip(cfg, model, opt)
-        step = _plain_step(model, opt, spec, x, y)
+        step = _plain_step(model, opt, spec, x, y, cfg.accumulate)
     elif cfg.method == "opacus":
         step = _opacus_step(cfg, spec, model, opt, x, y)
     else:
@@ -265,8 +288,8 @@ def run_config(cfg: WorkerConfig) -> dict[str, Any]:
     median_step = statistics.median(times)
     return {
         "ok": True,
-        "samples_per_s": cfg.batch_size / median_step,
-        "samples_per_s_mean_step": cfg.batch_size * cfg.steps / sum(times),
+        "samples_per_s": cfg.logical_batch / median_step,
+        "samples_per_s_mean_step": cfg.logical_batch * cfg.steps / sum(times),
         "step_times_s": times,
         "peak_mem_bytes": meter.peak_bytes(),
         "mem_method": meter.method,

@@ -121,8 +121,17 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
             if machine.get("merged_from")
             else []
         ),
-        "- samples/s = batch size / median step time of a run (robust to stalls on a shared "
-        "machine; the mean-based figure is in the JSON).",
+        *(
+            [
+                f"- Gradient accumulation (`--accumulate {k}`): a step is {k} forward and "
+                f"backward passes of `batch` samples and one optimizer step, so the DP methods "
+                f"draw their noise once per {k} x batch samples; samples/s counts all of them."
+            ]
+            if (k := machine.get("accumulate", 1)) > 1
+            else []
+        ),
+        "- samples/s = samples per step / median step time of a run (robust to stalls on a "
+        "shared machine; the mean-based figure is in the JSON).",
         "- Ratios are medians of per-round ratios against the non-private run of the same round; "
         "samples/s shows the median and [min-max] over rounds. Best step ×: the same from each "
         "run's fastest step (the least disturbed by other load on a shared machine).",
@@ -209,7 +218,9 @@ def markdown_section(
     retain = (
         ", glibc allocator retaining freed memory" if machine.get("allocator") == "retain" else ""
     )
-    lines = [f"## {title}, {device}{retain}", ""] + _machine_lines(machine)
+    k = machine.get("accumulate", 1)
+    accumulate = f", {k} physical batches per step" if k > 1 else ""
+    lines = [f"## {title}, {device}{retain}{accumulate}", ""] + _machine_lines(machine)
     if not machine.get("opacus_included"):
         lines.append("- Opacus is not installed: its rows are omitted.")
     lines.append("")

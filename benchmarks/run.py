@@ -149,6 +149,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu: glibc as configured (default), or 'retain': no mmap, no trimming, so freed "
         "memory is re-used without page faults (a separate section of RESULTS.md)",
     )
+    parser.add_argument(
+        "--accumulate",
+        type=_positive,
+        default=1,
+        help="physical batches per optimizer step (gradient accumulation, as DP training with "
+        "large logical batches runs): the noise and the update are paid once per accumulate x "
+        "batch samples (a separate section of RESULTS.md)",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "out")
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -220,6 +228,7 @@ def _run_worker(
         "device": args.device,
         "threads": threads,
         "profile_path": profile_path,
+        "accumulate": args.accumulate,
     }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(
@@ -474,6 +483,8 @@ def run(args: argparse.Namespace) -> int:
         section = f"{'sweep' if args.sweep else 'models'}-{args.device}"
         if args.allocator != "default":
             section += f"-{args.allocator}"
+        if args.accumulate > 1:
+            section += f"-accumulate{args.accumulate}"
         machine = machine_description(args, [])
         machine.update(
             started=report.now(),
@@ -484,6 +495,7 @@ def run(args: argparse.Namespace) -> int:
             opacus_included=opacus,
             live_memory=_live_memory(args),
             allocator=args.allocator,
+            accumulate=args.accumulate,
         )
         header = {"section": section, "sweep": args.sweep, "names": names, "machine": machine}
         log = args.out / f"records-{section}.jsonl"

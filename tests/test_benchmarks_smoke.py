@@ -336,3 +336,34 @@ def test_malformed_records_files_are_refused_naming_the_line(lines, message, tmp
     assert str(bad) in err and message in err
     out = tmp_path / "out"
     assert not results.exists() and not (out.exists() and any(out.iterdir()))
+
+
+def test_accumulation_takes_one_private_step_per_logical_batch() -> None:
+    import torch
+    from benchmarks import _worker
+
+    cfg = _worker.WorkerConfig(model="cnn", method="dpclip", batch_size=4, seq_len=None,
+                               steps=1, warmup=0, accumulate=3)  # fmt: skip
+    step, _, engine = _worker._build(cfg, torch.device("cpu"))
+    passes = []
+    engine.model.register_forward_pre_hook(lambda *a: passes.append(1))
+    step()
+    step()
+    assert len(passes) == 6  # three physical batches of 4 per step
+    assert engine.ledger.steps == 2 and engine.privacy.batch_size == 12
+    assert engine._noise.draws == 2  # one noise draw per logical batch of 12
+
+
+def test_accumulation_is_its_own_section_counting_every_sample(tmp_path: Path) -> None:
+    configs = ["non-private", "dpclip-mixed"] + (["opacus-hooks"] if HAS_OPACUS else [])
+    proc = _harness(tmp_path, "--models", "cnn", "--configs", ",".join(configs), "--rounds", "1",
+                    "--steps", "1", "--warmup", "1", "--batch-size", "4", "--accumulate", "2",
+                    "--no-live-memory")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Models, CPU, 2 physical batches per step\n" in text
+    assert "`--accumulate 2`" in text
+    payload = json.loads((tmp_path / "out" / "results-models-cpu-accumulate2.json").read_text())
+    for rec in payload["records"]:
+        assert rec["ok"] and rec["config"]["accumulate"] == 2
+        assert rec["samples_per_s"] == pytest.approx(8 / rec["step_times_s"][0])
