@@ -89,6 +89,29 @@ def _tiny_gpt2() -> nn.Module:
     return Wrapped()
 
 
+def _tiny_roberta_mlm() -> nn.Module:
+    """RoBERTa's LM head holds its decoder's bias a second time, as a parameter of its own."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    config = RobertaConfig(
+        vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=12, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(config)
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.roberta = model
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.roberta(input_ids=ids).logits.mean(dim=1)
+
+    return Wrapped()
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], nn.Module]
@@ -135,6 +158,7 @@ CASES: dict[str, Case] = {
     "embedding_twice": Case(EmbeddingTwice, _ids(6, 5), 3),
     "frozen_layers": Case(_frozen_first, _randn(5), 3),
     "gpt2_tiny": Case(_tiny_gpt2, _ids(11, 6), 11),
+    "roberta_mlm_tiny": Case(_tiny_roberta_mlm, _ids(11, 6), 11),
 }  # fmt: skip
 
 

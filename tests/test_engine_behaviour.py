@@ -200,6 +200,57 @@ def test_bare_parameter_used_in_forward_is_an_error():
         )  # fmt: skip
 
 
+class _AliasingHead(nn.Module):
+    """Holds its decoder's bias a second time, as RoBERTa's LM head does; ``direct`` also uses
+    it outside the decoder, and ``extra`` adds a parameter of its own."""
+
+    def __init__(self, direct=False, extra=False):
+        super().__init__()
+        self.decoder = nn.Linear(4, 3).double()
+        self.bias = self.decoder.bias
+        self.extra = nn.Parameter(torch.ones(3, dtype=torch.float64)) if extra else None
+        self.direct = direct
+
+    def forward(self, x):
+        out = self.decoder(x)
+        return out + self.bias if self.direct else out
+
+
+def test_a_module_holding_only_parameters_of_clipped_layers_is_accepted_and_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4).double(), nn.Tanh(), _AliasingHead())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    from tests.oracle import clipped_sum, per_sample_grads
+
+    expected = clipped_sum(
+        per_sample_grads(model, x, y), [[0, 1, 2, 3]], clipping="automatic", clip_norm=1.0,
+        gamma=0.01,
+    )  # fmt: skip
+    before = _snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(model, opt, sample_size=50, batch_size=5, steps=1, noise_multiplier=0.0)
+    _loss(model, x, y).backward()
+    opt.step()
+    for p, old, want in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / 5, rtol=1e-6, atol=1e-12)
+
+
+def test_an_aliased_parameter_used_outside_its_layer_or_a_parameter_of_its_own_is_refused():
+    model = nn.Sequential(_AliasingHead(extra=True))
+    with pytest.raises(dpclip.UnsupportedModuleError, match=r"0 \(_AliasingHead\).*\['extra'\]"):
+        dpclip.PrivacyEngine(
+            model, torch.optim.SGD(model.parameters(), lr=1), sample_size=10, batch_size=2,
+            steps=1, noise_multiplier=1.0,
+        )  # fmt: skip
+    model = nn.Sequential(_AliasingHead(direct=True))
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0)
+    with pytest.raises(
+        dpclip.ParameterUseError, match=r"'0.bias' was used by add outside .* \(Linear\)"
+    ):
+        model(torch.randn(2, 4, dtype=torch.float64))
+
+
 def test_fix_replaces_batchnorm_with_groupnorm_and_the_model_then_attaches():
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4, 2)
@@ -382,6 +433,76 @@ def test_a_registered_user_layer_is_clipped_like_the_naive_loop():
     dpclip.PrivacyEngine(
         model, opt, sample_size=50, batch_size=5, steps=1, noise_multiplier=0.0, registry=registry
     )
+    _loss(model, x, y).backward()
+    opt.step()
+    for p, old, want in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / 5, rtol=1e-6, atol=1e-12)
+
+
+class _FunctionallyTied(nn.Module):
+    """An LM whose output layer reuses the embedding's weight through F.linear, not a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ln = nn.Embedding(7, 4).double(), nn.LayerNorm(4).double()
+
+    def forward(self, ids):
+        return F.linear(self.ln(self.emb(ids)), self.emb.weight)
+
+
+def test_a_parameter_used_outside_its_layers_in_forward_is_refused_and_changes_nothing():
+    """That use would get no gradient (managed parameters do not require grad while attached):
+    a tied head's share of the embedding's gradient would be dropped silently."""
+    model = _FunctionallyTied()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=50, batch_size=2, steps=1, noise_multiplier=1.0
+    )
+    ids = torch.tensor([[1, 2, 3], [4, 5, 1]])
+    before = _snapshot(model)
+    message = (
+        r"parameter 'emb.weight' was used by linear outside the forward of the layer that owns "
+        r"it \(Embedding\).*head.weight = embedding.weight"
+    )
+    with pytest.raises(dpclip.ParameterUseError, match=message):
+        model(ids)
+    assert torch._C._len_torch_function_stack() == 0  # nothing left intercepting torch calls
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
+    _assert_unchanged(model, before)
+    engine.detach()
+    model(ids).sum().backward()  # detached: ordinary training, the functional use is fine
+    assert model.emb.weight.grad is not None
+
+
+class _ReadsItsWeight(nn.Module):
+    """Reads a managed weight in forward without putting it on a gradient path."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        w = self.lin.weight
+        assert w.shape == (3, 4) and w.dtype == torch.float64 and w.dim() == 2
+        with torch.no_grad():
+            scale = 1 + 0 * w.norm()
+        return self.lin(x) * scale * (1 + 0 * w.detach().mean())
+
+
+def test_reading_a_parameter_without_a_gradient_path_is_allowed_and_clipped_like_the_loop():
+    torch.manual_seed(0)
+    model = _ReadsItsWeight()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    from tests.oracle import clipped_sum, per_sample_grads
+
+    expected = clipped_sum(
+        per_sample_grads(model, x, y), [[0, 1]], clipping="automatic", clip_norm=1.0, gamma=0.01
+    )
+    before = _snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(model, opt, sample_size=50, batch_size=5, steps=1, noise_multiplier=0.0)
     _loss(model, x, y).backward()
     opt.step()
     for p, old, want in zip(model.parameters(), before, expected, strict=True):

@@ -21,6 +21,7 @@ _LAZY = {
     "fix": "dpclip.validate",
     "find_unsupported": "dpclip.validate",
     "UnsupportedModuleError": "dpclip.validate",
+    "ParameterUseError": "dpclip._param_guard",
     "register_layer": "dpclip.engine",
     "PrivacyBudgetExceeded": "dpclip.accounting",
     "accounting": "dpclip.accounting",
@@ -32,6 +33,7 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dpclip import accounting, data, layers  # noqa: F401
+    from dpclip._param_guard import ParameterUseError  # noqa: F401
     from dpclip.accounting import PrivacyBudgetExceeded  # noqa: F401
     from dpclip.config import PerformanceConfig, PrivacyConfig  # noqa: F401
     from dpclip.engine import PrivacyEngine, register_layer  # noqa: F401

@@ -5,7 +5,9 @@ The engine composes the pieces: it records each supported layer's inputs and out
 (:mod:`dpclip._bookkeeping`), and, through the optimizer's own step hooks, adds the noise once
 per logical step, divides by the expected batch size and records the step in the ledger.
 While attached, trainable parameters have ``requires_grad=False``: autograd computes only the
-gradients flowing between layers, never the unclipped weight gradients.
+gradients flowing between layers, never the unclipped weight gradients. So a parameter used in
+the forward outside the layers that own it would get no gradient from that use; the forward is
+watched for that (:mod:`dpclip._param_guard`) and refuses it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from dpclip import accounting
 from dpclip._bookkeeping import Accumulator, NonFiniteNormError, Plan
+from dpclip._param_guard import ParamUseGuard
 from dpclip.clipping import group_parameters
 from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.hooks import Record, Recorder
@@ -142,6 +145,13 @@ class PrivacyEngine:
         self._accumulator: Accumulator | None = None
         self._recorder = Recorder(self._on_grad, self._on_backward_end)
         self._recorder.attach(self._plan.rules, root=self.model)
+        owners: dict[nn.Parameter, list[nn.Module]] = {}
+        for module, own in self._plan.names.items():
+            for n in own:
+                owners.setdefault(getattr(module, n), []).append(module)
+        names = {p: n for n, p in self.model.named_parameters() if id(p) in self._managed}
+        self._guard = ParamUseGuard(owners, names)
+        self._guard.attach(self._plan.rules, root=self.model)
         self._hooks = [
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
@@ -153,6 +163,7 @@ class PrivacyEngine:
         if not self.attached:
             return
         self._recorder.detach()
+        self._guard.detach()
         for handle in self._hooks:
             handle.remove()
         for p, flag in self._restore:
@@ -369,8 +380,9 @@ def _make_plan(
     owner_of_param = {id(p): n for n, p in named}
     for path, module in model.named_modules():
         own = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
-        if own:
-            rules[module] = registry.rule_for(module)
+        rule = registry.rule_for(module) if own else None
+        if rule is not None:  # without one, a module only aliases clipped parameters (validate)
+            rules[module] = rule
             names[module] = own
             for n in own:
                 full = owner_of_param[id(getattr(module, n))]

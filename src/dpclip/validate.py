@@ -39,7 +39,7 @@ class UnsupportedModuleError(ValueError):
         )
 
 
-def _advice(module: nn.Module) -> str:
+def _advice(module: nn.Module, orphans: list[str]) -> str:
     if isinstance(module, _BATCHNORMS):
         return "BatchNorm mixes samples; call dpclip.fix(model) to replace it with GroupNorm"
     if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
@@ -47,25 +47,40 @@ def _advice(module: nn.Module) -> str:
             "no per-sample rule; write the layer with nn.Linear (e.g. hand-written attention), "
             "freeze it (requires_grad_(False)), or register a rule with dpclip.register_layer"
         )
-    own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     return (
-        f"trainable parameter(s) {own} used directly in forward have no per-sample rule; move "
+        f"trainable parameter(s) {orphans} used directly in forward have no per-sample rule; move "
         "them into a supported layer, freeze them, or register a rule with dpclip.register_layer"
     )
 
 
+def _own(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
 def find_unsupported(model: nn.Module, registry: LayerRegistry) -> list[Unsupported]:
-    """Every module that owns trainable parameters but has no rule (or a rule that refuses it)."""
-    problems = []
+    """Every module that owns trainable parameters but has no rule (or a rule that refuses it).
+
+    A module without a rule passes when each of its parameters is also a parameter of a layer
+    that has one (RoBERTa's LM head holds its decoder's bias as ``bias`` too): that layer's
+    calls give the gradient, and the engine refuses a use outside them at forward time.
+    """
+    problems, unruled, clipped = [], [], set()
     for path, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if not _own(module):
             continue
         rule = registry.rule_for(module)
         if rule is None:
-            problems.append(Unsupported(path, type(module).__name__, _advice(module)))
+            unruled.append((path, module))
         elif rule.check is not None and (reason := rule.check(module)):
             problems.append(Unsupported(path, type(module).__name__, reason))
-    return problems
+        else:
+            clipped.update(id(p) for _, p in _own(module))
+    for path, module in unruled:
+        orphans = [n for n, p in _own(module) if id(p) not in clipped]
+        if orphans:
+            problems.append(Unsupported(path, type(module).__name__, _advice(module, orphans)))
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return sorted(problems, key=lambda u: order[u.path])
 
 
 def _group_count(channels: int, preferred: int = 32) -> int:
