@@ -256,23 +256,30 @@ def _outer_factors(
     got = rule.outer_factors(rec.module, rec.inputs, rec.grad_output, names)  # type: ignore[misc]
     for n in names:
         f = got.get(n) if isinstance(got, Mapping) else None
-        sides = (f.rows, f.cols) if isinstance(f, OuterFactors) else ()
-        ok = len(sides) == 2 and all(
-            isinstance(t, Tensor) and t.dim() == (3 if t.is_floating_point() else 2) for t in sides
+        if isinstance(f, OuterFactors):
+            rows, cols = _positions(f.rows), _positions(f.cols)
+            if rows is not None and rows == cols and rows[0] == batch:
+                continue
+            have = f"rows {_shape_or_type(f.rows)} and cols {_shape_or_type(f.cols)}"
+        else:
+            have = type(f).__name__
+        raise ValueError(
+            f"the layer rule for {type(rec.module).__name__} returned {have} from outer_factors "
+            f"for {n!r}; expected OuterFactors whose rows and cols are ({batch}, positions, "
+            f"width) or token ids ({batch}, positions), with the same positions"
         )
-        if not (ok and sides[0].shape[:2] == sides[1].shape[:2] and sides[0].shape[0] == batch):
-            have = (
-                f"rows {tuple(sides[0].shape)} and cols {tuple(sides[1].shape)}"
-                if ok
-                else type(f).__name__
-            )
-            raise ValueError(
-                f"the layer rule for {type(rec.module).__name__} returned {have} from "
-                f"outer_factors for {n!r}; expected OuterFactors whose rows and cols are "
-                f"({batch}, positions, width) or token ids ({batch}, positions), with the "
-                "same positions"
-            )
     return got
+
+
+def _positions(side: object) -> tuple[int, ...] | None:
+    """(batch, positions) of one side of outer factors; None if it is neither form."""
+    if isinstance(side, Tensor) and side.dim() == (3 if side.is_floating_point() else 2):
+        return tuple(side.shape[:2])
+    return None
+
+
+def _shape_or_type(x: object) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
 
 def _instantiated_names(rule: LayerRule, rec: Record, names: list[str], strategy: str) -> list[str]:
