@@ -112,6 +112,28 @@ def _tiny_roberta_mlm() -> nn.Module:
     return Wrapped()
 
 
+def _tiny_bert_classifier() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=12, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = model
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.bert(input_ids=ids).logits
+
+    return Wrapped()
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], nn.Module]
@@ -159,6 +181,7 @@ CASES: dict[str, Case] = {
     "frozen_layers": Case(_frozen_first, _randn(5), 3),
     "gpt2_tiny": Case(_tiny_gpt2, _ids(11, 6), 11),
     "roberta_mlm_tiny": Case(_tiny_roberta_mlm, _ids(11, 6), 11),
+    "bert_classifier_tiny": Case(_tiny_bert_classifier, _ids(11, 6), 3),
 }  # fmt: skip
 
 
