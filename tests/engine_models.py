@@ -68,6 +68,19 @@ class EmbeddingTwice(nn.Module):
         return self.head(mixed).mean(dim=1)
 
 
+class _Logits(nn.Module):
+    """A transformers model as ids -> logits; an LM's are averaged over positions (one label per
+    sample, like the other cases)."""
+
+    def __init__(self, model: nn.Module, mean_over_positions: bool) -> None:
+        super().__init__()
+        self.model, self.mean_over_positions = model, mean_over_positions
+
+    def forward(self, ids: Tensor) -> Tensor:
+        logits = self.model(input_ids=ids).logits
+        return logits.mean(dim=1) if self.mean_over_positions else logits
+
+
 def _tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -76,17 +89,7 @@ def _tiny_gpt2() -> nn.Module:
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
-
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gpt = model
-
-        def forward(self, ids: Tensor) -> Tensor:
-            return self.gpt(input_ids=ids).logits.mean(dim=1)
-
-    return Wrapped()
+    return _Logits(GPT2LMHeadModel(config), mean_over_positions=True)
 
 
 def _tiny_roberta_mlm() -> nn.Module:
@@ -99,17 +102,7 @@ def _tiny_roberta_mlm() -> nn.Module:
         attention_probs_dropout_prob=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = RobertaForMaskedLM(config)
-
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.roberta = model
-
-        def forward(self, ids: Tensor) -> Tensor:
-            return self.roberta(input_ids=ids).logits.mean(dim=1)
-
-    return Wrapped()
+    return _Logits(RobertaForMaskedLM(config), mean_over_positions=True)
 
 
 def _tiny_bert_classifier() -> nn.Module:
@@ -121,17 +114,7 @@ def _tiny_bert_classifier() -> nn.Module:
         attention_probs_dropout_prob=0.0, num_labels=3,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = BertForSequenceClassification(config)
-
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = model
-
-        def forward(self, ids: Tensor) -> Tensor:
-            return self.bert(input_ids=ids).logits
-
-    return Wrapped()
+    return _Logits(BertForSequenceClassification(config), mean_over_positions=False)
 
 
 @dataclass(frozen=True)
