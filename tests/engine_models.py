@@ -117,6 +117,26 @@ def _tiny_bert_classifier() -> nn.Module:
     return _Logits(BertForSequenceClassification(config), mean_over_positions=False)
 
 
+def _tiny_decoder(family: str) -> Callable[[], nn.Module]:
+    """A one-layer transformers causal LM whose norms are the family's own RMSNorm class."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        config = getattr(transformers, f"{family}Config")(
+            vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, head_dim=4, max_position_embeddings=12,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = getattr(transformers, f"{family}ForCausalLM")(config)
+        with torch.no_grad():  # norms start at w = 1: move every weight off its init
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        return _Logits(model, mean_over_positions=True)
+
+    return build
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], nn.Module]
@@ -165,6 +185,9 @@ CASES: dict[str, Case] = {
     "gpt2_tiny": Case(_tiny_gpt2, _ids(11, 6), 11),
     "roberta_mlm_tiny": Case(_tiny_roberta_mlm, _ids(11, 6), 11),
     "bert_classifier_tiny": Case(_tiny_bert_classifier, _ids(11, 6), 3),
+    "llama_tiny": Case(_tiny_decoder("Llama"), _ids(11, 6), 11),
+    "mistral_tiny": Case(_tiny_decoder("Mistral"), _ids(11, 6), 11),
+    "qwen2_tiny": Case(_tiny_decoder("Qwen2"), _ids(11, 6), 11),
 }  # fmt: skip
 
 

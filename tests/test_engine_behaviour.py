@@ -246,7 +246,9 @@ def test_an_aliased_parameter_used_outside_its_layer_or_a_parameter_of_its_own_i
     opt = torch.optim.SGD(model.parameters(), lr=1)
     dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0)
     with pytest.raises(
-        dpclip.ParameterUseError, match=r"'0.bias' was used by add outside .* \(Linear\)"
+        dpclip.ParameterUseError,
+        match=r"'0.bias' was used by add outside .* \(Linear\)"
+        r".*also held by 0 \(_AliasingHead\), which has no per-sample rule",
     ):
         model(torch.randn(2, 4, dtype=torch.float64))
 
@@ -474,6 +476,60 @@ def test_a_parameter_used_outside_its_layers_in_forward_is_refused_and_changes_n
     engine.detach()
     model(ids).sum().backward()  # detached: ordinary training, the functional use is fine
     assert model.emb.weight.grad is not None
+
+
+class _Positions(nn.Module):
+    """Token plus position embeddings; ``batched`` feeds the positions as (B, T), else as (T,)
+    broadcast over the batch."""
+
+    def __init__(self, batched, unsqueeze=False):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(10, 4).double(), nn.Embedding(4, 4).double()
+        self.head, self.batched, self.unsqueeze = nn.Linear(4, 3).double(), batched, unsqueeze
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1])
+        pos = self.pos(pos.repeat(ids.shape[0], 1) if self.batched else pos)
+        return self.head((self.tok(ids) + (pos[None] if self.unsqueeze else pos)).mean(1))
+
+
+@pytest.mark.parametrize(
+    "unsqueeze, how", [(False, "is broadcast by add"), (True, "gets new leading dims from")]
+)
+def test_a_layer_output_without_a_batch_dim_is_refused_even_when_its_length_is_the_batch(
+    unsqueeze, how
+):
+    """(T, d) positions broadcast over a batch of B = T: no shape check can tell them from
+    samples, and clipping 'per position' would bound nothing."""
+    model = _Positions(batched=False, unsqueeze=unsqueeze)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(model, opt, sample_size=40, batch_size=4, steps=1, noise_multiplier=1.0)
+    before = _snapshot(model)
+    message = rf"output of Embedding \(shape \(4, 4\)\) {how} .*torch.arange\(T\).repeat"
+    with pytest.raises(ValueError, match=message):
+        model(torch.randint(10, (4, 4)))
+    assert torch._C._len_torch_function_stack() == 0
+    assert all(p.grad is None for p in model.parameters())
+    _assert_unchanged(model, before)
+
+
+def test_batched_positions_are_clipped_like_the_naive_loop():
+    torch.manual_seed(0)
+    model = _Positions(batched=True)
+    x, y = torch.randint(10, (4, 4)), torch.tensor([0, 1, 2, 0])
+    from tests.oracle import clipped_sum, per_sample_grads
+
+    expected = clipped_sum(
+        per_sample_grads(model, x, y), [[0, 1, 2, 3]], clipping="automatic", clip_norm=1.0,
+        gamma=0.01,
+    )  # fmt: skip
+    before = _snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(model, opt, sample_size=40, batch_size=4, steps=1, noise_multiplier=0.0)
+    _loss(model, x, y).backward()
+    opt.step()
+    for p, old, want in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / 4, rtol=1e-6, atol=1e-12)
 
 
 class _ReadsItsWeight(nn.Module):

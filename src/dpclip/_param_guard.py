@@ -1,4 +1,6 @@
-"""Refuse a trainable parameter used outside the forward of a layer that owns it.
+"""Checks on the forward pass that hooks and shapes alone cannot make.
+
+1. Refuse a trainable parameter used outside the forward of a layer that owns it.
 
 While attached, the managed parameters have ``requires_grad=False``: their gradients come only
 from the layer rules of the modules that own them. A parameter used anywhere else in the forward
@@ -7,10 +9,16 @@ written into the loss) would get nothing from that use, without any error. So du
 grad-enabled forward of the attached model a torch function mode sees each torch call and
 raises on such a use. Uses that carry no gradient pass: ``detach()``, attribute reads (shape,
 dtype), anything under ``torch.no_grad()``.
+
+2. Refuse a recorded layer output broadcast against a tensor of more dims (``x + pos(arange(T))``)
+or given new leading dims (``pos(arange(T))[None]``): its dim 0 is not the batch, and when it
+happens to equal the batch size no shape check can tell, so each "sample" would be a position
+and the clipping would bound nothing.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -23,6 +31,16 @@ from torch.utils.hooks import RemovableHandle
 _NO_GRADIENT = {
     "__get__", "detach", "size", "dim", "numel", "stride", "data_ptr", "element_size",
     "is_contiguous", "is_floating_point", "is_complex", "__repr__", "__format__", "__len__",
+}  # fmt: skip
+# elementwise calls that broadcast their tensor operands
+_BROADCASTING = {
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "__add__", "__radd__",
+    "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "where", "addcmul", "lerp",
+}  # fmt: skip
+# calls that can put new dims in front (x[None], x.unsqueeze(0), x.expand(B, ...))
+_NEW_LEADING_DIMS = {
+    "__getitem__", "unsqueeze", "view", "reshape", "expand", "expand_as", "broadcast_to",
 }  # fmt: skip
 
 
@@ -45,19 +63,35 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if torch.is_grad_enabled() and getattr(func, "__name__", "") not in _NO_GRADIENT:
+        name = getattr(func, "__name__", "")
+        if torch.is_grad_enabled() and name not in _NO_GRADIENT:
             for a in _tensors(args, kwargs):
                 if isinstance(a, nn.Parameter):
                     self.guard.check(a, func)
-        return func(*args, **kwargs)
+            if name in _BROADCASTING:
+                self.guard.check_broadcast(args, name)
+        out = func(*args, **kwargs)
+        if name in _NEW_LEADING_DIMS and args and torch.is_grad_enabled():
+            self.guard.check_new_leading_dims(args[0], out, name)
+        return out
 
 
 class ParamUseGuard:
     """Tracks which owning layers are inside their forward; checks every parameter use."""
 
-    def __init__(self, owners: Mapping[nn.Parameter, Iterable[nn.Module]], names: Mapping) -> None:
+    def __init__(
+        self,
+        owners: Mapping[nn.Parameter, Iterable[nn.Module]],
+        names: Mapping[nn.Parameter, str],
+        unruled: Mapping[nn.Parameter, Iterable[str]] | None = None,
+    ) -> None:
+        """``unruled``: for a parameter also held by modules without a rule (aliases), their
+        paths, named in the error since the use is likely theirs."""
         self._owners = {id(p): tuple(mods) for p, mods in owners.items()}
         self._names = {id(p): n for p, n in names.items()}
+        self._unruled = {id(p): tuple(paths) for p, paths in (unruled or {}).items()}
+        # this forward's layer outputs, held weakly: an output the model drops is freed as usual
+        self._outputs: dict[int, tuple[nn.Module, weakref.ref]] = {}
         self._active: Counter[nn.Module] = Counter()
         self._depth = 0
         self._mode: _Mode | None = None
@@ -83,13 +117,48 @@ class ParamUseGuard:
         if owners is None or any(self._active[m] for m in owners):
             return
         what = getattr(func, "__name__", repr(func))
+        held = self._unruled.get(id(p))
+        also = (
+            f" It is also held by {', '.join(held)}, which has no per-sample rule: if that layer "
+            "uses it, register a rule for it with dpclip.register_layer."
+            if held
+            else ""
+        )
         raise ParameterUseError(
             f"parameter {self._names[id(p)]!r} was used by {what} outside the forward of the "
             f"layer that owns it ({type(owners[0]).__name__}). dpclip computes its gradient from "
             "that layer's calls only, so this use would get none. Tie weights by assigning the "
             "same Parameter to both layers (head.weight = embedding.weight), put weight decay "
             "in the optimizer (weight_decay=...) rather than in the loss, or use .detach() "
-            "where no gradient is meant"
+            "where no gradient is meant." + also
+        )
+
+    def check_broadcast(self, args: tuple, what: str) -> None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if len(tensors) < 2 or not self._outputs:
+            return
+        top = max(t.dim() for t in tensors)
+        for t in tensors:
+            hit = self._outputs.get(id(t))
+            if hit is not None and hit[1]() is t and t.dim() < top:
+                self._refuse(hit[0], t, f"is broadcast by {what} against a tensor of {top} dims")
+
+    def check_new_leading_dims(self, t: object, out: object, what: str) -> None:
+        """``pos(arange(T))[None]`` and the like: the same mistake, one call before the
+        broadcast (a layer output of batch 1 is left alone: the recorder expands those)."""
+        hit = self._outputs.get(id(t))
+        if hit is None or hit[1]() is not t or not isinstance(out, torch.Tensor):
+            return
+        assert isinstance(t, torch.Tensor)
+        if t.shape[0] > 1 and out.dim() > t.dim() and out.shape[out.dim() - t.dim() :] == t.shape:
+            self._refuse(hit[0], t, f"gets new leading dims from {what}")
+
+    def _refuse(self, module: nn.Module, t: torch.Tensor, how: str) -> None:
+        raise ValueError(
+            f"the output of {type(module).__name__} (shape {tuple(t.shape)}) {how}: its dim 0 "
+            "is not the batch (an input without one, such as torch.arange(T)), so its "
+            "per-sample gradients cannot be told apart; give the layer a batched input, e.g. "
+            "torch.arange(T).repeat(batch, 1)"
         )
 
     def _enter_root(self, module: nn.Module, inputs: tuple) -> None:
@@ -105,6 +174,7 @@ class ParamUseGuard:
         self._depth -= 1
         if self._depth == 0:
             mode, self._mode = self._mode, None
+            self._outputs.clear()
             mode.__exit__(None, None, None)
 
     def _enter(self, module: nn.Module, inputs: tuple) -> None:
@@ -112,3 +182,5 @@ class ParamUseGuard:
 
     def _exit(self, module: nn.Module, inputs: tuple, output: object) -> None:
         self._active[module] -= 1
+        if self._mode is not None and isinstance(output, torch.Tensor):
+            self._outputs[id(output)] = (module, weakref.ref(output))

@@ -150,7 +150,13 @@ class PrivacyEngine:
             for n in own:
                 owners.setdefault(getattr(module, n), []).append(module)
         names = {p: n for n, p in self.model.named_parameters() if id(p) in self._managed}
-        self._guard = ParamUseGuard(owners, names)
+        unruled: dict[nn.Parameter, list[str]] = {}
+        for path, module in self.model.named_modules():
+            if module not in self._plan.rules:
+                for p in module.parameters(recurse=False):
+                    if id(p) in self._managed:
+                        unruled.setdefault(p, []).append(f"{path} ({type(module).__name__})")
+        self._guard = ParamUseGuard(owners, names, unruled)
         self._guard.attach(self._plan.rules, root=self.model)
         self._hooks = [
             self.optimizer.register_step_pre_hook(self._before_step),

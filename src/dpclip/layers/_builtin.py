@@ -6,7 +6,16 @@ from dpclip.layers._registry import LayerRegistry
 
 
 def register_all(registry: LayerRegistry) -> None:
-    from dpclip.layers import conv, embedding, gpt2_conv1d, groupnorm, layernorm, linear, rmsnorm
+    from dpclip.layers import (
+        conv,
+        embedding,
+        gpt2_conv1d,
+        groupnorm,
+        hf_rmsnorm,
+        layernorm,
+        linear,
+        rmsnorm,
+    )
 
     linear.register(registry)
     conv.register(registry)
@@ -15,3 +24,4 @@ def register_all(registry: LayerRegistry) -> None:
     groupnorm.register(registry)
     rmsnorm.register(registry)
     gpt2_conv1d.register(registry)
+    hf_rmsnorm.register(registry)
