@@ -188,6 +188,7 @@ CASES: dict[str, Case] = {
     "llama_tiny": Case(_tiny_decoder("Llama"), _ids(11, 6), 11),
     "mistral_tiny": Case(_tiny_decoder("Mistral"), _ids(11, 6), 11),
     "qwen2_tiny": Case(_tiny_decoder("Qwen2"), _ids(11, 6), 11),
+    "gemma_tiny": Case(_tiny_decoder("Gemma"), _ids(11, 6), 11),
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ def register_all(registry: LayerRegistry) -> None:
         gpt2_conv1d,
         groupnorm,
         hf_rmsnorm,
+        hf_scaled_embedding,
         layernorm,
         linear,
         rmsnorm,
@@ -25,3 +26,4 @@ def register_all(registry: LayerRegistry) -> None:
     rmsnorm.register(registry)
     gpt2_conv1d.register(registry)
     hf_rmsnorm.register(registry)
+    hf_scaled_embedding.register(registry)

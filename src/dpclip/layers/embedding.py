@@ -152,18 +152,6 @@ def outer_factors(
     return {"weight": OuterFactors(ids, s)} if "weight" in names else {}
 
 
-def register(registry: LayerRegistry) -> None:
-    rule = LayerRule(
-        norm_sq,
-        clipped_grad,
-        per_sample_grad,
-        check,
-        outer_factors=outer_factors,
-        add_clipped_grad=add_clipped_grad,
-    )
-    registry.register(nn.Embedding, rule)
-
-
 def check(module: nn.Embedding) -> str | None:
     """Why the engine must refuse this embedding at construction, or None."""
     try:
@@ -171,3 +159,17 @@ def check(module: nn.Embedding) -> str | None:
     except ValueError as err:
         return str(err)
     return None
+
+
+RULE = LayerRule(
+    norm_sq,
+    clipped_grad,
+    per_sample_grad,
+    check,
+    outer_factors=outer_factors,
+    add_clipped_grad=add_clipped_grad,
+)
+
+
+def register(registry: LayerRegistry) -> None:
+    registry.register(nn.Embedding, RULE)

@@ -1,6 +1,6 @@
-"""transformers' RMS norms (LLaMA, Mistral, Qwen2): ``y = w ⊙ x̂``, with
-``x̂ = x / √(mean(x², last dim) + variance_epsilon)``, so sample i's weight gradient is
-Σ_t s_it ⊙ x̂_it.
+"""transformers' RMS norms (LLaMA, Mistral, Qwen2): ``y = w ⊙ x̂``, and Gemma's
+``y = (1 + w) ⊙ x̂``, with ``x̂ = x / √(mean(x², last dim) + eps)``, so sample i's weight
+gradient is Σ_t s_it ⊙ x̂_it either way.
 
 Each model family carries its own copy of the class, so each is registered by name (dpclip
 never imports transformers: an instance that exists means transformers is loaded), and only
@@ -39,9 +39,25 @@ def per_sample_grad(
     return {"weight": (s * x_hat.reshape(s.shape)).sum(dim=1)}
 
 
+def gemma_per_sample_grad(
+    module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+) -> dict[str, Tensor]:
+    """Gemma's ``y = (x̂ · (1 + w)).type_as(x)``, all in float32: the gradient of w is
+    Σ_t s_it ⊙ x̂_it with s and x̂ in float32 (so the rule rounds as autograd does there)."""
+    if "weight" not in names:
+        return {}
+    x = inputs[0].to(torch.float32)
+    x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.eps)
+    s = grad_output.to(torch.float32).reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+    g = (s * x_hat.reshape(s.shape)).sum(dim=1)
+    return {"weight": g.to(compute_dtype(inputs[0], grad_output))}
+
+
 RULE = from_per_sample(per_sample_grad)
+GEMMA_RULE = from_per_sample(gemma_per_sample_grad)
 
 
 def register(registry: LayerRegistry) -> None:
     for name in NAMES:
         registry.register_by_name(name, RULE)
+    registry.register_by_name("transformers.models.gemma.modeling_gemma.GemmaRMSNorm", GEMMA_RULE)

@@ -1,0 +1,48 @@
+"""transformers' scaled word embeddings (Gemma): ``y = E[ids] · c`` for a constant c (√width).
+
+The weight gradient is the embedding's for the output gradient c · s, so every function of the
+nn.Embedding rule is reused on c · s. Registered by name (see ``gpt2_conv1d``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+
+from torch import Tensor, nn
+
+from dpclip.layers import embedding
+from dpclip.layers._registry import LayerRegistry, LayerRule
+
+NAMES = ("transformers.models.gemma.modeling_gemma.GemmaTextScaledWordEmbedding",)
+
+
+def _on_scaled_grad(fn: Callable | None) -> Callable | None:
+    """``fn(module, inputs, grad_output, ...)`` called with grad_output · c."""
+    if fn is None:
+        return None
+
+    @wraps(fn)
+    def scaled(module: nn.Module, inputs: tuple, grad_output: Tensor, *rest):
+        c = module.embed_scale.to(module.weight.dtype)  # what the forward multiplies by
+        return fn(module, inputs, grad_output * c, *rest)
+
+    return scaled
+
+
+def _scaled_rule(rule: LayerRule) -> LayerRule:
+    return LayerRule(
+        _on_scaled_grad(rule.norm_sq),  # type: ignore[arg-type]
+        _on_scaled_grad(rule.clipped_grad),  # type: ignore[arg-type]
+        _on_scaled_grad(rule.per_sample_grad),
+        rule.check,
+        instantiates=_on_scaled_grad(rule.instantiates),
+        outer_factors=_on_scaled_grad(rule.outer_factors),
+        add_clipped_grad=_on_scaled_grad(rule.add_clipped_grad),
+    )
+
+
+def register(registry: LayerRegistry) -> None:
+    rule = _scaled_rule(embedding.RULE)
+    for name in NAMES:
+        registry.register_by_name(name, rule)
