@@ -33,6 +33,28 @@ def _loss(model, x, y, reduction="mean"):
     return F.cross_entropy(model(x), y, reduction=reduction)
 
 
+def _assert_one_step_equals_naive_loop(model, x, y, registry=None):
+    """One engine step (noise 0, SGD lr=1, all-layer automatic clipping) moves the parameters
+    by -(1/B) Σ C_i g_i of the naive per-sample loop."""
+    from tests.oracle import clipped_sum, per_sample_grads
+
+    batch = len(x)
+    group = list(range(len(list(model.parameters()))))
+    expected = clipped_sum(
+        per_sample_grads(model, x, y), [group], clipping="automatic", clip_norm=1.0, gamma=0.01
+    )
+    before = _snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(
+        model, opt, sample_size=10 * batch, batch_size=batch, steps=1, noise_multiplier=0.0,
+        registry=registry,
+    )  # fmt: skip
+    _loss(model, x, y).backward()
+    opt.step()
+    for p, old, want in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / batch, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_accumulating_three_micro_batches_equals_one_batch_of_their_union(reduction):
     x, y = engine_models.batch("conv2d_dilated_grouped", 9)
@@ -220,19 +242,7 @@ def test_a_module_holding_only_parameters_of_clipped_layers_is_accepted_and_exac
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4).double(), nn.Tanh(), _AliasingHead())
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
-    from tests.oracle import clipped_sum, per_sample_grads
-
-    expected = clipped_sum(
-        per_sample_grads(model, x, y), [[0, 1, 2, 3]], clipping="automatic", clip_norm=1.0,
-        gamma=0.01,
-    )  # fmt: skip
-    before = _snapshot(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    dpclip.PrivacyEngine(model, opt, sample_size=50, batch_size=5, steps=1, noise_multiplier=0.0)
-    _loss(model, x, y).backward()
-    opt.step()
-    for p, old, want in zip(model.parameters(), before, expected, strict=True):
-        torch.testing.assert_close(old - p.detach(), want / 5, rtol=1e-6, atol=1e-12)
+    _assert_one_step_equals_naive_loop(model, x, y)
 
 
 def test_an_aliased_parameter_used_outside_its_layer_or_a_parameter_of_its_own_is_refused():
@@ -425,20 +435,7 @@ def test_a_registered_user_layer_is_clipped_like_the_naive_loop():
     torch.manual_seed(0)
     model = nn.Sequential(_Scale(4), nn.Linear(4, 3).double())
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
-    from tests.oracle import clipped_sum, per_sample_grads
-
-    expected = clipped_sum(
-        per_sample_grads(model, x, y), [[0, 1, 2]], clipping="automatic", clip_norm=1.0, gamma=0.01
-    )
-    before = _snapshot(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    dpclip.PrivacyEngine(
-        model, opt, sample_size=50, batch_size=5, steps=1, noise_multiplier=0.0, registry=registry
-    )
-    _loss(model, x, y).backward()
-    opt.step()
-    for p, old, want in zip(model.parameters(), before, expected, strict=True):
-        torch.testing.assert_close(old - p.detach(), want / 5, rtol=1e-6, atol=1e-12)
+    _assert_one_step_equals_naive_loop(model, x, y, registry)
 
 
 class _FunctionallyTied(nn.Module):
@@ -517,19 +514,7 @@ def test_batched_positions_are_clipped_like_the_naive_loop():
     torch.manual_seed(0)
     model = _Positions(batched=True)
     x, y = torch.randint(10, (4, 4)), torch.tensor([0, 1, 2, 0])
-    from tests.oracle import clipped_sum, per_sample_grads
-
-    expected = clipped_sum(
-        per_sample_grads(model, x, y), [[0, 1, 2, 3]], clipping="automatic", clip_norm=1.0,
-        gamma=0.01,
-    )  # fmt: skip
-    before = _snapshot(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    dpclip.PrivacyEngine(model, opt, sample_size=40, batch_size=4, steps=1, noise_multiplier=0.0)
-    _loss(model, x, y).backward()
-    opt.step()
-    for p, old, want in zip(model.parameters(), before, expected, strict=True):
-        torch.testing.assert_close(old - p.detach(), want / 4, rtol=1e-6, atol=1e-12)
+    _assert_one_step_equals_naive_loop(model, x, y)
 
 
 class _ReadsItsWeight(nn.Module):
@@ -551,18 +536,7 @@ def test_reading_a_parameter_without_a_gradient_path_is_allowed_and_clipped_like
     torch.manual_seed(0)
     model = _ReadsItsWeight()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
-    from tests.oracle import clipped_sum, per_sample_grads
-
-    expected = clipped_sum(
-        per_sample_grads(model, x, y), [[0, 1]], clipping="automatic", clip_norm=1.0, gamma=0.01
-    )
-    before = _snapshot(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    dpclip.PrivacyEngine(model, opt, sample_size=50, batch_size=5, steps=1, noise_multiplier=0.0)
-    _loss(model, x, y).backward()
-    opt.step()
-    for p, old, want in zip(model.parameters(), before, expected, strict=True):
-        torch.testing.assert_close(old - p.detach(), want / 5, rtol=1e-6, atol=1e-12)
+    _assert_one_step_equals_naive_loop(model, x, y)
 
 
 def _train(model, opt, steps, x, y):
