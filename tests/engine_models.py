@@ -92,15 +92,19 @@ def _tiny_gpt2() -> nn.Module:
     return _Logits(GPT2LMHeadModel(config), mean_over_positions=True)
 
 
+# one encoder layer, no dropout (the oracle and the engine must see the same forward)
+_TINY_ENCODER = dict(
+    vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+    intermediate_size=16, max_position_embeddings=12, hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)  # fmt: skip
+
+
 def _tiny_roberta_mlm() -> nn.Module:
     """RoBERTa's LM head holds its decoder's bias a second time, as a parameter of its own."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    config = RobertaConfig(
-        vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=12, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+    config = RobertaConfig(**_TINY_ENCODER)
     torch.manual_seed(0)
     return _Logits(RobertaForMaskedLM(config), mean_over_positions=True)
 
@@ -108,11 +112,7 @@ def _tiny_roberta_mlm() -> nn.Module:
 def _tiny_bert_classifier() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
-        vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=12, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=3,
-    )  # fmt: skip
+    config = BertConfig(**_TINY_ENCODER, num_labels=3)
     torch.manual_seed(0)
     return _Logits(BertForSequenceClassification(config), mean_over_positions=False)
 

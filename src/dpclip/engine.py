@@ -26,7 +26,7 @@ from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.hooks import Record, Recorder
 from dpclip.layers import LayerRegistry, LayerRule, default_registry
 from dpclip.noise import GaussianNoise
-from dpclip.validate import UnsupportedModuleError, find_unsupported
+from dpclip.validate import UnsupportedModuleError, find_unsupported, own_trainable
 
 _REGISTRY = default_registry()
 _STATE_VERSION = 1
@@ -385,7 +385,7 @@ def _make_plan(
     owners: dict[str, str] = {}
     owner_of_param = {id(p): n for n, p in named}
     for path, module in model.named_modules():
-        own = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
+        own = tuple(n for n, _ in own_trainable(module))
         rule = registry.rule_for(module) if own else None
         if rule is not None:  # without one, a module only aliases clipped parameters (validate)
             rules[module] = rule

@@ -53,7 +53,8 @@ def _advice(module: nn.Module, orphans: list[str]) -> str:
     )
 
 
-def _own(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The module's own (not its children's) parameters that require grad, with their names."""
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
@@ -66,7 +67,7 @@ def find_unsupported(model: nn.Module, registry: LayerRegistry) -> list[Unsuppor
     """
     problems, unruled, clipped = [], [], set()
     for path, module in model.named_modules():
-        if not _own(module):
+        if not own_trainable(module):
             continue
         rule = registry.rule_for(module)
         if rule is None:
@@ -74,9 +75,9 @@ def find_unsupported(model: nn.Module, registry: LayerRegistry) -> list[Unsuppor
         elif rule.check is not None and (reason := rule.check(module)):
             problems.append(Unsupported(path, type(module).__name__, reason))
         else:
-            clipped.update(id(p) for _, p in _own(module))
+            clipped.update(id(p) for _, p in own_trainable(module))
     for path, module in unruled:
-        orphans = [n for n, p in _own(module) if id(p) not in clipped]
+        orphans = [n for n, p in own_trainable(module) if id(p) not in clipped]
         if orphans:
             problems.append(Unsupported(path, type(module).__name__, _advice(module, orphans)))
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
