@@ -158,3 +158,33 @@ def test_thread_pool_and_calling_thread_draw_the_same_noise(monkeypatch):
         torch.set_num_threads(threads)
     assert all(torch.equal(x, y) for x, y in zip(*draws, strict=True))
     assert noise_module._pool.cache_info().currsize >= 1  # the pool did run
+
+
+@pytest.mark.parametrize("bucket", [1 << 24, 1000])
+def test_scaled_add_is_the_scaled_noisy_sum_in_one_draw(monkeypatch, bucket):
+    """add_(ts, scale=s) gives s · (t + the noise the same seed adds at scale 1), strided views
+    included, and the zero-std case still scales."""
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", bucket)
+
+    def tensors() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(5)
+        base = torch.randn(60, 50, generator=gen)
+        small = torch.randn(7, dtype=torch.float64, generator=gen)
+        return [torch.randn(300, 100, generator=gen), base.t(), small]
+
+    plain, scaled = tensors(), tensors()
+    GaussianNoise(2.0, seed=9).add_(plain)
+    GaussianNoise(2.0, seed=9).add_(scaled, scale=0.125)
+    for p, s in zip(plain, scaled, strict=True):
+        torch.testing.assert_close(s, p * 0.125, rtol=1e-6, atol=1e-6)
+    quiet = tensors()
+    GaussianNoise(0.0, seed=9).add_(quiet, scale=0.125)
+    assert all(torch.equal(q, t * 0.125) for q, t in zip(quiet, tensors(), strict=True))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("nan")])
+def test_a_scale_that_is_not_finite_and_positive_is_refused_and_changes_nothing(scale):
+    noise, tensors = GaussianNoise(1.0, seed=0), _tensors()
+    with pytest.raises(ValueError, match="expected a finite noise scale > 0, got"):
+        noise.add_(tensors, scale=scale)
+    assert all(not t.any() for t in tensors) and noise.draws == 0

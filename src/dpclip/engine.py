@@ -246,9 +246,8 @@ class PrivacyEngine:
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self._params]
-        self._noise.add_(grads)
-        torch._foreach_div_(grads, float(self.privacy.batch_size))
+        # noise and the division by the expected batch size in one pass over the gradients
+        self._noise.add_([p.grad for p in self._params], scale=1.0 / self.privacy.batch_size)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)

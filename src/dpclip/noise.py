@@ -62,9 +62,18 @@ def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
-def _add_drawn(bucket: list[Tensor], flat: Tensor) -> None:
-    noise = flat.split([t.numel() for t in bucket])
-    torch._foreach_add_(bucket, [n.view_as(t) for n, t in zip(noise, bucket, strict=True)])
+def _add_scaled(bucket: list[Tensor], noise: Tensor, scale: float) -> None:
+    """t <- scale · t + noise for each tensor of the bucket, over its stretch of ``noise``."""
+    pieces = [
+        n.view_as(t) for n, t in zip(noise.split([t.numel() for t in bucket]), bucket, strict=True)
+    ]
+    if bucket[0].device.type == "cpu":  # one pass per tensor: noise + scale · t, written into t
+        for t, n in zip(bucket, pieces, strict=True):
+            torch.add(n, t, alpha=scale, out=t)
+        return
+    if scale != 1.0:
+        torch._foreach_mul_(bucket, scale)
+    torch._foreach_add_(bucket, pieces)
 
 
 class GaussianNoise:
@@ -96,22 +105,31 @@ class GaussianNoise:
             gen.manual_seed(secrets.randbits(62))
         return gen
 
-    def add_(self, tensors: Iterable[Tensor]) -> None:
-        """Add fresh noise to each tensor in place (one draw for the whole step)."""
+    def add_(self, tensors: Iterable[Tensor], *, scale: float = 1.0) -> None:
+        """t <- scale · (t + N(0, std²)) for each tensor, in place (one draw for the whole step).
+
+        ``scale`` folds a division of the noisy sum (by the batch size) into the same pass.
+        """
+        if not 0 < scale < float("inf"):
+            raise ValueError(f"expected a finite noise scale > 0, got {scale}")
         self.draws += 1
+        tensors = list(tensors)
         if self.std == 0:
+            if scale != 1.0:
+                torch._foreach_mul_(tensors, scale)
             return
+        std = self.std * scale
         cpu_jobs = []
-        for bucket in _buckets(list(tensors)):
+        for bucket in _buckets(tensors):
             first = bucket[0]
             gen = self._generator(first.device)
             numel = sum(t.numel() for t in bucket)
             if first.device.type != "cpu":
                 flat = torch.empty(numel, dtype=first.dtype, device=first.device)
-                _add_drawn(bucket, flat.normal_(0.0, self.std, generator=gen))
+                _add_scaled(bucket, flat.normal_(0.0, std, generator=gen), scale)
             else:
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-                cpu_jobs.append((bucket, numel, seed))
+                cpu_jobs.append((bucket, numel, seed, std, scale))
         threads = torch.get_num_threads()
         if threads > 1 and sum(job[1] for job in cpu_jobs) >= _POOL_ELEMENTS:
             list(_pool(threads, os.getpid()).map(self._add_cpu, cpu_jobs))
@@ -119,11 +137,11 @@ class GaussianNoise:
             for job in cpu_jobs:
                 self._add_cpu(job)
 
-    def _add_cpu(self, job: tuple[list[Tensor], int, int]) -> None:
-        bucket, numel, seed = job
+    def _add_cpu(self, job: tuple[list[Tensor], int, int, float, float]) -> None:
+        bucket, numel, seed, std, scale = job
         flat = _scratch_buffer(numel, bucket[0].dtype)
-        flat.normal_(0.0, self.std, generator=torch.Generator().manual_seed(seed))
-        _add_drawn(bucket, flat)
+        flat.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+        _add_scaled(bucket, flat, scale)
 
     def state_dict(self) -> dict:
         return {
