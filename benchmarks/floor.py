@@ -1,0 +1,171 @@
+"""The least a DP step can cost here: the matmul work dpclip adds, and the noise, at full speed.
+
+For each model, one non-private and one dpclip step (default ``mixed`` strategy, the benchmark's
+batch) run under torch's ``FlopCounterMode``; the difference is every multiply-add dpclip adds
+(ghost-norm Grams, instantiated per-sample gradients, tied-weight cross terms). The noise needs
+one Gaussian draw per trainable parameter. With the machine's peak matmul rate and torch's
+``normal_`` cost per element (both measured here), no implementation of exact per-sample norms
+and exact noise can beat
+
+    bound = t_np / (t_np + extra multiply-adds / peak rate + parameters x normal_ time)
+
+where t_np is the non-private step's median time. Everything else dpclip does (per-sample norm
+layers, bias sums, hooks, scaling by the clipping factors) only adds to the denominator.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.floor --models gpt-like,vit-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.models import MODELS, ModelSpec
+
+
+@dataclass(frozen=True)
+class Floor:
+    """One model's floor: its non-private step, what dpclip must add, and the bound."""
+
+    model: str
+    batch_size: int
+    seq_len: int | None
+    step_ms: float  # non-private, median
+    macs: float  # non-private step, multiply-adds
+    extra_macs: float  # dpclip step minus non-private step
+    noise_elements: int
+    peak_macs_per_s: float
+    normal_ns: float
+
+    @property
+    def bound(self) -> float:
+        t = self.step_ms / 1e3
+        least = self.extra_macs / self.peak_macs_per_s + self.noise_elements * self.normal_ns / 1e9
+        return t / (t + least)
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_macs_per_s(n: int = 1024, repeats: int = 5) -> float:
+    """Multiply-adds per second of one large float32 matmul: the best a Gram can run at."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return n**3 / _median_s(lambda: a @ b, repeats)
+
+
+def normal_ns_per_element(n: int = 1 << 20, repeats: int = 5) -> float:
+    """torch's CPU ``normal_`` per element, drawn alone into a warm buffer."""
+    x, gen = torch.empty(n), torch.Generator().manual_seed(0)
+    return _median_s(lambda: x.normal_(generator=gen), repeats) / n * 1e9
+
+
+def _trainer(
+    spec: ModelSpec, private: bool, batch_size: int
+) -> tuple[Callable[[], None], torch.nn.Module]:
+    import dpclip
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = spec.make_batch(batch_size, spec.seq_len, gen)
+    torch.manual_seed(0)
+    model = spec.build()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    if private:
+        dpclip.PrivacyEngine(
+            model, opt, sample_size=100 * batch_size, batch_size=batch_size, steps=10**6,
+            noise_multiplier=1.0, seed=0,
+        )  # fmt: skip
+
+    def step() -> None:
+        spec.loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()  # warm-up, and builds lazily created state
+    return step, model
+
+
+def _macs(step: Callable[[], None]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 2
+
+
+def measure_floor(
+    model: str, *, batch_size: int | None = None, repeats: int = 3, peak: float, normal_ns: float
+) -> Floor:
+    """The floor of ``model`` at ``batch_size`` (default: the benchmark's CPU batch)."""
+    spec = MODELS[model]
+    batch = batch_size or spec.default_batch_size("cpu")
+    (plain, _), (private, attached) = _trainer(spec, False, batch), _trainer(spec, True, batch)
+    params = sum(p.numel() for p in attached.parameters())  # all trainable: each gets noise
+    macs = _macs(plain)
+    return Floor(
+        model=model, batch_size=batch, seq_len=spec.seq_len, step_ms=_median_s(plain, repeats) * 1e3,
+        macs=macs, extra_macs=_macs(private) - macs, noise_elements=params,
+        peak_macs_per_s=peak, normal_ns=normal_ns,
+    )  # fmt: skip
+
+
+def markdown(floors: Sequence[Floor]) -> str:
+    """The floors as a Markdown table."""
+    lines = [
+        "| model | batch | T | non-private step | its G multiply-adds | dpclip adds (G) | "
+        "noise draws (M) | bound × non-private |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f in floors:
+        lines.append(
+            f"| {f.model} | {f.batch_size} | {f.seq_len or '-'} | {f.step_ms:.0f} ms | "
+            f"{f.macs / 1e9:.1f} | {f.extra_macs / 1e9:.2f} ({f.extra_macs / f.macs:.1%}) | "
+            f"{f.noise_elements / 1e6:.1f} | {f.bound:.2f}× |"
+        )
+    if floors:
+        f = floors[0]
+        lines.append(
+            f"\nPeak matmul {f.peak_macs_per_s / 1e9:.0f} G multiply-adds/s, normal_ "
+            f"{f.normal_ns:.1f} ns per element, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads."
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.floor", description=__doc__)
+    parser.add_argument("--models", default="gpt-like,gpt2,gpt2-untied,vit-small")
+    parser.add_argument("--batch-size", type=int, help="override every model's default")
+    parser.add_argument("--repeats", type=int, default=3, help="timed non-private steps")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    torch.set_num_threads(args.threads)
+    peak, normal_ns = peak_macs_per_s(), normal_ns_per_element()
+    floors = [
+        measure_floor(
+            m, batch_size=args.batch_size, repeats=args.repeats, peak=peak, normal_ns=normal_ns
+        )
+        for m in models
+    ]
+    print(markdown(floors))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
