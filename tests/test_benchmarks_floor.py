@@ -47,3 +47,10 @@ def test_unknown_model_is_an_error_naming_the_choices(capsys: pytest.CaptureFixt
         floor.main(["--models", "gpt-like,nope"])
     assert exit_info.value.code == 2
     assert "unknown model(s) ['nope']; choose from ['cnn'" in capsys.readouterr().err
+
+
+def test_a_convolutional_model_is_refused_since_the_bound_leaves_convolutions_out(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        floor.main(["--models", "cnn", "--batch-size", "8", "--repeats", "1"])
+    assert exit_info.value.code == 2
+    assert "cnn: most of its non-private multiply-adds are convolutions" in capsys.readouterr().err
