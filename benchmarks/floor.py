@@ -7,12 +7,14 @@ gradients, tied-weight cross terms). Convolutions are left out on both sides: th
 figure for dpclip's grouped per-sample weight-gradient convolutions is not their multiply-adds,
 so for convolutional models the bound counts less than dpclip does (it stays an upper bound).
 The noise needs one Gaussian draw per trainable parameter. With the machine's peak matmul rate
-and torch's ``normal_`` cost per element (both measured here, fastest of a few runs), no
-implementation of exact per-sample norms and exact noise can beat
+and torch's ``normal_`` cost per element, no implementation of exact per-sample norms and exact
+noise can beat
 
     bound = t_np / (t_np + extra multiply-adds / peak rate + parameters x normal_ time)
 
-where t_np is the non-private step's median time. Everything else dpclip does (per-sample norm
+where t_np is the non-private step's time. Each repeat times the step, a large matmul and a
+draw back to back (a shared machine's slow stretches hit all three); the bound is the median of
+the repeats' bounds. Everything else dpclip does (per-sample norm
 layers, bias sums, hooks, scaling by the clipping factors) only adds to the denominator.
 
 Usage (from the repository root)::
@@ -37,47 +39,56 @@ _MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
 
 
 @dataclass(frozen=True)
+class Timing:
+    """One repeat, measured back to back so a slow stretch of a shared machine hits all three."""
+
+    step_s: float  # the non-private step
+    peak_macs_per_s: float  # one large float32 matmul: the best a Gram can run at
+    normal_ns: float  # torch's CPU normal_ per element, into a warm buffer
+
+    def bound(self, extra_macs: float, noise_elements: int) -> float:
+        least = extra_macs / self.peak_macs_per_s + noise_elements * self.normal_ns / 1e9
+        return self.step_s / (self.step_s + least)
+
+
+@dataclass(frozen=True)
 class Floor:
     """One model's floor: its non-private step, what dpclip must add, and the bound."""
 
     model: str
     batch_size: int
     seq_len: int | None
-    step_ms: float  # non-private, median
-    macs: float  # non-private step, multiply-adds
-    extra_macs: float  # dpclip step minus non-private step
+    macs: float  # non-private step, multiply-adds of its matrix products
+    extra_macs: float  # dpclip step minus non-private step, the same
     noise_elements: int
-    peak_macs_per_s: float
-    normal_ns: float
+    timings: tuple[Timing, ...]
 
     @property
     def bound(self) -> float:
-        t = self.step_ms / 1e3
-        least = self.extra_macs / self.peak_macs_per_s + self.noise_elements * self.normal_ns / 1e9
-        return t / (t + least)
+        """Median over repeats of each repeat's bound."""
+        return statistics.median(
+            t.bound(self.extra_macs, self.noise_elements) for t in self.timings
+        )
+
+    @property
+    def step_ms(self) -> float:
+        return statistics.median(t.step_s for t in self.timings) * 1e3
 
 
-def _times_s(fn: Callable[[], object], repeats: int) -> list[float]:
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+    return time.perf_counter() - start
 
 
-def peak_macs_per_s(n: int = 1024, repeats: int = 5) -> float:
-    """Multiply-adds per second of one large float32 matmul (fastest run): the best a Gram
-    can run at."""
+def measure_timing(step: Callable[[], None], n: int = 1024, draws: int = 1 << 20) -> Timing:
+    """The non-private step, then the matmul rate and normal_ (each the faster of two runs)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return n**3 / min(_times_s(lambda: a @ b, repeats))
-
-
-def normal_ns_per_element(n: int = 1 << 20, repeats: int = 5) -> float:
-    """torch's CPU ``normal_`` per element, drawn alone into a warm buffer (fastest run)."""
-    x, gen = torch.empty(n), torch.Generator().manual_seed(0)
-    return min(_times_s(lambda: x.normal_(generator=gen), repeats)) / n * 1e9
+    x, gen = torch.empty(draws), torch.Generator().manual_seed(0)
+    step_s = _seconds(step)
+    matmul_s = min(_seconds(lambda: a @ b) for _ in range(2))
+    normal_s = min(_seconds(lambda: x.normal_(generator=gen)) for _ in range(2))
+    return Timing(step_s, n**3 / matmul_s, normal_s / draws * 1e9)
 
 
 def _trainer(
@@ -114,9 +125,7 @@ def _macs(step: Callable[[], None]) -> tuple[float, float]:
     return matmuls / 2, counter.get_total_flops() / 2
 
 
-def measure_floor(
-    model: str, *, batch_size: int | None = None, repeats: int = 3, peak: float, normal_ns: float
-) -> Floor:
+def measure_floor(model: str, *, batch_size: int | None = None, repeats: int = 3) -> Floor:
     """The floor of ``model`` at ``batch_size`` (default: the benchmark's CPU batch)."""
     spec = MODELS[model]
     batch = batch_size or spec.default_batch_size("cpu")
@@ -128,10 +137,11 @@ def measure_floor(
             f"{model}: most of its non-private multiply-adds are convolutions, which the bound "
             "leaves out; it is meant for models made of matrix products (transformers)"
         )
+    extra = _macs(private)[0] - macs
+    del private, attached  # only the non-private model is timed
     return Floor(
-        model=model, batch_size=batch, seq_len=spec.seq_len, step_ms=statistics.median(_times_s(plain, repeats)) * 1e3,
-        macs=macs, extra_macs=_macs(private)[0] - macs, noise_elements=params,
-        peak_macs_per_s=peak, normal_ns=normal_ns,
+        model=model, batch_size=batch, seq_len=spec.seq_len, macs=macs, extra_macs=extra,
+        noise_elements=params, timings=tuple(measure_timing(plain) for _ in range(repeats)),
     )  # fmt: skip
 
 
@@ -139,22 +149,18 @@ def markdown(floors: Sequence[Floor]) -> str:
     """The floors as a Markdown table."""
     lines = [
         "| model | batch | T | non-private step | its matmul G multiply-adds | dpclip adds (G) | "
-        "noise draws (M) | bound × non-private |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "noise draws (M) | peak matmul G/s | normal_ ns | bound × non-private |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in floors:
+        peak = statistics.median(t.peak_macs_per_s for t in f.timings) / 1e9
+        normal_ns = statistics.median(t.normal_ns for t in f.timings)
         lines.append(
             f"| {f.model} | {f.batch_size} | {f.seq_len or '-'} | {f.step_ms:.0f} ms | "
             f"{f.macs / 1e9:.1f} | {f.extra_macs / 1e9:.2f} ({f.extra_macs / f.macs:.1%}) | "
-            f"{f.noise_elements / 1e6:.1f} | {f.bound:.2f}× |"
+            f"{f.noise_elements / 1e6:.1f} | {peak:.0f} | {normal_ns:.1f} | {f.bound:.2f}× |"
         )
-    if floors:
-        f = floors[0]
-        lines.append(
-            f"\nPeak matmul {f.peak_macs_per_s / 1e9:.0f} G multiply-adds/s, normal_ "
-            f"{f.normal_ns:.1f} ns per element, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads."
-        )
+    lines.append(f"\ntorch {torch.__version__} with {torch.get_num_threads()} threads.")
     return "\n".join(lines)
 
 
@@ -162,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.floor", description=__doc__)
     parser.add_argument("--models", default="gpt-like,gpt2,gpt2-untied,vit-small")
     parser.add_argument("--batch-size", type=int, help="override every model's default")
-    parser.add_argument("--repeats", type=int, default=3, help="timed non-private steps")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed non-private steps, each with its rates"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -170,13 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     torch.set_num_threads(args.threads)
-    peak, normal_ns = peak_macs_per_s(), normal_ns_per_element()
     try:
         floors = [
-            measure_floor(
-                m, batch_size=args.batch_size, repeats=args.repeats, peak=peak, normal_ns=normal_ns
-            )
-            for m in models
+            measure_floor(m, batch_size=args.batch_size, repeats=args.repeats) for m in models
         ]
     except ValueError as err:
         parser.error(str(err))

@@ -15,12 +15,15 @@ from benchmarks import floor  # noqa: E402
 
 
 def test_bound_is_the_non_private_step_over_it_plus_the_least_extra_time() -> None:
-    f = floor.Floor(
-        model="m", batch_size=1, seq_len=None, step_ms=800.0, macs=1e11, extra_macs=8e9,
-        noise_elements=10**7, peak_macs_per_s=8e10, normal_ns=10.0,
-    )  # fmt: skip
+    fast = floor.Timing(step_s=0.8, peak_macs_per_s=8e10, normal_ns=10.0)
     # 0.8 s / (0.8 s + 8e9 / 8e10 s + 1e7 * 10 ns) = 0.8 / (0.8 + 0.1 + 0.1)
-    assert f.bound == pytest.approx(0.8)
+    assert fast.bound(8e9, 10**7) == pytest.approx(0.8)
+    slow = floor.Timing(step_s=1.6, peak_macs_per_s=4e10, normal_ns=20.0)  # all twice as slow
+    mid = floor.Timing(step_s=0.7, peak_macs_per_s=8e10, normal_ns=10.0)
+    f = floor.Floor(model="m", batch_size=1, seq_len=None, macs=1e11, extra_macs=8e9,
+                    noise_elements=10**7, timings=(fast, slow, mid))  # fmt: skip
+    assert f.bound == pytest.approx(0.8)  # the median of 0.8, 0.8 and 0.7 / 0.9
+    assert f.step_ms == pytest.approx(800.0)
 
 
 def test_extra_multiply_adds_of_gpt_like_are_its_grams_and_small_contractions() -> None:
@@ -34,7 +37,7 @@ def test_extra_multiply_adds_of_gpt_like_are_its_grams_and_small_contractions() 
     grams = b * t * t * ((w + 3 * w) + (w + 4 * w) + (4 * w + w))
     per_block = grams + b * w * w + b * (3 * w + w + 4 * w + w) + b * 2 * (2 * w)
     expected = 4 * per_block + b * t * t * (w + 5000) + b * 2 * w  # blocks, head, final LN
-    got = floor.measure_floor("gpt-like", batch_size=b, repeats=1, peak=1e11, normal_ns=4.0)
+    got = floor.measure_floor("gpt-like", batch_size=b, repeats=1)
     assert got.extra_macs == expected
     assert got.noise_elements == 5000 * w + 1024 * w + 4 * (12 * w * w + 13 * w) + 2 * w + w * 5000
     assert got.macs > 3 * got.extra_macs and 0 < got.bound < 1
