@@ -3,10 +3,9 @@
 For each model, one non-private and one dpclip step (default ``mixed`` strategy, the benchmark's
 batch) run under torch's ``FlopCounterMode``; the difference in matrix products (mm, addmm, bmm,
 baddbmm) is every multiply-add dpclip adds there (ghost-norm Grams, instantiated per-sample
-gradients, tied-weight cross terms). Convolutions are left out on both sides: the counter's
-figure for dpclip's grouped per-sample weight-gradient convolutions is not their multiply-adds,
-so for convolutional models the bound counts less than dpclip does (it stays an upper bound).
-The noise needs one Gaussian draw per trainable parameter. With the machine's peak matmul rate
+gradients, tied-weight cross terms). Convolutions are left out on both sides (the counter's
+figure for dpclip's grouped per-sample weight-gradient convolutions is not their multiply-adds),
+so a model whose work is mostly convolutions is refused; a patch embedding is fine. The noise needs one Gaussian draw per trainable parameter. With the machine's peak matmul rate
 and torch's ``normal_`` cost per element, no implementation of exact per-sample norms and exact
 noise can beat
 
@@ -14,8 +13,8 @@ noise can beat
 
 where t_np is the non-private step's time. Each repeat times the step, a large matmul and a
 draw back to back (a shared machine's slow stretches hit all three); the bound is the median of
-the repeats' bounds. Everything else dpclip does (per-sample norm
-layers, bias sums, hooks, scaling by the clipping factors) only adds to the denominator.
+the repeats' bounds. Everything else dpclip does (per-sample norm layers, bias sums, hooks,
+scaling by the clipping factors) only adds to the denominator.
 
 Usage (from the repository root)::
 
