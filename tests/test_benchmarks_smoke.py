@@ -347,9 +347,10 @@ def test_accumulation_takes_one_private_step_per_logical_batch() -> None:
     step, _, engine = _worker._build(cfg, torch.device("cpu"))
     passes = []
     engine.model.register_forward_pre_hook(lambda *a: passes.append(1))
+    step()  # three physical batches of 4, and the self-check: the batch, then 3 examples alone
+    assert len(passes) == 3 + 1 + 3
     step()
-    step()
-    assert len(passes) == 6  # three physical batches of 4 per step
+    assert len(passes) == 7 + 3
     assert engine.ledger.steps == 2 and engine.privacy.batch_size == 12
     assert engine._noise.draws == 2  # one noise draw per logical batch of 12
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from dpclip._errors import IntegrityError
 from dpclip.clipping import clip_factors, group_clip_norm
 from dpclip.hooks import Record
 from dpclip.layers import LayerRule
@@ -66,10 +67,11 @@ class Accumulator:
     plan: Plan
     group_of: dict[int, int]
     batch: int | None = None
+    forward: int | None = None
     entries: dict[nn.Parameter, _Entry] = field(default_factory=dict)
 
     def add(self, rec: Record) -> None:
-        self._check_batch(rec.grad_output.shape[0])
+        self._check_batch(rec)
         rule, module = self.plan.rules[rec.module], rec.module
         params = {n: getattr(module, n) for n in self.plan.names[module]}
         again = [n for n, p in params.items() if p in self.entries]
@@ -121,13 +123,22 @@ class Accumulator:
         rule = self.plan.rules[rec.module]
         return _outer_factors(rule, rec, [name], self.batch)[name]
 
-    def _check_batch(self, size: int) -> None:
-        if self.batch is None:
-            self.batch = size
-        elif size != self.batch:
-            raise ValueError(
-                f"layers saw different batch sizes ({self.batch} and {size}) in one backward "
-                "pass; dpclip needs the batch on dim 0 of every layer's input (batch_first=True)"
+    def _check_batch(self, rec: Record) -> None:
+        """One backward, one forward of the model: rows of two forwards are not one example."""
+        if self.forward is None:
+            self.batch, self.forward = rec.batch, rec.forward
+        elif rec.forward != self.forward:
+            raise IntegrityError(
+                "one backward pass reached layer calls from two forward passes of the model; "
+                "dpclip clips the examples of one forward per backward, one per row, and would "
+                "merge row i of both: call backward after each forward (gradient accumulation), "
+                "or run both inputs through one forward (concatenate the batches, or wrap both "
+                "calls in one module and attach the engine to it)"
+            )
+        if rec.grad_output.shape[0] != rec.batch:  # the recorder refuses this at forward time
+            raise IntegrityError(
+                f"the output gradient of {type(rec.module).__name__} has "
+                f"{rec.grad_output.shape[0]} rows, not the forward's batch of {rec.batch}"
             )
 
     def _instantiated(self, entry: _Entry) -> Tensor:
@@ -138,11 +149,16 @@ class Accumulator:
         ]
         return sum(parts[1:], parts[0])
 
-    def finish(self) -> dict[nn.Parameter, Tensor]:
-        """Σ_i C_i g_i for every parameter touched (C from the plan's clipping)."""
+    def norms_sq(self) -> dict[nn.Parameter, Tensor]:
+        """Each touched parameter's per-sample squared gradient norm, (batch,), all uses summed."""
         for entry in self.entries.values():
             if entry.norm_sq is None:
                 entry.norm_sq = sq_norms(entry.per_sample)
+        return {p: entry.norm_sq for p, entry in self.entries.items()}
+
+    def finish(self) -> dict[nn.Parameter, Tensor]:
+        """Σ_i C_i g_i for every parameter touched (C from the plan's clipping)."""
+        self.norms_sq()
         factors = self._factors()
         sums: dict[nn.Parameter, Tensor] = {}
         kept: dict[Record, dict[str, Tensor]] = {}

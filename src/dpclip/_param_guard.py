@@ -10,10 +10,17 @@ grad-enabled forward of the attached model a torch function mode sees each torch
 raises on such a use. Uses that carry no gradient pass: ``detach()``, attribute reads (shape,
 dtype), anything under ``torch.no_grad()``.
 
+A read that returns a tensor (``emb.weight.T``) is a use like any other; ``.data`` and
+``.grad`` carry no gradient and pass.
+
 2. Refuse a recorded layer output broadcast against a tensor of more dims (``x + pos(arange(T))``)
 or given new leading dims (``pos(arange(T))[None]``): its dim 0 is not the batch, and when it
 happens to equal the batch size no shape check can tell, so each "sample" would be a position
 and the clipping would bound nothing.
+
+3. Split a pending batch-1 layer output (see :mod:`dpclip.hooks`) where it is broadcast over the
+batch: the elementwise op gets the recorder's expanded copy instead (same values, same result),
+whose gradient keeps one row per example. Any other use of it is refused.
 """
 
 from __future__ import annotations
@@ -27,11 +34,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from dpclip._errors import IntegrityError
+from dpclip.hooks import Recorder
+
 # calls that read a parameter without putting it on a gradient path
 _NO_GRADIENT = {
-    "__get__", "detach", "size", "dim", "numel", "stride", "data_ptr", "element_size",
-    "is_contiguous", "is_floating_point", "is_complex", "__repr__", "__format__", "__len__",
+    "detach", "size", "dim", "numel", "stride", "data_ptr", "element_size", "is_contiguous",
+    "is_floating_point", "is_complex", "__repr__", "__format__", "__len__", "item", "tolist",
+    "numpy", "__bool__", "__int__", "__float__", "__index__", "__hash__",
 }  # fmt: skip
+_GRADIENT_FREE_ATTRIBUTES = {"data", "grad"}
 # elementwise calls that broadcast their tensor operands
 _BROADCASTING = {
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "__add__", "__radd__",
@@ -64,14 +76,26 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if torch.is_grad_enabled() and name not in _NO_GRADIENT:
-            for a in _tensors(args, kwargs):
-                if isinstance(a, nn.Parameter):
-                    self.guard.check(a, func)
-            if name in _BROADCASTING:
-                self.guard.check_broadcast(args, name)
+        if not torch.is_grad_enabled() or name in _NO_GRADIENT:
+            return func(*args, **kwargs)
+        if name == "__get__":  # an attribute read: a use if it gives a tensor (p.T)
+            out = func(*args, **kwargs)
+            attribute = getattr(getattr(func, "__self__", None), "__name__", "")
+            if isinstance(out, torch.Tensor) and attribute not in _GRADIENT_FREE_ATTRIBUTES:
+                for a in args:
+                    if isinstance(a, nn.Parameter):
+                        self.guard.check(a, f".{attribute}")
+                self.guard.check_pending(args, out, f".{attribute}")
+            return out
+        for a in _tensors(args, kwargs):
+            if isinstance(a, nn.Parameter):
+                self.guard.check(a, func)
+        if name in _BROADCASTING:
+            args = self.guard.split_pending(args, name)
+            self.guard.check_broadcast(args, name)
         out = func(*args, **kwargs)
-        if name in _NEW_LEADING_DIMS and args and torch.is_grad_enabled():
+        self.guard.check_pending((*args, *kwargs.values()), out, name)
+        if name in _NEW_LEADING_DIMS and args:
             self.guard.check_new_leading_dims(args[0], out, name)
         return out
 
@@ -84,9 +108,13 @@ class ParamUseGuard:
         owners: Mapping[nn.Parameter, Iterable[nn.Module]],
         names: Mapping[nn.Parameter, str],
         unruled: Mapping[nn.Parameter, Iterable[str]] | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         """``unruled``: for a parameter also held by modules without a rule (aliases), their
-        paths, named in the error since the use is likely theirs."""
+        paths, named in the error since the use is likely theirs. ``recorder``: whose pending
+        batch-1 outputs are split where broadcast."""
+        self.enabled = True
+        self._recorder = recorder
         self._owners = {id(p): tuple(mods) for p, mods in owners.items()}
         self._names = {id(p): n for p, n in names.items()}
         self._unruled = {id(p): tuple(paths) for p, paths in (unruled or {}).items()}
@@ -116,7 +144,7 @@ class ParamUseGuard:
         owners = self._owners.get(id(p))
         if owners is None or any(self._active[m] for m in owners):
             return
-        what = getattr(func, "__name__", repr(func))
+        what = func if isinstance(func, str) else getattr(func, "__name__", repr(func))
         held = self._unruled.get(id(p))
         also = (
             f" It is also held by {', '.join(held)}, which has no per-sample rule: if that layer "
@@ -132,6 +160,43 @@ class ParamUseGuard:
             "in the optimizer (weight_decay=...) rather than in the loss, or use .detach() "
             "where no gradient is meant." + also
         )
+
+    def split_pending(self, args: tuple, what: str) -> tuple:
+        """``args`` with each pending batch-1 layer output broadcast over the batch replaced by
+        the recorder's expanded, recorded copy (the op computes the same values)."""
+        recorder = self._recorder
+        if recorder is None or not recorder.has_pending():
+            return args
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        out = list(args)
+        for k, a in enumerate(args):
+            if recorder.pending(a) is None:
+                continue
+            batched = any(
+                t.dim() == a.dim() and t.shape[0] == recorder.batch and recorder.pending(t) is None
+                for t in tensors
+            )
+            if batched:
+                out[k] = recorder.broadcast_use(a)
+        return tuple(out)
+
+    def check_pending(self, args: Iterable[object], out: object, what: str) -> None:
+        """Refuse a pending batch-1 layer output used other than by a broadcast over the batch
+        (an op that returns it unchanged, such as ``.to`` its own device, is fine)."""
+        recorder = self._recorder
+        if recorder is None or not recorder.has_pending():
+            return
+        for a in _tensors(tuple(args), {}):
+            module = recorder.pending(a)
+            if module is not None and out is not a:
+                raise IntegrityError(
+                    f"the output of {recorder.name(module)} has batch 1 in a forward whose batch "
+                    f"is {recorder.batch}, and {what} uses it other than by broadcasting it over "
+                    "the batch (x + layer(pos)): its gradient would sum over examples and could "
+                    "not be split per example. Give the layer a batched input (e.g. "
+                    "torch.arange(T).repeat(B, 1)); do not run layers per example (x[i:i+1]) or "
+                    "on chunks of the batch."
+                )
 
     def check_broadcast(self, args: tuple, what: str) -> None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -154,7 +219,7 @@ class ParamUseGuard:
             self._refuse(hit[0], t, f"gets new leading dims from {what}")
 
     def _refuse(self, module: nn.Module, t: torch.Tensor, how: str) -> None:
-        raise ValueError(
+        raise IntegrityError(
             f"the output of {type(module).__name__} (shape {tuple(t.shape)}) {how}: its dim 0 "
             "is not the batch (an input without one, such as torch.arange(T)), so its "
             "per-sample gradients cannot be told apart; give the layer a batched input, e.g. "
@@ -162,7 +227,7 @@ class ParamUseGuard:
         )
 
     def _enter_root(self, module: nn.Module, inputs: tuple) -> None:
-        if self._depth == 0 and torch.is_grad_enabled():
+        if self._depth == 0 and torch.is_grad_enabled() and self.enabled:
             self._mode = _Mode(self)
             self._mode.__enter__()
         if self._mode is not None:

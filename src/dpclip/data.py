@@ -31,8 +31,10 @@ class LogicalBatch:
         physical_batch_size: int | None,
         collate_fn: Callable[[list], Any] | None,
         num_workers: int,
+        on_physical_batch: Callable[[int | None], None] | None = None,
     ) -> None:
         self.dataset = dataset
+        self._on_physical_batch = on_physical_batch
         self.indices = indices
         self.physical_batch_size = physical_batch_size
         self._collate_fn = collate_fn
@@ -55,6 +57,24 @@ class LogicalBatch:
         chunks = self.chunks()
         if not chunks:
             return iter(())
+        batches = self._batches(chunks)
+        if self._on_physical_batch is None:
+            return batches
+        return self._announced(batches, [len(c) for c in chunks], self._on_physical_batch)
+
+    @staticmethod
+    def _announced(
+        batches: Iterator[Any], sizes: list[int], announce: Callable[[int | None], None]
+    ) -> Iterator[Any]:
+        """Tell ``announce`` each physical batch's size before it is used, and None after."""
+        try:
+            for size, batch in zip(sizes, batches):
+                announce(size)
+                yield batch
+        finally:
+            announce(None)
+
+    def _batches(self, chunks: list[torch.Tensor]) -> Iterator[Any]:
         if self._fast_path():
             tensors = self.dataset.tensors  # type: ignore[attr-defined]
             # Same structure default_collate gives for a TensorDataset: a list of stacked tensors.
@@ -91,6 +111,8 @@ class PoissonLoader:
         steps: logical batches per pass; default ``round(1 / sample_rate)`` (one epoch in
             expectation).
         on_logical_batch: called with the batch size each time a logical batch is yielded.
+        on_physical_batch: called with each physical batch's size before it is yielded, and
+            with None when a logical batch's physical batches are done.
 
     >>> from torch.utils.data import TensorDataset
     >>> data = TensorDataset(torch.arange(10.0), torch.arange(10))
@@ -113,6 +135,7 @@ class PoissonLoader:
         num_workers: int = 0,
         steps: int | None = None,
         on_logical_batch: Callable[[int], None] | None = None,
+        on_physical_batch: Callable[[int | None], None] | None = None,
     ) -> None:
         try:
             size = len(dataset)  # type: ignore[arg-type]
@@ -138,6 +161,7 @@ class PoissonLoader:
         self.num_workers = num_workers
         self.steps = steps if steps is not None else max(1, round(1.0 / self.sample_rate))
         self.on_logical_batch = on_logical_batch
+        self.on_physical_batch = on_physical_batch
         self._size = size
 
     def __len__(self) -> int:
@@ -155,8 +179,9 @@ class PoissonLoader:
         mask = torch.rand(self._size, generator=self.generator) < self.sample_rate
         indices = mask.nonzero().flatten()
         return LogicalBatch(
-            self.dataset, indices, self.physical_batch_size, self.collate_fn, self.num_workers
-        )
+            self.dataset, indices, self.physical_batch_size, self.collate_fn, self.num_workers,
+            on_physical_batch=self.on_physical_batch,
+        )  # fmt: skip
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool) -> None:

@@ -12,15 +12,21 @@ watched for that (:mod:`dpclip._param_guard`) and refuses it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from dpclip import accounting
+from dpclip import _selfcheck
 from dpclip._bookkeeping import Accumulator, NonFiniteNormError, Plan
+from dpclip._loss_tape import LossTape, remove, remove_dropped, remove_orphans
 from dpclip._param_guard import ParamUseGuard
+from dpclip._selfcheck import CheckResult, SelfCheckError
 from dpclip.clipping import group_parameters
 from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.hooks import Record, Recorder
@@ -69,6 +75,9 @@ class PrivacyEngine:
         norm_strategy: ``"ghost"``, ``"instantiate"`` or ``"mixed"`` (per layer, the cheaper).
         max_physical_batch_size: refuse backward passes over more samples than this.
         seed, secure_rng: the noise generator's seed, or OS randomness reseeded every step.
+        verify: run the self-check (:meth:`verify`) on the first physical batch before the
+            first step: a few examples run alone must give the per-example gradient norms
+            dpclip computes, or the step is refused. ``False`` turns it off.
     """
 
     def __init__(
@@ -93,8 +102,11 @@ class PrivacyEngine:
         max_physical_batch_size: int | None = None,
         seed: int | None = None,
         secure_rng: bool = False,
+        verify: bool = True,
         registry: LayerRegistry | None = None,
     ) -> None:
+        if not isinstance(verify, bool):
+            raise ValueError(f"expected verify to be True or False, got {verify!r}")
         self.privacy = PrivacyConfig(
             sample_size=sample_size, batch_size=batch_size, epochs=epochs, steps=steps,
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
@@ -125,6 +137,11 @@ class PrivacyEngine:
         self._micro_batches = 0
         self._empty_allowed = False
         self._poisoned: str | None = None
+        self._check_pending = verify
+        self._first: tuple[tuple, dict, LossTape] | None = None  # first batch: inputs, loss
+        self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
+        self._live_tape: list[LossTape] = []  # an engine dropped mid-batch takes its tape along
+        weakref.finalize(self, remove_dropped, self._live_tape)
         self._attach()
 
     # ----------------------------------------------------------------------------- wiring
@@ -145,6 +162,7 @@ class PrivacyEngine:
         self._accumulator: Accumulator | None = None
         self._recorder = Recorder(self._on_grad, self._on_backward_end)
         self._recorder.attach(self._plan.rules, root=self.model)
+        self._param_names = {id(p): n for n, p in self.model.named_parameters()}
         owners: dict[nn.Parameter, list[nn.Module]] = {}
         for module, own in self._plan.names.items():
             for n in own:
@@ -156,9 +174,11 @@ class PrivacyEngine:
                 for p in module.parameters(recurse=False):
                     if id(p) in self._managed:
                         unruled.setdefault(p, []).append(f"{path} ({type(module).__name__})")
-        self._guard = ParamUseGuard(owners, names, unruled)
+        self._guard = ParamUseGuard(owners, names, unruled, recorder=self._recorder)
         self._guard.attach(self._plan.rules, root=self.model)
         self._hooks = [
+            self.model.register_forward_pre_hook(self._forward_begins),
+            self.model.register_forward_hook(self._capture_first, with_kwargs=True),
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
         ]
@@ -170,6 +190,7 @@ class PrivacyEngine:
             return
         self._recorder.detach()
         self._guard.detach()
+        self._drop_first()
         for handle in self._hooks:
             handle.remove()
         for p, flag in self._restore:
@@ -184,7 +205,9 @@ class PrivacyEngine:
 
     # ----------------------------------------------------------------------------- backward
     def _on_grad(self, record: Record) -> None:
-        if self._accumulator is None:
+        if self._accumulator is None and self._sink is not None:
+            self._accumulator = Accumulator(self._plan, self._group_of)
+        elif self._accumulator is None:
             batch = record.grad_output.shape[0]
             limit = self.performance.max_physical_batch_size
             if limit is not None and batch > limit:
@@ -204,6 +227,9 @@ class PrivacyEngine:
     def _on_backward_end(self) -> None:
         accumulator, self._accumulator = self._accumulator, None
         if accumulator is None:
+            return
+        if self._sink is not None:
+            self._sink.update(accumulator.norms_sq())
             return
         try:
             sums = accumulator.finish()
@@ -243,6 +269,9 @@ class PrivacyEngine:
                 f"({self._budget_text()}, {allowed} steps); the parameters are unchanged. "
                 "Create a new PrivacyEngine with a larger plan to train longer."
             )
+        remove_orphans()
+        if self._check_pending and self._micro_batches:
+            self._check_first_batch()
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -253,6 +282,104 @@ class PrivacyEngine:
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
         self._micro_batches = 0
         self._empty_allowed = False
+
+    # ----------------------------------------------------------------------------- self-check
+    def verify(self, inputs: Any, loss_fn: Callable[[Any], Tensor]) -> CheckResult:
+        """Check now that dpclip clips true examples of ``inputs``; raise if it does not.
+
+        Runs the model on ``inputs`` (a tensor, a tuple of positional arguments or a dict of
+        keyword arguments, batch on dim 0) and ``loss_fn(output)`` as the loss, then a few
+        examples alone through ordinary autograd, and compares each parameter's per-example
+        gradient norm with dpclip's (dropout off on both sides). Raises
+        :class:`dpclip.IntegrityError` naming the parameter and the likely causes if they differ.
+        Releases nothing and changes nothing (model, gradients, optimizer, RNG, ledger). When it
+        passes, the automatic check of the first physical batch is not needed any more.
+        """
+        if isinstance(inputs, dict):
+            args, kwargs = (), dict(inputs)
+        else:
+            args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+        result = self._run_check(args, kwargs, loss_fn)
+        self._check_pending = False
+        self._drop_first()
+        return result
+
+    def _forward_begins(self, module: nn.Module, args: tuple) -> None:
+        remove_orphans()
+        if self._first is not None:
+            self._drop_first()  # the loss tape stops at backward; leave no mode behind
+
+    def _capture_first(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """On the first physical batch: keep its inputs and record its loss (see _loss_tape)."""
+        if not self._check_pending or self._sink is not None or not torch.is_grad_enabled():
+            return
+        if self._first is not None and self._first[2].captured:
+            return
+        self._drop_first()
+        keep = tree_map(lambda x: x.detach().clone() if isinstance(x, Tensor) else x, (args, kwargs))
+        tape = LossTape(output)
+        self._first = (*keep, tape)
+        tape.__enter__()
+        self._live_tape[:] = [tape]
+
+    def _drop_first(self) -> None:
+        """Take the loss tape off the mode stack; forget it unless it holds the first loss."""
+        if self._first is not None:
+            remove(self._first[2])
+            if not self._first[2].captured:
+                self._first = None
+
+    def _check_first_batch(self) -> None:
+        first = self._first
+        if first is not None:
+            remove(first[2])
+        if first is None or not first[2].captured:
+            why = first[2].problem if first is not None and first[2].problem else (
+                "the loss was not computed from the model's output by torch calls followed by "
+                "backward()"
+            )
+            raise SelfCheckError(
+                f"dpclip's self-check could not see how the first batch's loss was computed "
+                f"({why}); call engine.verify(inputs, loss_fn) once before the first step, or "
+                "pass verify=False to PrivacyEngine. The step was refused; nothing changed."
+            )
+        args, kwargs, tape = first
+        self._run_check(args, kwargs, tape.loss)
+        self._check_pending = False
+        self._first = None
+
+    def _run_check(self, args: tuple, kwargs: dict, loss_fn: Callable) -> CheckResult:
+        subject = _selfcheck.Subject(
+            self.model, self._params, self._param_names, self._hooks_off, self._norms_sq,
+            mean_reduction=self.privacy.loss_reduction == "mean",
+        )  # fmt: skip
+        expected, self._recorder.expected = self._recorder.expected, None
+        self._sink = {}
+        try:
+            return _selfcheck.check(subject, args, kwargs, loss_fn)
+        finally:
+            self._sink, self._accumulator = None, None
+            self._recorder.expected = expected
+
+    def _norms_sq(self, loss: Tensor) -> dict[nn.Parameter, Tensor]:
+        """dpclip's per-example squared norms for ``loss`` (nothing is written to .grad)."""
+        assert self._sink is not None
+        self._sink.clear()
+        loss.backward()
+        return dict(self._sink)
+
+    @contextlib.contextmanager
+    def _hooks_off(self) -> Iterator[None]:
+        """Ordinary autograd: no recording, no forward guard, managed parameters trainable."""
+        self._recorder.enabled = self._guard.enabled = False
+        for p in self._params:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in self._params:
+                p.requires_grad_(False)
+            self._recorder.enabled = self._guard.enabled = True
 
     def _check_no_foreign_grads(self) -> None:
         for group in self.optimizer.param_groups:
@@ -321,11 +448,15 @@ class PrivacyEngine:
         return PoissonLoader(
             dataset, sample_rate=self.sample_rate, physical_batch_size=physical_batch_size,
             generator=generator, collate_fn=collate_fn, num_workers=num_workers,
-            on_logical_batch=self._begin_logical_batch,
+            on_logical_batch=self._begin_logical_batch, on_physical_batch=self._expect_batch,
         )  # fmt: skip
 
     def _begin_logical_batch(self, size: int) -> None:
         self._empty_allowed = size == 0
+
+    def _expect_batch(self, size: int | None) -> None:
+        """The loader's physical batch: the model's next forwards must have this batch."""
+        self._recorder.expected = size
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:

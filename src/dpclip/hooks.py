@@ -1,34 +1,50 @@
-"""Capture each module call's inputs and output gradient; nothing DP-specific.
+"""Capture each layer call's inputs and output gradient, one example per row of dim 0.
 
-A forward hook stores the call's (detached) positional inputs in a :class:`Record` and hooks
-the output tensor so its gradient lands in the same record during backward. Each record is
-handed to ``on_grad`` as soon as its gradient arrives (so its consumer can reduce it and free
-memory early); ``on_backward_end`` is called once when that backward pass ends.
-Records are owned by the autograd graph, so a forward that never sees a backward leaks nothing.
+The batch size of every forward pass is read from the model's own input: dim 0 of the first
+tensor it is called with (positionally or by keyword). Every recorded layer call must carry that
+batch on dim 0 of its output, or it is refused (:class:`dpclip.IntegrityError`): a layer fed the
+batch flattened into tokens, a sequence-first layout or one chunk of the batch would otherwise be
+clipped per row, and a row would not be an example. Layer calls outside the model's forward are
+refused too (their batch is unknown).
 
-A layer whose input has batch size 1 inside a forward pass whose batch is larger (GPT-2's
-position embedding gets ``position_ids`` of shape (1, T)) is broadcast by the model. Its output
-gradient would arrive summed over the batch, losing the per-sample split, so its output (and
-recorded input) are expanded to the batch size first: the model computes the same values.
+A forward hook stores the call's (detached) inputs, bound to the layer's positional parameters
+so keyword calls (``fc(input=x)``) work, in a :class:`Record`, and hooks the output tensor so its
+gradient lands in the same record during backward. Each record is handed to ``on_grad`` as soon
+as its gradient arrives; ``on_backward_end`` is called once when that backward pass ends. Records
+are owned by the autograd graph, so a forward that never sees a backward leaks nothing.
+
+A layer output of batch 1 inside a forward of batch B > 1 (GPT-2's position embedding of
+``position_ids`` (1, T)) is *pending*: the model gets it unchanged, and each place it is broadcast
+over the batch (``h + wpe(pos)``) uses an expanded copy of it, recorded as one call whose output
+gradient keeps the per-example split (:meth:`Recorder.broadcast_use`, called by the forward
+guard). Any other use of it (concatenated, returned) would merge examples, and is refused.
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
+
+from dpclip._errors import IntegrityError
 
 
 @dataclass(eq=False)
 class Record:
-    """One call of one module: its inputs, and the gradient of its output once known."""
+    """One call of one layer: its inputs, the forward it belongs to, and its output gradient."""
 
     module: nn.Module
     inputs: tuple
+    batch: int  # the model's batch in that forward
+    forward: int  # which forward of the model made it
     grad_output: Tensor | None = None
     done: bool = False  # its gradient arrived (the consumer may drop inputs/grad_output)
 
@@ -49,6 +65,43 @@ class DoubleBackwardError(RuntimeError):
     """A graph's gradients reached the same module call twice (backward twice on one graph)."""
 
 
+_FIXES = (
+    "dpclip clips one example per row of dim 0, so every layer must see the model's batch "
+    "there: keep the batch as the leading dim instead of flattening it into tokens "
+    "(x.view(B, T, d), not (B*T, d): nn.Linear takes any leading dims), use a batch-first layout "
+    "(not (T, B, d)), and do not split the batch inside forward (chunk, per-example loops)"
+)
+
+
+@lru_cache(maxsize=None)
+def _positional_names(forward: Callable) -> tuple[inspect.Signature, tuple[str, ...], str | None]:
+    sig = inspect.signature(forward)
+    names, star = [], None
+    for name, p in list(sig.parameters.items())[1:]:  # skip self
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(name)
+        else:
+            star = name if p.kind is p.VAR_POSITIONAL else None
+            break
+    return sig, tuple(names), star
+
+
+def positional_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """The call's arguments as the positional tuple a layer rule reads (keyword calls bound)."""
+    if not kwargs:
+        return args
+    sig, names, star = _positional_names(type(module).forward)
+    bound = sig.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    values = tuple(bound.arguments[n] for n in names)
+    return values + tuple(bound.arguments.get(star, ())) if star else values
+
+
+def batch_of(args: tuple, kwargs: dict) -> Tensor | None:
+    """The tensor a model call takes its batch from: the first with a dim, positional first."""
+    return next((t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.dim()), None)
+
+
 def _expand(x: object, batch: int) -> object:
     if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 1:
         return x.expand(batch, *x.shape[1:])
@@ -56,23 +109,37 @@ def _expand(x: object, batch: int) -> object:
 
 
 @dataclass(eq=False)
+class _Pending:
+    module: nn.Module
+    inputs: tuple
+    ref: weakref.ref
+
+
+@dataclass(eq=False)
 class Recorder:
-    """Records calls of ``modules`` while attached; streams them to ``on_grad``."""
+    """Records calls of ``modules`` inside forwards of ``root``; streams them to ``on_grad``."""
 
     on_grad: Callable[[Record], None]
     on_backward_end: Callable[[], None]
+    enabled: bool = True
+    expected: int | None = None  # the batch the engine's loader yielded, if it is in use
     _handles: list[RemovableHandle] = field(default_factory=list)
+    _paths: dict[nn.Module, str] = field(default_factory=dict)
     _in_backward: bool = False
     _anchor: Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
-    _batch: int = 0  # the batch size seen so far in the current top-level forward
+    _depth: int = 0
+    _forward: int = 0
+    batch: int | None = None  # this forward's batch
+    _root_shape: tuple[int, ...] | None = None
+    _pending: dict[int, _Pending] = field(default_factory=dict)
 
     def attach(self, modules: Iterable[nn.Module], root: nn.Module) -> None:
-        self._handles.append(root.register_forward_pre_hook(self._new_forward))
+        self._paths = {m: path or "<model>" for path, m in root.named_modules()}
+        self._handles.append(root.register_forward_pre_hook(self._enter_root, with_kwargs=True))
         for module in modules:
-            self._handles.append(module.register_forward_hook(self._forward_hook))
-
-    def _new_forward(self, module: nn.Module, inputs: tuple) -> None:
-        self._batch = 0
+            self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
+        # after the layers' hooks: the root may be a recorded layer itself
+        self._handles.append(root.register_forward_hook(self._exit_root, always_call=True))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -80,26 +147,113 @@ class Recorder:
         self._handles.clear()
         self._in_backward = False
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
-        if not torch.is_grad_enabled():
+    def name(self, module: nn.Module) -> str:
+        return f"{self._paths.get(module, '?')} ({type(module).__name__})"
+
+    # ----------------------------------------------------------------------------- forward
+    def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return
+        self._forward += 1
+        self._pending.clear()
+        source = batch_of(args, kwargs)
+        self.batch = None if source is None else int(source.shape[0])
+        self._root_shape = None if source is None else tuple(source.shape)
+        if (
+            self.enabled
+            and self.expected is not None
+            and torch.is_grad_enabled()
+            and self.batch != self.expected
+        ):
+            raise IntegrityError(
+                f"the model was called on an input of shape {self._root_shape}, whose dim 0 is "
+                f"not the {self.expected} examples the data loader yielded: dpclip takes the "
+                "batch from dim 0 of the model's first tensor argument; pass the inputs "
+                "batch-first (do not transpose them to (T, B, ...) before the call)"
+            )
+
+    def _exit_root(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._pending.clear()
+
+    def _forward_hook(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: object
+    ) -> Tensor | None:
+        if not self.enabled or not torch.is_grad_enabled():
             return None
+        if self._depth == 0:
+            raise IntegrityError(
+                f"{self.name(module)} was called outside the forward of the model dpclip is "
+                "attached to, so its batch is unknown; call the model itself, or attach the "
+                "engine to the module you call"
+            )
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"dpclip records modules that return one tensor; {type(module).__name__} "
                 f"returned {type(output).__name__}"
             )
+        if self.batch is None:
+            raise IntegrityError(
+                "the model's forward got no tensor argument with a dim, so dpclip cannot tell "
+                f"its batch size; pass the batch as a tensor (batch on dim 0). Seen by "
+                f"{self.name(module)}."
+            )
+        inputs = positional_inputs(module, args, kwargs)
         inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
-        if output.dim() > 0 and output.shape[0] == 1 and self._batch > 1:
-            inputs = tuple(_expand(x, self._batch) for x in inputs)
-            output = output.expand(self._batch, *output.shape[1:])
-        elif output.dim() > 0:
-            self._batch = max(self._batch, output.shape[0])
-        record = Record(module, inputs)
-        if not output.requires_grad:
-            output = _Attach.apply(self._anchor, output)
-        output.register_hook(lambda grad: self._on_grad(record, grad))
-        return output
+        rows = output.shape[0] if output.dim() else None
+        if rows == self.batch:
+            record = Record(module, inputs, self.batch, self._forward)
+            if not output.requires_grad:
+                output = _Attach.apply(self._anchor, output)
+            output.register_hook(lambda grad: self._on_grad(record, grad))
+            return output
+        if rows == 1 and not output.requires_grad:
+            return self._hold_pending(module, inputs, output)
+        shape = "a scalar" if rows is None else f"{rows} rows on dim 0"
+        raise IntegrityError(
+            f"{self.name(module)} returned {shape} (output shape {tuple(output.shape)}) in a "
+            f"forward whose batch is {self.batch} (the model's input has shape "
+            f"{self._root_shape}). {_FIXES}."
+        )
 
+    def _hold_pending(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        """A batch-1 output: returned as it is, but refused if a gradient reaches it directly."""
+        held = _Attach.apply(self._anchor, output)
+        name = self.name(module)
+
+        def direct_use(grad: Tensor) -> None:
+            raise IntegrityError(
+                f"the output of {name} has batch 1 in a forward whose batch is {self.batch}, and "
+                "it was used other than by broadcasting it over the batch (x + layer(pos)); its "
+                "gradient then sums over examples and cannot be split per example. Give the "
+                "layer a batched input (e.g. torch.arange(T).repeat(B, 1)). " + _FIXES + "."
+            )
+
+        held.register_hook(direct_use)
+        self._pending[id(held)] = _Pending(module, inputs, weakref.ref(held))
+        return held
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def pending(self, t: object) -> nn.Module | None:
+        """The layer whose pending batch-1 output ``t`` is, if it is one."""
+        entry = self._pending.get(id(t))
+        return entry.module if entry is not None and entry.ref() is t else None
+
+    def broadcast_use(self, t: Tensor) -> Tensor:
+        """A pending output expanded to the batch for one broadcasting use, recorded as a call."""
+        entry = self._pending[id(t)]
+        assert self.batch is not None
+        inputs = tuple(_expand(x, self.batch) for x in entry.inputs)
+        record = Record(entry.module, inputs, self.batch, self._forward)
+        used = _Attach.apply(self._anchor, t.detach().expand(self.batch, *t.shape[1:]))
+        used.register_hook(lambda grad: self._on_grad(record, grad))
+        return used
+
+    # ----------------------------------------------------------------------------- backward
     def _on_grad(self, record: Record, grad: Tensor) -> None:
         if record.done:
             raise DoubleBackwardError(

@@ -1,0 +1,183 @@
+"""Record how the loss is computed from the model's output, to compute it again on other outputs.
+
+The self-check (:mod:`dpclip._selfcheck`) needs the user's loss as a function of the model's
+output, but a training loop only shows the engine the model call and, later, ``backward()``.
+So on the first physical batch a torch function mode, pushed when the model's forward returns,
+records every torch call that takes a tensor derived from the output (``F.cross_entropy(out, y)``,
+``loss / 4``, ``out.logits``'s uses…) until ``backward`` is called on one of them. Other tensors
+in those calls (labels, masks) are kept as constants. Replaying the calls on another output gives
+the loss that output would have had. Python control flow is frozen as it ran.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
+
+# calls that only read (no tensor result): replaying them is pointless
+_READS = {
+    "size", "dim", "numel", "item", "tolist", "numpy", "__len__", "__repr__", "__format__",
+    "__bool__", "__int__", "__float__", "__index__", "stride", "is_contiguous", "data_ptr",
+}  # fmt: skip
+
+
+class ReplayError(RuntimeError):
+    """The recorded loss could not be computed on another output."""
+
+
+@dataclass(frozen=True)
+class _Ref:
+    slot: int
+
+
+@dataclass(frozen=True)
+class _Const:
+    """A tensor constant of the loss (labels, a mask): a fresh copy for each replay, so an
+    in-place op in the loss does not change it for the next one."""
+
+    value: Tensor
+
+    def fresh(self) -> Tensor:
+        return self.value.clone()
+
+
+class LossTape(TorchFunctionMode):
+    """Records the calls from ``output``'s tensors to the tensor ``backward`` is called on."""
+
+    def __init__(self, output: object) -> None:
+        super().__init__()
+        leaves, self.spec = tree_flatten(output)
+        self._ids: dict[int, tuple[int, weakref.ref]] = {}
+        self._slots = 0
+        self.leaf_slots = [self._new(t) if isinstance(t, Tensor) else None for t in leaves]
+        self.ops: list[tuple[object, list, TreeSpec, list[int | None]]] = []
+        self.root: int | None = None
+        self.gradient: Tensor | None = None
+        self.done = False
+        self.problem: str | None = None  # why no loss was captured, if backward was unusable
+        self.limit = 100_000  # calls recorded at most (a forward never followed by backward)
+
+    def _new(self, t: Tensor) -> int:
+        self._slots += 1
+        self._ids[id(t)] = (self._slots, weakref.ref(t))
+        return self._slots
+
+    def _ref(self, x: object) -> _Ref | None:
+        if isinstance(x, Tensor):
+            hit = self._ids.get(id(x))
+            if hit is not None and hit[1]() is x:
+                return _Ref(hit[0])
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if self.done:
+            return func(*args, **kwargs)
+        if func is Tensor.backward or func is torch.autograd.backward:
+            self._finish(func, args, kwargs)
+            return func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        refs = [self._ref(x) for x in flat]
+        if getattr(func, "__name__", "") in _READS or all(r is None for r in refs):
+            return func(*args, **kwargs)
+        if len(self.ops) >= self.limit:
+            self.done, self.problem = True, f"more than {self.limit} calls before backward"
+            return func(*args, **kwargs)
+        template = [r if r is not None else _constant(x) for r, x in zip(refs, flat, strict=True)]
+        out = func(*args, **kwargs)
+        slots = [self._new(t) if isinstance(t, Tensor) else None for t in tree_leaves(out)]
+        self.ops.append((func, template, spec, slots))
+        return out
+
+    def _finish(self, func: object, args: tuple, kwargs: dict) -> None:
+        self.done = True
+        if func is Tensor.backward:
+            root, gradient = args[0], (args[1] if len(args) > 1 else kwargs.get("gradient"))
+        else:
+            root = args[0] if args else kwargs.get("tensors")
+            gradient = args[1] if len(args) > 1 else kwargs.get("grad_tensors")
+            if isinstance(root, (list, tuple)):
+                if len(root) != 1:
+                    self.problem = "backward was called on several tensors at once"
+                    return
+                root = root[0]
+            if isinstance(gradient, (list, tuple)):
+                gradient = gradient[0] if gradient else None
+        ref = self._ref(root)
+        if ref is None:
+            self.problem = "backward was called on a tensor not computed from the model's output"
+            return
+        self.root = ref.slot
+        self.gradient = gradient.detach().clone() if isinstance(gradient, Tensor) else None
+
+    @property
+    def captured(self) -> bool:
+        return self.root is not None
+
+    def loss(self, output: object) -> Tensor:
+        """The loss the recorded calls give for ``output`` (shaped like the recorded one)."""
+        leaves, spec = tree_flatten(output)
+        if spec != self.spec:
+            raise ReplayError(f"the model's output has structure {spec}, not {self.spec}")
+        env = {s: t for s, t in zip(self.leaf_slots, leaves, strict=True) if s is not None}
+        for func, template, in_spec, slots in self.ops:
+            flat = [
+                env[x.slot] if isinstance(x, _Ref) else x.fresh() if isinstance(x, _Const) else x
+                for x in template
+            ]
+            args, kwargs = tree_unflatten(flat, in_spec)
+            out = func(*args, **kwargs)  # type: ignore[operator]
+            got = tree_leaves(out)
+            if len(got) != len(slots):
+                raise ReplayError(f"{getattr(func, '__name__', func)} returned another structure")
+            env.update((s, t) for s, t in zip(slots, got, strict=True) if s is not None)
+        assert self.root is not None
+        loss = env[self.root]
+        return loss if self.gradient is None else (loss * self.gradient).sum()
+
+
+def _constant(x: object) -> object:
+    if isinstance(x, nn.Parameter):
+        return x  # by reference: a parameter used in the loss must get its gradient in a replay
+    if isinstance(x, Tensor):
+        return _Const(x.detach().clone())
+    return x
+
+
+_ORPHANS: list[LossTape] = []  # tapes of dropped engines, not on the stack when collected
+
+
+def remove_orphans() -> None:
+    """Take the tapes of engines collected in the middle of a torch call off the stack."""
+    while _ORPHANS:
+        remove(_ORPHANS.pop())
+
+
+def remove_dropped(tapes: list[LossTape]) -> None:
+    """For an engine collected mid-batch: remove its tape now, or at the next engine call."""
+    for tape in tapes:
+        tape.done = True
+        if not remove(tape):
+            _ORPHANS.append(tape)  # the collection ran inside a torch call (the tape popped)
+
+
+def remove(mode: TorchFunctionMode) -> bool:
+    """Take ``mode`` off this thread's torch function mode stack, wherever it is in it (the
+    modes above it are put back in order, without re-entering them); False if it is not there."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not any(m is mode for m in stack):
+        return False
+    above = []
+    while True:
+        top = torch.overrides._pop_mode()
+        if top is mode:
+            break
+        above.append(top)
+    for m in reversed(above):
+        torch.overrides._push_mode(m)
+    return True

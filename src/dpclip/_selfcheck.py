@@ -1,0 +1,242 @@
+"""The self-check: dpclip's per-example gradient norms against the naive per-example loop.
+
+DP's guarantee holds only if every clipped unit is one training example. Shapes cannot prove
+that (a batch flattened into tokens of the right count, a layer looped over examples, a loss
+mixing examples all look fine), so on the first physical batch, and on ``engine.verify``, a few
+examples (2-4) are run alone through ordinary autograd and their gradient norms, parameter by
+parameter, are compared with the ones dpclip computes for the same batch. Both sides run with
+dropout off; the check releases nothing (no step, no noise, no gradient written), so it costs no
+privacy, and it leaves the model, its gradients, the optimizer, the RNG streams and the ledger as
+they were.
+
+The loss: when it is computed from per-example rows of the model's output (``F.cross_entropy(
+model(x), y)``), example i's oracle gradient is that of the batch's loss with only row i
+recomputed from example i alone, and the loss must not mix rows: example i's output gradient
+may not change when the other examples' outputs do. When the model returns the loss itself
+(transformers with ``labels``), example i is run alone with its own inputs, and its loss must be
+the batch's per-example loss (times the batch size under ``loss_reduction="mean"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from dpclip._errors import IntegrityError
+from dpclip.hooks import batch_of
+
+_HINTS = (
+    "Common causes: a trainable layer fed the batch flattened into tokens or in a sequence-first "
+    "layout, a layer applied to chunks of the batch or to one example at a time, a tensor "
+    "without a batch dim broadcast over it, a parameter used outside its layer, a forward or a "
+    "loss that mixes examples. The step was refused and nothing changed; see the README's "
+    "limits. Pass verify=False only if you know why the check is wrong for your model."
+)
+
+
+class SelfCheckError(IntegrityError):
+    """dpclip's per-example gradients differ from the naive per-example loop: refused."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What the self-check compared: which examples, and the largest relative difference."""
+
+    examples: tuple[int, ...]
+    max_relative_difference: float
+    loss_from_rows: bool  # the loss was computed from per-example rows of the output
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What the check needs of the engine."""
+
+    model: nn.Module
+    params: Sequence[nn.Parameter]
+    names: dict[int, str]
+    hooks_off: Callable[[], contextlib.AbstractContextManager]
+    dpclip_norms_sq: Callable[[Tensor], dict[nn.Parameter, Tensor]]  # backward, norms² (b,)
+    mean_reduction: bool
+
+
+def rtol_for(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-5, torch.float32: 2e-3}.get(dtype, 3e-2)
+
+
+def rows_to_check(batch: int) -> tuple[int, ...]:
+    """First, middle and last: a batch split in halves or reversed pairs them with others."""
+    return tuple(sorted({0, batch // 2, batch - 1}))
+
+
+def example(args: tuple, kwargs: dict, batch: int, i: int) -> tuple[tuple, dict]:
+    """The model's arguments for example ``i`` alone: every tensor with the batch on dim 0 sliced."""
+
+    def take(x: object) -> object:
+        if isinstance(x, Tensor) and x.dim() and x.shape[0] == batch:
+            return x[i : i + 1]
+        return x
+
+    return tree_map(take, (args, kwargs))
+
+
+@contextlib.contextmanager
+def _unchanged(model: nn.Module) -> Iterator[None]:
+    """Dropout off, gradients on, RNG streams and training flags restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            model.eval()
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def check(
+    subject: Subject, args: tuple, kwargs: dict, loss_of_output: Callable[[object], Tensor]
+) -> CheckResult:
+    """Compare dpclip's per-example norms with each example run alone; raise if they differ."""
+    source = batch_of(args, kwargs)
+    if source is None:
+        raise SelfCheckError("the self-check needs the model's input: no tensor argument given")
+    batch = int(source.shape[0])
+    rtol = rtol_for(subject.params[0].dtype)
+    with _unchanged(subject.model):
+        out = subject.model(*args, **kwargs)
+        leaves, spec = tree_flatten(out)
+        fixed = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
+        used = _used_leaves(loss_of_output, fixed, spec)
+        from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
+        raw = subject.dpclip_norms_sq(_scalar(loss_of_output(out)))
+        rows = rows_to_check(batch)
+        if from_rows:
+            _check_rows_do_not_mix(loss_of_output, fixed, spec, used, rows, rtol)
+        worst = 0.0
+        with subject.hooks_off():
+            for i in rows:
+                grads = _alone(subject, args, kwargs, batch, i, loss_of_output, fixed, spec, used)
+                scale = 1.0 if from_rows or not subject.mean_reduction else float(batch)
+                worst = max(worst, _compare(subject, raw, grads, i, scale, rtol))
+    return CheckResult(rows, worst, from_rows)
+
+
+def _scalar(loss: object) -> Tensor:
+    if not (isinstance(loss, Tensor) and loss.numel() == 1):
+        what = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise SelfCheckError(f"the loss must be one number (a scalar tensor), got {what}")
+    return loss.reshape(())
+
+
+def _used_leaves(loss_of_output: Callable, fixed: list, spec: object) -> list[int]:
+    """The output tensors the loss depends on."""
+    floats = [k for k, t in enumerate(fixed) if isinstance(t, Tensor) and t.is_floating_point()]
+    probe = list(fixed)
+    for k in floats:
+        probe[k] = fixed[k].clone().requires_grad_()
+    loss = _scalar(loss_of_output(tree_unflatten(probe, spec)))
+    if not loss.requires_grad:
+        raise SelfCheckError("the loss does not depend on the model's output")
+    grads = torch.autograd.grad(loss, [probe[k] for k in floats], allow_unused=True)
+    return [k for k, g in zip(floats, grads, strict=True) if g is not None]
+
+
+def _output_grads(loss_of_output: Callable, leaves: list, spec: object, used: list[int]) -> list:
+    probe = list(leaves)
+    for k in used:
+        probe[k] = leaves[k].clone().requires_grad_()
+    loss = _scalar(loss_of_output(tree_unflatten(probe, spec)))
+    return list(torch.autograd.grad(loss, [probe[k] for k in used], allow_unused=True))
+
+
+def _check_rows_do_not_mix(
+    loss_of_output: Callable, fixed: list, spec: object, used: list[int], rows, rtol: float
+) -> None:
+    """Example i's output gradient must not change when every other example's output does."""
+    batch = fixed[used[0]].shape[0]
+    if batch == 1:
+        return
+    base = _output_grads(loss_of_output, fixed, spec, used)
+    generator = torch.Generator(device=fixed[used[0]].device).manual_seed(0)
+    for i in rows:
+        moved = list(fixed)
+        for k in used:
+            t = fixed[k]
+            noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+            noise[i] = 0
+            moved[k] = t + noise * (0.5 * t.std() + 1e-3)
+        for k, g0, g1 in zip(used, base, _output_grads(loss_of_output, moved, spec, used)):
+            if g0 is None or g1 is None:
+                continue
+            scale = float(g0.abs().max()) + 1e-30
+            if float((g1[i] - g0[i]).abs().max()) > 10 * rtol * scale:
+                raise SelfCheckError(
+                    f"the loss mixes examples: example {i}'s gradient with respect to the "
+                    f"model's output (leaf {k}) changes when only the other examples' outputs "
+                    "change (an in-batch contrastive loss, a loss normalised by batch "
+                    "statistics). Per-example gradients do not exist then, so clipping cannot "
+                    "bound one example's influence: compute the loss as a sum or mean of "
+                    "per-example losses. " + _HINTS
+                )
+
+
+def _alone(
+    subject: Subject, args, kwargs, batch: int, i: int, loss_of_output, fixed, spec, used
+) -> list[Tensor | None]:
+    """Example i's gradient from ordinary autograd, with the model run on it alone."""
+    args_i, kwargs_i = example(args, kwargs, batch, i)
+    leaves_i, spec_i = tree_flatten(subject.model(*args_i, **kwargs_i))
+    from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
+    if from_rows:
+        if spec_i != spec:
+            raise SelfCheckError(f"example {i} alone gives an output of another structure")
+        mixed = list(fixed)
+        for k in used:
+            row, mine = fixed[k][i : i + 1], leaves_i[k]
+            if mine.shape != row.shape or not torch.allclose(
+                mine.detach(), row, rtol=rtol_for(row.dtype), atol=_atol(row)
+            ):
+                raise SelfCheckError(
+                    f"the model's output for example {i} run alone differs from its row in the "
+                    "batch: the forward mixes examples (a statistic over the batch such as "
+                    "h.mean(0), a hand-written batch norm, a layer run on the batch's rows "
+                    "together). Per-example gradients do not exist then; compute every "
+                    "example's output from that example alone. " + _HINTS
+                )
+            mixed[k] = torch.cat([fixed[k][:i], mine, fixed[k][i + 1 :]])
+        loss = loss_of_output(tree_unflatten(mixed, spec))
+    else:
+        loss = loss_of_output(tree_unflatten(leaves_i, spec_i))
+    return list(torch.autograd.grad(_scalar(loss), list(subject.params), allow_unused=True))
+
+
+def _atol(t: Tensor) -> float:
+    return rtol_for(t.dtype) * (float(t.abs().max()) if t.numel() else 0.0) + 1e-30
+
+
+def _compare(
+    subject: Subject, raw: dict, grads: list, i: int, scale: float, rtol: float
+) -> float:
+    """The largest relative difference between dpclip's and the loop's norms for example i."""
+    theirs = [0.0 if g is None else float(torch.linalg.vector_norm(g)) for g in grads]
+    total = math.sqrt(sum(t * t for t in theirs))
+    worst = 0.0
+    for p, want in zip(subject.params, theirs, strict=True):
+        sq = raw.get(p)
+        have = 0.0 if sq is None else math.sqrt(max(float(sq[i]), 0.0)) * scale
+        gap = abs(have - want)
+        worst = max(worst, gap / (max(have, want) + 1e-30))
+        if gap > rtol * max(have, want) + rtol * 1e-2 * total + 1e-30:
+            raise SelfCheckError(
+                f"dpclip's per-example gradient norm of {subject.names[id(p)]!r} for example {i} "
+                f"is {have:.6g}, but {want:.6g} when example {i} is run alone through ordinary "
+                "autograd (the naive per-example loop), so dpclip would not clip true examples. "
+                + _HINTS
+            )
+    return worst
