@@ -22,6 +22,9 @@ _LAZY = {
     "find_unsupported": "dpclip.validate",
     "UnsupportedModuleError": "dpclip.validate",
     "ParameterUseError": "dpclip._param_guard",
+    "IntegrityError": "dpclip._errors",
+    "SelfCheckError": "dpclip._selfcheck",
+    "CheckResult": "dpclip._selfcheck",
     "register_layer": "dpclip.engine",
     "PrivacyBudgetExceeded": "dpclip.accounting",
     "accounting": "dpclip.accounting",
@@ -33,7 +36,9 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dpclip import accounting, data, layers  # noqa: F401
+    from dpclip._errors import IntegrityError  # noqa: F401
     from dpclip._param_guard import ParameterUseError  # noqa: F401
+    from dpclip._selfcheck import CheckResult, SelfCheckError  # noqa: F401
     from dpclip.accounting import PrivacyBudgetExceeded  # noqa: F401
     from dpclip.config import PerformanceConfig, PrivacyConfig  # noqa: F401
     from dpclip.engine import PrivacyEngine, register_layer  # noqa: F401

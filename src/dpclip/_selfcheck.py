@@ -171,7 +171,9 @@ def _check_rows_do_not_mix(
             noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
             noise[i] = 0
             moved[k] = t + noise * (0.5 * t.std() + 1e-3)
-        for k, g0, g1 in zip(used, base, _output_grads(loss_of_output, moved, spec, used)):
+        for k, g0, g1 in zip(
+            used, base, _output_grads(loss_of_output, moved, spec, used), strict=False
+        ):
             if g0 is None or g1 is None:
                 continue
             scale = float(g0.abs().max()) + 1e-30
@@ -220,9 +222,7 @@ def _atol(t: Tensor) -> float:
     return rtol_for(t.dtype) * (float(t.abs().max()) if t.numel() else 0.0) + 1e-30
 
 
-def _compare(
-    subject: Subject, raw: dict, grads: list, i: int, scale: float, rtol: float
-) -> float:
+def _compare(subject: Subject, raw: dict, grads: list, i: int, scale: float, rtol: float) -> float:
     """The largest relative difference between dpclip's and the loop's norms for example i."""
     theirs = [0.0 if g is None else float(torch.linalg.vector_norm(g)) for g in grads]
     total = math.sqrt(sum(t * t for t in theirs))

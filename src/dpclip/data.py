@@ -68,7 +68,7 @@ class LogicalBatch:
     ) -> Iterator[Any]:
         """Tell ``announce`` each physical batch's size before it is used, and None after."""
         try:
-            for size, batch in zip(sizes, batches):
+            for size, batch in zip(sizes, batches, strict=False):
                 announce(size)
                 yield batch
         finally:

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from dpclip import accounting
-from dpclip import _selfcheck
+from dpclip import _selfcheck, accounting
 from dpclip._bookkeeping import Accumulator, NonFiniteNormError, Plan
 from dpclip._loss_tape import LossTape, remove, remove_dropped, remove_orphans
 from dpclip._param_guard import ParamUseGuard
@@ -316,7 +315,9 @@ class PrivacyEngine:
         if self._first is not None and self._first[2].captured:
             return
         self._drop_first()
-        keep = tree_map(lambda x: x.detach().clone() if isinstance(x, Tensor) else x, (args, kwargs))
+        keep = tree_map(
+            lambda x: x.detach().clone() if isinstance(x, Tensor) else x, (args, kwargs)
+        )
         tape = LossTape(output)
         self._first = (*keep, tape)
         tape.__enter__()
@@ -334,9 +335,13 @@ class PrivacyEngine:
         if first is not None:
             remove(first[2])
         if first is None or not first[2].captured:
-            why = first[2].problem if first is not None and first[2].problem else (
-                "the loss was not computed from the model's output by torch calls followed by "
-                "backward()"
+            why = (
+                first[2].problem
+                if first is not None and first[2].problem
+                else (
+                    "the loss was not computed from the model's output by torch calls followed by "
+                    "backward()"
+                )
             )
             raise SelfCheckError(
                 f"dpclip's self-check could not see how the first batch's loss was computed "

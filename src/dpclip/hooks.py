@@ -26,7 +26,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,7 @@ _FIXES = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _positional_names(forward: Callable) -> tuple[inspect.Signature, tuple[str, ...], str | None]:
     sig = inspect.signature(forward)
     names, star = [], None
@@ -211,7 +211,7 @@ class Recorder:
             return output
         if rows == 1 and not output.requires_grad:
             return self._hold_pending(module, inputs, output)
-        shape = "a scalar" if rows is None else f"{rows} rows on dim 0"
+        shape = "a scalar" if rows is None else f"{rows} row{'' if rows == 1 else 's'} on dim 0"
         raise IntegrityError(
             f"{self.name(module)} returned {shape} (output shape {tuple(output.shape)}) in a "
             f"forward whose batch is {self.batch} (the model's input has shape "

@@ -1,0 +1,372 @@
+"""dpclip clips true examples or refuses: every pattern that used to give a silently wrong
+clipped sum either equals the naive per-example loop or is refused, naming the module and the fix,
+with the model, its gradients and the ledger unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpclip
+from tests import engine_models
+from tests.oracle import clipped_sum, per_sample_grads
+
+B, T, D = 4, 3, 5
+
+
+def _engine(model, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    args = dict(sample_size=100, batch_size=B, steps=3, noise_multiplier=0.0)
+    return dpclip.PrivacyEngine(model, opt, **{**args, **kw}), opt
+
+
+def _snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_unchanged(model, engine, before):
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert engine.ledger.steps == 0
+
+
+def _x(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _y(n=B, classes=3):
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(2))
+
+
+def _assert_refused_at_forward(model, x, match, error=dpclip.IntegrityError):
+    engine, opt = _engine(model)
+    before = _snapshot(model)
+    with pytest.raises(error, match=match):
+        model(x)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+
+
+def _assert_refused_at_step(model, x, y, match, loss=F.cross_entropy):
+    """The forward and backward run; the self-check refuses the first step."""
+    engine, opt = _engine(model)
+    before = _snapshot(model)
+    loss(model(x), y).backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    with pytest.raises(dpclip.IntegrityError, match=match):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+    for p, g in zip(model.parameters(), grads, strict=True):  # the check wrote no gradient
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+
+
+def _assert_equals_naive_loop(model, x, y):
+    expected = clipped_sum(
+        per_sample_grads(copy.deepcopy(model), x, y), [list(range(len(list(model.parameters()))))],
+        clipping="automatic", clip_norm=1.0, gamma=0.01,
+    )  # fmt: skip
+    engine, opt = _engine(model)
+    before = _snapshot(model)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for p, old, want in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / B, rtol=1e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------ 1. batch flattened into tokens
+class _FlatTokens(nn.Module):
+    def __init__(self, frozen_backbone: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+        if frozen_backbone:
+            self.body.requires_grad_(False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = torch.tanh(self.body(x.reshape(b * t, d)))
+        return self.head(h).reshape(b, t, 3).mean(1)
+
+
+class _FlatIds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        return self.head(self.emb(ids.reshape(-1)).reshape(b, t, D).mean(1))
+
+
+@pytest.mark.parametrize(
+    "model, x, layer",
+    [
+        (_FlatTokens(), _x(B, T, D), r"body \(Linear\)"),
+        (_FlatTokens(frozen_backbone=True), _x(B, T, D), r"head \(Linear\)"),
+        (_FlatIds(), torch.randint(0, 7, (B, T)), r"emb \(Embedding\)"),
+    ],
+    ids=["every-linear", "frozen-backbone-trainable-head", "embedding-ids"],
+)
+def test_a_layer_fed_the_batch_flattened_into_tokens_is_refused(model, x, layer):
+    match = rf"{layer} returned {B * T} rows on dim 0 .* batch is {B}\b.*x\.view\(B, T, d\)"
+    _assert_refused_at_forward(model.double(), x, match)
+
+
+# ------------------------------------------------------------------ 2. sequence-first layouts
+class _SeqFirst(nn.Module):
+    """Batch-first input, (T, B, d) through the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x.transpose(0, 1)))  # (T, B, d)
+        return self.head(h).mean(0)
+
+
+def test_a_sequence_first_layout_is_refused_when_its_length_differs_from_the_batch():
+    match = rf"fc \(Linear\) returned {T} rows on dim 0 .* batch is {B} .*batch-first"
+    _assert_refused_at_forward(_SeqFirst().double(), _x(B, T, D), match)
+
+
+def test_a_sequence_first_layout_whose_length_is_the_batch_is_refused_by_the_self_check():
+    _assert_refused_at_step(_SeqFirst().double(), _x(B, B, D), _y(), r"per-example gradient norm")
+
+
+def test_a_sequence_first_model_input_is_refused_against_the_loader_batch():
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    data = torch.utils.data.TensorDataset(_x(100, T, D), torch.randint(0, 3, (100,)))
+    engine, opt = _engine(model)
+    before = _snapshot(model)
+    logical = next(iter(engine.data_loader(data, generator=torch.Generator().manual_seed(0))))
+    physical = iter(logical)  # as a loop holds it: the loader has announced this batch
+    x, y = next(physical)
+    assert x.shape[0] != T
+    with pytest.raises(
+        dpclip.IntegrityError, match=r"shape \(3, \d+, 5\).* the \d+ examples the data loader"
+    ):
+        model(x.transpose(0, 1))
+    _assert_unchanged(model, engine, before)
+
+
+# ------------------------------------------------------------------ 3. the batch split in forward
+class _Split(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        if self.how == "chunk":
+            h = torch.cat([self.fc(c) for c in x.chunk(2)])
+            return self.head(torch.tanh(h))
+        if self.how == "loop":
+            h = torch.cat([self.fc(x[i : i + 1]) for i in range(x.shape[0])])
+            return self.head(torch.tanh(h))
+        h = torch.tanh(self.fc(x))  # batched, then a loop over the next layer
+        return torch.cat([self.head(h[i : i + 1]) for i in range(h.shape[0])])
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("chunk", rf"fc \(Linear\) returned {B // 2} rows on dim 0 .*do not split the batch"),
+        ("loop", r"output of fc \(Linear\) has batch 1 .* cat uses it .*per example"),
+        ("batched-then-loop", rf"head \(Linear\) returned 1 row on dim 0 .* batch is {B}\b"),
+    ],
+)
+def test_a_layer_run_on_chunks_or_one_example_at_a_time_is_refused(how, match):
+    _assert_refused_at_forward(_Split(how).double(), _x(B, D), match)
+
+
+class _Flipped(nn.Module):
+    """One layer called twice, the second time on the batch in reverse order: row i of the
+    second call is example B-1-i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)) + torch.tanh(self.fc(x.flip(0))).flip(0))
+
+
+def test_a_repeated_call_on_reordered_rows_is_refused_by_the_self_check():
+    _assert_refused_at_step(_Flipped().double(), _x(B, D), _y(), r"'fc\.(weight|bias)'")
+
+
+def test_two_forwards_reaching_one_backward_are_refused():
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    engine, opt = _engine(model)
+    before = _snapshot(model)
+    loss = F.cross_entropy(model(_x(B, D)), _y()) + F.cross_entropy(model(_x(B, D) + 1), _y())
+    with pytest.raises(dpclip.IntegrityError, match="two forward passes .* wrap both"):
+        loss.backward()
+    _assert_unchanged(model, engine, before)
+
+
+# ------------------------------------------------------------------ 4. batch-1 tensors broadcast
+class _RelativeBias(nn.Module):
+    """A T5-style bias from (T, T) relative positions with no batch dim, added to (B, T, T)
+    scores: with T == B its output's dim 0 looks like the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(D, D)
+        self.rel = nn.Embedding(2 * B, 1)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        pos = torch.arange(t)
+        bias = self.rel(pos[None, :] - pos[:, None] + t).squeeze(-1)  # (T, T)
+        scores = self.q(x) @ x.transpose(1, 2) + bias.unsqueeze(0).contiguous()
+        return self.head(scores.softmax(-1) @ x).mean(1)
+
+
+def test_a_relative_position_bias_without_a_batch_dim_is_refused_when_its_length_is_the_batch():
+    _assert_refused_at_step(_RelativeBias().double(), _x(B, B, D), _y(), r"per-example gradient")
+
+
+def test_a_relative_position_bias_without_a_batch_dim_is_refused_when_its_length_differs():
+    match = rf"rel \(Embedding\) returned {T} rows on dim 0"
+    _assert_refused_at_forward(_RelativeBias().double(), _x(B, T, D), match)
+
+
+class _Positions(nn.Module):
+    """Position embeddings of shape (1, T, d), as GPT-2 and BERT compute them."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.tok = nn.Embedding(7, D)
+        self.pos = nn.Embedding(T, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        p = self.pos(torch.arange(ids.shape[1])[None])  # (1, T, d)
+        if self.use == "add":
+            h = self.tok(ids) + p
+        elif self.use == "add-in-place":
+            h = self.tok(ids)
+            h += p
+        else:  # concatenated as one more row of the batch: it is not an example
+            return self.head(torch.cat([self.tok(ids), p]).mean(1))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("use", ["add", "add-in-place"])
+def test_a_batch_1_output_broadcast_over_the_batch_equals_the_naive_loop(use):
+    ids = torch.randint(0, 7, (B, T), generator=torch.Generator().manual_seed(0))
+    _assert_equals_naive_loop(_Positions(use).double(), ids, _y())
+
+
+def test_a_batch_1_output_used_other_than_by_a_broadcast_is_refused_not_expanded():
+    ids = torch.randint(0, 7, (B, T))
+    model = _Positions("cat").double()
+    assert model(ids).shape == (B + 1, 3)
+    match = r"output of pos \(Embedding\) has batch 1 .* cat uses it .*batched input"
+    _assert_refused_at_forward(model, ids, match)
+
+
+def test_attaching_never_changes_what_the_model_computes_over_the_zoo():
+    for name in sorted(engine_models.CASES):
+        model = engine_models.build(name)
+        x, _ = engine_models.batch(name, B)
+        detached = model(x)
+        engine, _ = _engine(model)
+        attached = model(x)
+        assert attached.shape == detached.shape and torch.equal(attached, detached), name
+        engine.detach()
+
+
+# ------------------------------------------------------------------ 5. forwards and losses mixing
+class _BatchStatistic(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "standardise":
+            h = (h - h.mean(0)) / h.std(0)
+        else:  # a hand-written batch norm: biased variance, eps
+            h = (h - h.mean(0, keepdim=True)) / (
+                h.var(0, unbiased=False, keepdim=True) + 1e-5
+            ).sqrt()
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("how", ["standardise", "hand-written-batch-norm"])
+def test_a_forward_mixing_examples_is_refused_by_the_self_check(how):
+    _assert_refused_at_step(_BatchStatistic(how).double(), _x(B, D), _y(), "forward mixes examples")
+
+
+def _contrastive(z, y):
+    z = F.normalize(z, dim=1)
+    return F.cross_entropy(z @ z.T / 0.1, torch.arange(z.shape[0]))
+
+
+def test_an_in_batch_contrastive_loss_is_refused_by_the_self_check():
+    model = nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    _assert_refused_at_step(model, _x(B, D), _y(), "the loss mixes examples", loss=_contrastive)
+
+
+# ------------------------------------------------------------------ 6. keyword calls
+class _Keywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, D)
+        self.fc = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        h = self.norm(input=torch.tanh(self.fc(input=self.emb(input=ids))))
+        return self.head(input=h.mean(1))
+
+
+def test_layers_called_with_keywords_equal_the_naive_loop():
+    ids = torch.randint(0, 7, (B, T), generator=torch.Generator().manual_seed(0))
+    _assert_equals_naive_loop(_Keywords().double(), ids, _y())
+
+
+# ------------------------------------------------------------------ 7. parameters used elsewhere
+class _TiedBy(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(7, D)
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, ids):
+        h = torch.tanh(self.fc(self.emb(ids))).mean(1)
+        w = self.emb.weight
+        if self.how == ".T":
+            return h @ w.T
+        if self.how == ".mT":
+            return h @ w.mT
+        if self.how == "t()":
+            return h @ w.t()
+        if self.how == "transpose":
+            return torch.matmul(h, w.transpose(0, 1))
+        return F.embedding(torch.zeros_like(ids), w).mean(1) + h  # a functional lookup
+
+
+@pytest.mark.parametrize("how", [".T", ".mT", "t()", "transpose", "F.embedding"])
+def test_a_parameter_used_outside_its_layer_through_any_view_is_refused(how):
+    ids = torch.randint(0, 7, (B, T))
+    match = r"parameter 'emb.weight' was used by .* outside the forward of the layer that owns it"
+    _assert_refused_at_forward(_TiedBy(how).double(), ids, match, error=dpclip.ParameterUseError)
