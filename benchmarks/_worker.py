@@ -261,6 +261,18 @@ def _profile(step: Step, device: torch.device, path: str) -> None:
     Path(path).write_text(text + events.table(sort_by=sort, row_limit=40))
 
 
+def _time_self_check(engine: Any, cfg: WorkerConfig, device: torch.device) -> float:
+    """The self-check dpclip runs before its first step, timed on its own (engine.verify on the
+    benchmark's batch and loss): what the first step costs beyond a steady one."""
+    spec = MODELS[cfg.model]
+    x, y = spec.make_batch(cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
+    x, y = x.to(device), y.to(device)
+    t0 = time.perf_counter()
+    engine.verify(x, lambda out: spec.loss_fn(out, y))
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def run_config(cfg: WorkerConfig) -> dict[str, Any]:
     """Build, warm up, time ``cfg.steps`` steps; return throughput, peak memory and context."""
     device = torch.device(cfg.device)
@@ -270,10 +282,13 @@ def run_config(cfg: WorkerConfig) -> dict[str, Any]:
     _import_framework(cfg.method)
     meter = MemoryMeter(device)
     meter.start()
-    step, n_params, _engine = _build(cfg, device)
-    for _ in range(cfg.warmup):
-        step()
-    _sync(device)
+    step, n_params, engine = _build(cfg, device)
+    first_step_s, t0 = None, time.perf_counter()
+    for k in range(cfg.warmup):
+        step()  # dpclip's first step runs its self-check
+        _sync(device)
+        if k == 0:
+            first_step_s = time.perf_counter() - t0
     if cfg.profile_path:
         _profile(step, device, cfg.profile_path)
     times, loss = [], float("nan")
@@ -284,6 +299,7 @@ def run_config(cfg: WorkerConfig) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}")
+    self_check_s = _time_self_check(engine, cfg, device) if cfg.method == "dpclip" else None
     # the median step is robust to the stalls a shared machine inflicts on a few steps
     median_step = statistics.median(times)
     return {
@@ -291,6 +307,8 @@ def run_config(cfg: WorkerConfig) -> dict[str, Any]:
         "samples_per_s": cfg.logical_batch / median_step,
         "samples_per_s_mean_step": cfg.logical_batch * cfg.steps / sum(times),
         "step_times_s": times,
+        "first_step_s": first_step_s,
+        "self_check_s": self_check_s,
         "peak_mem_bytes": meter.peak_bytes(),
         "mem_method": meter.method,
         "final_loss": loss,

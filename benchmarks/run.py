@@ -300,6 +300,7 @@ def measure(
                 f.write(json.dumps({"record": rec}) + "\n")
         what = (
             f"{rec['samples_per_s']:.1f} samples/s, {rec['peak_mem_bytes'] / 2**20:.0f} MiB"
+            + (f", self-check {rec['self_check_s']:.2f} s" if rec.get("self_check_s") else "")
             if rec["ok"]
             else f"FAILED: {rec['error']}"
         )
