@@ -268,7 +268,7 @@ def _time_self_check(engine: Any, cfg: WorkerConfig, device: torch.device) -> fl
     x, y = spec.make_batch(cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
     x, y = x.to(device), y.to(device)
     t0 = time.perf_counter()
-    engine.verify(x, lambda out: spec.loss_fn(out, y))
+    engine.verify(x, loss_fn=lambda out: spec.loss_fn(out, y))
     _sync(device)
     return time.perf_counter() - t0
 

@@ -370,3 +370,109 @@ def test_a_parameter_used_outside_its_layer_through_any_view_is_refused(how):
     ids = torch.randint(0, 7, (B, T))
     match = r"parameter 'emb.weight' was used by .* outside the forward of the layer that owns it"
     _assert_refused_at_forward(_TiedBy(how).double(), ids, match, error=dpclip.ParameterUseError)
+
+
+# ------------------------------------------------------------------ found by trying to break it
+def _mlp():
+    return nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _class_weighted(out, y):
+    return F.cross_entropy(out, y, weight=torch.tensor([1.0, 5.0, 0.2], dtype=out.dtype))
+
+
+def _padded_token_mean(out, labels):
+    """A mean over all tokens of a padded batch (-100: padding), as for a language model."""
+    logits = out[:, None, :].expand(-1, labels.shape[1], -1)
+    return F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("loss", [_class_weighted, _padded_token_mean], ids=lambda f: f.__name__)
+def test_a_loss_weighting_examples_by_the_others_labels_is_refused(loss):
+    labels = _y() if loss is _class_weighted else _y(B * T).view(B, T)
+    if loss is _padded_token_mean:
+        labels[0, 1:] = -100  # example 0 has one token, the others three
+    _assert_refused_at_step(_mlp(), _x(B, D), labels, "only the other examples' labels", loss=loss)
+
+
+def test_a_token_mean_over_unpadded_examples_equals_their_mean_and_passes():
+    model = _mlp()
+    engine, opt = _engine(model)
+    _padded_token_mean(model(_x(B, D)), _y(B * T).view(B, T)).backward()
+    opt.step()
+    assert engine.ledger.steps == 1
+
+
+def test_a_parameter_used_in_the_loss_is_refused_by_the_self_check():
+    model = _mlp()
+
+    def penalised(out, y):
+        return F.cross_entropy(out, y) + 0.1 * sum(p.square().sum() for p in model.parameters())
+
+    _assert_refused_at_step(model, _x(B, D), _y(), "per-example gradient norm", loss=penalised)
+
+
+class _TrainOnly(nn.Module):
+    """Mixing only in training mode: a hand-written batch norm with running statistics, mixup."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(D, 4)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("mean", torch.zeros(4, dtype=torch.float64))
+
+    def forward(self, x):
+        if self.how == "mixup" and self.training:
+            x = 0.5 * x + 0.5 * x.roll(1, 0)
+        h = self.fc(x)
+        if self.how == "running-batch-norm":
+            h = h - (h.mean(0) if self.training else self.mean)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("how", ["running-batch-norm", "mixup"])
+def test_mixing_only_in_training_mode_is_refused_by_the_self_check(how):
+    _assert_refused_at_step(_TrainOnly(how).double(), _x(B, D), _y(), "forward mixes examples")
+
+
+class _Stash(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.feats = torch.tanh(self.fc(x))
+        return self.head(self.feats)
+
+
+def test_a_loss_through_an_activation_kept_on_the_model_is_refused():
+    model = _Stash().double()
+
+    def loss(out, y):
+        return F.cross_entropy(out, y) + model.feats.mean(0).square().sum()
+
+    _assert_refused_at_step(model, _x(B, D), _y(), "besides its output.*engine.verify", loss=loss)
+
+
+def test_the_check_writes_no_gradient_anywhere_and_keeps_no_tape():
+    model = _mlp()
+    temperature = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))  # trained elsewhere
+    engine, opt = _engine(model)
+    F.cross_entropy(model(_x(B, D)) / temperature, _y()).backward()
+    grad = temperature.grad.clone()
+    opt.step()
+    assert engine.ledger.steps == 1 and torch.equal(temperature.grad, grad)
+    assert engine._first.tape is None and torch._C._len_torch_function_stack() == 0
+
+
+def test_a_loss_working_in_place_on_the_output_is_checked():
+    def in_place(out, y):
+        return F.cross_entropy(out.mul_(2), y)
+
+    _engine_model = _mlp()
+    engine, opt = _engine(_engine_model)
+    in_place(_engine_model(_x(B, D)), _y()).backward()
+    opt.step()
+    assert engine.ledger.steps == 1

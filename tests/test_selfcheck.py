@@ -24,7 +24,7 @@ def test_the_zoo_passes_the_self_check_with_float64_agreement(name):
     model = engine_models.build(name)
     x, y = engine_models.batch(name, B)
     engine, _ = _engine(model)
-    result = engine.verify(x, lambda out: F.cross_entropy(out, y))
+    result = engine.verify(x, loss_fn=lambda out: F.cross_entropy(out, y))
     assert result.examples == (0, 2, 3) and result.loss_from_rows
     assert result.max_relative_difference < 1e-6
 
@@ -87,7 +87,7 @@ def test_verify_releases_nothing_and_leaves_model_grads_optimizer_rng_and_ledger
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()  # gradients in flight
     before = _state(model, opt, engine)
-    result = engine.verify(x, lambda out: F.cross_entropy(out, y))
+    result = engine.verify(x, loss_fn=lambda out: F.cross_entropy(out, y))
     assert result.max_relative_difference < 1e-6  # dropout is off on both sides
     _assert_same_state(before, _state(model, opt, engine))
 
@@ -155,7 +155,7 @@ def test_a_loss_the_tape_cannot_see_refuses_the_step_until_verify_passes():
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     assert engine.ledger.steps == 0
-    engine.verify(x, lambda out: F.cross_entropy(out, y))
+    engine.verify(x, loss_fn=lambda out: F.cross_entropy(out, y))
     opt.step()
     assert engine.ledger.steps == 1
 
@@ -165,7 +165,7 @@ def test_verify_refuses_a_loss_that_is_not_one_number():
     engine, _ = _engine(model)
     x, y = engine_models.batch("linear", B)
     with pytest.raises(dpclip.SelfCheckError, match="the loss must be one number"):
-        engine.verify(x, lambda out: F.cross_entropy(out, y, reduction="none"))
+        engine.verify(x, loss_fn=lambda out: F.cross_entropy(out, y, reduction="none"))
 
 
 def _gpt2_lm():
@@ -187,7 +187,7 @@ def test_a_model_computing_its_own_loss_is_checked_example_by_example():
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     assert engine.ledger.steps == 1
-    result = engine.verify({"input_ids": ids, "labels": ids}, lambda out: out.loss)
+    result = engine.verify(input_ids=ids, labels=ids, loss_fn=lambda out: out.loss)
     assert not result.loss_from_rows and result.max_relative_difference < 1e-6
 
 

@@ -6,7 +6,8 @@ So on the first physical batch a torch function mode, pushed when the model's fo
 records every torch call that takes a tensor derived from the output (``F.cross_entropy(out, y)``,
 ``loss / 4``, ``out.logits``'s uses…) until ``backward`` is called on one of them. Other tensors
 in those calls (labels, masks) are kept as constants. Replaying the calls on another output gives
-the loss that output would have had. Python control flow is frozen as it ran.
+the loss that output would have had. Python control flow, and any Python value read from the output (``.item()``), is frozen as it
+ran. Parameters used in the loss are recorded by reference, so a replay sees their gradient.
 """
 
 from __future__ import annotations
@@ -42,15 +43,22 @@ class _Const:
 
     value: Tensor
 
-    def fresh(self) -> Tensor:
-        return self.value.clone()
+    def fresh(self, like: tuple[int, int] | None = None) -> Tensor:
+        v = self.value
+        if like is not None and v.dim() and v.shape[0] == like[0]:
+            return v[like[1] : like[1] + 1].expand_as(v).clone()
+        return v.clone()
 
 
 class LossTape(TorchFunctionMode):
     """Records the calls from ``output``'s tensors to the tensor ``backward`` is called on."""
 
-    def __init__(self, output: object) -> None:
+    def __init__(self, output: object, batch: int | None = None) -> None:
+        """``batch``: tensors the loss takes with the batch on dim 0 (labels, masks) become
+        roots of the tape too, so calls on them (``labels.view(-1)``) replay on other labels."""
         super().__init__()
+        self.batch = batch
+        self.consts: dict[int, Tensor] = {}  # slot -> a batch-shaped constant, as it was
         leaves, self.spec = tree_flatten(output)
         self._ids: dict[int, tuple[int, weakref.ref]] = {}
         self._slots = 0
@@ -74,6 +82,21 @@ class LossTape(TorchFunctionMode):
                 return _Ref(hit[0])
         return None
 
+    def _batch_const(self, x: object) -> _Ref | None:
+        """A batch-shaped constant (labels), registered as a root the first time it is seen."""
+        if (
+            isinstance(x, Tensor)
+            and not isinstance(x, nn.Parameter)
+            and self.batch is not None
+            and x.dim()
+            and x.shape[0] == self.batch
+            and not x.requires_grad
+        ):
+            slot = self._new(x)
+            self.consts[slot] = x.detach().clone()
+            return _Ref(slot)
+        return None
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if self.done:
@@ -83,8 +106,25 @@ class LossTape(TorchFunctionMode):
             return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         refs = [self._ref(x) for x in flat]
-        if getattr(func, "__name__", "") in _READS or all(r is None for r in refs):
+        if getattr(func, "__name__", "") in _READS:
             return func(*args, **kwargs)
+        refs = [
+            r if r is not None else self._batch_const(x) for r, x in zip(refs, flat, strict=True)
+        ]
+        touched = any(r is not None for r in refs) or any(isinstance(x, nn.Parameter) for x in flat)
+        if not touched:
+            return func(*args, **kwargs)
+        if self.problem is None and any(
+            r is None
+            and isinstance(x, Tensor)
+            and x.requires_grad
+            and not isinstance(x, nn.Parameter)
+            for r, x in zip(refs, flat, strict=True)
+        ):
+            self.problem = (
+                "the loss uses a tensor the model computed besides its output, such as an "
+                "activation kept on a module or an auxiliary loss"
+            )
         if len(self.ops) >= self.limit:
             self.done, self.problem = True, f"more than {self.limit} calls before backward"
             return func(*args, **kwargs)
@@ -93,6 +133,10 @@ class LossTape(TorchFunctionMode):
         slots = [self._new(t) if isinstance(t, Tensor) else None for t in tree_leaves(out)]
         self.ops.append((func, template, spec, slots))
         return out
+
+    def set_root(self, loss: Tensor) -> None:
+        """Stop recording: ``loss`` is the loss (as if backward had been called on it)."""
+        self._finish(Tensor.backward, (loss,), {})
 
     def _finish(self, func: object, args: tuple, kwargs: dict) -> None:
         self.done = True
@@ -109,6 +153,8 @@ class LossTape(TorchFunctionMode):
             if isinstance(gradient, (list, tuple)):
                 gradient = gradient[0] if gradient else None
         ref = self._ref(root)
+        if self.problem is not None:
+            return
         if ref is None:
             self.problem = "backward was called on a tensor not computed from the model's output"
             return
@@ -117,17 +163,26 @@ class LossTape(TorchFunctionMode):
 
     @property
     def captured(self) -> bool:
-        return self.root is not None
+        return self.root is not None and self.problem is None
 
-    def loss(self, output: object) -> Tensor:
-        """The loss the recorded calls give for ``output`` (shaped like the recorded one)."""
+    def loss(self, output: object, like: tuple[int, int] | None = None) -> Tensor:
+        """The loss the recorded calls give for ``output`` (shaped like the recorded one).
+
+        ``like=(batch, i)``: every constant with the batch on dim 0 (labels, masks) has all its
+        rows replaced by row i, as if every other example had example i's labels.
+        """
         leaves, spec = tree_flatten(output)
         if spec != self.spec:
             raise ReplayError(f"the model's output has structure {spec}, not {self.spec}")
         env = {s: t for s, t in zip(self.leaf_slots, leaves, strict=True) if s is not None}
+        env.update((s, _Const(c).fresh(like)) for s, c in self.consts.items())
         for func, template, in_spec, slots in self.ops:
             flat = [
-                env[x.slot] if isinstance(x, _Ref) else x.fresh() if isinstance(x, _Const) else x
+                env[x.slot]
+                if isinstance(x, _Ref)
+                else x.fresh(like)
+                if isinstance(x, _Const)
+                else x
                 for x in template
             ]
             args, kwargs = tree_unflatten(flat, in_spec)

@@ -56,7 +56,7 @@ _NEW_LEADING_DIMS = {
 }  # fmt: skip
 
 
-class ParameterUseError(RuntimeError):
+class ParameterUseError(IntegrityError, RuntimeError):
     """A managed parameter was used outside its layers: that use would get no gradient."""
 
 
@@ -80,8 +80,10 @@ class _Mode(TorchFunctionMode):
             return func(*args, **kwargs)
         if name == "__get__":  # an attribute read: a use if it gives a tensor (p.T)
             out = func(*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                return out
             attribute = getattr(getattr(func, "__self__", None), "__name__", "")
-            if isinstance(out, torch.Tensor) and attribute not in _GRADIENT_FREE_ATTRIBUTES:
+            if attribute not in _GRADIENT_FREE_ATTRIBUTES:
                 for a in args:
                     if isinstance(a, nn.Parameter):
                         self.guard.check(a, f".{attribute}")
@@ -94,7 +96,8 @@ class _Mode(TorchFunctionMode):
             args = self.guard.split_pending(args, name)
             self.guard.check_broadcast(args, name)
         out = func(*args, **kwargs)
-        self.guard.check_pending((*args, *kwargs.values()), out, name)
+        if self.guard.pending_outputs():
+            self.guard.check_pending((*args, *kwargs.values()), out, name)
         if name in _NEW_LEADING_DIMS and args:
             self.guard.check_new_leading_dims(args[0], out, name)
         return out
@@ -179,6 +182,9 @@ class ParamUseGuard:
             if batched:
                 out[k] = recorder.broadcast_use(a)
         return tuple(out)
+
+    def pending_outputs(self) -> bool:
+        return self._recorder is not None and self._recorder.has_pending()
 
     def check_pending(self, args: Iterable[object], out: object, what: str) -> None:
         """Refuse a pending batch-1 layer output used other than by a broadcast over the batch

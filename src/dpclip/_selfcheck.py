@@ -4,17 +4,20 @@ DP's guarantee holds only if every clipped unit is one training example. Shapes 
 that (a batch flattened into tokens of the right count, a layer looped over examples, a loss
 mixing examples all look fine), so on the first physical batch, and on ``engine.verify``, a few
 examples (2-4) are run alone through ordinary autograd and their gradient norms, parameter by
-parameter, are compared with the ones dpclip computes for the same batch. Both sides run with
-dropout off; the check releases nothing (no step, no noise, no gradient written), so it costs no
-privacy, and it leaves the model, its gradients, the optimizer, the RNG streams and the ledger as
-they were.
+parameter, are compared with the ones dpclip computes for the same batch. Both sides run in the
+model's own mode (training, so a statistic taken only in training is seen) with every dropout
+call made the identity; the check releases nothing (no step, no noise, no gradient written), so it
+costs no privacy, and it leaves the model, its gradients, the optimizer, the RNG streams and the
+ledger as they were.
 
-The loss: when it is computed from per-example rows of the model's output (``F.cross_entropy(
-model(x), y)``), example i's oracle gradient is that of the batch's loss with only row i
-recomputed from example i alone, and the loss must not mix rows: example i's output gradient
-may not change when the other examples' outputs do. When the model returns the loss itself
-(transformers with ``labels``), example i is run alone with its own inputs, and its loss must be
-the batch's per-example loss (times the batch size under ``loss_reduction="mean"``).
+The loss is the one recorded from the training loop (:mod:`dpclip._loss_tape`). When it is
+computed from per-example rows of the model's output (``F.cross_entropy(model(x), y)``), example
+i's oracle gradient is that of the batch's loss with only row i recomputed from example i alone,
+and the loss must not mix rows: example i's output gradient may not change when the other
+examples' outputs change, nor when their labels (any tensor of the loss with the batch on dim 0)
+do. When the model returns the loss itself (transformers with ``labels``), example i is run alone
+with its own inputs, and its loss must be the batch's per-example loss (times the batch size
+under ``loss_reduction="mean"``).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dpclip._errors import IntegrityError
+from dpclip._loss_tape import LossTape
 from dpclip.hooks import batch_of
 
 _HINTS = (
@@ -85,46 +91,76 @@ def example(args: tuple, kwargs: dict, batch: int, i: int) -> tuple[tuple, dict]
     return tree_map(take, (args, kwargs))
 
 
+_DROPOUTS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout,
+}  # fmt: skip
+
+
+class _NoDropout(TorchFunctionMode):
+    """Every dropout call is the identity (attention's dropout_p is 0): the model keeps its own
+    training mode, so batch statistics taken only in training are compared too."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        if func is F.scaled_dot_product_attention:
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            elif "dropout_p" in kwargs:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def _unchanged(model: nn.Module) -> Iterator[None]:
-    """Dropout off, gradients on, RNG streams and training flags restored afterwards."""
+def unchanged(model: nn.Module) -> Iterator[None]:
+    """No dropout, gradients on, RNG streams and training flags restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            model.eval()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _NoDropout():
             yield
     finally:
         for m, flag in flags:
             m.training = flag
 
 
-def check(
-    subject: Subject, args: tuple, kwargs: dict, loss_of_output: Callable[[object], Tensor]
-) -> CheckResult:
+def check(subject: Subject, args: tuple, kwargs: dict, tape: LossTape) -> CheckResult:
     """Compare dpclip's per-example norms with each example run alone; raise if they differ."""
     source = batch_of(args, kwargs)
     if source is None:
         raise SelfCheckError("the self-check needs the model's input: no tensor argument given")
     batch = int(source.shape[0])
     rtol = rtol_for(subject.params[0].dtype)
-    with _unchanged(subject.model):
+    with unchanged(subject.model):
         out = subject.model(*args, **kwargs)
         leaves, spec = tree_flatten(out)
-        fixed = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
-        used = _used_leaves(loss_of_output, fixed, spec)
+        fixed = [t.detach().clone() if isinstance(t, Tensor) else t for t in leaves]
+        used = _used_leaves(tape, fixed, spec)
         from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
-        raw = subject.dpclip_norms_sq(_scalar(loss_of_output(out)))
+        raw = subject.dpclip_norms_sq(_scalar(_replay(tape, out)))
         rows = rows_to_check(batch)
         if from_rows:
-            _check_rows_do_not_mix(loss_of_output, fixed, spec, used, rows, rtol)
+            _check_rows_do_not_mix(tape, fixed, spec, used, rows, rtol)
         worst = 0.0
         with subject.hooks_off():
             for i in rows:
-                norms = _alone(subject, args, kwargs, batch, i, loss_of_output, fixed, spec, used)
+                norms = _alone(subject, args, kwargs, batch, i, tape, fixed, spec, used)
                 scale = 1.0 if from_rows or not subject.mean_reduction else float(batch)
                 worst = max(worst, _compare(subject, raw, norms, i, scale, rtol, from_rows))
     return CheckResult(rows, worst, from_rows)
+
+
+def _replay(tape: LossTape, output: object, like: tuple[int, int] | None = None) -> Tensor:
+    try:
+        return tape.loss(output, like)
+    except Exception as err:
+        raise SelfCheckError(
+            f"dpclip's self-check could not compute the loss again on another output ({err!r}); "
+            "call engine.verify(*inputs, loss_fn=...) with a loss it can, or pass verify=False "
+            "to PrivacyEngine if you know your model clips true examples. Nothing changed."
+        ) from err
 
 
 def _scalar(loss: object) -> Tensor:
@@ -134,35 +170,40 @@ def _scalar(loss: object) -> Tensor:
     return loss.reshape(())
 
 
-def _used_leaves(loss_of_output: Callable, fixed: list, spec: object) -> list[int]:
+def _used_leaves(tape: LossTape, fixed: list, spec: object) -> list[int]:
     """The output tensors the loss depends on."""
     floats = [k for k, t in enumerate(fixed) if isinstance(t, Tensor) and t.is_floating_point()]
-    probe = list(fixed)
-    for k in floats:
-        probe[k] = fixed[k].clone().requires_grad_()
-    loss = _scalar(loss_of_output(tree_unflatten(probe, spec)))
+    probe, seeds = list(fixed), [_seed(fixed[k]) for k in floats]
+    for k, seed in zip(floats, seeds, strict=True):
+        probe[k] = seed.clone()  # not a leaf: the loss may work on it in place
+    loss = _scalar(_replay(tape, tree_unflatten(probe, spec)))
     if not loss.requires_grad:
         raise SelfCheckError("the loss does not depend on the model's output")
-    grads = torch.autograd.grad(loss, [probe[k] for k in floats], allow_unused=True)
+    grads = torch.autograd.grad(loss, seeds, allow_unused=True)
     return [k for k, g in zip(floats, grads, strict=True) if g is not None]
 
 
-def _output_grads(loss_of_output: Callable, leaves: list, spec: object, used: list[int]) -> list:
-    probe = list(leaves)
-    for k in used:
-        probe[k] = leaves[k].clone().requires_grad_()
-    loss = _scalar(loss_of_output(tree_unflatten(probe, spec)))
-    return list(torch.autograd.grad(loss, [probe[k] for k in used], allow_unused=True))
+def _output_grads(tape: LossTape, leaves: list, spec: object, used: list[int], like=None) -> list:
+    probe, seeds = list(leaves), [_seed(leaves[k]) for k in used]
+    for k, seed in zip(used, seeds, strict=True):
+        probe[k] = seed.clone()
+    loss = _scalar(_replay(tape, tree_unflatten(probe, spec), like))
+    return list(torch.autograd.grad(loss, seeds, allow_unused=True))
+
+
+def _seed(t: Tensor) -> Tensor:
+    return t.detach().clone().requires_grad_()
 
 
 def _check_rows_do_not_mix(
-    loss_of_output: Callable, fixed: list, spec: object, used: list[int], rows, rtol: float
+    tape: LossTape, fixed: list, spec: object, used: list[int], rows, rtol: float
 ) -> None:
-    """Example i's output gradient must not change when every other example's output does."""
+    """Example i's output gradient must not change when every other example's output does, nor
+    when every other example gets example i's labels (a class-weighted or token-count mean)."""
     batch = fixed[used[0]].shape[0]
     if batch == 1:
         return
-    base = _output_grads(loss_of_output, fixed, spec, used)
+    base = _output_grads(tape, fixed, spec, used)
     generator = torch.Generator(device=fixed[used[0]].device).manual_seed(0)
     for i in rows:
         moved = list(fixed)
@@ -171,29 +212,46 @@ def _check_rows_do_not_mix(
             noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
             noise[i] = 0
             moved[k] = t + noise * (0.5 * t.std() + 1e-3)
-        for k, g0, g1 in zip(
-            used, base, _output_grads(loss_of_output, moved, spec, used), strict=False
+        for what, grads in (
+            ("outputs", _output_grads(tape, moved, spec, used)),
+            ("labels", _output_grads(tape, fixed, spec, used, like=(batch, i))),
         ):
-            if g0 is None or g1 is None:
-                continue
-            scale = float(g0.abs().max()) + 1e-30
-            if float((g1[i] - g0[i]).abs().max()) > 10 * rtol * scale:
-                raise SelfCheckError(
-                    f"the loss mixes examples: example {i}'s gradient with respect to the "
-                    f"model's output (leaf {k}) changes when only the other examples' outputs "
-                    "change (an in-batch contrastive loss, a loss normalised by batch "
-                    "statistics). Per-example gradients do not exist then, so clipping cannot "
-                    "bound one example's influence: compute the loss as a sum or mean of "
-                    "per-example losses. " + _HINTS
-                )
+            for g0, g1 in zip(base, grads, strict=True):
+                if g0 is None or g1 is None:
+                    continue
+                if float((g1[i] - g0[i]).abs().max()) > 10 * rtol * float(g0.abs().max()) + 1e-30:
+                    raise SelfCheckError(_mixing_message(i, what))
+
+
+def _mixing_message(i: int, what: str) -> str:
+    cause = (
+        "an in-batch contrastive loss, a loss normalised by batch statistics"
+        if what == "outputs"
+        else "a class-weighted mean, a mean over all tokens of padded sequences: each example "
+        "is weighted by the others' labels"
+    )
+    return (
+        f"the loss mixes examples: example {i}'s gradient with respect to the model's output "
+        f"changes when only the other examples' {what} change ({cause}). Per-example gradients "
+        "do not exist then, so clipping cannot bound one example's influence: compute the loss "
+        "as the mean (or sum) over examples of each example's own loss. " + _HINTS
+    )
 
 
 def _alone(
-    subject: Subject, args, kwargs, batch: int, i: int, loss_of_output, fixed, spec, used
+    subject: Subject, args, kwargs, batch: int, i: int, tape: LossTape, fixed, spec, used
 ) -> list[Tensor | None]:
     """Example i's gradient norms from ordinary autograd, with the model run on it alone."""
     args_i, kwargs_i = example(args, kwargs, batch, i)
-    leaves_i, spec_i = tree_flatten(subject.model(*args_i, **kwargs_i))
+    try:
+        leaves_i, spec_i = tree_flatten(subject.model(*args_i, **kwargs_i))
+    except Exception as err:
+        raise SelfCheckError(
+            f"running example {i} alone through the model failed ({err!r}). The self-check slices "
+            f"every model argument whose dim 0 is the batch size ({batch}); a model that cannot "
+            "run on one example, or takes a non-batch tensor of that length, cannot be checked: "
+            "pass verify=False if you know it clips true examples. " + _HINTS
+        ) from err
     from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
     if from_rows:
         if spec_i != spec:
@@ -207,14 +265,15 @@ def _alone(
                 raise SelfCheckError(
                     f"the model's output for example {i} run alone differs from its row in the "
                     "batch: the forward mixes examples (a statistic over the batch such as "
-                    "h.mean(0), a hand-written batch norm, a layer run on the batch's rows "
-                    "together). Per-example gradients do not exist then; compute every "
-                    "example's output from that example alone. " + _HINTS
+                    "h.mean(0), a hand-written batch norm, mixup), or it draws random numbers "
+                    "other than dropout (stochastic depth), which the check cannot repeat. "
+                    "Per-example gradients do not exist then; compute every example's output "
+                    "from that example alone. " + _HINTS
                 )
             mixed[k] = torch.cat([fixed[k][:i], mine, fixed[k][i + 1 :]])
-        loss = loss_of_output(tree_unflatten(mixed, spec))
+        loss = _replay(tape, tree_unflatten(mixed, spec))
     else:
-        loss = loss_of_output(tree_unflatten(leaves_i, spec_i))
+        loss = _replay(tape, tree_unflatten(leaves_i, spec_i))
     return _gradient_norms(_scalar(loss), subject.params)
 
 

@@ -13,22 +13,21 @@ watched for that (:mod:`dpclip._param_guard`) and refuses it.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from dpclip import _selfcheck, accounting
 from dpclip._bookkeeping import Accumulator, NonFiniteNormError, Plan
-from dpclip._loss_tape import LossTape, remove, remove_dropped, remove_orphans
+from dpclip._first_batch import FirstBatch
+from dpclip._loss_tape import LossTape
 from dpclip._param_guard import ParamUseGuard
 from dpclip._selfcheck import CheckResult, SelfCheckError
 from dpclip.clipping import group_parameters
 from dpclip.config import PerformanceConfig, PrivacyConfig
-from dpclip.hooks import Record, Recorder
+from dpclip.hooks import Record, Recorder, batch_of
 from dpclip.layers import LayerRegistry, LayerRule, default_registry
 from dpclip.noise import GaussianNoise
 from dpclip.validate import UnsupportedModuleError, find_unsupported, own_trainable
@@ -137,10 +136,8 @@ class PrivacyEngine:
         self._empty_allowed = False
         self._poisoned: str | None = None
         self._check_pending = verify
-        self._first: tuple[tuple, dict, LossTape] | None = None  # first batch: inputs, loss
+        self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
-        self._live_tape: list[LossTape] = []  # an engine dropped mid-batch takes its tape along
-        weakref.finalize(self, remove_dropped, self._live_tape)
         self._attach()
 
     # ----------------------------------------------------------------------------- wiring
@@ -177,7 +174,7 @@ class PrivacyEngine:
         self._guard.attach(self._plan.rules, root=self.model)
         self._hooks = [
             self.model.register_forward_pre_hook(self._forward_begins),
-            self.model.register_forward_hook(self._capture_first, with_kwargs=True),
+            self.model.register_forward_hook(self._forward_ends, with_kwargs=True),
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
         ]
@@ -189,7 +186,7 @@ class PrivacyEngine:
             return
         self._recorder.detach()
         self._guard.detach()
-        self._drop_first()
+        self._first.clear()
         for handle in self._hooks:
             handle.remove()
         for p, flag in self._restore:
@@ -268,7 +265,6 @@ class PrivacyEngine:
                 f"({self._budget_text()}, {allowed} steps); the parameters are unchanged. "
                 "Create a new PrivacyEngine with a larger plan to train longer."
             )
-        remove_orphans()
         if self._check_pending and self._micro_batches:
             self._check_first_batch()
         for p in self._params:
@@ -283,77 +279,48 @@ class PrivacyEngine:
         self._empty_allowed = False
 
     # ----------------------------------------------------------------------------- self-check
-    def verify(self, inputs: Any, loss_fn: Callable[[Any], Tensor]) -> CheckResult:
-        """Check now that dpclip clips true examples of ``inputs``; raise if it does not.
+    def verify(self, *args: Any, loss_fn: Callable[[Any], Tensor], **kwargs: Any) -> CheckResult:
+        """Check now that dpclip clips true examples of a batch; raise if it does not.
 
-        Runs the model on ``inputs`` (a tensor, a tuple of positional arguments or a dict of
-        keyword arguments, batch on dim 0) and ``loss_fn(output)`` as the loss, then a few
-        examples alone through ordinary autograd, and compares each parameter's per-example
-        gradient norm with dpclip's (dropout off on both sides). Raises
-        :class:`dpclip.IntegrityError` naming the parameter and the likely causes if they differ.
+        ``model(*args, **kwargs)`` is run (batch on dim 0) and ``loss_fn(output)`` is the loss;
+        then a few examples are run alone through ordinary autograd and each parameter's
+        per-example gradient norm is compared with dpclip's (dropout off on both sides). Raises
+        :class:`dpclip.SelfCheckError` naming the parameter and the likely causes if they differ.
         Releases nothing and changes nothing (model, gradients, optimizer, RNG, ledger). When it
         passes, the automatic check of the first physical batch is not needed any more.
         """
-        if isinstance(inputs, dict):
-            args, kwargs = (), dict(inputs)
-        else:
-            args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
-        result = self._run_check(args, kwargs, loss_fn)
+        with _selfcheck.unchanged(self.model), self._hooks_off():
+            output = self.model(*args, **kwargs)
+            source = batch_of(args, kwargs)
+            tape = LossTape(output, None if source is None else int(source.shape[0]))
+            with tape:
+                loss = loss_fn(output)
+            tape.set_root(loss)
+            del loss, output
+        if not tape.captured:
+            raise SelfCheckError(f"dpclip cannot check this loss: {tape.problem}")
+        result = self._run_check(args, kwargs, tape)
         self._check_pending = False
-        self._drop_first()
+        self._first.clear()
         return result
 
     def _forward_begins(self, module: nn.Module, args: tuple) -> None:
-        remove_orphans()
-        if self._first is not None:
-            self._drop_first()  # the loss tape stops at backward; leave no mode behind
+        self._first.forward_begins()
+        if not self._recorder.in_backward:
+            self._accumulator = None  # a backward abandoned by an error: start afresh
 
-    def _capture_first(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """On the first physical batch: keep its inputs and record its loss (see _loss_tape)."""
-        if not self._check_pending or self._sink is not None or not torch.is_grad_enabled():
-            return
-        if self._first is not None and self._first[2].captured:
-            return
-        self._drop_first()
-        keep = tree_map(
-            lambda x: x.detach().clone() if isinstance(x, Tensor) else x, (args, kwargs)
-        )
-        tape = LossTape(output)
-        self._first = (*keep, tape)
-        tape.__enter__()
-        self._live_tape[:] = [tape]
-
-    def _drop_first(self) -> None:
-        """Take the loss tape off the mode stack; forget it unless it holds the first loss."""
-        if self._first is not None:
-            remove(self._first[2])
-            if not self._first[2].captured:
-                self._first = None
+    def _forward_ends(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The first physical batch: keep its inputs and record its loss."""
+        if self._check_pending and self._sink is None and torch.is_grad_enabled():
+            self._first.forward_ends(args, kwargs, output, self._recorder.batch)
 
     def _check_first_batch(self) -> None:
-        first = self._first
-        if first is not None:
-            remove(first[2])
-        if first is None or not first[2].captured:
-            why = (
-                first[2].problem
-                if first is not None and first[2].problem
-                else (
-                    "the loss was not computed from the model's output by torch calls followed by "
-                    "backward()"
-                )
-            )
-            raise SelfCheckError(
-                f"dpclip's self-check could not see how the first batch's loss was computed "
-                f"({why}); call engine.verify(inputs, loss_fn) once before the first step, or "
-                "pass verify=False to PrivacyEngine. The step was refused; nothing changed."
-            )
-        args, kwargs, tape = first
-        self._run_check(args, kwargs, tape.loss)
+        args, kwargs, tape = self._first.get()
+        self._run_check(args, kwargs, tape)
         self._check_pending = False
-        self._first = None
+        self._first.clear()
 
-    def _run_check(self, args: tuple, kwargs: dict, loss_fn: Callable) -> CheckResult:
+    def _run_check(self, args: tuple, kwargs: dict, tape: LossTape) -> CheckResult:
         subject = _selfcheck.Subject(
             self.model, self._params, self._param_names, self._hooks_off, self._norms_sq,
             mean_reduction=self.privacy.loss_reduction == "mean",
@@ -361,16 +328,19 @@ class PrivacyEngine:
         expected, self._recorder.expected = self._recorder.expected, None
         self._sink = {}
         try:
-            return _selfcheck.check(subject, args, kwargs, loss_fn)
+            return _selfcheck.check(subject, args, kwargs, tape)
         finally:
             self._sink, self._accumulator = None, None
             self._recorder.expected = expected
 
     def _norms_sq(self, loss: Tensor) -> dict[nn.Parameter, Tensor]:
-        """dpclip's per-example squared norms for ``loss`` (nothing is written to .grad)."""
+        """dpclip's per-example squared norms for ``loss``; no ``.grad`` is written anywhere
+        (autograd.grad to every leaf the loss reaches runs every path the records are on)."""
         assert self._sink is not None
         self._sink.clear()
-        loss.backward()
+        leaves = _graph_leaves(loss)
+        if leaves:
+            torch.autograd.grad(loss, leaves, allow_unused=True)
         return dict(self._sink)
 
     @contextlib.contextmanager
@@ -486,6 +456,21 @@ class PrivacyEngine:
         self.ledger.load_state_dict(state["ledger"])
         self._noise.load_state_dict(state["noise"])
         self._budget_steps = None
+
+
+def _graph_leaves(loss: Tensor) -> list[Tensor]:
+    """The tensors whose gradient ``loss.backward()`` would accumulate."""
+    leaves, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
 
 
 def _refuse_distributed() -> None:

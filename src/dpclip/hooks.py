@@ -184,6 +184,12 @@ class Recorder:
         if not self.enabled or not torch.is_grad_enabled():
             return None
         if self._depth == 0:
+            if torch._C._current_graph_task_id() != -1:
+                raise IntegrityError(
+                    f"{self.name(module)} was run again during backward: activation "
+                    "checkpointing (torch.utils.checkpoint, gradient_checkpointing_enable) is "
+                    "not supported; turn it off"
+                )
             raise IntegrityError(
                 f"{self.name(module)} was called outside the forward of the model dpclip is "
                 "attached to, so its batch is unknown; call the model itself, or attach the "
@@ -214,8 +220,9 @@ class Recorder:
         shape = "a scalar" if rows is None else f"{rows} row{'' if rows == 1 else 's'} on dim 0"
         raise IntegrityError(
             f"{self.name(module)} returned {shape} (output shape {tuple(output.shape)}) in a "
-            f"forward whose batch is {self.batch} (the model's input has shape "
-            f"{self._root_shape}). {_FIXES}."
+            f"forward whose batch is {self.batch} (dpclip reads the batch from dim 0 of the "
+            f"model's first tensor argument, here of shape {self._root_shape}: pass the batch "
+            f"first). {_FIXES}."
         )
 
     def _hold_pending(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
@@ -224,6 +231,7 @@ class Recorder:
         name = self.name(module)
 
         def direct_use(grad: Tensor) -> None:
+            self._in_backward = False  # this backward is abandoned
             raise IntegrityError(
                 f"the output of {name} has batch 1 in a forward whose batch is {self.batch}, and "
                 "it was used other than by broadcasting it over the batch (x + layer(pos)); its "
@@ -234,6 +242,10 @@ class Recorder:
         held.register_hook(direct_use)
         self._pending[id(held)] = _Pending(module, inputs, weakref.ref(held))
         return held
+
+    @property
+    def in_backward(self) -> bool:
+        return self._in_backward
 
     def has_pending(self) -> bool:
         return bool(self._pending)
