@@ -137,12 +137,14 @@ def check(subject: Subject, args: tuple, kwargs: dict, tape: LossTape) -> CheckR
         out = subject.model(*args, **kwargs)
         leaves, spec = tree_flatten(out)
         fixed = [t.detach().clone() if isinstance(t, Tensor) else t for t in leaves]
-        used = _used_leaves(tape, fixed, spec)
-        from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
         raw = subject.dpclip_norms_sq(_scalar(_replay(tape, out)))
+        del out, leaves  # the forward's activations go before the output-sized work below
+        used, base = _used_leaves(tape, fixed, spec)
+        from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
         rows = rows_to_check(batch)
         if from_rows:
-            _check_rows_do_not_mix(tape, fixed, spec, used, rows, rtol)
+            _check_rows_do_not_mix(tape, fixed, spec, used, base, rows, rtol)
+        del base
         worst = 0.0
         with subject.hooks_off():
             for i in rows:
@@ -170,24 +172,21 @@ def _scalar(loss: object) -> Tensor:
     return loss.reshape(())
 
 
-def _used_leaves(tape: LossTape, fixed: list, spec: object) -> list[int]:
-    """The output tensors the loss depends on."""
+def _used_leaves(tape: LossTape, fixed: list, spec: object) -> tuple[list[int], list[Tensor]]:
+    """The output tensors the loss depends on, and the loss's gradient with respect to each."""
     floats = [k for k, t in enumerate(fixed) if isinstance(t, Tensor) and t.is_floating_point()]
-    probe, seeds = list(fixed), [_seed(fixed[k]) for k in floats]
-    for k, seed in zip(floats, seeds, strict=True):
-        probe[k] = seed.clone()  # not a leaf: the loss may work on it in place
-    loss = _scalar(_replay(tape, tree_unflatten(probe, spec)))
-    if not loss.requires_grad:
-        raise SelfCheckError("the loss does not depend on the model's output")
-    grads = torch.autograd.grad(loss, seeds, allow_unused=True)
-    return [k for k, g in zip(floats, grads, strict=True) if g is not None]
+    grads = _output_grads(tape, fixed, spec, floats)
+    used = [(k, g) for k, g in zip(floats, grads, strict=True) if g is not None]
+    return [k for k, _ in used], [g for _, g in used]
 
 
 def _output_grads(tape: LossTape, leaves: list, spec: object, used: list[int], like=None) -> list:
     probe, seeds = list(leaves), [_seed(leaves[k]) for k in used]
     for k, seed in zip(used, seeds, strict=True):
-        probe[k] = seed.clone()
+        probe[k] = seed.clone()  # not a leaf: the loss may work on it in place
     loss = _scalar(_replay(tape, tree_unflatten(probe, spec), like))
+    if not loss.requires_grad:
+        raise SelfCheckError("the loss does not depend on the model's output")
     return list(torch.autograd.grad(loss, seeds, allow_unused=True))
 
 
@@ -196,22 +195,23 @@ def _seed(t: Tensor) -> Tensor:
 
 
 def _check_rows_do_not_mix(
-    tape: LossTape, fixed: list, spec: object, used: list[int], rows, rtol: float
+    tape: LossTape, fixed: list, spec: object, used: list[int], base: list, rows, rtol: float
 ) -> None:
-    """Example i's output gradient must not change when every other example's output does, nor
-    when every other example gets example i's labels (a class-weighted or token-count mean)."""
+    """Example i's output gradient (``base``) must not change when every other example's output
+    does, nor when every other example gets example i's labels (a class-weighted or token-count
+    mean)."""
     batch = fixed[used[0]].shape[0]
     if batch == 1:
         return
-    base = _output_grads(tape, fixed, spec, used)
     generator = torch.Generator(device=fixed[used[0]].device).manual_seed(0)
     for i in rows:
         moved = list(fixed)
         for k in used:
             t = fixed[k]
-            noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
-            noise[i] = 0
-            moved[k] = t + noise * (0.5 * t.std() + 1e-3)
+            scale = float(0.5 * t.std() + 1e-3)
+            moved[k] = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+            moved[k].mul_(scale).add_(t)
+            moved[k][i] = t[i]
         for what, grads in (
             ("outputs", _output_grads(tape, moved, spec, used)),
             ("labels", _output_grads(tape, fixed, spec, used, like=(batch, i))),
