@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from dpclip._errors import IntegrityError
+from dpclip._plan import Plan
 from dpclip.clipping import clip_factors, group_clip_norm
 from dpclip.hooks import Record
 from dpclip.layers import LayerRule
@@ -31,23 +32,6 @@ from dpclip.layers._common import OuterFactors, outer_inner, sq_norms
 
 class NonFiniteNormError(FloatingPointError):
     """Some per-sample gradient norm is NaN or infinite (a NaN/inf loss or overflow)."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Static facts about the attached model, fixed at construction."""
-
-    rules: dict[nn.Module, LayerRule]
-    names: dict[nn.Module, tuple[str, ...]]  # trainable parameter names owned by each module
-    groups: list[list[nn.Parameter]]
-    clipping: str
-    clip_norm: float
-    gamma: float
-    strategy: str
-    mean_reduction: bool
-
-    def group_index(self) -> dict[int, int]:
-        return {id(p): gi for gi, group in enumerate(self.groups) for p in group}
 
 
 @dataclass(eq=False)

@@ -333,3 +333,18 @@ def _compare(
                 + _HINTS
             )
     return worst
+
+
+def graph_leaves(loss: Tensor) -> list[Tensor]:
+    """The tensors whose gradient ``loss.backward()`` would accumulate."""
+    leaves, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves

@@ -20,17 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from dpclip import _selfcheck, accounting
-from dpclip._bookkeeping import Accumulator, NonFiniteNormError, Plan
+from dpclip._bookkeeping import Accumulator, NonFiniteNormError
 from dpclip._first_batch import FirstBatch
 from dpclip._loss_tape import LossTape
 from dpclip._param_guard import ParamUseGuard
+from dpclip._plan import make_plan
 from dpclip._selfcheck import CheckResult, SelfCheckError
-from dpclip.clipping import group_parameters
 from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.hooks import Record, Recorder, batch_of
 from dpclip.layers import LayerRegistry, LayerRule, default_registry
 from dpclip.noise import GaussianNoise
-from dpclip.validate import UnsupportedModuleError, find_unsupported, own_trainable
 
 _REGISTRY = default_registry()
 _STATE_VERSION = 1
@@ -115,7 +114,7 @@ class PrivacyEngine:
         self.performance = PerformanceConfig(norm_strategy, max_physical_batch_size)
         _refuse_distributed()
         self.model, self.optimizer = model, optimizer
-        self._plan = _make_plan(
+        self._plan = make_plan(
             model, optimizer, self.privacy, self.performance, registry or _REGISTRY
         )
         self._group_of = self._plan.group_index()
@@ -338,7 +337,7 @@ class PrivacyEngine:
         (autograd.grad to every leaf the loss reaches runs every path the records are on)."""
         assert self._sink is not None
         self._sink.clear()
-        leaves = _graph_leaves(loss)
+        leaves = _selfcheck.graph_leaves(loss)
         if leaves:
             torch.autograd.grad(loss, leaves, allow_unused=True)
         return dict(self._sink)
@@ -458,21 +457,6 @@ class PrivacyEngine:
         self._budget_steps = None
 
 
-def _graph_leaves(loss: Tensor) -> list[Tensor]:
-    """The tensors whose gradient ``loss.backward()`` would accumulate."""
-    leaves, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaves.append(variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
-
-
 def _refuse_distributed() -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -480,42 +464,3 @@ def _refuse_distributed() -> None:
             "dpclip does not support multi-process training yet: the noise would be added once "
             "per process. Train in a single process."
         )
-
-
-def _make_plan(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    privacy: PrivacyConfig,
-    performance: PerformanceConfig,
-    registry: LayerRegistry,
-) -> Plan:
-    problems = find_unsupported(model, registry)
-    if problems:
-        raise UnsupportedModuleError(problems)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    model_ids = {id(p) for p in model.parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in model_ids:
-                raise ValueError("the optimizer holds a parameter that is not in the model")
-    rules: dict[nn.Module, LayerRule] = {}
-    names: dict[nn.Module, tuple[str, ...]] = {}
-    owners: dict[str, str] = {}
-    owner_of_param = {id(p): n for n, p in named}
-    for path, module in model.named_modules():
-        own = tuple(n for n, _ in own_trainable(module))
-        rule = registry.rule_for(module) if own else None
-        if rule is not None:  # without one, a module only aliases clipped parameters (validate)
-            rules[module] = rule
-            names[module] = own
-            for n in own:
-                full = owner_of_param[id(getattr(module, n))]
-                owners.setdefault(full, path)
-    groups = group_parameters(privacy.clipping_style, named, owners)
-    return Plan(
-        rules=rules, names=names, groups=groups, clipping=privacy.clipping,
-        clip_norm=privacy.clip_norm, gamma=privacy.gamma, strategy=performance.norm_strategy,
-        mean_reduction=privacy.loss_reduction == "mean",
-    )  # fmt: skip
