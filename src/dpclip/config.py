@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from dpclip import accounting
 from dpclip.accounting import ACCOUNTANTS
 from dpclip.clipping import CLIPPING_FUNCTIONS, NEEDS_GAMMA, STYLES
 from dpclip.layers import STRATEGIES
@@ -119,14 +120,14 @@ class PrivacyConfig:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Logical batches per pass over the data: round(1/q), as engine.data_loader yields."""
-        return max(1, round(self.sample_size / self.batch_size))
+        """Logical batches per pass over the data, as engine.data_loader yields them."""
+        return accounting.steps_per_epoch(self.sample_rate)
 
     @property
     def planned_steps(self) -> int:
         if self.steps is not None:
             return self.steps
-        return max(1, math.ceil(self.epochs * self.steps_per_epoch - 1e-9))
+        return accounting.steps_for_epochs(self.epochs, self.sample_rate)
 
 
 @dataclass(frozen=True)

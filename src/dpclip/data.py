@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from dpclip.accounting import steps_per_epoch
+
 __all__ = ["LogicalBatch", "PoissonLoader"]
 
 
@@ -108,8 +110,8 @@ class PoissonLoader:
             uses torch's global generator.
         collate_fn: as for :class:`torch.utils.data.DataLoader` (None: default collation).
         num_workers: DataLoader worker processes used to load each logical batch.
-        steps: logical batches per pass; default ``round(1 / sample_rate)`` (one epoch in
-            expectation).
+        steps: logical batches per pass; default
+            :func:`dpclip.accounting.steps_per_epoch` (round(1/q): one epoch in expectation).
         on_logical_batch: called with the batch size each time a logical batch is yielded.
         on_physical_batch: called with each physical batch's size before it is yielded, and
             with None when a logical batch's physical batches are done.
@@ -159,7 +161,7 @@ class PoissonLoader:
         self.generator = generator
         self.collate_fn = collate_fn
         self.num_workers = num_workers
-        self.steps = steps if steps is not None else max(1, round(1.0 / self.sample_rate))
+        self.steps = steps if steps is not None else steps_per_epoch(self.sample_rate)
         self.on_logical_batch = on_logical_batch
         self.on_physical_batch = on_physical_batch
         self._size = size

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from dpclip.accounting import get_epsilon
+from dpclip.accounting import get_epsilon, steps_for_epochs
 from dpclip.cli import main
-from dpclip.cli.noise import steps_for_epochs
 
 
 def dpclip(*args: str) -> subprocess.CompletedProcess:
@@ -115,7 +114,32 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv):
     assert err.count("\n") == 1 and err.startswith(f"dpclip {argv[0]}: error:")
 
 
-@pytest.mark.parametrize(("epochs", "q", "steps"), [(40, 0.004, 10000), (1, 0.3, 4),
+@pytest.mark.parametrize(("epochs", "q", "steps"), [(40, 0.004, 10000), (1, 0.3, 3),
                                                     (1.2, 0.01, 120), (0.5, 1.0, 1)])  # fmt: skip
-def test_epochs_become_ceil_epochs_over_q(epochs, q, steps):
+def test_epochs_become_ceil_epochs_times_steps_per_epoch(epochs, q, steps):
     assert steps_for_epochs(epochs, q) == steps
+
+
+def test_the_calculator_plans_the_steps_and_sigma_the_engine_plans(capsys):
+    """N = 1437, B = 256, 30 epochs: both plan 180 steps (the calculator used to plan 169)."""
+    import torch
+
+    import dpclip
+
+    model = torch.nn.Linear(2, 2)
+    engine = dpclip.PrivacyEngine(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), sample_size=1437, batch_size=256,
+        epochs=30, target_epsilon=3.0, target_delta=1e-5,
+    )  # fmt: skip
+    main(["noise", "--epsilon", "3", "--delta", "1e-5", "--sample-rate", str(256 / 1437),
+          "--epochs", "30", "--json"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert engine.planned_steps == 180
+    assert out["steps"] == 180
+    assert abs(out["noise_multiplier"]["pld"] - engine.noise_multiplier) < 1e-9
+
+
+@pytest.mark.parametrize("epochs", [0, -1.0, float("nan"), float("inf"), True])
+def test_steps_for_epochs_refuses_a_bad_number_of_epochs(epochs):
+    with pytest.raises(ValueError, match="epochs"):
+        steps_for_epochs(epochs, 0.1)

@@ -18,6 +18,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 from dpclip.accounting.accountants import ACCOUNTANTS, check_accountant, epsilon
 from dpclip.accounting.calibration import calibrate_noise_multiplier
 from dpclip.accounting.events import (
@@ -38,6 +40,8 @@ __all__ = [
     "default_delta",
     "get_epsilon",
     "get_noise_multiplier",
+    "steps_for_epochs",
+    "steps_per_epoch",
 ]
 
 
@@ -91,6 +95,33 @@ def get_noise_multiplier(
         delta=delta,
         accountant=accountant,
     )
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Logical batches in one epoch under Poisson sampling at rate q: round(1/q), at least 1 (the
+    batch size is q·N in expectation, so 1/q batches cover the data once in expectation). The
+    engine's data loader yields this many per pass, and every epochs-to-steps plan uses it.
+
+    >>> steps_per_epoch(0.004), steps_per_epoch(256 / 1437), steps_per_epoch(0.3)
+    (250, 6, 3)
+    """
+    q = check_sample_rate(sample_rate)
+    return max(1, round(1.0 / q))
+
+
+def steps_for_epochs(epochs: float, sample_rate: float) -> int:
+    """The steps of ``epochs`` passes: ceil(epochs · steps_per_epoch(q)), float noise ignored.
+
+    The one definition the engine, ``dpclip noise`` and ``dpclip epsilon`` share.
+
+    >>> steps_for_epochs(40, 0.004), steps_for_epochs(30, 256 / 1437), steps_for_epochs(1.5, 0.3)
+    (10000, 180, 5)
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
+        raise ValueError(f"expected epochs > 0, got {epochs!r}")
+    if not math.isfinite(epochs):
+        raise ValueError(f"expected a finite number of epochs, got {epochs!r}")
+    return max(1, math.ceil(epochs * steps_per_epoch(sample_rate) - 1e-9))
 
 
 def default_delta(sample_size: int) -> float:

@@ -1,15 +1,16 @@
 """``dpclip noise``: the noise multiplier σ that meets a target ε over a planned run.
 
-``--epochs E`` means ceil(E / q) steps (one epoch is 1/q steps in expectation under Poisson
-sampling); ``--steps`` gives the count directly. Plain text for people, ``--json`` for scripts.
+``--epochs E`` means ceil(E · round(1/q)) steps, exactly as ``PrivacyEngine(epochs=E)`` plans
+them (one epoch is round(1/q) logical batches, what its data loader yields per pass);
+``--steps`` gives the count directly. Plain text for people, ``--json`` for scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 
+from dpclip.accounting import steps_for_epochs
 from dpclip.cli import CliError
 from dpclip.cli.epsilon import (
     NOTES,
@@ -30,18 +31,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--epsilon", type=float, required=True, help="target ε (> 0)")
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--epochs", type=float, help="passes over the data (steps = ceil(E / q))")
+    length.add_argument(
+        "--epochs",
+        type=float,
+        help="passes over the data (steps = ceil(E * round(1/q)), as the engine plans them)",
+    )
     length.add_argument("--steps", type=int, help="number of noisy steps (>= 1)")
     add_mechanism_options(p)
     p.set_defaults(run=run)
     return p
-
-
-def steps_for_epochs(epochs: float, sample_rate: float) -> int:
-    """ceil(epochs / q), ignoring float noise: 40 epochs at q = 0.004 are 10000 steps, not 10001."""
-    exact = epochs / sample_rate
-    nearest = round(exact)
-    return int(nearest) if math.isclose(exact, nearest, rel_tol=1e-9) else math.ceil(exact)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     checked(check_sample_rate, args.sample_rate, "--sample-rate")
     if args.epochs is not None:
         checked(check_epsilon, args.epochs, "--epochs")
-        steps = steps_for_epochs(args.epochs, args.sample_rate)
+        steps = steps_for_epochs(args.epochs, args.sample_rate)  # as the engine plans them
     else:
         checked(lambda v, n: check_steps(v, n, minimum=1), args.steps, "--steps")
         steps = args.steps
