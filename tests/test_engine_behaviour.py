@@ -277,6 +277,16 @@ def test_fix_replaces_batchnorm_with_groupnorm_and_the_model_then_attaches():
     )  # fmt: skip
 
 
+def test_fix_after_the_optimizer_exists_says_to_call_it_before():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(24, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.fix(model)
+    with pytest.raises(ValueError, match="call dpclip.fix before creating the optimizer"):
+        dpclip.PrivacyEngine(
+            model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0
+        )
+
+
 def test_step_without_backward_raises_and_leaves_parameters_unchanged():
     model, opt, _ = _setup()
     before = _snapshot(model)
@@ -363,6 +373,8 @@ def test_stale_gradients_without_zero_grad_are_an_error():
         (dict(clip_norm=0.0), "expected clip_norm > 0"),
         (dict(gamma=-0.1), "expected gamma > 0"),
         (dict(target_delta=1.5), "expected 0 < target_delta < 1"),
+        (dict(target_delta=0.01), r"target_delta=0.01 is not below 1/sample_size = 0.01: .*no "),
+        (dict(target_delta=0.5), "promises no privacy"),
         (dict(clipping_style=[["0.weight"]]), "leave out trainable parameters"),
         (dict(clipping_style=[["0.weight"], ["0.weight"]]), "is in clipping_style groups 0 and 1"),
         (

@@ -48,7 +48,11 @@ def make_plan(
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) not in model_ids:
-                raise ValueError("the optimizer holds a parameter that is not in the model")
+                raise ValueError(
+                    "the optimizer holds a parameter that is not in the model; if you called "
+                    "dpclip.fix(model) after creating the optimizer, call dpclip.fix before "
+                    "creating the optimizer (it replaces layers, and their parameters, in place)"
+                )
     rules: dict[nn.Module, LayerRule] = {}
     names: dict[nn.Module, tuple[str, ...]] = {}
     owners: dict[str, str] = {}

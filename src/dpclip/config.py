@@ -86,6 +86,13 @@ class PrivacyConfig:
             _require(
                 0 < self.target_delta < 1, f"expected 0 < target_delta < 1, got {self.target_delta}"
             )
+            _require(
+                self.target_delta < 1 / self.sample_size,
+                f"target_delta={self.target_delta:g} is not below 1/sample_size = "
+                f"{1 / self.sample_size:.3g}: a mechanism that publishes one random example in "
+                "the clear meets such a δ, so it promises no privacy; use δ well below 1/N (the "
+                "default, target_delta=None, is at most 1/(10 N))",
+            )
         _require(
             self.accountant in ACCOUNTANTS,
             f"unknown accountant {self.accountant!r}; expected one of {list(ACCOUNTANTS)}",

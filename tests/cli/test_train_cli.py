@@ -184,6 +184,7 @@ def test_mnist_idx_files_train_a_cnn_with_progress_bar(tmp_path):
         (["--epsilon", "-1"], ["--epsilon must be > 0"]),
         (["--epsilon", "nan"], ["--epsilon must be > 0"]),
         (["--delta", "1"], ["--delta must be in (0, 1)"]),
+        (["--delta", "0.001"], ["target_delta=0.001 is not below 1/sample_size", "no privacy"]),
         (["--batch-size", "2000"], ["--batch-size 2000 exceeds the 1437 training examples"]),
         (["--batch-size", "0"], ["--batch-size must be > 0"]),
         (["--epochs", "0"], ["--epochs must be > 0"]),
