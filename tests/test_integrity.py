@@ -392,7 +392,8 @@ def test_a_loss_weighting_examples_by_the_others_labels_is_refused(loss):
     labels = _y() if loss is _class_weighted else _y(B * T).view(B, T)
     if loss is _padded_token_mean:
         labels[0, 1:] = -100  # example 0 has one token, the others three
-    _assert_refused_at_step(_mlp(), _x(B, D), labels, "only the other examples' labels", loss=loss)
+    match = "class weights and" if loss is _class_weighted else "only the other examples' labels"
+    _assert_refused_at_step(_mlp(), _x(B, D), labels, match, loss=loss)
 
 
 def test_a_token_mean_over_unpadded_examples_equals_their_mean_and_passes():
@@ -476,3 +477,25 @@ def test_a_loss_working_in_place_on_the_output_is_checked():
     in_place(_engine_model(_x(B, D)), _y()).backward()
     opt.step()
     assert engine.ledger.steps == 1
+
+
+def test_a_class_weighted_mean_is_refused_even_when_the_batch_hides_it():
+    """The labels' weights are all equal here (classes 0 and 2), so no perturbation moves the
+    gradient; the weighted mean divides by the batch's weights all the same."""
+    labels = torch.tensor([2, 2, 2, 0])
+    _assert_refused_at_step(
+        _mlp(), _x(B, D), labels, "class weights and reduction='mean'", loss=_class_weighted_130
+    )
+
+
+def test_a_class_weighted_loss_averaged_per_example_equals_the_naive_loop():
+    model = _mlp()
+    engine, opt = _engine(model)
+    w = torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64)
+    F.cross_entropy(model(_x(B, D)), _y(), weight=w, reduction="none").mean().backward()
+    opt.step()
+    assert engine.ledger.steps == 1
+
+
+def _class_weighted_130(out, y):
+    return F.cross_entropy(out, y, weight=torch.tensor([1.0, 5.0, 1.0], dtype=out.dtype))

@@ -62,6 +62,8 @@ class FirstBatch:
                 f"({why}); call engine.verify(*inputs, loss_fn=...) once before the first step, or "
                 "pass verify=False to PrivacyEngine. The step was refused; nothing changed."
             )
+        if tape.mixing is not None:
+            raise SelfCheckError(f"{tape.mixing}. The step was refused; nothing changed.")
         return self.args, self.kwargs, tape
 
     def clear(self) -> None:

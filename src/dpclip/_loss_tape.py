@@ -16,6 +16,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
@@ -69,6 +70,7 @@ class LossTape(TorchFunctionMode):
         self.done = False
         self.problem: str | None = None  # why no loss was captured, if backward was unusable
         self.limit = 100_000  # calls recorded at most (a forward never followed by backward)
+        self.mixing: str | None = None  # a loss seen to mix examples, whatever the batch holds
 
     def _new(self, t: Tensor) -> int:
         self._slots += 1
@@ -124,6 +126,13 @@ class LossTape(TorchFunctionMode):
             self.problem = (
                 "the loss uses a tensor the model computed besides its output, such as an "
                 "activation kept on a module or an auxiliary loss"
+            )
+        if self.mixing is None and func in _MEAN_OVER_WEIGHTS and _weighted_mean(args, kwargs):
+            self.mixing = (
+                f"the loss is {func.__name__} with class weights and reduction='mean', which "
+                "divides by the sum of the batch's weights: each example's loss is weighted by "
+                "the other examples' labels. Average per example instead: "
+                f"{func.__name__}(out, y, weight=w, reduction='none').mean()"
             )
         if len(self.ops) >= self.limit:
             self.done, self.problem = True, f"more than {self.limit} calls before backward"
@@ -194,6 +203,17 @@ class LossTape(TorchFunctionMode):
         assert self.root is not None
         loss = env[self.root]
         return loss if self.gradient is None else (loss * self.gradient).sum()
+
+
+_MEAN_OVER_WEIGHTS = {F.cross_entropy, F.nll_loss}
+
+
+def _weighted_mean(args: tuple, kwargs: dict) -> bool:
+    """cross_entropy/nll_loss(input, target, weight, ..., reduction='mean') with a weight."""
+    weight = args[2] if len(args) > 2 else kwargs.get("weight")
+    reduction = kwargs.get("reduction", args[6] if len(args) > 6 else "mean")
+    legacy = kwargs.get("size_average", args[3] if len(args) > 3 else None)
+    return weight is not None and reduction == "mean" and legacy is None
 
 
 def _constant(x: object) -> object:

@@ -298,6 +298,8 @@ class PrivacyEngine:
             del loss, output
         if not tape.captured:
             raise SelfCheckError(f"dpclip cannot check this loss: {tape.problem}")
+        if tape.mixing is not None:
+            raise SelfCheckError(tape.mixing)
         result = self._run_check(args, kwargs, tape)
         self._check_pending = False
         self._first.clear()

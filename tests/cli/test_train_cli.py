@@ -190,12 +190,16 @@ def test_mnist_idx_files_train_a_cnn_with_progress_bar(tmp_path):
         (["--epochs", "0"], ["--epochs must be > 0"]),
         (["--physical-batch-size", "0"], ["--physical-batch-size must be > 0"]),
         (["--lr", "0"], ["--lr must be > 0"]),
+        (["--clip-norm", "0"], ["--clip-norm must be > 0"]),
+        (["--output", "{tmp}/file"], ["is a file; give a folder"]),
+        (["--output", "/proc/version/run"], ["--output /proc/version/run: cannot create"]),
         (["--resume"], ["--resume needs --output"]),
         (["--dataset", "mnist", "--data-dir", "{tmp}"], ["missing", "--download"]),
         (["--dataset", "cifar10", "--data-dir", "{tmp}"], ["cifar-10-batches-py", "--download"]),
     ],
 )
 def test_bad_input_is_a_one_line_error_with_exit_code_2(argv, fragments, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
     err = _main_error([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
     for fragment in fragments:
         assert fragment in err
@@ -227,3 +231,19 @@ def test_default_run_reaches_94_percent_on_digits_in_under_two_minutes(tmp_path)
         assert metrics["wall_time_s"] < 120
         accuracies.append(metrics["test_accuracy"])
     assert sum(accuracies) / 3 >= 0.94, accuracies
+
+
+def test_clip_norm_reaches_the_engine_and_is_recorded(tmp_path):
+    out = tmp_path / "run"
+    proc = _dpclip_train("--epochs", "1", "--no-progress", "--seed", "0", "--clipping", "global",
+                         "--clip-norm", "50", "--output", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["clipping"] == "global" and config["clip_norm"] == 50.0
+
+
+def test_help_says_which_clippings_need_a_threshold():
+    proc = subprocess.run([sys.executable, "-m", "dpclip.cli", "train", "--help"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    text = " ".join(proc.stdout.split())
+    assert "--clip-norm R" in text and "abadi and global do" in text

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
+import os
 import secrets
 import time
 from pathlib import Path
@@ -34,6 +36,8 @@ def main(args: argparse.Namespace) -> int:
     if out is not None and not args.resume:
         _refuse_existing_run(out)
     config = resolve_config(args, saved["config"] if saved else None)
+    if out is not None:
+        _check_writable(out)  # before any training (and only for a valid configuration)
     if saved is not None and saved["epoch"] >= config["epochs"]:
         raise CliError(f"the run in {out} is already complete ({saved['epoch']} epochs)")
     _require_extras(progress=not args.no_progress, curves=out is not None)
@@ -66,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
         engine = dpclip.PrivacyEngine(
             model, optimizer, sample_size=n, batch_size=config["batch_size"],
             epochs=config["epochs"], target_epsilon=config["epsilon"],
-            target_delta=config["delta"], clipping=config["clipping"], seed=noise_seed,
+            target_delta=config["delta"], clipping=config["clipping"],
+            clip_norm=config["clip_norm"], seed=noise_seed,
         )  # fmt: skip
     except ValueError as err:
         raise CliError(str(err)) from err
@@ -121,7 +126,7 @@ def _train_epoch(model, optimizer, engine, loader, progress, label: str) -> tupl
     model.train()
     bar = loader if progress is None else progress(loader, desc=label, leave=False, unit="step")
     seen, correct, loss_sum = 0, 0, 0.0
-    eps, eps_time = engine.epsilon(), time.perf_counter()
+    eps, eps_time = engine.epsilon(), -math.inf  # refreshed after the first step: ε now
     for logical in bar:
         for x, y in logical:
             logits = model(x)
@@ -134,7 +139,7 @@ def _train_epoch(model, optimizer, engine, loader, progress, label: str) -> tupl
         optimizer.zero_grad(set_to_none=True)
         if progress is not None and seen:
             if time.perf_counter() - eps_time > _EPS_REFRESH_S:  # ε costs ~50 ms: not every step
-                eps, eps_time = engine.epsilon(), time.perf_counter()
+                eps, eps_time = engine.epsilon(), -math.inf  # refreshed after the first step: ε now
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", ε=f"{eps:.2f}"
             )
@@ -219,6 +224,18 @@ def _tqdm():
 
 
 # ------------------------------------------------------------------------------ checkpoints
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --output that is a file or cannot be written, before any training."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--output {out} is a file; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--output {out}: cannot create the folder ({err.strerror})") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CliError(f"--output {out}: the folder is not writable")
 
 
 def _refuse_existing_run(out: Path) -> None:

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "epsilon": 3.0,
     "delta": 1e-5,
     "clipping": "automatic",
+    "clip_norm": 1.0,
     "optimizer": "sgd",
     "lr": None,
     "batch_size": 256,
@@ -51,6 +52,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--epsilon", type=float, help="target ε of the whole run (default: 3)")
     p.add_argument("--delta", type=float, help="target δ (default: 1e-5)")
     p.add_argument("--clipping", choices=CLIPPINGS, help="clipping function (default: automatic)")
+    p.add_argument(
+        "--clip-norm", type=float, metavar="R",
+        help="clipping threshold R (default: 1). automatic, automatic-v and psac need no tuning "
+        "(R only rescales the learning rate); abadi and global do: global drops every gradient "
+        "whose norm is above R, so R must suit your gradients' norms",
+    )  # fmt: skip
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="sgd (momentum 0.9), adam or adamw (default: sgd)")  # fmt: skip
     p.add_argument(
@@ -85,7 +92,7 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None
         ]
         if diffs:
             raise CliError(f"cannot resume: options differ from the saved run: {'; '.join(diffs)}")
-        config = {key: saved.get(key) for key in DEFAULTS}
+        config = {key: saved.get(key, DEFAULTS[key]) for key in DEFAULTS}  # older runs: default
     else:
         config = {**DEFAULTS, **given}
         if config["lr"] is None:
@@ -110,7 +117,7 @@ def _validate(config: dict[str, Any]) -> None:
         if not ok or not math.isfinite(value) or value <= 0:
             raise CliError(f"--{key.replace('_', '-')} must be > 0, got {value}")
 
-    for key in ("epsilon", "lr"):
+    for key in ("epsilon", "lr", "clip_norm"):
         positive(key, integer=False)
     for key in ("batch_size", "epochs"):
         positive(key, integer=True)
