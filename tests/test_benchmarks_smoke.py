@@ -368,3 +368,18 @@ def test_accumulation_is_its_own_section_counting_every_sample(tmp_path: Path) -
     for rec in payload["records"]:
         assert rec["ok"] and rec["config"]["accumulate"] == 2
         assert rec["samples_per_s"] == pytest.approx(8 / rec["step_times_s"][0])
+
+
+def test_dpclip_bench_without_options_is_short_and_leaves_results_md_alone() -> None:
+    from dpclip.cli import bench, build_parser
+
+    quick = build_parser().parse_args(["bench"])
+    bench.fill_defaults(quick)
+    assert (quick.models, quick.rounds, quick.steps) == ("cnn", 1, 3)
+    assert quick.results == Path("dpclip-bench") / "RESULTS.md"
+    full = build_parser().parse_args(["bench", "--full"])
+    bench.fill_defaults(full)
+    assert full.results == ROOT / "benchmarks" / "RESULTS.md" and full.rounds == 3
+    given = build_parser().parse_args(["bench", "--rounds", "2", "--out", "x"])
+    bench.fill_defaults(given)
+    assert given.rounds == 2 and given.results == Path("x") / "RESULTS.md"

@@ -148,8 +148,16 @@ def test_fresh_run_into_an_existing_run_directory_is_refused(finished_run, capsy
 def test_corrupt_checkpoint_gives_one_line_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00not a checkpoint")
     proc = _dpclip_train("--output", str(tmp_path), "--resume")
-    _assert_one_line_error(proc, "is corrupt or not a dpclip checkpoint")
+    _assert_one_line_error(proc, "is corrupt or not a dpclip checkpoint", "another --output")
+    assert "weights_only" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_checkpoint_of_another_program_gives_dpclip_words_not_torch_advice(tmp_path):
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "checkpoint.pt")  # a pickled module
+    proc = _dpclip_train("--output", str(tmp_path), "--resume")
+    _assert_one_line_error(proc, "is corrupt or not a dpclip checkpoint")
+    assert "weights_only" not in proc.stderr
 
 
 def test_nonpositive_epsilon_exits_2_without_output(tmp_path):

@@ -264,8 +264,12 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CliError(f"{path} is corrupt or not a dpclip checkpoint ({reason})") from err
+        # torch's own text suggests weights_only=False: wrong advice for a damaged or foreign file
+        raise CliError(
+            f"{path} is corrupt or not a dpclip checkpoint: it could not be read as the tensors "
+            "and plain values dpclip train saves (truncated, damaged, or written by another "
+            "program); start a fresh run with another --output"
+        ) from err
     keys = ("config", "epoch", "sample_size", "history", "elapsed", "model", "optimizer", "engine")
     if (
         not isinstance(state, dict)

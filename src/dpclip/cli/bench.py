@@ -1,5 +1,10 @@
 """``dpclip bench``: run the benchmark harness (``benchmarks/run.py`` of a repository checkout).
 
+With no options it runs a short check (the CNN, non-private against dpclip, one round of three
+steps: about a minute) into ``./dpclip-bench/``, leaving the repository's RESULTS.md alone;
+``--full`` runs the harness's own defaults (every configuration, three rounds, more than ten
+minutes) and updates ``benchmarks/RESULTS.md``. Options given explicitly win in both.
+
 The harness is not part of the installed package, so this command works from a checkout only: it
 looks for ``benchmarks/run.py`` in the current folder and above it, then beside the ``src/``
 folder that holds an editable install. It never settles for any other top-level ``benchmarks``
@@ -16,6 +21,12 @@ from pathlib import Path
 from types import ModuleType
 
 from dpclip.cli import CliError
+
+# `dpclip bench` with no options: short, and into a folder of its own
+_QUICK = {
+    "models": "cnn", "configs": "non-private,dpclip-mixed", "rounds": 1, "steps": 3,
+    "live_memory": False, "out": Path("dpclip-bench"), "results": None,
+}  # fmt: skip
 
 _NOT_FOUND = (
     "the benchmark harness lives in the repository's benchmarks/ folder, which is not installed "
@@ -57,7 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     harness = find_harness()
     description = (
         "Measure samples/s and peak memory of non-private training, dpclip and Opacus, each "
-        "configuration in its own process; writes benchmarks/RESULTS.md."
+        "configuration in its own process. Without options, a short check into ./dpclip-bench/; "
+        "--full for the whole benchmark, written to benchmarks/RESULTS.md."
     )
     help_text = "benchmark non-private vs dpclip vs Opacus (needs a repository checkout)"
     if harness is None:
@@ -69,6 +81,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     else:
         p = subparsers.add_parser("bench", help=help_text, description=description)
         harness.add_arguments(p)
+        p.add_argument(
+            "--full",
+            action="store_true",
+            help="the full benchmark (harness defaults: all configurations, 3 rounds, > 10 "
+            "minutes), written to benchmarks/RESULTS.md; without it a one-minute check of the "
+            "CNN is written to ./dpclip-bench/",
+        )
+        p.set_defaults(**dict.fromkeys(_QUICK))  # None: not given, filled in by run()
     p.set_defaults(run=run, harness=harness)
     return p
 
@@ -77,7 +97,20 @@ def run(args: argparse.Namespace) -> int:
     """Run the harness with the parsed options."""
     if args.harness is None:
         raise CliError(_NOT_FOUND)
+    fill_defaults(args)
     try:
         return int(args.harness.run(args))
     except args.harness.HarnessError as err:
         raise CliError(str(err)) from None
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Options not given: the short check's values, or the harness's own with ``--full``."""
+    full = argparse.ArgumentParser()
+    args.harness.add_arguments(full)
+    harness_defaults = vars(full.parse_args([]))
+    for key, quick in _QUICK.items():
+        if getattr(args, key) is None:
+            setattr(args, key, harness_defaults[key] if args.full else quick)
+    if args.results is None:
+        args.results = Path(args.out) / "RESULTS.md"
