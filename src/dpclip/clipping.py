@@ -7,7 +7,7 @@ clipped per-sample gradient has norm at most R and the Gaussian noise σR gives 
 name           C(norm)                             norm = 0    note
 =============  ==================================  ==========  ==================================
 automatic      R / (norm + γ)                      R / γ       AUTO-S, the default (Bu et al.)
-automatic-v    R / norm                            R / tiny    AUTO-V (γ = 0); C·g is 0 at norm 0
+automatic-v    R / norm                            0           AUTO-V (γ = 0); C·g is 0 at norm 0
 abadi          min(1, R / norm)                    1           flat clipping (Abadi et al. 2016)
 global         1 if norm ≤ R else 0                1           global clipping (Bu et al. 2021)
 psac           R / (norm + γ / (norm + γ))         R           per-sample adaptive (Xia et al.)
@@ -37,7 +37,12 @@ def _automatic(norm: Tensor, r: float, gamma: float) -> Tensor:
 
 
 def _automatic_v(norm: Tensor, r: float, gamma: float) -> Tensor:
-    return r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+    # at norm 0 the gradient is 0 and any factor gives 0; R / tiny overflowed to inf for R > 4,
+    # and inf * 0 = NaN in the clipped sum
+    largest = torch.finfo(norm.dtype).max  # a subnormal norm: R / norm would be inf too
+    return torch.where(
+        norm > 0, (r / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=largest), 0.0
+    )
 
 
 def _abadi(norm: Tensor, r: float, gamma: float) -> Tensor:
