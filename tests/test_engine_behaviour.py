@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dpclip
-from dpclip.hooks import DoubleBackwardError
+from dpclip.errors import DoubleBackwardError
 from tests import engine_models
 
 

@@ -20,13 +20,18 @@ _LAZY = {
     "PerformanceConfig": "dpclip.config",
     "fix": "dpclip.validate",
     "find_unsupported": "dpclip.validate",
-    "UnsupportedModuleError": "dpclip.validate",
-    "ParameterUseError": "dpclip._param_guard",
-    "IntegrityError": "dpclip._errors",
-    "SelfCheckError": "dpclip._selfcheck",
     "CheckResult": "dpclip._selfcheck",
+    "errors": "dpclip.errors",
+    "IntegrityError": "dpclip.errors",
+    "SelfCheckError": "dpclip.errors",
+    "ParameterUseError": "dpclip.errors",
+    "UnsupportedModuleError": "dpclip.errors",
+    "PrivacyBudgetExceeded": "dpclip.errors",
+    "NonFiniteNormError": "dpclip.errors",
+    "PhysicalBatchTooLarge": "dpclip.errors",
+    "DoubleBackwardError": "dpclip.errors",
+    "LoopOrderError": "dpclip.errors",
     "register_layer": "dpclip.engine",
-    "PrivacyBudgetExceeded": "dpclip.accounting",
     "accounting": "dpclip.accounting",
     "layers": "dpclip.layers",
     "data": "dpclip.data",
@@ -35,14 +40,22 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dpclip import accounting, data, layers  # noqa: F401
-    from dpclip._errors import IntegrityError  # noqa: F401
-    from dpclip._param_guard import ParameterUseError  # noqa: F401
-    from dpclip._selfcheck import CheckResult, SelfCheckError  # noqa: F401
-    from dpclip.accounting import PrivacyBudgetExceeded  # noqa: F401
+    from dpclip import accounting, data, errors, layers  # noqa: F401
+    from dpclip._selfcheck import CheckResult  # noqa: F401
     from dpclip.config import PerformanceConfig, PrivacyConfig  # noqa: F401
     from dpclip.engine import PrivacyEngine, register_layer  # noqa: F401
-    from dpclip.validate import UnsupportedModuleError, find_unsupported, fix  # noqa: F401
+    from dpclip.errors import (  # noqa: F401
+        DoubleBackwardError,
+        IntegrityError,
+        LoopOrderError,
+        NonFiniteNormError,
+        ParameterUseError,
+        PhysicalBatchTooLarge,
+        PrivacyBudgetExceeded,
+        SelfCheckError,
+        UnsupportedModuleError,
+    )
+    from dpclip.validate import find_unsupported, fix  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -22,16 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from dpclip._errors import IntegrityError
 from dpclip._plan import Plan
 from dpclip.clipping import clip_factors, group_clip_norm
+from dpclip.errors import IntegrityError, NonFiniteNormError
 from dpclip.hooks import Record
 from dpclip.layers import LayerRule
 from dpclip.layers._common import OuterFactors, outer_inner, sq_norms
-
-
-class NonFiniteNormError(FloatingPointError):
-    """Some per-sample gradient norm is NaN or infinite (a NaN/inf loss or overflow)."""
 
 
 @dataclass(eq=False)

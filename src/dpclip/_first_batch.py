@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from dpclip._loss_tape import LossTape, remove, remove_dropped, remove_orphans
-from dpclip._selfcheck import SelfCheckError
+from dpclip.errors import SelfCheckError
 
 
 class FirstBatch:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from dpclip._errors import IntegrityError
+from dpclip.errors import IntegrityError, ParameterUseError
 from dpclip.hooks import Recorder
 
 # calls that read a parameter without putting it on a gradient path
@@ -54,10 +54,6 @@ _BROADCASTING = {
 _NEW_LEADING_DIMS = {
     "__getitem__", "unsqueeze", "view", "reshape", "expand", "expand_as", "broadcast_to",
 }  # fmt: skip
-
-
-class ParameterUseError(IntegrityError, RuntimeError):
-    """A managed parameter was used outside its layers: that use would get no gradient."""
 
 
 def _tensors(args: tuple, kwargs: Mapping) -> Iterator[object]:

@@ -10,8 +10,9 @@ from torch import nn
 
 from dpclip.clipping import group_parameters
 from dpclip.config import PerformanceConfig, PrivacyConfig
+from dpclip.errors import UnsupportedModuleError
 from dpclip.layers import LayerRegistry, LayerRule
-from dpclip.validate import UnsupportedModuleError, find_unsupported, own_trainable
+from dpclip.validate import find_unsupported, own_trainable
 
 
 @dataclass(frozen=True)

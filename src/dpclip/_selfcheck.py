@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from dpclip._errors import IntegrityError
 from dpclip._loss_tape import LossTape
+from dpclip.errors import SelfCheckError
 from dpclip.hooks import batch_of
 
 _HINTS = (
@@ -44,10 +44,6 @@ _HINTS = (
     "loss that mixes examples. The step was refused and nothing changed; see the README's "
     "limits. Pass verify=False only if you know why the check is wrong for your model."
 )
-
-
-class SelfCheckError(IntegrityError):
-    """dpclip's per-example gradients differ from the naive per-example loop: refused."""
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,20 @@ import torch
 from torch import Tensor, nn
 
 from dpclip import _selfcheck, accounting
-from dpclip._bookkeeping import Accumulator, NonFiniteNormError
+from dpclip._bookkeeping import Accumulator
 from dpclip._first_batch import FirstBatch
 from dpclip._loss_tape import LossTape
 from dpclip._param_guard import ParamUseGuard
 from dpclip._plan import make_plan
-from dpclip._selfcheck import CheckResult, SelfCheckError
+from dpclip._selfcheck import CheckResult
 from dpclip.config import PerformanceConfig, PrivacyConfig
+from dpclip.errors import (
+    LoopOrderError,
+    NonFiniteNormError,
+    PhysicalBatchTooLarge,
+    PrivacyBudgetExceeded,
+    SelfCheckError,
+)
 from dpclip.hooks import Record, Recorder, batch_of
 from dpclip.layers import LayerRegistry, LayerRule, default_registry
 from dpclip.noise import GaussianNoise
@@ -48,10 +55,6 @@ def register_layer(
     _REGISTRY.register(
         module_type, LayerRule(norm_sq, clipped_grad, per_sample_grad, check), replace=replace
     )
-
-
-class PhysicalBatchTooLarge(ValueError):
-    """A backward pass saw more samples than ``max_physical_batch_size``."""
 
 
 class PrivacyEngine:
@@ -241,7 +244,7 @@ class PrivacyEngine:
     def _check_fresh_grads(self) -> None:
         for p in self._params:
             if p.grad is not None and bool(p.grad.any()):
-                raise RuntimeError(
+                raise LoopOrderError(
                     "gradients from before the last optimizer.step() are still there; call "
                     "optimizer.zero_grad() after each step"
                 )
@@ -252,14 +255,14 @@ class PrivacyEngine:
         if self._poisoned is not None:
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
         if self._micro_batches == 0 and not self._empty_allowed:
-            raise RuntimeError(
+            raise LoopOrderError(
                 "optimizer.step() was called without a backward pass since the last step; "
                 "dpclip takes exactly one noisy step per logical batch"
             )
         self._check_no_foreign_grads()
         allowed = self._allowed_steps()
         if self.ledger.steps + 1 > allowed:
-            raise accounting.PrivacyBudgetExceeded(
+            raise PrivacyBudgetExceeded(
                 f"step {self.ledger.steps + 1} would exceed the privacy budget "
                 f"({self._budget_text()}, {allowed} steps); the parameters are unchanged. "
                 "Create a new PrivacyEngine with a larger plan to train longer."
@@ -362,12 +365,12 @@ class PrivacyEngine:
             for p in group["params"]:
                 if id(p) in self._managed:
                     if p.requires_grad:
-                        raise RuntimeError(
+                        raise LoopOrderError(
                             "a parameter managed by dpclip has requires_grad=True again; its "
                             "gradient would not be clipped. Do not re-enable it while attached"
                         )
                 elif p.grad is not None:
-                    raise RuntimeError(
+                    raise LoopOrderError(
                         f"a parameter of shape {tuple(p.shape)} in the optimizer has a gradient "
                         "dpclip did not clip; refusing a non-private update"
                     )

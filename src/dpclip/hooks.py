@@ -34,7 +34,7 @@ from torch.autograd import Variable
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
-from dpclip._errors import IntegrityError
+from dpclip.errors import DoubleBackwardError, IntegrityError
 
 
 @dataclass(eq=False)
@@ -59,10 +59,6 @@ class _Attach(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
         return None, grad
-
-
-class DoubleBackwardError(RuntimeError):
-    """A graph's gradients reached the same module call twice (backward twice on one graph)."""
 
 
 _FIXES = (

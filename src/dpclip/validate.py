@@ -28,17 +28,6 @@ class Unsupported:
         return f"{self.path or '<model>'} ({self.type_name}): {self.advice}"
 
 
-class UnsupportedModuleError(ValueError):
-    """The model has trainable parameters in modules dpclip has no rule for."""
-
-    def __init__(self, problems: list[Unsupported]) -> None:
-        self.problems = problems
-        lines = "\n  ".join(str(p) for p in problems)
-        super().__init__(
-            f"dpclip cannot clip the per-sample gradients of {len(problems)} module(s):\n  {lines}"
-        )
-
-
 def _advice(module: nn.Module, orphans: list[str]) -> str:
     if isinstance(module, _BATCHNORMS):
         return "BatchNorm mixes samples; call dpclip.fix(model) to replace it with GroupNorm"

@@ -7,15 +7,12 @@ from typing import Any
 from dpclip.accounting.accountants import check_accountant, epsilon
 from dpclip.accounting.calibration import max_additional_steps
 from dpclip.accounting.events import GaussianStep, History, append, check_delta
+from dpclip.errors import PrivacyBudgetExceeded
 
 __all__ = ["PrivacyBudgetExceeded", "PrivacyLedger"]
 
 _STATE_VERSION = 1
 _EVENT_KEYS = {"noise_multiplier", "sample_rate", "steps"}
-
-
-class PrivacyBudgetExceeded(RuntimeError):
-    """A step would spend more privacy than the run's budget allows."""
 
 
 class PrivacyLedger:
