@@ -255,3 +255,22 @@ def test_help_says_which_clippings_need_a_threshold():
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     text = " ".join(proc.stdout.split())
     assert "--clip-norm R" in text and "abadi and global do" in text
+
+
+def test_the_train_modules_do_not_import_each_other():
+    import ast
+    from pathlib import Path
+
+    cli = Path(__file__).resolve().parents[2] / "src" / "dpclip" / "cli"
+
+    def imports(name):
+        tree = ast.parse((cli / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+        return found
+
+    assert not any(m.endswith("cli.train") for m in imports("_train_loop"))
+    assert not any(m.endswith("cli.train") for m in imports("_train_config"))

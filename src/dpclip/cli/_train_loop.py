@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 import dpclip
 from dpclip.cli import CliError
 from dpclip.cli import _train_output as output
-from dpclip.cli.train import resolve_config
+from dpclip.cli._train_config import resolve_config
 from dpclip.datasets import DatasetError, load_dataset
 from dpclip.models import build_model
 

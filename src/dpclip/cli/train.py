@@ -1,37 +1,16 @@
 """``dpclip train``: train a small model with DP and automatic clipping, end to end.
 
 The defaults need no download: scikit-learn's handwritten digits, an MLP 64-128-10, DP-SGD with
-momentum and automatic clipping at ε = 3, δ = 1e-5. This module only parses and checks the
-options (cheap, so ``dpclip --help`` stays fast); the training lives in ``_train_loop``.
+momentum and automatic clipping at ε = 3, δ = 1e-5. This module only declares the options
+(cheap, so ``dpclip --help`` stays fast); their defaults and checks live in ``_train_config``,
+the training in ``_train_loop``; neither imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-from typing import Any
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
-MODELS = ("mlp", "cnn")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-CLIPPINGS = ("automatic", "automatic-v", "abadi", "global", "psac")
-DEFAULT_LR = {"sgd": 0.15, "adam": 1e-2, "adamw": 1e-2}
-
-# Options that define the run (and its privacy guarantee); a resumed run must agree on all of them.
-# None in DEFAULTS means "no default" (lr: per optimizer; seed: drawn at random and recorded).
-DEFAULTS: dict[str, Any] = {
-    "dataset": "digits",
-    "model": "mlp",
-    "epsilon": 3.0,
-    "delta": 1e-5,
-    "clipping": "automatic",
-    "clip_norm": 1.0,
-    "optimizer": "sgd",
-    "lr": None,
-    "batch_size": 256,
-    "epochs": 30,
-    "seed": None,
-}
+from dpclip.cli._train_config import CLIPPINGS, DATASETS, MODELS, OPTIMIZERS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,58 +52,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
     return p
-
-
-def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> dict:
-    """The run's configuration: given options, else the saved run's, else the defaults.
-
-    Raises CliError for invalid values and, when resuming, for options that differ from
-    the saved run.
-    """
-    from dpclip.cli import CliError
-
-    given = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
-    if saved is not None:
-        diffs = [
-            f"--{key.replace('_', '-')} {value} (saved run: {saved.get(key)})"
-            for key, value in given.items()
-            if _differs(value, saved.get(key))
-        ]
-        if diffs:
-            raise CliError(f"cannot resume: options differ from the saved run: {'; '.join(diffs)}")
-        config = {key: saved.get(key, DEFAULTS[key]) for key in DEFAULTS}  # older runs: default
-    else:
-        config = {**DEFAULTS, **given}
-        if config["lr"] is None:
-            config["lr"] = DEFAULT_LR[config["optimizer"]]
-    config["physical_batch_size"] = args.physical_batch_size  # performance only: may change
-    _validate(config)
-    return config
-
-
-def _differs(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, (int, float)):
-        return not math.isclose(a, b, rel_tol=1e-12)
-    return a != b
-
-
-def _validate(config: dict[str, Any]) -> None:
-    from dpclip.cli import CliError
-
-    def positive(key: str, integer: bool) -> None:
-        value = config[key]
-        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if not ok or not math.isfinite(value) or value <= 0:
-            raise CliError(f"--{key.replace('_', '-')} must be > 0, got {value}")
-
-    for key in ("epsilon", "lr", "clip_norm"):
-        positive(key, integer=False)
-    for key in ("batch_size", "epochs"):
-        positive(key, integer=True)
-    if config["physical_batch_size"] is not None:
-        positive("physical_batch_size", integer=True)
-    if not 0 < config["delta"] < 1:
-        raise CliError(f"--delta must be in (0, 1), got {config['delta']}")
 
 
 def run(args: argparse.Namespace) -> int:
