@@ -738,3 +738,34 @@ def test_a_user_rule_returning_the_wrong_shape_or_names_is_refused_and_changes_n
     with pytest.raises(RuntimeError, match="without a backward pass"):
         opt.step()
     _assert_unchanged(model, before)
+
+
+def test_config_objects_configure_the_engine_like_their_keywords():
+    privacy = dpclip.PrivacyConfig(sample_size=100, batch_size=8, steps=10, noise_multiplier=1.5,
+                                   clip_norm=2.0)  # fmt: skip
+    performance = dpclip.PerformanceConfig(norm_strategy="ghost", max_physical_batch_size=4)
+    model = engine_models.build("linear")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = dpclip.PrivacyEngine(model, opt, privacy=privacy, performance=performance)
+    assert engine.privacy is privacy and engine.performance is performance
+    assert engine.noise_multiplier == 1.5 and engine._noise.std == 3.0
+    x, y = engine_models.batch("linear", 8)
+    with pytest.raises(dpclip.PhysicalBatchTooLarge):
+        F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(privacy="eps=3"), "expected privacy= to be a PrivacyConfig, got str"),
+        (dict(clip_norm=3.0), r"either privacy=PrivacyConfig\(...\) or its keywords.*clip_norm"),
+        (dict(performance=dpclip.PerformanceConfig(), norm_strategy="ghost"), "norm_strategy"),
+    ],
+)
+def test_a_config_object_and_its_keywords_together_are_refused(kwargs, message):
+    privacy = dpclip.PrivacyConfig(sample_size=100, batch_size=8, steps=10, noise_multiplier=1.0)
+    model = engine_models.build("linear")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(ValueError, match=message):
+        dpclip.PrivacyEngine(model, opt, **{"privacy": privacy, **kwargs})
+    assert all(p.requires_grad for p in model.parameters())

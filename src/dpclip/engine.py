@@ -75,6 +75,9 @@ class PrivacyEngine:
         norm_strategy: ``"ghost"``, ``"instantiate"`` or ``"mixed"`` (per layer, the cheaper).
         max_physical_batch_size: refuse backward passes over more samples than this.
         seed, secure_rng: the noise generator's seed, or OS randomness reseeded every step.
+        privacy, performance: a :class:`dpclip.PrivacyConfig` / :class:`dpclip.PerformanceConfig`
+            in place of their keywords (sample_size to loss_reduction; norm_strategy,
+            max_physical_batch_size).
         verify: run the self-check (:meth:`verify`) on the first physical batch before the
             first step: a few examples run alone must give the per-example gradient norms
             dpclip computes, or the step is refused. ``False`` turns it off.
@@ -85,8 +88,8 @@ class PrivacyEngine:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        sample_size: int,
-        batch_size: int,
+        sample_size: int | None = None,
+        batch_size: int | None = None,
         epochs: float | None = None,
         steps: int | None = None,
         noise_multiplier: float | None = None,
@@ -104,17 +107,24 @@ class PrivacyEngine:
         secure_rng: bool = False,
         verify: bool = True,
         registry: LayerRegistry | None = None,
+        privacy: PrivacyConfig | None = None,
+        performance: PerformanceConfig | None = None,
     ) -> None:
         if not isinstance(verify, bool):
             raise ValueError(f"expected verify to be True or False, got {verify!r}")
-        self.privacy = PrivacyConfig(
+        privacy_kw = dict(
             sample_size=sample_size, batch_size=batch_size, epochs=epochs, steps=steps,
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
             target_delta=target_delta, accountant=accountant, clipping=clipping,
             clip_norm=clip_norm, gamma=gamma, clipping_style=clipping_style,
             loss_reduction=loss_reduction,
         )  # fmt: skip
-        self.performance = PerformanceConfig(norm_strategy, max_physical_batch_size)
+        self.privacy = _config(PrivacyConfig, privacy, "privacy", privacy_kw)
+        self.performance = _config(
+            PerformanceConfig, performance, "performance",
+            dict(norm_strategy=norm_strategy, max_physical_batch_size=max_physical_batch_size),
+        )  # fmt: skip
+        sample_size, accountant = self.privacy.sample_size, self.privacy.accountant
         _refuse_distributed()
         self.model, self.optimizer = model, optimizer
         self._plan = make_plan(
@@ -131,7 +141,9 @@ class PrivacyEngine:
         self.target_delta = self.privacy.target_delta or accounting.default_delta(sample_size)
         self.noise_multiplier = self._calibrate()
         self.ledger = accounting.PrivacyLedger(accountant)
-        self._noise = GaussianNoise(self.noise_multiplier * clip_norm, seed=seed, secure=secure_rng)
+        self._noise = GaussianNoise(
+            self.noise_multiplier * self.privacy.clip_norm, seed=seed, secure=secure_rng
+        )
         self._budget_steps: int | None = None
 
         self._micro_batches = 0
@@ -460,6 +472,31 @@ class PrivacyEngine:
         self.ledger.load_state_dict(state["ledger"])
         self._noise.load_state_dict(state["noise"])
         self._budget_steps = None
+
+
+_UNSET = {
+    "sample_size": None, "batch_size": None, "epochs": None, "steps": None,
+    "noise_multiplier": None, "target_epsilon": None, "target_delta": None, "accountant": "pld",
+    "clipping": "automatic", "clip_norm": 1.0, "gamma": 0.01, "clipping_style": "all-layer",
+    "loss_reduction": "mean", "norm_strategy": "mixed", "max_physical_batch_size": None,
+}  # fmt: skip
+
+
+def _config(kind: type, given: Any, name: str, keywords: dict[str, Any]) -> Any:
+    """The config object passed as ``name=``, or one built (and validated) from the keywords;
+    passing both is refused rather than letting one silently win."""
+    if given is None:
+        if keywords.get("sample_size") is None and kind is PrivacyConfig:
+            raise ValueError("pass sample_size= and batch_size= (or privacy=PrivacyConfig(...))")
+        return kind(**keywords)
+    if not isinstance(given, kind):
+        raise ValueError(f"expected {name}= to be a {kind.__name__}, got {type(given).__name__}")
+    clash = sorted(k for k, v in keywords.items() if v is not _UNSET[k] and v != _UNSET[k])
+    if clash:
+        raise ValueError(
+            f"pass either {name}={kind.__name__}(...) or its keywords, not both: {clash}"
+        )
+    return given
 
 
 def _refuse_distributed() -> None:
