@@ -464,9 +464,12 @@ class _FunctionallyTied(nn.Module):
 
 
 def _assert_no_mode_left() -> None:
-    """Nothing left intercepting torch calls (engines of earlier tests that died mid-batch take
-    their loss tapes along when collected)."""
+    """Nothing left intercepting torch calls (engines of earlier tests that died mid-batch leave
+    inert loss tapes, which the next engine call takes off the stack)."""
+    from dpclip._loss_tape import remove_orphans
+
     gc.collect()
+    remove_orphans()
     assert torch._C._len_torch_function_stack() == 0
 
 

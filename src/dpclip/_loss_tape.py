@@ -224,21 +224,22 @@ def _constant(x: object) -> object:
     return x
 
 
-_ORPHANS: list[LossTape] = []  # tapes of dropped engines, not on the stack when collected
+_ORPHANS: list[LossTape] = []  # tapes of collected engines, taken off the stack later
 
 
 def remove_orphans() -> None:
-    """Take the tapes of engines collected in the middle of a torch call off the stack."""
+    """Take the tapes of collected engines off the stack (at an engine's forward or step)."""
     while _ORPHANS:
         remove(_ORPHANS.pop())
 
 
 def remove_dropped(tapes: list[LossTape]) -> None:
-    """For an engine collected mid-batch: remove its tape now, or at the next engine call."""
+    """For an engine collected mid-batch (a finalizer): its tape stops recording now and leaves
+    the stack at the next engine's forward or step. Never here: a collection can run between
+    torch's check that a mode is active and its pop of that mode, and an empty stack then fails."""
     for tape in tapes:
         tape.done = True
-        if not remove(tape):
-            _ORPHANS.append(tape)  # the collection ran inside a torch call (the tape popped)
+        _ORPHANS.append(tape)
 
 
 def remove(mode: TorchFunctionMode) -> bool:
