@@ -81,6 +81,17 @@ def _assert_equals_naive_loop(model, x, y):
 
 
 # ------------------------------------------------------------------ 1. batch flattened into tokens
+class _FcHead(nn.Module):
+    """Two trainable layers, fc (D -> width) then head (width -> 3), that the patterns below
+    call in their own ways; ``how`` picks a pattern's variant."""
+
+    def __init__(self, how: str = "", width: int = D) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(D, width)
+        self.head = nn.Linear(width, 3)
+
+
 class _FlatTokens(nn.Module):
     def __init__(self, frozen_backbone: bool = False) -> None:
         super().__init__()
@@ -121,13 +132,8 @@ def test_a_layer_fed_the_batch_flattened_into_tokens_is_refused(model, x, layer)
 
 
 # ------------------------------------------------------------------ 2. sequence-first layouts
-class _SeqFirst(nn.Module):
+class _SeqFirst(_FcHead):
     """Batch-first input, (T, B, d) through the layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(D, D)
-        self.head = nn.Linear(D, 3)
 
     def forward(self, x):
         h = torch.tanh(self.fc(x.transpose(0, 1)))  # (T, B, d)
@@ -160,13 +166,7 @@ def test_a_sequence_first_model_input_is_refused_against_the_loader_batch():
 
 
 # ------------------------------------------------------------------ 3. the batch split in forward
-class _Split(nn.Module):
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
-        self.fc = nn.Linear(D, D)
-        self.head = nn.Linear(D, 3)
-
+class _Split(_FcHead):
     def forward(self, x):
         if self.how == "chunk":
             h = torch.cat([self.fc(c) for c in x.chunk(2)])
@@ -190,14 +190,9 @@ def test_a_layer_run_on_chunks_or_one_example_at_a_time_is_refused(how, match):
     _assert_refused_at_forward(_Split(how).double(), _x(B, D), match)
 
 
-class _Flipped(nn.Module):
+class _Flipped(_FcHead):
     """One layer called twice, the second time on the batch in reverse order: row i of the
     second call is example B-1-i."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(D, D)
-        self.head = nn.Linear(D, 3)
 
     def forward(self, x):
         return self.head(torch.tanh(self.fc(x)) + torch.tanh(self.fc(x.flip(0))).flip(0))
@@ -293,13 +288,7 @@ def test_attaching_never_changes_what_the_model_computes_over_the_zoo():
 
 
 # ------------------------------------------------------------------ 5. forwards and losses mixing
-class _BatchStatistic(nn.Module):
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
-        self.fc = nn.Linear(D, D)
-        self.head = nn.Linear(D, 3)
-
+class _BatchStatistic(_FcHead):
     def forward(self, x):
         h = self.fc(x)
         if self.how == "standardise":
@@ -415,14 +404,11 @@ def test_a_parameter_used_in_the_loss_is_refused_by_the_self_check():
     _assert_refused_at_step(model, _x(B, D), _y(), "per-example gradient norm", loss=penalised)
 
 
-class _TrainOnly(nn.Module):
+class _TrainOnly(_FcHead):
     """Mixing only in training mode: a hand-written batch norm with running statistics, mixup."""
 
     def __init__(self, how: str) -> None:
-        super().__init__()
-        self.how = how
-        self.fc = nn.Linear(D, 4)
-        self.head = nn.Linear(4, 3)
+        super().__init__(how, width=4)
         self.register_buffer("mean", torch.zeros(4, dtype=torch.float64))
 
     def forward(self, x):
@@ -439,11 +425,9 @@ def test_mixing_only_in_training_mode_is_refused_by_the_self_check(how):
     _assert_refused_at_step(_TrainOnly(how).double(), _x(B, D), _y(), "forward mixes examples")
 
 
-class _Stash(nn.Module):
+class _Stash(_FcHead):
     def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(D, 4)
-        self.head = nn.Linear(4, 3)
+        super().__init__(width=4)
 
     def forward(self, x):
         self.feats = torch.tanh(self.fc(x))
