@@ -203,3 +203,16 @@ def test_a_token_mean_over_padded_examples_is_refused():
     with pytest.raises(dpclip.SelfCheckError, match="per-example gradient norm of"):
         opt.step()
     assert engine.ledger.steps == 0
+
+
+def test_verify_leaves_no_mode_behind_and_dropout_still_drops_in_training():
+    torch.manual_seed(0)
+    model = _Dropout().double()
+    engine, _ = _engine(model)
+    x, y = torch.randn(B, 5, dtype=torch.float64), torch.randint(0, 3, (B,))
+    depth = torch._C._len_torch_function_stack()
+    engine.verify(x, loss_fn=lambda out: F.cross_entropy(out, y))
+    assert torch._C._len_torch_function_stack() == depth
+    assert engine._first.tape is None
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # two different dropout masks

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from dpclip._loss_tape import LossTape
+from dpclip._loss_tape import LossTape, remove
 from dpclip.errors import SelfCheckError
 from dpclip.hooks import batch_of
 
@@ -114,10 +114,13 @@ def unchanged(model: nn.Module) -> Iterator[None]:
     """No dropout, gradients on, RNG streams and training flags restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    no_dropout = _NoDropout()
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _NoDropout():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            no_dropout.__enter__()
             yield
     finally:
+        remove(no_dropout)  # this mode, not whatever is on top: dropout must come back
         for m, flag in flags:
             m.training = flag
 

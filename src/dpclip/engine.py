@@ -326,8 +326,10 @@ class PrivacyEngine:
             self._accumulator = None  # a backward abandoned by an error: start afresh
 
     def _forward_ends(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """The first physical batch: keep its inputs and record its loss."""
-        if self._check_pending and self._sink is None and torch.is_grad_enabled():
+        """The first physical batch: keep its inputs and record its loss (a training forward
+        only: not the self-check's own, nor verify's, which run with the recorder off)."""
+        recording = self._recorder.enabled and self._sink is None
+        if self._check_pending and recording and torch.is_grad_enabled():
             self._first.forward_ends(args, kwargs, output, self._recorder.batch)
 
     def _check_first_batch(self) -> None:
