@@ -147,7 +147,8 @@ def check(subject: Subject, args: tuple, kwargs: dict, tape: LossTape) -> CheckR
         worst = 0.0
         with subject.hooks_off():
             for i in rows:
-                norms = _alone(subject, args, kwargs, batch, i, tape, fixed, spec, used)
+                rows_used = used if from_rows else None
+                norms = _alone(subject, args, kwargs, batch, i, tape, fixed, spec, rows_used)
                 scale = 1.0 if from_rows or not subject.mean_reduction else float(batch)
                 worst = max(worst, _compare(subject, raw, norms, i, scale, rtol, from_rows))
     return CheckResult(rows, worst, from_rows)
@@ -238,9 +239,10 @@ def _mixing_message(i: int, what: str) -> str:
 
 
 def _alone(
-    subject: Subject, args, kwargs, batch: int, i: int, tape: LossTape, fixed, spec, used
+    subject: Subject, args, kwargs, batch: int, i: int, tape: LossTape, fixed, spec, rows_used
 ) -> list[Tensor | None]:
-    """Example i's gradient norms from ordinary autograd, with the model run on it alone."""
+    """Example i's gradient norms from ordinary autograd, with the model run on it alone.
+    ``rows_used``: the output leaves the loss reads per example (None: the model's own loss)."""
     args_i, kwargs_i = example(args, kwargs, batch, i)
     try:
         leaves_i, spec_i = tree_flatten(subject.model(*args_i, **kwargs_i))
@@ -251,12 +253,11 @@ def _alone(
             "run on one example, or takes a non-batch tensor of that length, cannot be checked: "
             "pass verify=False if you know it clips true examples. " + _HINTS
         ) from err
-    from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
-    if from_rows:
+    if rows_used is not None:
         if spec_i != spec:
             raise SelfCheckError(f"example {i} alone gives an output of another structure")
         mixed = list(fixed)
-        for k in used:
+        for k in rows_used:
             row, mine = fixed[k][i : i + 1], leaves_i[k]
             if mine.shape != row.shape or not torch.allclose(
                 mine.detach(), row, rtol=rtol_for(row.dtype), atol=_atol(row)

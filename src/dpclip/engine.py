@@ -13,6 +13,7 @@ watched for that (:mod:`dpclip._param_guard`) and refuses it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -177,7 +178,7 @@ class PrivacyEngine:
         for module, own in self._plan.names.items():
             for n in own:
                 owners.setdefault(getattr(module, n), []).append(module)
-        names = {p: n for n, p in self.model.named_parameters() if id(p) in self._managed}
+        names = {p: self._param_names[id(p)] for p in self._params}
         unruled: dict[nn.Parameter, list[str]] = {}
         for path, module in self.model.named_modules():
             if module not in self._plan.rules:
@@ -476,14 +477,6 @@ class PrivacyEngine:
         self._budget_steps = None
 
 
-_UNSET = {
-    "sample_size": None, "batch_size": None, "epochs": None, "steps": None,
-    "noise_multiplier": None, "target_epsilon": None, "target_delta": None, "accountant": "pld",
-    "clipping": "automatic", "clip_norm": 1.0, "gamma": 0.01, "clipping_style": "all-layer",
-    "loss_reduction": "mean", "norm_strategy": "mixed", "max_physical_batch_size": None,
-}  # fmt: skip
-
-
 def _config(kind: type, given: Any, name: str, keywords: dict[str, Any]) -> Any:
     """The config object passed as ``name=``, or one built (and validated) from the keywords;
     passing both is refused rather than letting one silently win."""
@@ -493,12 +486,17 @@ def _config(kind: type, given: Any, name: str, keywords: dict[str, Any]) -> Any:
         return kind(**keywords)
     if not isinstance(given, kind):
         raise ValueError(f"expected {name}= to be a {kind.__name__}, got {type(given).__name__}")
-    clash = sorted(k for k, v in keywords.items() if v is not _UNSET[k] and v != _UNSET[k])
+    defaults = inspect.signature(PrivacyEngine.__init__).parameters  # the keywords' own
+    clash = sorted(k for k, v in keywords.items() if not _is_default(v, defaults[k].default))
     if clash:
         raise ValueError(
             f"pass either {name}={kind.__name__}(...) or its keywords, not both: {clash}"
         )
     return given
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (not isinstance(value, (list, tuple)) and value == default)
 
 
 def _refuse_distributed() -> None:
