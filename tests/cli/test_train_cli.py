@@ -274,3 +274,36 @@ def test_the_train_modules_do_not_import_each_other():
 
     assert not any(m.endswith("cli.train") for m in imports("_train_loop"))
     assert not any(m.endswith("cli.train") for m in imports("_train_config"))
+
+
+def test_the_progress_bar_epsilon_is_current_from_the_first_step_and_not_recomputed_each_step():
+    import dpclip
+    from dpclip.cli import _train_loop
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    engine = dpclip.PrivacyEngine(model, optimizer, sample_size=40, batch_size=8, epochs=2,
+                                  noise_multiplier=1.0)  # fmt: skip
+    calls, shown = [], []
+
+    class Counting:
+        def epsilon(self):
+            calls.append(1)
+            return engine.epsilon()
+
+    class Bar:
+        def __init__(self, it, **kw):
+            self.it = it
+
+        def __iter__(self):
+            return iter(self.it)
+
+        def set_postfix(self, **kw):
+            shown.append(float(kw["ε"]))
+
+    loader = engine.data_loader(data, generator=torch.Generator().manual_seed(0))
+    _train_loop._train_epoch(model, optimizer, Counting(), loader, Bar, "epoch 1")
+    assert shown and shown[0] > 0  # not the 0.00 of before the epoch
+    assert len(calls) == 1  # steps well within the refresh interval: computed once

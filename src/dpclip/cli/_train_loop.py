@@ -126,7 +126,7 @@ def _train_epoch(model, optimizer, engine, loader, progress, label: str) -> tupl
     model.train()
     bar = loader if progress is None else progress(loader, desc=label, leave=False, unit="step")
     seen, correct, loss_sum = 0, 0, 0.0
-    eps, eps_time = engine.epsilon(), -math.inf  # refreshed after the first step: ε now
+    eps, eps_time = 0.0, -math.inf  # computed after the first step, so the bar shows ε now
     for logical in bar:
         for x, y in logical:
             logits = model(x)
@@ -139,7 +139,7 @@ def _train_epoch(model, optimizer, engine, loader, progress, label: str) -> tupl
         optimizer.zero_grad(set_to_none=True)
         if progress is not None and seen:
             if time.perf_counter() - eps_time > _EPS_REFRESH_S:  # ε costs ~50 ms: not every step
-                eps, eps_time = engine.epsilon(), -math.inf  # refreshed after the first step: ε now
+                eps, eps_time = engine.epsilon(), time.perf_counter()
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", ε=f"{eps:.2f}"
             )
