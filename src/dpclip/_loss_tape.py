@@ -59,7 +59,7 @@ class LossTape(TorchFunctionMode):
         roots of the tape too, so calls on them (``labels.view(-1)``) replay on other labels."""
         super().__init__()
         self.batch = batch
-        self.consts: dict[int, Tensor] = {}  # slot -> a batch-shaped constant, as it was
+        self.consts: dict[int, _Const] = {}  # slot -> a batch-shaped constant, as it was
         leaves, self.spec = tree_flatten(output)
         self._ids: dict[int, tuple[int, weakref.ref]] = {}
         self._slots = 0
@@ -95,7 +95,7 @@ class LossTape(TorchFunctionMode):
             and not x.requires_grad
         ):
             slot = self._new(x)
-            self.consts[slot] = x.detach().clone()
+            self.consts[slot] = _Const(x.detach().clone())
             return _Ref(slot)
         return None
 
@@ -184,7 +184,7 @@ class LossTape(TorchFunctionMode):
         if spec != self.spec:
             raise ReplayError(f"the model's output has structure {spec}, not {self.spec}")
         env = {s: t for s, t in zip(self.leaf_slots, leaves, strict=True) if s is not None}
-        env.update((s, _Const(c).fresh(like)) for s, c in self.consts.items())
+        env.update((s, c.fresh(like)) for s, c in self.consts.items())
         for func, template, in_spec, slots in self.ops:
             flat = [
                 env[x.slot]
