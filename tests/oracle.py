@@ -16,8 +16,9 @@ def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[list[Tensor
     out = []
     for i in range(x.shape[0]):
         loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        out.append(
-            [g.detach().clone() for g in torch.autograd.grad(loss, params, allow_unused=True)]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out.append(  # a parameter the loss does not reach (a pooler left unused) gets zero
+            [torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(params, grads)]
         )
     return out
 

@@ -206,22 +206,22 @@ def test_unsupported_trainable_module_is_an_error_naming_path_type_and_fix(modul
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_bare_parameter_used_in_forward_is_an_error():
+def test_a_bare_parameter_used_in_forward_takes_the_fallback_named_at_attach(capsys):
     class Scaled(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(3, 3)
-            self.scale = nn.Parameter(torch.ones(3))
+            self.lin = nn.Linear(3, 3).double()
+            self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
 
         def forward(self, x):
             return self.lin(x) * self.scale
 
-    with pytest.raises(dpclip.UnsupportedModuleError, match=r"<model> \(Scaled\).*\['scale'\]"):
-        model = Scaled()
-        dpclip.PrivacyEngine(
-            model, torch.optim.SGD(model.parameters(), lr=1), sample_size=10, batch_size=2,
-            steps=1, noise_multiplier=1.0,
-        )  # fmt: skip
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    _assert_one_step_equals_naive_loop(Scaled(), x, y)
+    line = capsys.readouterr().err
+    assert "1 module(s) without a layer rule take the generic per-example fallback" in line
+    assert "24 B per example" in line and line.strip().endswith("<model>")
 
 
 class _AliasingHead(nn.Module):
@@ -247,13 +247,17 @@ def test_a_module_holding_only_parameters_of_clipped_layers_is_accepted_and_exac
     _assert_one_step_equals_naive_loop(model, x, y)
 
 
-def test_an_aliased_parameter_used_outside_its_layer_or_a_parameter_of_its_own_is_refused():
-    model = nn.Sequential(_AliasingHead(extra=True))
-    with pytest.raises(dpclip.UnsupportedModuleError, match=r"0 \(_AliasingHead\).*\['extra'\]"):
-        dpclip.PrivacyEngine(
-            model, torch.optim.SGD(model.parameters(), lr=1), sample_size=10, batch_size=2,
-            steps=1, noise_multiplier=1.0,
-        )  # fmt: skip
+def test_a_module_holding_aliases_and_a_parameter_of_its_own_takes_the_fallback_for_its_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4).double(), nn.Tanh(), _AliasingHead(extra=True))
+    engine = dpclip.PrivacyEngine(
+        model, torch.optim.SGD(model.parameters(), lr=1), sample_size=10, batch_size=2,
+        steps=1, noise_multiplier=1.0,
+    )  # fmt: skip
+    assert engine._plan.names[model[2]] == ("extra",)  # not the decoder's bias it also holds
+
+
+def test_an_aliased_parameter_used_outside_its_layer_is_refused():
     model = nn.Sequential(_AliasingHead(direct=True))
     opt = torch.optim.SGD(model.parameters(), lr=1)
     dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0)

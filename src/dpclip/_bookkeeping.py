@@ -53,7 +53,7 @@ class Accumulator:
     def add(self, rec: Record) -> None:
         self._check_batch(rec)
         rule, module = self.plan.rules[rec.module], rec.module
-        params = {n: getattr(module, n) for n in self.plan.names[module]}
+        params = self.plan.params[module]
         again = [n for n, p in params.items() if p in self.entries]
         fresh = [n for n in params if n not in again]
         keep_record = False
@@ -115,10 +115,12 @@ class Accumulator:
                 "or run both inputs through one forward (concatenate the batches, or wrap both "
                 "calls in one module and attach the engine to it)"
             )
-        if rec.grad_output.shape[0] != rec.batch:  # the recorder refuses this at forward time
+        grads = rec.grad_output if isinstance(rec.grad_output, tuple) else (rec.grad_output,)
+        rows = {g.shape[0] for g in grads}
+        if rows != {rec.batch}:  # the recorder refuses this at forward time
             raise IntegrityError(
-                f"the output gradient of {type(rec.module).__name__} has "
-                f"{rec.grad_output.shape[0]} rows, not the forward's batch of {rec.batch}"
+                f"the output gradient of {type(rec.module).__name__} has {sorted(rows)} rows, "
+                f"not the forward's batch of {rec.batch}"
             )
 
     def _instantiated(self, entry: _Entry) -> Tensor:
@@ -163,7 +165,7 @@ class Accumulator:
             into = {
                 n: sums[p]
                 for n in factors
-                if (p := getattr(module, n)) in sums and sums[p].is_contiguous()
+                if (p := self.plan.params[module][n]) in sums and sums[p].is_contiguous()
             }
         if into:
             versions = {n: t._version for n, t in into.items()}
@@ -180,9 +182,9 @@ class Accumulator:
         if not rest:
             return
         got = rule.clipped_grad(module, rec.inputs, rec.grad_output, rest)
-        shapes = {n: tuple(getattr(module, n).shape) for n in rest}
+        shapes = {n: tuple(self.plan.params[module][n].shape) for n in rest}
         for n, g in _checked(rec, "clipped_grad", got, shapes).items():
-            p = getattr(module, n)
+            p = self.plan.params[module][n]
             sums[p] = sums[p] + g if p in sums else g  # tied, no in-place rule: one share per use
 
     def _factors(self) -> dict[nn.Parameter, Tensor]:
@@ -215,7 +217,7 @@ def _per_sample(rule: LayerRule, rec: Record, names: list[str], batch: int | Non
             "needs per_sample_grad in its layer rule"
         )
     got = rule.per_sample_grad(rec.module, rec.inputs, rec.grad_output, names)
-    shapes = {n: (batch, *getattr(rec.module, n).shape) for n in names}
+    shapes = {n: (batch, *rec.module.get_parameter(n).shape) for n in names}
     return _checked(rec, "per_sample_grad", got, shapes)
 
 

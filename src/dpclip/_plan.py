@@ -12,7 +12,7 @@ from dpclip.clipping import group_parameters
 from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.errors import UnsupportedModuleError
 from dpclip.layers import LayerRegistry, LayerRule
-from dpclip.validate import find_unsupported, own_trainable
+from dpclip.validate import assign_rules
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class Plan:
 
     rules: dict[nn.Module, LayerRule]
     names: dict[nn.Module, tuple[str, ...]]  # trainable parameter names owned by each module
+    fallback: tuple[str, ...]  # paths of the modules that take the generic fallback
+    params: dict[nn.Module, dict[str, nn.Parameter]]  # names (dotted for a lifted scope) resolved
     groups: list[list[nn.Parameter]]
     clipping: str
     clip_norm: float
@@ -39,9 +41,9 @@ def make_plan(
     performance: PerformanceConfig,
     registry: LayerRegistry,
 ) -> Plan:
-    problems = find_unsupported(model, registry)
-    if problems:
-        raise UnsupportedModuleError(problems)
+    assigned = assign_rules(model, registry)
+    if assigned.problems:
+        raise UnsupportedModuleError(list(assigned.problems))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
@@ -54,22 +56,16 @@ def make_plan(
                     "dpclip.fix(model) after creating the optimizer, call dpclip.fix before "
                     "creating the optimizer (it replaces layers, and their parameters, in place)"
                 )
-    rules: dict[nn.Module, LayerRule] = {}
-    names: dict[nn.Module, tuple[str, ...]] = {}
     owners: dict[str, str] = {}
     owner_of_param = {id(p): n for n, p in named}
-    for path, module in model.named_modules():
-        own = tuple(n for n, _ in own_trainable(module))
-        rule = registry.rule_for(module) if own else None
-        if rule is not None:  # without one, a module only aliases clipped parameters (validate)
-            rules[module] = rule
-            names[module] = own
-            for n in own:
-                full = owner_of_param[id(getattr(module, n))]
-                owners.setdefault(full, path)
+    paths = {m: path for path, m in model.named_modules()}
+    for module, own in assigned.names.items():
+        for n in own:
+            owners.setdefault(owner_of_param[id(module.get_parameter(n))], paths[module])
     groups = group_parameters(privacy.clipping_style, named, owners)
     return Plan(
-        rules=rules, names=names, groups=groups, clipping=privacy.clipping,
-        clip_norm=privacy.clip_norm, gamma=privacy.gamma, strategy=performance.norm_strategy,
-        mean_reduction=privacy.loss_reduction == "mean",
+        rules=assigned.rules, names=assigned.names, fallback=assigned.fallback, groups=groups,
+        params={m: {n: m.get_parameter(n) for n in own} for m, own in assigned.names.items()},
+        clipping=privacy.clipping, clip_norm=privacy.clip_norm, gamma=privacy.gamma,
+        strategy=performance.norm_strategy, mean_reduction=privacy.loss_reduction == "mean",
     )  # fmt: skip

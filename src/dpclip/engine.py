@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from dpclip._bookkeeping import Accumulator
 from dpclip._first_batch import FirstBatch
 from dpclip._loss_tape import LossTape
 from dpclip._param_guard import ParamUseGuard
-from dpclip._plan import make_plan
+from dpclip._plan import Plan, make_plan
 from dpclip._selfcheck import CheckResult
 from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.errors import (
@@ -36,7 +37,7 @@ from dpclip.errors import (
     SelfCheckError,
 )
 from dpclip.hooks import Record, Recorder, batch_of
-from dpclip.layers import LayerRegistry, LayerRule, default_registry
+from dpclip.layers import LayerRegistry, LayerRule, default_registry, fallback
 from dpclip.noise import GaussianNoise
 
 _REGISTRY = default_registry()
@@ -172,12 +173,13 @@ class PrivacyEngine:
             p.grad = None
         self._accumulator: Accumulator | None = None
         self._recorder = Recorder(self._on_grad, self._on_backward_end)
-        self._recorder.attach(self._plan.rules, root=self.model)
+        whole = [m for m, rule in self._plan.rules.items() if rule.whole_call]
+        self._recorder.attach(self._plan.rules, root=self.model, whole_call=whole)
         self._param_names = {id(p): n for n, p in self.model.named_parameters()}
         owners: dict[nn.Parameter, list[nn.Module]] = {}
         for module, own in self._plan.names.items():
             for n in own:
-                owners.setdefault(getattr(module, n), []).append(module)
+                owners.setdefault(self._plan.params[module][n], []).append(module)
         names = {p: self._param_names[id(p)] for p in self._params}
         unruled: dict[nn.Parameter, list[str]] = {}
         for path, module in self.model.named_modules():
@@ -187,6 +189,8 @@ class PrivacyEngine:
                         unruled.setdefault(p, []).append(f"{path} ({type(module).__name__})")
         self._guard = ParamUseGuard(owners, names, unruled, recorder=self._recorder)
         self._guard.attach(self._plan.rules, root=self.model)
+        if self._plan.fallback:
+            print(_fallback_line(self._plan), file=sys.stderr)
         self._hooks = [
             self.model.register_forward_pre_hook(self._forward_begins),
             self.model.register_forward_hook(self._forward_ends, with_kwargs=True),
@@ -219,7 +223,7 @@ class PrivacyEngine:
         if self._accumulator is None and self._sink is not None:
             self._accumulator = Accumulator(self._plan, self._group_of)
         elif self._accumulator is None:
-            batch = record.grad_output.shape[0]
+            batch = record.batch
             limit = self.performance.max_physical_batch_size
             if limit is not None and batch > limit:
                 raise PhysicalBatchTooLarge(
@@ -230,7 +234,8 @@ class PrivacyEngine:
                 self._check_fresh_grads()
             self._accumulator = Accumulator(self._plan, self._group_of)
         try:
-            self._accumulator.add(record)
+            with self._rules_running():
+                self._accumulator.add(record)
         except BaseException:
             self._accumulator = None
             raise
@@ -322,6 +327,8 @@ class PrivacyEngine:
         return result
 
     def _forward_begins(self, module: nn.Module, args: tuple) -> None:
+        if self._recorder.is_paused:
+            return
         self._first.forward_begins()
         if not self._recorder.in_backward:
             self._accumulator = None  # a backward abandoned by an error: start afresh
@@ -329,6 +336,8 @@ class PrivacyEngine:
     def _forward_ends(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """The first physical batch: keep its inputs and record its loss (a training forward
         only: not the self-check's own, nor verify's, which run with the recorder off)."""
+        if self._recorder.is_paused:
+            return
         recording = self._recorder.enabled and self._sink is None
         if self._check_pending and recording and torch.is_grad_enabled():
             self._first.forward_ends(args, kwargs, output, self._recorder.batch)
@@ -361,6 +370,16 @@ class PrivacyEngine:
         if leaves:
             torch.autograd.grad(loss, leaves, allow_unused=True)
         return dict(self._sink)
+
+    @contextlib.contextmanager
+    def _rules_running(self) -> Iterator[None]:
+        """Layer rules may run a module's forward again (the fallback): nothing records it."""
+        guard, self._guard.enabled = self._guard.enabled, False
+        try:
+            with self._recorder.paused():
+                yield
+        finally:
+            self._guard.enabled = guard
 
     @contextlib.contextmanager
     def _hooks_off(self) -> Iterator[None]:
@@ -497,6 +516,27 @@ def _config(kind: type, given: Any, name: str, keywords: dict[str, Any]) -> Any:
 
 def _is_default(value: Any, default: Any) -> bool:
     return value is default or (not isinstance(value, (list, tuple)) and value == default)
+
+
+def _fallback_line(plan: Plan) -> str:
+    """One line naming the modules on the generic fallback and what it holds per example."""
+    modules = [m for m, rule in plan.rules.items() if rule.whole_call]
+    per_example = sum(fallback.per_example_bytes(m, plan.names[m]) for m in modules)
+    shown = ", ".join(plan.fallback[:4]) + (
+        f" and {len(modules) - 4} more" if len(modules) > 4 else ""
+    )
+    return (
+        f"dpclip: {len(modules)} module(s) without a layer rule take the generic per-example "
+        f"fallback (torch.func; {_size(per_example)} per example in the physical batch): {shown}"
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _refuse_distributed() -> None:

@@ -18,23 +18,30 @@ A layer output of batch 1 inside a forward of batch B > 1 (GPT-2's position embe
 over the batch (``h + wpe(pos)``) uses an expanded copy of it, recorded as one call whose output
 gradient keeps the per-example split (:meth:`Recorder.broadcast_use`, called by the forward
 guard). Any other use of it (concatenated, returned) would merge examples, and is refused.
+
+Modules whose rule reads the whole call (the generic fallback) are recorded with all their
+arguments, positional and keyword, and the random state they started with, and may return any
+structure of tensors: every floating-point tensor in it must carry the batch, and their output
+gradients arrive together, as a tuple, in one record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from dpclip.errors import DoubleBackwardError, IntegrityError
+from dpclip.layers.fallback import Call, RngState
 
 
 @dataclass(eq=False)
@@ -45,8 +52,22 @@ class Record:
     inputs: tuple
     batch: int  # the model's batch in that forward
     forward: int  # which forward of the model made it
-    grad_output: Tensor | None = None
+    grad_output: Tensor | tuple[Tensor, ...] | None = None  # a tuple for whole-call records
     done: bool = False  # its gradient arrived (the consumer may drop inputs/grad_output)
+
+
+class _Gather(torch.autograd.Function):
+    """Identity on several outputs whose gradients arrive in one call of its backward."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, record: Record, on_grad: Callable, *outputs: Tensor):  # type: ignore[override]
+        ctx.record, ctx.on_grad = record, on_grad
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple:  # type: ignore[override]
+        ctx.on_grad(ctx.record, tuple(grads))
+        return (None, None, None, *grads)
 
 
 class _Attach(torch.autograd.Function):
@@ -99,6 +120,8 @@ def batch_of(args: tuple, kwargs: dict) -> Tensor | None:
 
 
 def _expand(x: object, batch: int) -> object:
+    if isinstance(x, Call):
+        return x.expanded(batch)
     if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 1:
         return x.expand(batch, *x.shape[1:])
     return x
@@ -128,10 +151,22 @@ class Recorder:
     batch: int | None = None  # this forward's batch
     _root_shape: tuple[int, ...] | None = None
     _pending: dict[int, _Pending] = field(default_factory=dict)
+    _whole: set[nn.Module] = field(default_factory=set)
+    _rng: dict[nn.Module, list[RngState]] = field(default_factory=dict)
+    _paused: int = 0
 
-    def attach(self, modules: Iterable[nn.Module], root: nn.Module) -> None:
+    def attach(
+        self, modules: Iterable[nn.Module], root: nn.Module, whole_call: Iterable[nn.Module] = ()
+    ) -> None:
+        """Record ``modules``' calls inside ``root``'s forwards; ``whole_call``, among them,
+        with all their arguments and outputs (see the module docstring)."""
         self._paths = {m: path or "<model>" for path, m in root.named_modules()}
+        self._whole = set(whole_call)
         self._handles.append(root.register_forward_pre_hook(self._enter_root, with_kwargs=True))
+        for module in self._whole:
+            self._handles.append(
+                module.register_forward_pre_hook(self._capture_rng, with_kwargs=True)
+            )
         for module in modules:
             self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
         # after the layers' hooks: the root may be a recorded layer itself
@@ -146,13 +181,36 @@ class Recorder:
     def name(self, module: nn.Module) -> str:
         return f"{self._paths.get(module, '?')} ({type(module).__name__})"
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing is recorded or checked inside (a rule recomputing a module's forward)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    @property
+    def is_paused(self) -> bool:
+        return self._paused > 0
+
+    def _capture_rng(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._paused or not self.enabled or not torch.is_grad_enabled():
+            return
+        source = batch_of(args, kwargs)
+        device = source.device if source is not None else None
+        self._rng.setdefault(module, []).append(RngState.capture(device))
+
     # ----------------------------------------------------------------------------- forward
     def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._paused:
+            return
         self._depth += 1
         if self._depth > 1:
             return
         self._forward += 1
         self._pending.clear()
+        self._rng.clear()  # left by a forward that raised
         source = batch_of(args, kwargs)
         self.batch = None if source is None else int(source.shape[0])
         self._root_shape = None if source is None else tuple(source.shape)
@@ -170,13 +228,16 @@ class Recorder:
             )
 
     def _exit_root(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._paused:
+            return
         self._depth -= 1
         if self._depth == 0:
             self._pending.clear()
 
-    def _forward_hook(
-        self, module: nn.Module, args: tuple, kwargs: dict, output: object
-    ) -> Tensor | None:
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        if self._paused:
+            return None
+        rng = self._rng[module].pop() if module in self._whole and self._rng.get(module) else None
         if not self.enabled or not torch.is_grad_enabled():
             return None
         if self._depth == 0:
@@ -191,6 +252,8 @@ class Recorder:
                 "attached to, so its batch is unknown; call the model itself, or attach the "
                 "engine to the module you call"
             )
+        if module in self._whole:
+            return self._record_call(module, args, kwargs, output, rng)
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"dpclip records modules that return one tensor; {type(module).__name__} "
@@ -220,6 +283,44 @@ class Recorder:
             f"model's first tensor argument, here of shape {self._root_shape}: pass the batch "
             f"first). {_FIXES}."
         )
+
+    def _record_call(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: object, rng: RngState | None
+    ) -> object:
+        """A whole-call module: every floating-point output tensor gets its gradient into one
+        record (a batch-1 single tensor is pending, as for any layer)."""
+        assert self.batch is not None
+        leaves, spec = tree_flatten(output)
+        outs = [k for k, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
+        call = Call(
+            tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, args),
+            tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, kwargs),
+            rng,
+            tuple(outs),
+        )
+        if isinstance(output, Tensor) and output.dim() and output.shape[0] == 1 != self.batch:
+            if not output.requires_grad:
+                return self._hold_pending(module, (call,), output)
+        if not outs:
+            raise IntegrityError(
+                f"{self.name(module)} has trainable parameters of its own but returned no "
+                "floating-point tensor, so dpclip cannot give them a per-example gradient"
+            )
+        for k in outs:
+            x = leaves[k]
+            if not (x.dim() and x.shape[0] == self.batch):
+                raise IntegrityError(
+                    f"{self.name(module)} returned a tensor of shape {tuple(x.shape)} (output "
+                    f"tensor {outs.index(k)}) in a forward whose batch is {self.batch}: dpclip "
+                    "computes this module's per-example gradients from outputs with the batch on "
+                    f"dim 0 (read from the model's first tensor argument, of shape "
+                    f"{self._root_shape}). {_FIXES}."
+                )
+        record = Record(module, (call,), self.batch, self._forward)
+        gathered = _Gather.apply(self._anchor, record, self._on_grad, *(leaves[k] for k in outs))
+        for k, x in zip(outs, gathered, strict=True):
+            leaves[k] = x
+        return tree_unflatten(leaves, spec)
 
     def _hold_pending(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         """A batch-1 output: returned as it is, but refused if a gradient reaches it directly."""
@@ -258,7 +359,10 @@ class Recorder:
         inputs = tuple(_expand(x, self.batch) for x in entry.inputs)
         record = Record(entry.module, inputs, self.batch, self._forward)
         used = _Attach.apply(self._anchor, t.detach().expand(self.batch, *t.shape[1:]))
-        used.register_hook(lambda grad: self._on_grad(record, grad))
+        if entry.module in self._whole:
+            used.register_hook(lambda grad: self._on_grad(record, (grad,)))
+        else:
+            used.register_hook(lambda grad: self._on_grad(record, grad))
         return used
 
     # ----------------------------------------------------------------------------- backward

@@ -1,17 +1,19 @@
 """Find modules whose trainable parameters dpclip cannot clip, and offer fixes.
 
-A module with trainable parameters of its own and no layer rule would train without clipping,
-so the engine refuses it at construction; :func:`fix` swaps the usual culprit (BatchNorm, which
-mixes samples) for GroupNorm.
+Every module with trainable parameters of its own gets a rule: its registered one, or the
+generic fallback (:mod:`dpclip.layers.fallback`). A few it must not take (BatchNorm mixes
+samples; the fused RNN kernels have no per-example form) are refused at construction, and
+:func:`fix` swaps them for equivalents dpclip can clip.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 from torch import nn
 
-from dpclip.layers import LayerRegistry
+from dpclip.layers import LayerRegistry, LayerRule, fallback
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -28,18 +30,22 @@ class Unsupported:
         return f"{self.path or '<model>'} ({self.type_name}): {self.advice}"
 
 
-def _advice(module: nn.Module, orphans: list[str]) -> str:
+def _fallback_refusal(module: nn.Module) -> str | None:
+    """Why the generic fallback must not take ``module``, with the fix; None if it may."""
     if isinstance(module, _BATCHNORMS):
         return "BatchNorm mixes samples; call dpclip.fix(model) to replace it with GroupNorm"
-    if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+    if isinstance(module, nn.MultiheadAttention):
         return (
-            "no per-sample rule; write the layer with nn.Linear (e.g. hand-written attention), "
-            "freeze it (requires_grad_(False)), or register a rule with dpclip.register_layer"
+            "its fused forward reads out_proj's weight outside out_proj's call; call "
+            "dpclip.fix(model) to replace it with an equivalent built from nn.Linear (same "
+            "weights, same outputs)"
         )
-    return (
-        f"trainable parameter(s) {orphans} used directly in forward have no per-sample rule; move "
-        "them into a supported layer, freeze them, or register a rule with dpclip.register_layer"
-    )
+    if isinstance(module, nn.RNNBase):
+        return (
+            "its fused kernel has no per-example form; call dpclip.fix(model) to replace it "
+            "with an equivalent that dpclip can clip (same weights, same outputs)"
+        )
+    return None
 
 
 def own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -47,30 +53,109 @@ def own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
-def find_unsupported(model: nn.Module, registry: LayerRegistry) -> list[Unsupported]:
-    """Every module that owns trainable parameters but has no rule (or a rule that refuses it).
+@dataclass(frozen=True)
+class Assignment:
+    """Which rule clips which module's own parameters; ``fallback`` lists the modules that take
+    the generic one (paths, in model order)."""
 
-    A module without a rule passes when each of its parameters is also a parameter of a layer
-    that has one (RoBERTa's LM head holds its decoder's bias as ``bias`` too): that layer's
-    calls give the gradient, and the engine refuses a use outside them at forward time.
+    rules: dict[nn.Module, LayerRule]
+    names: dict[nn.Module, tuple[str, ...]]
+    fallback: tuple[str, ...]
+    problems: tuple[Unsupported, ...]
+
+
+def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
+    """A rule for every module that owns trainable parameters: its registered rule, else the
+    generic fallback for the parameters no ruled layer also holds.
+
+    A module without a rule whose parameters are all parameters of layers that have one
+    (RoBERTa's LM head holds its decoder's bias as ``bias`` too) gets none: those layers' calls
+    give the gradient, and the engine refuses a use outside them at forward time. A registered
+    scope (:meth:`LayerRegistry.register_scope`) takes its lifted submodules' parameters into
+    its own fallback, and those submodules are not recorded.
     """
-    problems, unruled, clipped = [], [], set()
+    problems: list[Unsupported] = []
+    rules: dict[nn.Module, LayerRule] = {}
+    names: dict[nn.Module, tuple[str, ...]] = {}
+    unruled: list[tuple[str, nn.Module]] = []
+    clipped: set[int] = set()
+    lifted: dict[nn.Module, list[str]] = {}  # scope -> its submodules' parameters, dotted
+    scopes: list[tuple[str, nn.Module, tuple[str, ...]]] = []  # (path, scope, its patterns)
     for path, module in model.named_modules():
-        if not own_trainable(module):
+        inside = next((sc for sc in scopes if _lifted_by(path, sc[0], sc[2])), None)
+        if inside is not None:
+            base, scope, _ = inside
+            rel = path[len(base) + 1 :] if base else path
+            lifted[scope] += [f"{rel}.{n}" for n, _ in own_trainable(module)]
             continue
-        rule = registry.rule_for(module)
+        patterns = registry.scope_for(module)
+        if patterns is not None:
+            lifted[module] = []
+            scopes.append((path, module, patterns))
+        own = own_trainable(module)
+        if not own and module not in lifted:
+            continue
+        rule = registry.rule_for(module) if own and module not in lifted else None
         if rule is None:
             unruled.append((path, module))
         elif rule.check is not None and (reason := rule.check(module)):
             problems.append(Unsupported(path, type(module).__name__, reason))
         else:
-            clipped.update(id(p) for _, p in own_trainable(module))
+            rules[module], names[module] = rule, tuple(n for n, _ in own)
+            clipped.update(id(p) for _, p in own)
+    taken: list[str] = []
+    held: dict[int, list[str]] = {}  # parameter -> paths of the fallback modules taking it
     for path, module in unruled:
-        orphans = [n for n, p in own_trainable(module) if id(p) not in clipped]
-        if orphans:
-            problems.append(Unsupported(path, type(module).__name__, _advice(module, orphans)))
+        orphans = [
+            n
+            for n, p in own_trainable(module)
+            if id(p) not in clipped
+            # an ancestor's recompute already covers this module's use of it
+            and not any(path.startswith(f"{a}.") or not a for a in held.get(id(p), ()))
+        ]
+        orphans += lifted.get(module, [])
+        unique: dict[int, str] = {}  # one name per parameter (tied inside the scope)
+        for n in orphans:
+            unique.setdefault(id(module.get_parameter(n)), n)
+        orphans = list(unique.values())
+        if not orphans:
+            continue
+        for n in orphans:
+            held.setdefault(id(module.get_parameter(n)), []).append(path)
+        reason = _fallback_refusal(module)
+        if reason is not None:
+            problems.append(Unsupported(path, type(module).__name__, reason))
+        else:
+            rules[module], names[module] = fallback.RULE, tuple(orphans)
+            taken.append(path or "<model>")
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
-    return sorted(problems, key=lambda u: order[u.path])
+    problems.sort(key=lambda u: order[u.path])
+    in_order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    rules = dict(sorted(rules.items(), key=lambda kv: in_order[kv[0]]))
+    return Assignment(rules, names, tuple(taken), tuple(problems))
+
+
+def _lifted_by(path: str, scope: str, patterns: tuple[str, ...]) -> bool:
+    """``path`` is a submodule of the scope at ``scope`` matching one of its patterns (shell
+    style over the path below the scope, ``*`` matching dots too), or inside one."""
+    if scope and not path.startswith(f"{scope}."):
+        return False
+    if not path or path == scope:
+        return False
+    parts = (path[len(scope) + 1 :] if scope else path).split(".")
+    rels = [".".join(parts[: k + 1]) for k in range(len(parts))]
+    return any(fnmatch.fnmatchcase(rel, pat) for rel in rels for pat in patterns)
+
+
+def find_unsupported(model: nn.Module, registry: LayerRegistry | None = None) -> list[Unsupported]:
+    """Every module with trainable parameters that dpclip cannot clip, with the fix: a rule that
+    refuses the instance (an Embedding with ``max_norm``), or a layer the generic fallback must
+    not take (BatchNorm, which mixes samples; the fused RNNs)."""
+    if registry is None:
+        from dpclip.layers import default_registry
+
+        registry = default_registry()
+    return list(assign_rules(model, registry).problems)
 
 
 def _group_count(channels: int, preferred: int = 32) -> int:
@@ -79,11 +164,18 @@ def _group_count(channels: int, preferred: int = 32) -> int:
 
 
 def fix(model: nn.Module, *, groups: int = 32) -> nn.Module:
-    """Replace every BatchNorm in ``model`` (in place) by GroupNorm; returns the model.
+    """Replace, in place, every layer dpclip cannot clip as it is by an equivalent it can;
+    returns the model. Call it before creating the optimizer (parameters are replaced).
 
-    Each GroupNorm gets the largest divisor of the channel count that is at most ``groups``.
+    BatchNorm becomes GroupNorm (the largest divisor of the channel count that is at most
+    ``groups``; this changes what the model computes, since BatchNorm mixes samples).
+    nn.MultiheadAttention, nn.LSTM, nn.GRU and nn.RNN become dpclip's equivalents built from
+    clippable layers (:mod:`dpclip.replacements`): the same weights and the same outputs.
     """
+    from dpclip.replacements import REPLACEMENTS
+
     for name, child in list(model.named_children()):
+        build = REPLACEMENTS.get(type(child))
         if isinstance(child, _BATCHNORMS):
             replacement = nn.GroupNorm(
                 _group_count(child.num_features, groups), child.num_features, affine=child.affine
@@ -92,6 +184,8 @@ def fix(model: nn.Module, *, groups: int = 32) -> nn.Module:
             if ref is not None:
                 replacement = replacement.to(device=ref.device, dtype=ref.dtype)
             setattr(model, name, replacement)
+        elif build is not None:
+            setattr(model, name, build(child))
         else:
             fix(child, groups=groups)
     return model

@@ -13,6 +13,7 @@ def register_all(registry: LayerRegistry) -> None:
         groupnorm,
         hf_rmsnorm,
         hf_scaled_embedding,
+        hf_scopes,
         layernorm,
         linear,
         rmsnorm,
@@ -27,3 +28,4 @@ def register_all(registry: LayerRegistry) -> None:
     gpt2_conv1d.register(registry)
     hf_rmsnorm.register(registry)
     hf_scaled_embedding.register(registry)
+    hf_scopes.register(registry)

@@ -70,6 +70,9 @@ class LayerRule:
     instantiates: Instantiates | None = None  # names whose per-sample grads are built, reused
     outer_factors: OuterFactorsFn | None = None  # for ghost norms of tied parameters
     add_clipped_grad: AddClippedGrad | None = None  # clipped_grad, accumulated in place
+    # the rule reads the whole call: ``inputs`` is ``(fallback.Call,)`` (positional and keyword
+    # arguments, any output structure) and ``grad_output`` a tuple, one per output tensor
+    whole_call: bool = False
 
 
 class LayerRegistry:
@@ -81,6 +84,23 @@ class LayerRegistry:
 
     def __init__(self) -> None:
         self._rules: dict[type | str, LayerRule] = {}
+        self._scopes: dict[str, tuple[str, ...]] = {}
+
+    def register_scope(self, qualified_name: str, lifted: tuple[str, ...]) -> None:
+        """Instances of the type named ``module.QualName`` take the generic fallback for the
+        trainable parameters of their submodules whose paths below it match a pattern in
+        ``lifted`` (shell style: ``("*",)`` is every submodule, ``"layers.*.fc1"`` one in each
+        layer), whose own rules would not see those parameters' every use. For a block
+        that uses a submodule's weight outside that submodule's call, or calls it on a tensor
+        without the batch (a relative-position table), or folds the batch into another dim."""
+        if qualified_name in self._scopes:
+            raise ValueError(f"a scope for {qualified_name} is already registered")
+        self._scopes[qualified_name] = tuple(lifted)
+
+    def scope_for(self, module: nn.Module) -> tuple[str, ...] | None:
+        """The submodule paths ``module`` lifts (see :meth:`register_scope`), if any."""
+        cls = type(module)
+        return self._scopes.get(f"{cls.__module__}.{cls.__qualname__}")
 
     def register(self, module_type: type, rule: LayerRule, *, replace: bool = False) -> None:
         if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
@@ -114,11 +134,8 @@ class LayerRegistry:
             )
         return module_type in self._rules
 
-    def types(self) -> tuple[type | str, ...]:
-        return tuple(self._rules)
 
-
-def from_per_sample(per_sample_grad: PerSampleGrad) -> LayerRule:
+def from_per_sample(per_sample_grad: PerSampleGrad, *, whole_call: bool = False) -> LayerRule:
     """The whole rule of a layer whose per-sample gradients are small (norm layers: (b, C)).
 
     Norms and the clipped sum come straight from the per-sample gradients, which the engine
@@ -142,7 +159,9 @@ def from_per_sample(per_sample_grad: PerSampleGrad) -> LayerRule:
     ) -> Collection[str]:
         return names
 
-    return LayerRule(norm_sq, clipped_grad, per_sample_grad, instantiates=always)
+    return LayerRule(
+        norm_sq, clipped_grad, per_sample_grad, instantiates=always, whole_call=whole_call
+    )
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:

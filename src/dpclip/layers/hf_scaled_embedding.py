@@ -1,4 +1,5 @@
-"""transformers' scaled word embeddings (Gemma): ``y = E[ids] · c`` for a constant c (√width).
+"""transformers' scaled word embeddings (Gemma, BART): ``y = E[ids] · c`` for a constant c
+(√width, or 1).
 
 The weight gradient is the embedding's for the output gradient c · s, so every function of the
 nn.Embedding rule is reused on c · s. Registered by name (see ``gpt2_conv1d``).
@@ -14,7 +15,10 @@ from torch import Tensor, nn
 from dpclip.layers import embedding
 from dpclip.layers._registry import LayerRegistry, LayerRule
 
-NAMES = ("transformers.models.gemma.modeling_gemma.GemmaTextScaledWordEmbedding",)
+NAMES = (
+    "transformers.models.gemma.modeling_gemma.GemmaTextScaledWordEmbedding",
+    "transformers.models.bart.modeling_bart.BartScaledWordEmbedding",
+)
 
 
 def _on_scaled_grad(fn: Callable | None) -> Callable | None:
@@ -24,7 +28,9 @@ def _on_scaled_grad(fn: Callable | None) -> Callable | None:
 
     @wraps(fn)
     def scaled(module: nn.Module, inputs: tuple, grad_output: Tensor, *rest):
-        c = module.embed_scale.to(module.weight.dtype)  # what the forward multiplies by
+        c = module.embed_scale  # what the forward multiplies by: a buffer or a float
+        if isinstance(c, Tensor):
+            c = c.to(module.weight.dtype)
         return fn(module, inputs, grad_output * c, *rest)
 
     return scaled

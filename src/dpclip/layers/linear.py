@@ -130,4 +130,7 @@ def dense_rule(layout: Layout) -> LayerRule:
 
 
 def register(registry: LayerRegistry) -> None:
-    registry.register(nn.Linear, dense_rule(linear_layout))
+    rule = dense_rule(linear_layout)
+    registry.register(nn.Linear, rule)
+    # Falcon's subclass overrides forward with the same y = x Wᵀ + b (checked by the tests)
+    registry.register_by_name("transformers.models.falcon.modeling_falcon.FalconLinear", rule)

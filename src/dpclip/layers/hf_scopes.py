@@ -1,0 +1,38 @@
+"""transformers blocks whose submodules' parameters no per-layer rule can clip per example, so
+the block's generic fallback takes them (see :meth:`LayerRegistry.register_scope`).
+
+Each is listed with why, and only families checked against the naive per-sample loop in the
+tests are listed; registered by name, so dpclip never imports transformers.
+"""
+
+from __future__ import annotations
+
+from dpclip.layers._registry import LayerRegistry
+
+SCOPES = {
+    # the relative-attention bias embedding is looked up on (query, key) buckets, no batch dim,
+    # and its output is handed from block to block inside the stack
+    "transformers.models.t5.modeling_t5.T5Stack": (
+        "block.0.layer.0.SelfAttention.relative_attention_bias",
+    ),
+    # the relative-position tables have no batch dim; they become the attention mask
+    "transformers.models.beit.modeling_beit.BeitLayer": ("relative_position_bias",),
+    "transformers.models.beit.modeling_beit.BeitEncoder": ("shared_position_bias",),
+    # the encoder's relative embeddings (and their LayerNorm) are read as a weight and fed,
+    # batch-less, to every attention layer's own projections: the whole encoder
+    "transformers.models.deberta_v2.modeling_deberta_v2.DebertaV2Encoder": ("*",),
+    # windows fold the batch into dim 0 (b × windows) inside the block
+    "transformers.models.swin.modeling_swin.SwinLayer": ("*",),
+    # each layer's feed-forward half runs on the batch flattened into tokens, (b·T, d); the
+    # decoder, not the layer, takes them: the layers get the cache, which they change
+    "transformers.models.opt.modeling_opt.OPTDecoder": (
+        "layers.*.final_layer_norm",
+        "layers.*.fc1",
+        "layers.*.fc2",
+    ),
+}
+
+
+def register(registry: LayerRegistry) -> None:
+    for name, lifted in SCOPES.items():
+        registry.register_scope(name, lifted)
