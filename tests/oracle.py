@@ -18,7 +18,10 @@ def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[list[Tensor
         loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         out.append(  # a parameter the loss does not reach (a pooler left unused) gets zero
-            [torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(params, grads)]
+            [
+                torch.zeros_like(p) if g is None else g.detach().clone()
+                for p, g in zip(params, grads, strict=True)
+            ]
         )
     return out
 
