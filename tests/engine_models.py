@@ -69,16 +69,124 @@ class EmbeddingTwice(nn.Module):
 
 
 class _Logits(nn.Module):
-    """A transformers model as ids -> logits; an LM's are averaged over positions (one label per
-    sample, like the other cases)."""
+    """A transformers model as ids (or pixels) -> logits; an LM's are averaged over positions
+    (one label per sample, like the other cases). An encoder-decoder reads the reversed ids."""
 
-    def __init__(self, model: nn.Module, mean_over_positions: bool) -> None:
+    def __init__(
+        self, model: nn.Module, mean_over_positions: bool, key: str = "input_ids",
+        decoder: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.model, self.mean_over_positions = model, mean_over_positions
+        self.model, self.mean_over_positions, self.key = model, mean_over_positions, key
+        self.decoder = decoder
 
-    def forward(self, ids: Tensor) -> Tensor:
-        logits = self.model(input_ids=ids).logits
+    def forward(self, x: Tensor) -> Tensor:
+        extra = {"decoder_input_ids": x.flip(1)} if self.decoder else {}
+        logits = self.model(**{self.key: x}, **extra).logits
         return logits.mean(dim=1) if self.mean_over_positions else logits
+
+
+class ClsAndPositions(nn.Module):
+    """A ViT-style head of bare parameters: a CLS token prepended, a learned position table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.pos = nn.Parameter(torch.randn(1, 6, 4))
+        self.inp, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.inp(x)], dim=1) + self.pos
+        return self.head(torch.tanh(h)[:, 0])
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention (after dpclip.fix), sequence-first inside, masks and bias_kv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, add_bias_kv=True, kdim=3, vdim=5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = x[..., :4].transpose(0, 1)
+        k, v = x[..., :3].transpose(0, 1), x[..., 1:6].transpose(0, 1)
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        out, weights = self.attn(q, k, v, key_padding_mask=pad, attn_mask=causal)
+        return self.head(out.transpose(0, 1).mean(dim=1) + weights.sum(dim=(1, 2))[:, None])
+
+
+class Recurrent(nn.Module):
+    """nn.LSTM/GRU/RNN (after dpclip.fix): two layers, bidirectional, a given initial state."""
+
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = kind(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.lstm = kind is nn.LSTM
+        self.head = nn.Linear(8 + 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = torch.zeros(4, x.shape[0], 4, dtype=x.dtype) + 0.1
+        out, state = self.rnn(x, (h0, h0.clone()) if self.lstm else h0)
+        h = state[0] if self.lstm else state
+        return self.head(torch.cat([out[:, -1], h[-1]], dim=-1))
+
+
+def _fixed(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    import dpclip
+
+    return lambda: dpclip.fix(build())
+
+
+_VISION = dict(
+    image_size=8, patch_size=4, num_channels=2, hidden_size=8, num_hidden_layers=1,
+    num_attention_heads=2, intermediate_size=16, hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0, num_labels=3,
+)  # fmt: skip
+
+
+def _hf(name: str, config: Callable[[], object], **logits: object) -> Callable[[], nn.Module]:
+    """A transformers model class ``name`` built from ``config()``, random weights moved off
+    their init (norms start at w = 1, layer scales at a constant)."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        model = getattr(transformers, name)(config())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        return _Logits(model, **logits)  # type: ignore[arg-type]
+
+    return build
+
+
+def _config(name: str, **kw: object) -> Callable[[], object]:
+    def make() -> object:
+        import transformers
+
+        return getattr(transformers, name)(**kw)
+
+    return make
+
+
+def _lora_gpt2() -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny_gpt2().model
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    return _Logits(model, mean_over_positions=True)
+
+
+def _prefix_gpt2() -> nn.Module:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = _tiny_gpt2().model
+    model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    return _Logits(model, mean_over_positions=True)
 
 
 def _tiny_gpt2() -> nn.Module:
@@ -189,6 +297,28 @@ CASES: dict[str, Case] = {
     "mistral_tiny": Case(_tiny_decoder("Mistral"), _ids(11, 6), 11),
     "qwen2_tiny": Case(_tiny_decoder("Qwen2"), _ids(11, 6), 11),
     "gemma_tiny": Case(_tiny_decoder("Gemma"), _ids(11, 6), 11),
+    # the generic fallback, scopes and dpclip.fix
+    "cls_and_positions": Case(ClsAndPositions, _randn(5, 3), 3),
+    "conv_transpose1d": Case(lambda: nn.Sequential(nn.ConvTranspose1d(2, 3, 3, stride=2), nn.Tanh(), Flatten(), nn.Linear(33, 3)), _randn(2, 5), 3),
+    "conv_transpose2d": Case(lambda: nn.Sequential(nn.ConvTranspose2d(2, 2, 2, groups=2), nn.Tanh(), Flatten(), nn.Linear(50, 3)), _randn(2, 4, 4), 3),
+    "conv_transpose3d": Case(lambda: nn.Sequential(nn.ConvTranspose3d(1, 2, 2), nn.Tanh(), Flatten(), nn.Linear(2 * 27, 3)), _randn(1, 2, 2, 2), 3),
+    "mha_fixed": Case(_fixed(Attention), _randn(5, 6), 3),
+    "lstm_fixed": Case(_fixed(lambda: Recurrent(nn.LSTM)), _randn(5, 3), 3),
+    "gru_fixed": Case(_fixed(lambda: Recurrent(nn.GRU)), _randn(5, 3), 3),
+    "rnn_fixed": Case(_fixed(lambda: Recurrent(nn.RNN)), _randn(5, 3), 3),
+    "vit_tiny": Case(_hf("ViTForImageClassification", _config("ViTConfig", **_VISION), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
+    "deit_tiny": Case(_hf("DeiTForImageClassification", _config("DeiTConfig", **_VISION), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
+    "beit_tiny": Case(_hf("BeitForImageClassification", _config("BeitConfig", **_VISION, use_relative_position_bias=True, layer_scale_init_value=0.5), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
+    "beit_shared_bias_tiny": Case(_hf("BeitForImageClassification", _config("BeitConfig", **_VISION, use_shared_relative_position_bias=True, use_mean_pooling=False), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
+    "swin_tiny": Case(_hf("SwinForImageClassification", _config("SwinConfig", image_size=8, patch_size=2, num_channels=2, embed_dim=4, depths=[1, 1], num_heads=[2, 2], window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
+    "convnext_tiny": Case(_hf("ConvNextForImageClassification", _config("ConvNextConfig", num_channels=2, hidden_sizes=[4, 8], depths=[1, 1], num_stages=2, num_labels=3, drop_path_rate=0.0), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
+    "opt_tiny": Case(_hf("OPTForCausalLM", _config("OPTConfig", vocab_size=11, hidden_size=8, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=8, dropout=0.0, attention_dropout=0.0), mean_over_positions=True), _ids(11, 6), 11),
+    "bart_tiny": Case(_hf("BartForConditionalGeneration", _config("BartConfig", vocab_size=11, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0), mean_over_positions=True, decoder=True), _ids(11, 6), 11),
+    "t5_tiny": Case(_hf("T5ForConditionalGeneration", _config("T5Config", vocab_size=11, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0, bos_token_id=None, eos_token_id=1, pad_token_id=0), mean_over_positions=True, decoder=True), _ids(11, 6), 11),
+    "falcon_tiny": Case(_hf("FalconForCausalLM", _config("FalconConfig", vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2), mean_over_positions=True), _ids(11, 6), 11),
+    "deberta_v2_tiny": Case(_hf("DebertaV2ForSequenceClassification", _config("DebertaV2Config", vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, relative_attention=True, position_buckets=4, num_labels=3), mean_over_positions=False), _ids(11, 6), 3),
+    "gpt2_lora_tiny": Case(_lora_gpt2, _ids(11, 6), 11),
+    "gpt2_prefix_tuning_tiny": Case(_prefix_gpt2, _ids(11, 6), 11),
 }  # fmt: skip
 
 

@@ -234,7 +234,10 @@ class PrivacyEngine:
                 self._check_fresh_grads()
             self._accumulator = Accumulator(self._plan, self._group_of)
         try:
-            with self._rules_running():
+            if self._plan.rules[record.module].whole_call:  # it runs the module again
+                with self._rules_running():
+                    self._accumulator.add(record)
+            else:
                 self._accumulator.add(record)
         except BaseException:
             self._accumulator = None

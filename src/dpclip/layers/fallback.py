@@ -103,7 +103,9 @@ def per_sample_grad(
         return pull(tuple(c.unsqueeze(0) for c in cot))[0]
 
     replay = call.rng.replayed() if call.rng is not None else contextlib.nullcontext()
-    with replay:
+    with replay, warnings.catch_warnings():
+        # torch notes each op it vmaps by a slow path (SDPA on CPU); the attach line said so
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
         if type(module) not in _LOOPED:
             try:
                 return vmap(grad_of_example, in_dims=(None, 0, 0), randomness="different")(

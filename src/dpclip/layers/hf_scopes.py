@@ -17,7 +17,7 @@ SCOPES = {
     ),
     # the relative-position tables have no batch dim; they become the attention mask
     "transformers.models.beit.modeling_beit.BeitLayer": ("relative_position_bias",),
-    "transformers.models.beit.modeling_beit.BeitEncoder": ("shared_position_bias",),
+    "transformers.models.beit.modeling_beit.BeitModel": ("shared_position_bias",),
     # the encoder's relative embeddings (and their LayerNorm) are read as a weight and fed,
     # batch-less, to every attention layer's own projections: the whole encoder
     "transformers.models.deberta_v2.modeling_deberta_v2.DebertaV2Encoder": ("*",),

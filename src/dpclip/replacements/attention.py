@@ -4,7 +4,8 @@ torch's module reads its projection weights inside one fused function
 (``F.multi_head_attention_forward``), out_proj's included, so no layer call carries them. Here
 the query, key, value and output projections are nn.Linear layers called on batch-first
 tensors (a sequence-first module transposes on the way in and out), so their ordinary rule
-clips them; ``bias_k``/``bias_v`` (``add_bias_kv``) are the module's own and take the fallback.
+clips them; ``bias_k``/``bias_v`` (``add_bias_kv``) live in a small batch-first module of their
+own, which takes the generic fallback.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class DPMultiheadAttention(nn.Module):
         with torch.no_grad():
             for mine, value, held_by in pairs:
                 mine.copy_(value).requires_grad_(held_by.requires_grad)
-        self.bias_k, self.bias_v = _copy(source.bias_k), _copy(source.bias_v)
+        self.bias_kv = _BiasKV(source.bias_k, source.bias_v) if source.bias_k is not None else None
         self.train(source.training)
 
     def forward(
@@ -76,9 +77,8 @@ class DPMultiheadAttention(nn.Module):
         b, length = query.shape[:2]
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         mask = self._mask(attn_mask, key_padding_mask, is_causal, b, length, k.shape[1], q)
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(b, 1, -1)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(b, 1, -1)], dim=1)
+        if self.bias_kv is not None:
+            k, v = self.bias_kv(k, v)
             mask = None if mask is None else F.pad(mask, (0, 1))
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(b, 1, k.shape[-1])], dim=1)
@@ -122,10 +122,21 @@ class DPMultiheadAttention(nn.Module):
         return mask
 
 
-def _copy(p: nn.Parameter | None) -> nn.Parameter | None:
-    if p is None:
-        return None
-    return nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+class _BiasKV(nn.Module):
+    """``add_bias_kv``: one learned key and value appended to each example's (b, S, E) keys and
+    values."""
+
+    def __init__(self, bias_k: Tensor, bias_v: Tensor) -> None:
+        super().__init__()
+        self.bias_k = nn.Parameter(bias_k.detach().clone(), requires_grad=bias_k.requires_grad)
+        self.bias_v = nn.Parameter(bias_v.detach().clone(), requires_grad=bias_v.requires_grad)
+
+    def forward(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        b = k.shape[0]
+        return (
+            torch.cat([k, self.bias_k.expand(b, 1, -1)], dim=1),
+            torch.cat([v, self.bias_v.expand(b, 1, -1)], dim=1),
+        )
 
 
 def _additive(mask: Tensor, like: Tensor) -> Tensor:

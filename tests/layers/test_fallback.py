@@ -1,0 +1,161 @@
+"""The generic fallback's per-example gradients against ordinary autograd, one example at a time."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpclip
+from dpclip.layers import fallback
+from dpclip.layers.fallback import Call, RngState
+from dpclip.validate import assign_rules
+
+
+class Tokens(nn.Module):
+    """Bare parameters in forward, a keyword argument, a tuple output and dropout inside."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 3, dtype=torch.float64))
+        self.scale = nn.Parameter(torch.randn(3, dtype=torch.float64))
+        self.p = p
+
+    def forward(self, x, *, shift):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) * self.scale + shift
+        h = F.dropout(h, self.p, self.training)
+        return h, {"pooled": h.tanh().mean(dim=1)}
+
+
+def _oracle(module, x, shift, grads, names):
+    """Each example's gradient of ⟨outputs, grads⟩ from one batched forward (the same dropout
+    masks for every example), by autograd on that example's rows alone."""
+    params = [module.get_parameter(n) for n in names]
+    out, extra = module(x, shift=shift)
+    rows = []
+    for i in range(x.shape[0]):
+        dot = (out[i] * grads[0][i]).sum() + (extra["pooled"][i] * grads[1][i]).sum()
+        rows.append(torch.autograd.grad(dot, params, retain_graph=True))
+    return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_fallback_equals_autograd_per_example_with_the_same_dropout_masks(p):
+    torch.manual_seed(0)
+    module = Tokens(p).train()
+    x, shift = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 1, 3, dtype=torch.float64)
+    grads = (torch.randn(4, 3, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    rng = RngState.capture(x.device)
+    want = _oracle(module, x, shift, grads, ["cls", "scale"])
+    call = Call((x,), {"shift": shift}, rng, outputs=(0, 1))
+    got = fallback.per_sample_grad(module, (call,), grads, ["cls", "scale"])
+    for n in ("cls", "scale"):
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)
+
+
+class NotVmappable(nn.Module):
+    """Reads a Python number from its input (``.item()``): vmap cannot batch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w * (2.0 if x.sum().item() > 0 else 1.0)
+
+
+def test_a_module_vmap_cannot_batch_is_computed_in_a_loop_with_a_warning_and_is_exact():
+    torch.manual_seed(0)
+    module = NotVmappable()
+    x, g = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    want = torch.stack(
+        [torch.autograd.grad((module(x[i : i + 1]) * g[i]).sum(), module.w)[0] for i in range(5)]
+    )
+    fallback._LOOPED.discard(NotVmappable)
+    with pytest.warns(UserWarning, match="could not vmap NotVmappable.*loop over examples"):
+        got = fallback.per_sample_grad(module, (Call((x,), {}, None, (0,)),), (g,), ["w"])
+    torch.testing.assert_close(got["w"], want, rtol=1e-12, atol=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per type, then looped silently
+        fallback.per_sample_grad(module, (Call((x,), {}, None, (0,)),), (g,), ["w"])
+
+
+def test_a_whole_call_output_without_the_batch_is_refused_at_forward():
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.randn(5, 3))
+
+        def forward(self, x):
+            return x + self.t[:1], self.t * 2  # the second has no batch dim
+
+    model = nn.Sequential(nn.Linear(3, 3), Table())
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1)
+    with pytest.raises(
+        dpclip.IntegrityError, match=r"1 \(Table\) returned a tensor of shape \(5, 3\)"
+    ):
+        model(torch.randn(2, 3))
+
+
+def test_a_parameter_held_by_a_module_and_its_child_goes_to_the_outer_fallback_only():
+    class Inner(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            return x * self.p
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.ones(3))
+            self.inner = Inner(self.p)
+
+        def forward(self, x):
+            return self.inner(x) + self.p
+
+    model = Outer()
+    assigned = assign_rules(model, dpclip.layers.default_registry())
+    assert assigned.fallback == ("<model>",) and assigned.names[model] == ("p",)
+
+
+def test_a_scope_lifts_the_submodules_its_patterns_match_and_they_are_not_recorded():
+    registry = dpclip.layers.default_registry()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))] * 1)
+            self.keep = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.keep(self.layers[0](x))
+
+    registry.register_scope(f"{Block.__module__}.{Block.__qualname__}", ("layers.*.0",))
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_scope(f"{Block.__module__}.{Block.__qualname__}", ("*",))
+    model = nn.Sequential(Block())
+    assigned = assign_rules(model, registry)
+    block = model[0]
+    assert assigned.names[block] == ("layers.0.0.weight", "layers.0.0.bias")
+    assert block.layers[0][0] not in assigned.rules  # lifted: not recorded on its own
+    assert block.layers[0][1] in assigned.rules and block.keep in assigned.rules
+
+
+@pytest.mark.parametrize(
+    "module, fix",
+    [
+        (nn.BatchNorm1d(3), "GroupNorm"),
+        (nn.LSTM(3, 3), "same weights"),
+        (nn.GRU(3, 3), "dpclip.fix"),
+    ],
+)
+def test_layers_the_fallback_must_not_take_are_refused_with_the_fix(module, fix):
+    model = nn.Sequential(nn.Linear(3, 3), module)
+    problems = dpclip.find_unsupported(model)
+    assert [p.path for p in problems] == ["1"] and fix in problems[0].advice
