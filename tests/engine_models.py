@@ -100,6 +100,29 @@ class ClsAndPositions(nn.Module):
         return self.head(torch.tanh(h)[:, 0])
 
 
+class PositionTable(nn.Module):
+    """A learned position table indexed by (1, T) ids, broadcast over the batch, and reused: a
+    batch-1 output of the fallback, used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table[ids]
+
+
+class WithPositions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos, self.head = PositionTable(), nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = torch.arange(x.shape[1])[None]
+        h = torch.tanh(x + self.pos(ids))
+        return self.head((h * self.pos(ids.flip(1))).mean(dim=1))
+
+
 class Attention(nn.Module):
     """nn.MultiheadAttention (after dpclip.fix), sequence-first inside, masks and bias_kv."""
 
@@ -299,6 +322,7 @@ CASES: dict[str, Case] = {
     "gemma_tiny": Case(_tiny_decoder("Gemma"), _ids(11, 6), 11),
     # the generic fallback, scopes and dpclip.fix
     "cls_and_positions": Case(ClsAndPositions, _randn(5, 3), 3),
+    "position_table_reused": Case(WithPositions, _randn(5, 3), 3),
     "conv_transpose1d": Case(lambda: nn.Sequential(nn.ConvTranspose1d(2, 3, 3, stride=2), nn.Tanh(), Flatten(), nn.Linear(33, 3)), _randn(2, 5), 3),
     "conv_transpose2d": Case(lambda: nn.Sequential(nn.ConvTranspose2d(2, 2, 2, groups=2), nn.Tanh(), Flatten(), nn.Linear(50, 3)), _randn(2, 4, 4), 3),
     "conv_transpose3d": Case(lambda: nn.Sequential(nn.ConvTranspose3d(1, 2, 2), nn.Tanh(), Flatten(), nn.Linear(2 * 27, 3)), _randn(1, 2, 2, 2), 3),
@@ -308,8 +332,8 @@ CASES: dict[str, Case] = {
     "rnn_fixed": Case(_fixed(lambda: Recurrent(nn.RNN)), _randn(5, 3), 3),
     "vit_tiny": Case(_hf("ViTForImageClassification", _config("ViTConfig", **_VISION), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
     "deit_tiny": Case(_hf("DeiTForImageClassification", _config("DeiTConfig", **_VISION), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
-    "beit_tiny": Case(_hf("BeitForImageClassification", _config("BeitConfig", **_VISION, use_relative_position_bias=True, layer_scale_init_value=0.5), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
-    "beit_shared_bias_tiny": Case(_hf("BeitForImageClassification", _config("BeitConfig", **_VISION, use_shared_relative_position_bias=True, use_mean_pooling=False), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
+    "beit_tiny": Case(_hf("BeitForImageClassification", _config("BeitConfig", **_VISION, use_relative_position_bias=True, layer_scale_init_value=0.5, drop_path_rate=0.0), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
+    "beit_shared_bias_tiny": Case(_hf("BeitForImageClassification", _config("BeitConfig", **_VISION, use_shared_relative_position_bias=True, use_mean_pooling=False, drop_path_rate=0.0), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
     "swin_tiny": Case(_hf("SwinForImageClassification", _config("SwinConfig", image_size=8, patch_size=2, num_channels=2, embed_dim=4, depths=[1, 1], num_heads=[2, 2], window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
     "convnext_tiny": Case(_hf("ConvNextForImageClassification", _config("ConvNextConfig", num_channels=2, hidden_sizes=[4, 8], depths=[1, 1], num_stages=2, num_labels=3, drop_path_rate=0.0), mean_over_positions=False, key="pixel_values"), _randn(2, 8, 8), 3),
     "opt_tiny": Case(_hf("OPTForCausalLM", _config("OPTConfig", vocab_size=11, hidden_size=8, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=8, dropout=0.0, attention_dropout=0.0), mean_over_positions=True), _ids(11, 6), 11),

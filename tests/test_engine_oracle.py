@@ -83,7 +83,9 @@ def test_update_equals_naive_loop_for_every_clipping_style_and_reduction(
 
 
 @pytest.mark.parametrize("clipping", sorted(CLIPPING))
-@pytest.mark.parametrize("name", ["gpt2_tiny", "llama_tiny", "conv3d", "embedding_twice"])
+@pytest.mark.parametrize(
+    "name", ["gpt2_tiny", "llama_tiny", "conv3d", "embedding_twice", "position_table_reused"]
+)
 def test_update_equals_naive_loop_for_every_clipping_on_more_models(name, clipping):
     run_one_step(name, clipping, "layer-wise", "sum")
 
