@@ -37,7 +37,7 @@ from dpclip.errors import (
     SelfCheckError,
 )
 from dpclip.hooks import Record, Recorder, batch_of
-from dpclip.layers import LayerRegistry, LayerRule, default_registry, fallback
+from dpclip.layers import LayerRegistry, _derive, default_registry, fallback
 from dpclip.noise import GaussianNoise
 
 _REGISTRY = default_registry()
@@ -47,16 +47,33 @@ _STATE_VERSION = 1
 def register_layer(
     module_type: type[nn.Module],
     *,
-    norm_sq: Callable,
-    clipped_grad: Callable,
+    outer_factors: Callable | None = None,
     per_sample_grad: Callable | None = None,
     check: Callable | None = None,
     replace: bool = False,
+    **overrides: Callable,
 ) -> None:
-    """Teach every new PrivacyEngine a rule for ``module_type`` (see :mod:`dpclip.layers`)."""
-    _REGISTRY.register(
-        module_type, LayerRule(norm_sq, clipped_grad, per_sample_grad, check), replace=replace
-    )
+    """Teach every new PrivacyEngine a rule for ``module_type``, in the form the built-ins use.
+
+    Give exactly one form: ``outer_factors(module, inputs, grad_output, names)`` returning
+    ``{name: OuterFactors(rows, cols)}`` with g_i = Σ_t rows_it ⊗ cols_it (the parameter viewed
+    as dim 0 × the rest; a side may be token ids), or ``per_sample_grad(module, inputs,
+    grad_output, names)`` returning ``{name: (b, *param.shape)}``. dpclip derives the norms
+    (ghost or instantiated), the clipped sums and, from outer factors, the cross terms of tied
+    weights. ``check(module)`` may return why an instance cannot be clipped; ``overrides``
+    replace any derived slot of :class:`dpclip.layers.LayerRule` for speed. See
+    :mod:`dpclip.layers` for the contract; the engine checks every shape a rule returns.
+    """
+    if (outer_factors is None) == (per_sample_grad is None):
+        raise ValueError(
+            "dpclip.register_layer: give exactly one of outer_factors= or per_sample_grad="
+        )
+    extra = {**overrides, "check": check}
+    if outer_factors is not None:
+        rule = _derive.from_outer_factors(outer_factors, **extra)
+    else:
+        rule = _derive.from_per_sample(per_sample_grad, **extra)
+    _REGISTRY.register(module_type, rule, replace=replace)
 
 
 class PrivacyEngine:

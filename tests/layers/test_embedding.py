@@ -39,7 +39,7 @@ def test_embedding_rule_all_padding_sample_has_zero_gradient():
 def test_embedding_rule_padding_row_never_receives_gradient():
     layer, (ids,), s = _case(4, (9,), 5, 3, padding_idx=3)
     assert (ids == 3).any()
-    got = embedding.clipped_grad(layer, (ids,), s, {"weight": torch.ones(4, dtype=s.dtype)})
+    got = embedding.RULE.clipped_grad(layer, (ids,), s, {"weight": torch.ones(4, dtype=s.dtype)})
     assert torch.equal(got["weight"][3], torch.zeros(3, dtype=s.dtype))
     assert got["weight"].abs().sum() > 0
 
@@ -56,7 +56,7 @@ def test_embedding_rule_accepts_int32_ids():
 def test_embedding_rule_frozen_weight_returns_nothing():
     layer, inputs, s = _case(2, (3,), 4, 2)
     assert embedding.norm_sq(layer, inputs, s, [], "mixed") == {}
-    assert embedding.clipped_grad(layer, inputs, s, {}) == {}
+    assert embedding.RULE.clipped_grad(layer, inputs, s, {}) == {}
 
 
 @pytest.mark.parametrize(
@@ -69,9 +69,9 @@ def test_embedding_rule_rejects_max_norm_and_sparse(kwargs, message):
     with pytest.raises(ValueError, match=message):
         embedding.norm_sq(layer, inputs, s, ["weight"], "mixed")
     with pytest.raises(ValueError, match=message):
-        embedding.clipped_grad(layer, inputs, s, factors)
+        embedding.RULE.clipped_grad(layer, inputs, s, factors)
     with pytest.raises(ValueError, match=message):
-        embedding.per_sample_grad(layer, inputs, s, ["weight"])
+        embedding.RULE.per_sample_grad(layer, inputs, s, ["weight"])
 
 
 @settings(max_examples=25, deadline=None)

@@ -46,7 +46,7 @@ def test_groupnorm_rule_without_affine_has_no_parameters():
     layer = nn.GroupNorm(2, 4, affine=False).double()
     (x,), s = _inputs(2, 4, (3,))
     assert_rule_matches_oracle(layer, (x.requires_grad_(),), s)
-    assert groupnorm.norm_sq(layer, (x,), s, [], "mixed") == {}
+    assert groupnorm.RULE.norm_sq(layer, (x,), s, [], "mixed") == {}
 
 
 _INSTANCE = [(nn.InstanceNorm1d, (7,)), (nn.InstanceNorm2d, (3, 4)), (nn.InstanceNorm3d, (2, 3, 2))]
@@ -68,7 +68,7 @@ def test_instancenorm_rule_does_not_touch_running_stats():
     layer = _randomise(nn.InstanceNorm2d(3, affine=True, track_running_stats=True).double())
     inputs, s = _inputs(2, 3, (3, 3))
     before = layer.running_mean.clone(), layer.running_var.clone()
-    groupnorm.norm_sq(layer, inputs, s, ["weight", "bias"], "mixed")
+    groupnorm.RULE.norm_sq(layer, inputs, s, ["weight", "bias"], "mixed")
     assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
 
 
@@ -76,7 +76,7 @@ def test_instancenorm_rule_rejects_unbatched_input():
     layer = nn.InstanceNorm1d(3, affine=True).double()
     (x,), s = _inputs(3, 5, ())  # (C=3, L=5) unbatched, as the module would read it
     with pytest.raises(ValueError, match="InstanceNorm1d rule expects batched input of 3 dims"):
-        groupnorm.norm_sq(layer, (x,), s, ["bias"], "mixed")
+        groupnorm.RULE.norm_sq(layer, (x,), s, ["bias"], "mixed")
 
 
 @settings(max_examples=20, deadline=None)

@@ -32,7 +32,7 @@ def test_layernorm_rule_equals_naive_loop_batch_of_one_custom_eps():
 def test_layernorm_rule_without_affine_has_no_parameters():
     layer, inputs, s = _case(3, (2,), (4,), elementwise_affine=False)
     assert_rule_matches_oracle(layer, (inputs[0].requires_grad_(),), s)
-    assert layernorm.norm_sq(layer, inputs, s, [], "mixed") == {}
+    assert layernorm.RULE.norm_sq(layer, inputs, s, [], "mixed") == {}
 
 
 def test_layernorm_rule_computes_in_float32_for_bfloat16():

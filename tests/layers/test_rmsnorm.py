@@ -34,7 +34,7 @@ def test_rmsnorm_rule_equals_naive_loop_where_eps_dominates(eps):
 def test_rmsnorm_rule_without_affine_has_no_parameters():
     layer, inputs, s = _case(2, (3,), (4,), elementwise_affine=False)
     assert_rule_matches_oracle(layer, (inputs[0].requires_grad_(),), s)
-    assert rmsnorm.norm_sq(layer, inputs, s, [], "mixed") == {}
+    assert rmsnorm.RULE.norm_sq(layer, inputs, s, [], "mixed") == {}
 
 
 def test_rmsnorm_default_eps_matches_kernel_for_bfloat16():

@@ -1,39 +1,31 @@
 """The registry of layer rules: which module types dpclip can clip, and how.
 
-A rule is two functions of a module's recorded forward inputs and its output gradient:
+A rule supplies **one form** of its parameters' per-example gradients, and
+:mod:`dpclip.layers._derive` builds the rest of the :class:`LayerRule` from it:
 
-- ``norm_sq(module, inputs, grad_output, names, strategy) -> {name: Tensor[b]}``: the squared
-  norm of each sample's gradient for each trainable parameter named in ``names``.
-- ``clipped_grad(module, inputs, grad_output, factors) -> {name: Tensor}``: ``Σ_i C_i g_i`` for
-  each parameter in ``factors`` (``{name: Tensor[b]}``), shaped like the parameter.
+- ``outer_factors(module, inputs, grad_output, names) -> {name: OuterFactors}``: g_i as a sum of
+  outer products over positions (dense layers; an embedding with a side of token ids; a bias
+  with a side of ones), giving ghost norms, clipped sums as one matmul, and cross terms for a
+  parameter used by several calls (tied weights), or
+- ``per_sample_grad(module, inputs, grad_output, names) -> {name: Tensor[b, *param.shape]}``,
+  for layers whose per-example gradients are small (norm layers) or have no other form (the
+  generic fallback).
 
-and, optionally, ``per_sample_grad(module, inputs, grad_output, names)``
-``-> {name: Tensor[b, *param.shape]}``, needed only when one parameter is used by several
-layers (tied weights), and, optionally,
-``check(module) -> str | None``: why this instance cannot be clipped (e.g. an Embedding with
-``max_norm``), so the engine refuses it at construction, and, optionally,
-``instantiates(module, inputs, grad_output, names, strategy) -> Collection[str]``: the names,
-among ``names``, whose per-sample gradients are the cheaper way to their norms (a bias's are
-(b, out), smaller than the output gradient they are summed from); the engine builds those once
-with ``per_sample_grad`` and reuses them for the clipped sum (one small contraction instead of a
-second matmul), and, optionally,
-``outer_factors(module, inputs, grad_output, names) -> {name: OuterFactors}``: the gradient as a
-sum of outer products over positions (see :class:`dpclip.layers._common.OuterFactors`). With it,
-a parameter used by several calls (tied weights) gets its per-sample norm from pairwise inner
-products of the calls' factors instead of per-sample gradients, and, optionally,
-``add_clipped_grad(module, inputs, grad_output, factors, into) -> None``: ``clipped_grad`` added
-in place to ``into`` ({name: Tensor shaped like the parameter}), which the engine uses for the
-second and later calls of a shared parameter (no temporary as large as the parameter).
+The derived slots, any of which a rule may replace for speed (a convolution's weight-gradient
+kernel, an embedding's sort path): ``norm_sq(..., names, strategy) -> {name: Tensor[b]}``;
+``clipped_grad(..., factors) -> {name: Σ_i C_i g_i}``; ``add_clipped_grad(..., factors, into)``,
+the same added in place; ``instantiates(..., names, strategy)``, the names whose per-example
+gradients are the cheaper way to their norms (built once, reused for the clipped sum). And
+optionally ``check(module) -> str | None``: why an instance cannot be clipped (an Embedding with
+``max_norm``), refused at construction.
 
 ``inputs`` is the tuple of positional tensors the module's ``forward`` received (detached);
 ``grad_output`` is ∂L/∂output with the batch on dim 0. ``strategy`` is ``"ghost"``,
-``"instantiate"`` or ``"mixed"`` (pick the cheaper per layer); rules without that choice ignore it.
-Rules compute in float32 or wider (bf16 inputs are upcast) and never scale by the loss reduction:
-the engine does that through the factors. The engine checks the exact shapes of what
-``norm_sq``, ``per_sample_grad`` and ``clipped_grad`` return, the positions of both sides of
-``outer_factors``, the names ``instantiates`` picks, and that ``add_clipped_grad`` wrote in place,
-and raises on a mismatch: a norm of the wrong shape would broadcast into wrong clipping factors,
-a gradient of the right size in the wrong shape would be reshaped into a wrong one.
+``"instantiate"`` or ``"mixed"`` (pick the cheaper per layer). Rules compute in float32 or wider
+(bf16 inputs are upcast) and never scale by the loss reduction: the engine does that through the
+factors. The engine checks the exact shapes of everything a rule returns and raises on a
+mismatch: a norm of the wrong shape would broadcast into wrong clipping factors, a gradient of
+the right size in the wrong shape would be reshaped into a wrong one.
 """
 
 from __future__ import annotations
@@ -44,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpclip.layers._common import OuterFactors, sq_norms
+from dpclip.layers._common import OuterFactors
 
 NormSq = Callable[[nn.Module, tuple, Tensor, Sequence[str], str], dict[str, Tensor]]
 ClippedGrad = Callable[[nn.Module, tuple, Tensor, Mapping[str, Tensor]], dict[str, Tensor]]
@@ -61,7 +53,8 @@ STRATEGIES = ("ghost", "instantiate", "mixed")
 
 @dataclass(frozen=True)
 class LayerRule:
-    """How to clip one layer family (see the module docstring for the contract)."""
+    """How to clip one layer family; build it with :mod:`dpclip.layers._derive` from one form
+    (see the module docstring for the contract)."""
 
     norm_sq: NormSq
     clipped_grad: ClippedGrad
@@ -133,35 +126,6 @@ class LayerRegistry:
                 f"{module_type.__module__}.{module_type.__qualname__}" in self._rules
             )
         return module_type in self._rules
-
-
-def from_per_sample(per_sample_grad: PerSampleGrad, *, whole_call: bool = False) -> LayerRule:
-    """The whole rule of a layer whose per-sample gradients are small (norm layers: (b, C)).
-
-    Norms and the clipped sum come straight from the per-sample gradients, which the engine
-    builds once per call and reuses (``instantiates`` is always true).
-    """
-
-    def norm_sq(
-        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
-    ) -> dict[str, Tensor]:
-        grads = per_sample_grad(module, inputs, grad_output, names)
-        return {n: sq_norms(g) for n, g in grads.items()}
-
-    def clipped_grad(
-        module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        grads = per_sample_grad(module, inputs, grad_output, list(factors))
-        return {n: torch.tensordot(factors[n].to(g.dtype), g, dims=1) for n, g in grads.items()}
-
-    def always(
-        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
-    ) -> Collection[str]:
-        return names
-
-    return LayerRule(
-        norm_sq, clipped_grad, per_sample_grad, instantiates=always, whole_call=whole_call
-    )
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:

@@ -24,13 +24,14 @@ weight rows in place) and ``sparse=True`` (sparse gradients) are rejected with a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from dpclip.layers._common import OuterFactors
-from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
+from dpclip.layers._derive import from_outer_factors
+from dpclip.layers._registry import LayerRegistry, compute_dtype
 
 PAIRWISE_MAX_T = 16
 
@@ -104,46 +105,6 @@ def norm_sq(
     return {"weight": sums.square().sum(dim=1).view(s.shape[:2]).sum(dim=1)}
 
 
-def clipped_grad(
-    module: nn.Embedding, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    if "weight" not in factors:
-        return {}
-    grad = grad_output.new_zeros(
-        module.num_embeddings, module.embedding_dim, dtype=compute_dtype(module.weight, grad_output)
-    )
-    add_clipped_grad(module, inputs, grad_output, factors, {"weight": grad})
-    return {"weight": grad}
-
-
-def add_clipped_grad(
-    module: nn.Embedding,
-    inputs: tuple,
-    grad_output: Tensor,
-    factors: Mapping[str, Tensor],
-    into: Mapping[str, Tensor],
-) -> None:
-    """Scatter-add C_i s_it into the rows id_it of ``into["weight"]`` (vocab × dim)."""
-    if "weight" not in factors:
-        return
-    ids, s = _flat(module, inputs, grad_output)
-    scaled = s * factors["weight"].to(s.dtype).view(-1, 1, 1)
-    into["weight"].index_add_(
-        0, ids.reshape(-1), scaled.reshape(-1, s.shape[-1]).to(into["weight"].dtype)
-    )
-
-
-def per_sample_grad(
-    module: nn.Embedding, inputs: tuple, grad_output: Tensor, names: Sequence[str]
-) -> dict[str, Tensor]:
-    """(b, vocab, dim) per sample — large; only for weights tied to another layer."""
-    ids, s = _flat(module, inputs, grad_output)
-    if "weight" not in names:
-        return {}
-    grad = s.new_zeros(s.shape[0], module.num_embeddings, module.embedding_dim)
-    return {"weight": grad.scatter_add_(1, ids.unsqueeze(-1).expand_as(s), s)}
-
-
 def outer_factors(
     module: nn.Embedding, inputs: tuple, grad_output: Tensor, names: Sequence[str]
 ) -> dict[str, OuterFactors]:
@@ -161,14 +122,9 @@ def check(module: nn.Embedding) -> str | None:
     return None
 
 
-RULE = LayerRule(
-    norm_sq,
-    clipped_grad,
-    per_sample_grad,
-    check,
-    outer_factors=outer_factors,
-    add_clipped_grad=add_clipped_grad,
-)
+# the clipped sum (an index-add of C_i s_it into rows id_it), the in-place add and the
+# per-sample gradients (only for weights tied to another layer) are derived from the factors
+RULE = from_outer_factors(outer_factors, norm_sq=norm_sq, check=check)
 
 
 def register(registry: LayerRegistry) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from dpclip.layers._registry import from_per_sample
+from dpclip.layers._derive import from_per_sample
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,9 @@ means transformers is already loaded.
 
 from __future__ import annotations
 
-from torch import nn
-
 from dpclip.layers._registry import LayerRegistry
 from dpclip.layers.linear import dense_rule
 
 
-def conv1d_layout(module: nn.Module) -> tuple[int, int, bool]:
-    return module.nx, module.nf, True
-
-
 def register(registry: LayerRegistry) -> None:
-    registry.register_by_name("transformers.pytorch_utils.Conv1D", dense_rule(conv1d_layout))
+    registry.register_by_name("transformers.pytorch_utils.Conv1D", dense_rule(lambda m: True))

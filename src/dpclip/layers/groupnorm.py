@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._registry import LayerRegistry, compute_dtype, from_per_sample
+from dpclip.layers._derive import from_per_sample
+from dpclip.layers._registry import LayerRegistry, compute_dtype
 
 _INSTANCE_NORM_NDIM = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 
@@ -60,7 +61,6 @@ def per_sample_grad(
 
 
 RULE = from_per_sample(per_sample_grad)
-norm_sq, clipped_grad = RULE.norm_sq, RULE.clipped_grad
 
 
 def register(registry: LayerRegistry) -> None:

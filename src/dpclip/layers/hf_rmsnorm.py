@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from dpclip.layers._registry import LayerRegistry, compute_dtype, from_per_sample
+from dpclip.layers._derive import from_per_sample
+from dpclip.layers._registry import LayerRegistry, compute_dtype
 
 NAMES = (
     "transformers.models.llama.modeling_llama.LlamaRMSNorm",

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._registry import LayerRegistry, compute_dtype, from_per_sample
+from dpclip.layers._derive import from_per_sample
+from dpclip.layers._registry import LayerRegistry, compute_dtype
 
 
 def per_sample_grad(
@@ -33,7 +34,6 @@ def per_sample_grad(
 
 
 RULE = from_per_sample(per_sample_grad)
-norm_sq, clipped_grad = RULE.norm_sq, RULE.clipped_grad
 
 
 def register(registry: LayerRegistry) -> None:
