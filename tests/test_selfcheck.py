@@ -41,7 +41,7 @@ def _state(model, opt, engine):
         },
         torch.get_rng_state(),
         engine.ledger.steps,
-        engine._noise.draws,
+        list(engine._noise.state_dict()["generators"].values()),  # no noise drawn
     )
 
 

@@ -255,7 +255,8 @@ def _outer_factors(
     for n in names:
         f = got.get(n) if isinstance(got, Mapping) else None
         if isinstance(f, OuterFactors):
-            rows, cols = _positions(f.rows), _positions(f.cols)
+            rows = _positions(f.rows)
+            cols = rows if f.cols is None else _positions(f.cols)  # None: a side of ones
             if rows is not None and rows == cols and rows[0] == batch:
                 continue
             have = f"rows {_shape_or_type(f.rows)} and cols {_shape_or_type(f.cols)}"

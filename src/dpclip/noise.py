@@ -92,7 +92,6 @@ class GaussianNoise:
         self.secure = secure
         self.seed = seed if seed is not None else secrets.randbits(62)
         self._generators: dict[str, torch.Generator] = {}
-        self.draws = 0
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -112,7 +111,6 @@ class GaussianNoise:
         """
         if not 0 < scale < float("inf"):
             raise ValueError(f"expected a finite noise scale > 0, got {scale}")
-        self.draws += 1
         tensors = list(tensors)
         if self.std == 0:
             if scale != 1.0:
@@ -145,7 +143,6 @@ class GaussianNoise:
 
     def state_dict(self) -> dict:
         return {
-            "draws": self.draws,
             "seed": self.seed,
             "secure": self.secure,
             "generators": {k: g.get_state() for k, g in self._generators.items()},
@@ -154,8 +151,7 @@ class GaussianNoise:
     def load_state_dict(self, state: dict) -> None:
         if state.get("secure") != self.secure:
             raise ValueError("noise state was saved with a different secure_rng setting")
-        self.seed = int(state["seed"])
-        self.draws = int(state["draws"])
+        self.seed = int(state["seed"])  # a "draws" count in older states is not needed
         self._generators = {}
         for key, gen_state in state["generators"].items():
             gen = torch.Generator(device=key)

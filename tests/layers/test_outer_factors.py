@@ -15,10 +15,12 @@ B, T = 3, 5
 
 def _matrix(f: OuterFactors, rows: int) -> torch.Tensor:
     """(b, rows, cols) from the factors, one-hot expanding an ids side."""
-    r = f.rows
+    r, c = f.rows, f.cols
+    if c is None:  # a side of ones (a bias)
+        c = torch.ones(*r.shape[:2], 1, dtype=r.dtype)
     if not r.is_floating_point():
-        r = nn.functional.one_hot(r, rows).to(f.cols.dtype)
-    return torch.einsum("btr,btc->brc", r, f.cols)
+        r = nn.functional.one_hot(r, rows).to(c.dtype)
+    return torch.einsum("btr,btc->brc", r, c)
 
 
 def _layer_case(module: nn.Module, x: torch.Tensor, out_dim: int):
@@ -63,6 +65,8 @@ def _ids(vocab: int, t: int = T) -> torch.Tensor:
         (OuterFactors(_ids(6), _dense(4)), OuterFactors(_dense(6, 3), _dense(4, 3))),
         (OuterFactors(_dense(6), _dense(4)), OuterFactors(_ids(6, 7), _dense(4, 7))),
         (OuterFactors(_ids(6), _dense(4)), OuterFactors(_ids(6, 4), _dense(4, 4))),
+        (OuterFactors(_dense(6), None), OuterFactors(_dense(6, 2), None)),  # two biases
+        (OuterFactors(_dense(6), None), OuterFactors(_dense(6, 3), _dense(1, 3))),
     ],
 )
 def test_outer_inner_is_the_per_sample_frobenius_inner_product(f, g):

@@ -10,7 +10,9 @@ from torch import Tensor
 
 def as_btd(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Reshape (b, ..., d) to (b, T, d) in ``dtype``; T = product of the middle dims (1 if none)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
+    if x.dim() != 3:  # (b, T, d) already: no view (host time counts per layer)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.to(dtype)
 
 
 def sq_norms(x: Tensor) -> Tensor:
@@ -78,11 +80,12 @@ class OuterFactors:
     g_i = Σ_t rows_it ⊗ cols_it.
 
     Each side is dense, (b, T, n), or token ids, (b, T) int64, standing for one-hot rows (an
-    embedding's vocabulary side). Linear: rows = s, cols = a; its bias: rows = s, cols = 1.
+    embedding's vocabulary side); ``cols`` may be None, a side of ones (a bias: g_i = Σ_t rows_it).
+    Linear: rows = s, cols = a; its bias: rows = s, cols = None.
     """
 
     rows: Tensor
-    cols: Tensor
+    cols: Tensor | None
 
 
 def _pairwise(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -99,8 +102,17 @@ def _pairwise(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
 
 def outer_inner(f: OuterFactors, g: OuterFactors) -> Tensor:
     """⟨g_i^f, g_i^g⟩_F per sample: Σ_{t,t'} ⟨f.rows_t, g.rows_t'⟩ ⟨f.cols_t, g.cols_t'⟩."""
-    dense = [t.dtype for t in (f.rows, f.cols, g.rows, g.cols) if t.is_floating_point()]
+    sides = (f.rows, f.cols, g.rows, g.cols)
+    dense = [t.dtype for t in sides if t is not None and t.is_floating_point()]
     dtype = dense[0]
     for d in dense[1:]:
         dtype = torch.promote_types(dtype, d)
-    return (_pairwise(f.rows, g.rows, dtype) * _pairwise(f.cols, g.cols, dtype)).sum(dim=(1, 2))
+    f_cols, g_cols = _ones_like(f.cols, f.rows, dtype), _ones_like(g.cols, g.rows, dtype)
+    if f.cols is None and g.cols is None:  # two biases: ⟨Σ_t rows_t, Σ_t' rows_t'⟩
+        return (f.rows.to(dtype).sum(dim=1) * g.rows.to(dtype).sum(dim=1)).sum(dim=1)
+    return (_pairwise(f.rows, g.rows, dtype) * _pairwise(f_cols, g_cols, dtype)).sum(dim=(1, 2))
+
+
+def _ones_like(side: Tensor | None, rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """A side of ones, (b, T, 1), where ``side`` is None; else ``side``."""
+    return rows.new_ones(*rows.shape[:2], 1, dtype=dtype) if side is None else side

@@ -36,6 +36,8 @@ def _param(module: nn.Module, name: str) -> nn.Parameter:
 
 def factor_norm_sq(f: OuterFactors, strategy: str) -> Tensor:
     """‖Σ_t rows_t ⊗ cols_t‖² per example: ghost or by building it, whichever is cheaper."""
+    if f.cols is None:
+        return sq_norms(f.rows.sum(dim=1))
     if f.rows.is_floating_point() and f.cols.is_floating_point():
         T, p, q = f.rows.shape[1], f.rows.shape[-1], f.cols.shape[-1]
         return outer_norm_sq(f.cols, f.rows, use_ghost(strategy, T, q, p))
@@ -46,6 +48,8 @@ def factor_builds(f: OuterFactors, strategy: str) -> bool:
     """Whether the per-example gradient is the cheaper way to the norm and the clipped sum: a
     vector (a bias: (b, out) is smaller than the output gradient it sums), or a matrix over
     several positions whose per-example gradient is no larger than its factors."""
+    if f.cols is None:
+        return True
     if not (f.rows.is_floating_point() and f.cols.is_floating_point()):
         return False  # vocabulary × width per example: never
     T, p, q = f.rows.shape[1], f.rows.shape[-1], f.cols.shape[-1]
@@ -58,10 +62,10 @@ def factor_per_sample(f: OuterFactors, shape: torch.Size) -> Tensor:
     """(b, *shape): Σ_t rows_t ⊗ cols_t per example (a side of ids scattered, not one-hot)."""
     rows, cols = f.rows, f.cols
     b = rows.shape[0]
+    if cols is None:  # a bias: a sum over positions
+        return _shaped(rows.sum(dim=1), (b, *shape))
     if rows.is_floating_point() and cols.is_floating_point():
-        if cols.shape[-1] == 1:  # a bias: a sum over positions, no matmul
-            return (rows * cols).sum(dim=1).view(b, *shape)
-        return outer_per_sample(cols, rows).view(b, *shape)
+        return _shaped(outer_per_sample(cols, rows), (b, *shape))
     if not rows.is_floating_point() and cols.is_floating_point():  # (vocab, width)
         grad = cols.new_zeros(b, shape[0], cols.shape[-1])
         return grad.scatter_add_(1, rows.unsqueeze(-1).expand_as(cols), cols).view(b, *shape)
@@ -78,9 +82,12 @@ def factor_clipped_sum(
     """Σ_i C_i g_i shaped ``shape``: one matmul, or an index-add for a side of ids; added in
     place to ``into`` when given."""
     rows, cols = f.rows, f.cols
+    if cols is None:  # a bias
+        g = _shaped(factors.to(rows.dtype) @ rows.sum(dim=1), shape)
+        return g if into is None else into.add_(g.to(into.dtype))
     if rows.is_floating_point() and cols.is_floating_point():
-        view = None if into is None else into.view(rows.shape[-1], -1)
-        return outer_clipped_sum(cols, rows, factors, into=view).view(shape)
+        view = None if into is None else _shaped(into, (rows.shape[-1], cols.shape[-1]))
+        return _shaped(outer_clipped_sum(cols, rows, factors, into=view), shape)
     dense = cols if cols.is_floating_point() else rows
     ids = rows if dense is cols else cols
     target = dense.new_zeros(shape) if into is None else into
@@ -91,6 +98,11 @@ def factor_clipped_sum(
         view = target.view(dense.shape[-1], -1)
         view.index_add_(1, ids.reshape(-1), scaled.t().to(target.dtype))
     return target
+
+
+def _shaped(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``t`` viewed as ``shape`` (no op when it has it already: host time counts per layer)."""
+    return t if t.shape == shape else t.view(shape)
 
 
 def _numel(shape: torch.Size) -> int:

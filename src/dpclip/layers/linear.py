@@ -1,7 +1,7 @@
 """Dense layers: nn.Linear, and any layer computing ``y = x W + b`` with another weight layout.
 
 Sample i's weight gradient is g_i = s_iᵀ a_i over the flattened leading positions (any number of
-leading dims), and its bias gradient Σ_t s_it: outer factors (s, a) and (s, 1), from which the
+leading dims), and its bias gradient Σ_t s_it: outer factors (s, a) and (s, ones), from which the
 engine derives norms, clipped sums and tied-weight cross terms (:mod:`dpclip.layers._derive`).
 transformers' GPT-2 ``Conv1D`` stores W transposed, (in, out): :func:`dense_rule` builds the rule
 for either layout.
@@ -32,7 +32,7 @@ def dense_rule(transposed: Layout) -> LayerRule:
         if "weight" in names:
             out["weight"] = OuterFactors(a, s) if transposed(module) else OuterFactors(s, a)
         if "bias" in names:
-            out["bias"] = OuterFactors(s, s.new_ones(*s.shape[:2], 1))
+            out["bias"] = OuterFactors(s, None)
         return out
 
     return from_outer_factors(outer_factors)
