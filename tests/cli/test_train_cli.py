@@ -1,7 +1,10 @@
-"""`dpclip train` end to end: the real entry point in a subprocess, its files and exit codes."""
+"""`dpclip train` end to end: the real entry point in a subprocess, its files and exit codes; the
+other runs in this process."""
 
+import contextlib
 import csv
 import gzip
+import io
 import json
 import subprocess
 import sys
@@ -16,6 +19,7 @@ FAST = ("--epochs", "2", "--no-progress", "--seed", "0")
 
 
 def _dpclip_train(*args, cwd=None, timeout=120):
+    """The real entry point, in a subprocess (its files, exit code and output)."""
     return subprocess.run(
         [sys.executable, "-m", "dpclip.cli", "train", *args],
         capture_output=True,
@@ -23,6 +27,18 @@ def _dpclip_train(*args, cwd=None, timeout=120):
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def _train(*args):
+    """``dpclip train`` in this process (no interpreter start-up and torch import per run), with
+    the global RNG left as it was; the result reads like the subprocess's."""
+    out, err = io.StringIO(), io.StringIO()
+    with torch.random.fork_rng(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["train", *args])
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _assert_one_line_error(proc, *fragments):
@@ -45,7 +61,7 @@ def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     proc = _dpclip_train(*FAST, "--output", str(out))
     assert proc.returncode == 0, proc.stderr
-    return out, proc
+    return out, proc  # the one full run through the real entry point
 
 
 def test_run_writes_metrics_csv_checkpoint_and_curves(finished_run):
@@ -103,7 +119,7 @@ def test_interrupted_run_resumes_to_the_same_epsilon_and_model(finished_run, tmp
     assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
     assert len(_read_csv(out / "metrics.csv")) == 1
 
-    proc = _dpclip_train("--output", str(out), "--resume", "--no-progress")
+    proc = _train("--output", str(out), "--resume", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     resumed = json.loads((out / "metrics.json").read_text())
     full = json.loads((out_full / "metrics.json").read_text())
@@ -147,7 +163,7 @@ def test_fresh_run_into_an_existing_run_directory_is_refused(finished_run, capsy
 
 def test_corrupt_checkpoint_gives_one_line_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00not a checkpoint")
-    proc = _dpclip_train("--output", str(tmp_path), "--resume")
+    proc = _train("--output", str(tmp_path), "--resume")
     _assert_one_line_error(proc, "is corrupt or not a dpclip checkpoint", "another --output")
     assert "weights_only" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
@@ -155,13 +171,13 @@ def test_corrupt_checkpoint_gives_one_line_error(tmp_path):
 
 def test_a_checkpoint_of_another_program_gives_dpclip_words_not_torch_advice(tmp_path):
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "checkpoint.pt")  # a pickled module
-    proc = _dpclip_train("--output", str(tmp_path), "--resume")
+    proc = _train("--output", str(tmp_path), "--resume")
     _assert_one_line_error(proc, "is corrupt or not a dpclip checkpoint")
     assert "weights_only" not in proc.stderr
 
 
 def test_nonpositive_epsilon_exits_2_without_output(tmp_path):
-    proc = _dpclip_train("--epsilon", "0", "--output", str(tmp_path / "out"))
+    proc = _train("--epsilon", "0", "--output", str(tmp_path / "out"))
     _assert_one_line_error(proc, "--epsilon must be > 0, got 0.0")
     assert not (tmp_path / "out").exists()
 
@@ -180,7 +196,7 @@ def test_mnist_idx_files_train_a_cnn_with_progress_bar(tmp_path):
         with gzip.open(tmp_path / f"{stem}.gz", "wb") as fh:
             fh.write(header + array.tobytes())
     args = ("--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "cnn", "--epochs", "1")
-    proc = _dpclip_train(*args, "--batch-size", "16", "--physical-batch-size", "5", "--seed", "1")
+    proc = _train(*args, "--batch-size", "16", "--physical-batch-size", "5", "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     assert "loss=" in proc.stderr and "acc=" in proc.stderr and "ε=" in proc.stderr  # tqdm bar
     assert "epoch 1/1" in proc.stdout and "mnist / cnn" in proc.stdout
@@ -231,7 +247,7 @@ def test_default_run_reaches_94_percent_on_digits_in_under_two_minutes(tmp_path)
     accuracies = []
     for seed in (0, 1, 2):
         out = tmp_path / f"seed{seed}"
-        proc = _dpclip_train("--no-progress", "--seed", str(seed), "--output", str(out))
+        proc = _train("--no-progress", "--seed", str(seed), "--output", str(out))
         assert proc.returncode == 0, proc.stderr
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["config"]["epsilon"] == 3.0 and metrics["delta"] == 1e-5
@@ -243,8 +259,8 @@ def test_default_run_reaches_94_percent_on_digits_in_under_two_minutes(tmp_path)
 
 def test_clip_norm_reaches_the_engine_and_is_recorded(tmp_path):
     out = tmp_path / "run"
-    proc = _dpclip_train("--epochs", "1", "--no-progress", "--seed", "0", "--clipping", "global",
-                         "--clip-norm", "50", "--output", str(out))  # fmt: skip
+    proc = _train("--epochs", "1", "--no-progress", "--seed", "0", "--clipping", "global",
+                  "--clip-norm", "50", "--output", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "metrics.json").read_text())["config"]
     assert config["clipping"] == "global" and config["clip_norm"] == 50.0

@@ -24,15 +24,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.pld.privacy_loss_mechanism import AdjacencyType, GaussianPrivacyLoss
-from dp_accounting.rdp import rdp_privacy_accountant
-from scipy import optimize, special
 
 from dpclip.accounting.events import History, check_delta
+
+if TYPE_CHECKING:  # dp_accounting and scipy are imported where used: they cost ~1.5 s to load
+    import dp_accounting
 
 __all__ = ["ACCOUNTANTS", "check_accountant", "epsilon", "gdp_delta", "gdp_mu"]
 
@@ -65,6 +64,8 @@ def check_accountant(name: str) -> str:
 
 
 def _dp_event(history: History) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     return dp_accounting.ComposedDpEvent(
         [
             dp_accounting.SelfComposedDpEvent(
@@ -80,6 +81,8 @@ def _dp_event(history: History) -> dp_accounting.DpEvent:
 
 # --------------------------------------------------------------------------------------- RDP
 def _rdp_epsilon(history: History, delta: float) -> float:
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     accountant = rdp_privacy_accountant.RdpAccountant()
     accountant.compose(_dp_event(history))
     return accountant.get_epsilon(delta)
@@ -108,6 +111,8 @@ def pld_discretization(history: History) -> float:
 @functools.lru_cache(maxsize=256)
 def _single_step_loss_span(noise_multiplier: float, sample_rate: float) -> float:
     """Width of the privacy-loss grid dp_accounting builds for one step (both adjacencies)."""
+    from dp_accounting.pld.privacy_loss_mechanism import AdjacencyType, GaussianPrivacyLoss
+
     span = 0.0
     for adjacency in (AdjacencyType.ADD, AdjacencyType.REMOVE):
         bounds = GaussianPrivacyLoss(
@@ -125,6 +130,8 @@ def _pld_epsilon(history: History, delta: float) -> float:
 
 
 def _pld_epsilon_at(history: History, delta: float, interval: float) -> float:
+    from dp_accounting.pld import pld_privacy_accountant
+
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
     accountant.compose(_dp_event(history))
     return max(0.0, accountant.get_epsilon(delta))
@@ -146,6 +153,8 @@ def gdp_mu(history: History) -> float:
 
 def gdp_delta(mu: float, eps: float) -> float:
     """The exact δ(ε) of μ-GDP: Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) (Dong, Roth, Su 2019, Cor. 2.13)."""
+    from scipy import special
+
     if mu == 0:
         return 0.0
     first = special.log_ndtr(-eps / mu + mu / 2)
@@ -155,6 +164,8 @@ def gdp_delta(mu: float, eps: float) -> float:
 
 
 def _gdp_epsilon(history: History, delta: float) -> float:
+    from scipy import optimize
+
     mu = gdp_mu(history)
     if not math.isfinite(mu):
         return math.inf

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from scipy import optimize
-
 from dpclip.accounting.accountants import check_accountant, epsilon, gdp_delta, gdp_mu
 from dpclip.accounting.events import (
     GaussianStep,
@@ -115,6 +113,8 @@ def _gdp_guess(history_at: Callable[[float], History], target: float, delta: flo
     lo, hi = _LOG_SIGMA_RANGE
     if gap(lo) <= 0 or gap(hi) >= 0:
         return 0.0
+    from scipy import optimize  # imported where used: it costs a second to load
+
     return optimize.brentq(gap, lo, hi, xtol=1e-6)
 
 
@@ -123,6 +123,8 @@ def _gdp_mu_for(target: float, delta: float) -> float:
     hi = 1.0
     while gdp_delta(hi, target) < delta:
         hi *= 2
+    from scipy import optimize
+
     return optimize.brentq(lambda mu: gdp_delta(mu, target) - delta, 1e-12, hi, xtol=1e-14)
 
 
