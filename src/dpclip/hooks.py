@@ -28,6 +28,7 @@ gradients arrive together, as a tuple, in one record.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -300,6 +301,7 @@ class Recorder:
         )
         if isinstance(output, Tensor) and output.dim() and output.shape[0] == 1 != self.batch:
             if not output.requires_grad:
+                call = dataclasses.replace(call, expected=(output.detach(),))
                 return self._hold_pending(module, (call,), output)
         if not outs:
             raise IntegrityError(
@@ -316,6 +318,7 @@ class Recorder:
                     f"dim 0 (read from the model's first tensor argument, of shape "
                     f"{self._root_shape}). {_FIXES}."
                 )
+        call = dataclasses.replace(call, expected=tuple(leaves[k].detach() for k in outs))
         record = Record(module, (call,), self.batch, self._forward)
         gathered = _Gather.apply(self._anchor, record, self._on_grad, *(leaves[k] for k in outs))
         for k, x in zip(outs, gathered, strict=True):

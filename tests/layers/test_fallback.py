@@ -159,3 +159,48 @@ def test_layers_the_fallback_must_not_take_are_refused_with_the_fix(module, fix)
     model = nn.Sequential(nn.Linear(3, 3), module)
     problems = dpclip.find_unsupported(model)
     assert [p.path for p in problems] == ["1"] and fix in problems[0].advice
+
+
+class _Stateful(nn.Module):
+    """Its output depends on how often it was called: a rerun cannot reproduce it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.w * self.calls
+
+
+class _SharedTable(nn.Module):
+    """Takes a table with as many rows as the batch that is not per example (summed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x, table):
+        return x * self.w + table.sum(dim=0)
+
+
+class _Uses(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.head = inner, nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        extra = (torch.arange(x.shape[0] * 3, dtype=x.dtype).view(-1, 3),)
+        args = (x, *extra) if isinstance(self.inner, _SharedTable) else (x,)
+        return self.head(torch.tanh(self.inner(*args)))
+
+
+@pytest.mark.parametrize("inner", [_Stateful, _SharedTable])
+def test_a_rerun_that_does_not_reproduce_the_forward_is_refused(inner):
+    model = _Uses(inner())
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=4, steps=1, noise_multiplier=0)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(dpclip.IntegrityError, match="ran each example of .* alone and got output"):
+        F.cross_entropy(model(x), y).backward()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from dpclip.errors import IntegrityError
 from dpclip.layers._derive import from_per_sample
 
 
@@ -61,18 +62,21 @@ class Call:
     kwargs: dict
     rng: RngState | None
     outputs: tuple[int, ...]
+    expected: tuple[Tensor, ...] = ()  # what the forward returned there (detached), to check
 
     def expanded(self, batch: int) -> Call:
-        """This call with every batch-1 tensor argument expanded to ``batch`` rows."""
+        """This call with every batch-1 tensor argument (and output) expanded to ``batch``."""
         flat, spec = tree_flatten((self.args, self.kwargs))
-        flat = [
-            x.expand(batch, *x.shape[1:])
-            if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1
-            else x
-            for x in flat
-        ]
+        flat = [_expand(x, batch) for x in flat]
         args, kwargs = tree_unflatten(flat, spec)
-        return Call(args, kwargs, self.rng, self.outputs)
+        expected = tuple(_expand(x, batch) for x in self.expected)
+        return Call(args, kwargs, self.rng, self.outputs, expected)
+
+
+def _expand(x: object, batch: int) -> object:
+    if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    return x
 
 
 _LOOPED: set[type] = set()  # module types whose vmap failed once: warned, looped since
@@ -99,8 +103,8 @@ def per_sample_grad(
             out = tree_leaves(functional_call(module, q, args, kwargs))
             return tuple(out[k] for k in call.outputs)
 
-        _, pull = vjp(outputs, p)
-        return pull(tuple(c.unsqueeze(0) for c in cot))[0]
+        out, pull = vjp(outputs, p)
+        return pull(tuple(c.unsqueeze(0) for c in cot))[0], tuple(o.squeeze(0) for o in out)
 
     replay = call.rng.replayed() if call.rng is not None else contextlib.nullcontext()
     with replay, warnings.catch_warnings():
@@ -108,9 +112,13 @@ def per_sample_grad(
         warnings.filterwarnings("ignore", message="There is a performance drop because")
         if type(module) not in _LOOPED:
             try:
-                return vmap(grad_of_example, in_dims=(None, 0, 0), randomness="different")(
+                got, again = vmap(grad_of_example, in_dims=(None, 0, 0), randomness="different")(
                     params, [flat[k] for k in rows], grads
                 )
+                _check_recomputed(module, call, again)
+                return got
+            except IntegrityError:
+                raise
             except Exception as err:  # an op without a batching rule: loop instead, exactly
                 _LOOPED.add(type(module))
                 warnings.warn(
@@ -122,7 +130,37 @@ def per_sample_grad(
             grad_of_example(params, [flat[k][i] for k in rows], tuple(g[i] for g in grads))
             for i in range(batch)
         ]
-    return {n: torch.stack([g[n] for g in per_example]) for n in names}
+    again = tuple(torch.stack(outs) for outs in zip(*(o for _, o in per_example), strict=True))
+    _check_recomputed(module, call, again)
+    return {n: torch.stack([g[n] for g, _ in per_example]) for n in names}
+
+
+_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}  # relative to the output's scale
+
+
+def _check_recomputed(module: nn.Module, call: Call, again: tuple[Tensor, ...]) -> None:
+    """Each example run alone must give its rows of the forward's output: else g_i would not
+    be that example's gradient (rows that depend on other examples, an argument with the batch
+    on dim 0 that is not per example, a forward that keeps state between calls)."""
+    for k, (want, got) in enumerate(zip(call.expected, again, strict=False)):
+        if want.shape != got.shape:
+            diff = float("inf")
+        else:
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            diff = (
+                float((want - got.to(want.dtype)).abs().max()) / (scale + 1e-30)
+                if want.numel()
+                else 0.0
+            )
+        if diff > _TOLERANCE.get(want.dtype, 3e-2):
+            raise IntegrityError(
+                f"dpclip's fallback ran each example of {type(module).__name__} alone and got "
+                f"output tensor {k} different from the forward's rows (relative difference "
+                f"{diff:.2g}): its rows do not depend on their own example only, an argument "
+                "with the batch on dim 0 is not per example, or its forward keeps state between "
+                "calls (a cache). Per-example gradients taken this way would be wrong; give the "
+                "module a rule with dpclip.register_layer, or freeze its parameters"
+            )
 
 
 def _per_example(x: object, batch: int) -> bool:
