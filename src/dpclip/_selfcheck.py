@@ -95,7 +95,10 @@ _DROPOUTS = {
 
 class _NoDropout(TorchFunctionMode):
     """Every dropout call is the identity (attention's dropout_p is 0): the model keeps its own
-    training mode, so batch statistics taken only in training are compared too."""
+    training mode, so batch statistics taken only in training are compared too. The generic
+    fallback's rerun during backward (where this mode is not on the stack) enters it again."""
+
+    replay_in_rerun = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}

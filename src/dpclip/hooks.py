@@ -298,10 +298,16 @@ class Recorder:
             tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, kwargs),
             rng,
             tuple(outs),
+            modes=tuple(
+                m
+                for m in torch.overrides._get_current_function_mode_stack()
+                if getattr(m, "replay_in_rerun", False)
+            ),
         )
         if isinstance(output, Tensor) and output.dim() and output.shape[0] == 1 != self.batch:
             if not output.requires_grad:
-                call = dataclasses.replace(call, expected=(output.detach(),))
+                held = output.detach()
+                call = dataclasses.replace(call, expected=(held,), versions=(held._version,))
                 return self._hold_pending(module, (call,), output)
         if not outs:
             raise IntegrityError(
@@ -318,7 +324,10 @@ class Recorder:
                     f"dim 0 (read from the model's first tensor argument, of shape "
                     f"{self._root_shape}). {_FIXES}."
                 )
-        call = dataclasses.replace(call, expected=tuple(leaves[k].detach() for k in outs))
+        expected = tuple(leaves[k].detach() for k in outs)
+        call = dataclasses.replace(
+            call, expected=expected, versions=tuple(x._version for x in expected)
+        )
         record = Record(module, (call,), self.batch, self._forward)
         gathered = _Gather.apply(self._anchor, record, self._on_grad, *(leaves[k] for k in outs))
         for k, x in zip(outs, gathered, strict=True):

@@ -204,3 +204,39 @@ def test_a_rerun_that_does_not_reproduce_the_forward_is_refused(inner):
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     with pytest.raises(dpclip.IntegrityError, match="ran each example of .* alone and got output"):
         F.cross_entropy(model(x), y).backward()
+
+
+class _DropoutTokens(nn.Module):
+    """A fallback module with dropout inside, in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return F.dropout(x * self.scale, 0.5, self.training)
+
+
+def test_dropout_inside_a_fallback_module_passes_the_self_check_and_in_place_use_is_allowed():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop, self.head = _DropoutTokens(), nn.Linear(3, 3).double()
+
+        def forward(self, x):
+            h = self.drop(x)
+            h += 1.0  # in place on the fallback module's output
+            return self.head(torch.tanh(h))
+
+    torch.manual_seed(0)
+    model = Model().train()
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=10, batch_size=4, steps=2, noise_multiplier=0
+    )  # the self-check runs at the first step, with dropout off on both sides
+    for _ in range(2):
+        x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert engine.steps_taken == 2

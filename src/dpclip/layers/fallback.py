@@ -15,6 +15,7 @@ tables, norms); dpclip names every module that takes it, with that cost, at atta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class Call:
     rng: RngState | None
     outputs: tuple[int, ...]
     expected: tuple[Tensor, ...] = ()  # what the forward returned there (detached), to check
+    versions: tuple[int, ...] = ()  # their versions then: an in-place change later skips one
+    modes: tuple = ()  # torch function modes active at the call that the rerun must enter too
 
     def expanded(self, batch: int) -> Call:
         """This call with every batch-1 tensor argument (and output) expanded to ``batch``."""
@@ -70,7 +73,7 @@ class Call:
         flat = [_expand(x, batch) for x in flat]
         args, kwargs = tree_unflatten(flat, spec)
         expected = tuple(_expand(x, batch) for x in self.expected)
-        return Call(args, kwargs, self.rng, self.outputs, expected)
+        return dataclasses.replace(self, args=args, kwargs=kwargs, expected=expected)
 
 
 def _expand(x: object, batch: int) -> object:
@@ -106,8 +109,15 @@ def per_sample_grad(
         out, pull = vjp(outputs, p)
         return pull(tuple(c.unsqueeze(0) for c in cot))[0], tuple(o.squeeze(0) for o in out)
 
-    replay = call.rng.replayed() if call.rng is not None else contextlib.nullcontext()
-    with replay, warnings.catch_warnings():
+    def replay() -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        if call.rng is not None:
+            stack.enter_context(call.rng.replayed())
+        for mode in call.modes:  # the self-check's no-dropout mode
+            stack.enter_context(mode)
+        return stack
+
+    with replay(), warnings.catch_warnings():
         # torch notes each op it vmaps by a slow path (SDPA on CPU); the attach line said so
         warnings.filterwarnings("ignore", message="There is a performance drop because")
         if type(module) not in _LOOPED:
@@ -126,6 +136,8 @@ def per_sample_grad(
                     "per-example gradients are computed in a loop over examples (slower)",
                     stacklevel=2,
                 )
+    with replay(), warnings.catch_warnings():  # from the call's random state again
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
         per_example = [
             grad_of_example(params, [flat[k][i] for k in rows], tuple(g[i] for g in grads))
             for i in range(batch)
@@ -142,7 +154,10 @@ def _check_recomputed(module: nn.Module, call: Call, again: tuple[Tensor, ...]) 
     """Each example run alone must give its rows of the forward's output: else g_i would not
     be that example's gradient (rows that depend on other examples, an argument with the batch
     on dim 0 that is not per example, a forward that keeps state between calls)."""
-    for k, (want, got) in enumerate(zip(call.expected, again, strict=False)):
+    versions = call.versions or (None,) * len(call.expected)
+    for k, (want, got, version) in enumerate(zip(call.expected, again, versions, strict=False)):
+        if version is not None and want._version != version:
+            continue  # changed in place after the call (the self-check still compares norms)
         if want.shape != got.shape:
             diff = float("inf")
         else:
