@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 from torch.utils.hooks import RemovableHandle
 
 from dpclip.errors import DoubleBackwardError, IntegrityError
-from dpclip.layers.fallback import Call, RngState
+from dpclip.layers.fallback import Call, RngState, autocast_state
 
 
 @dataclass(eq=False)
@@ -302,6 +302,9 @@ class Recorder:
                 m
                 for m in torch.overrides._get_current_function_mode_stack()
                 if getattr(m, "replay_in_rerun", False)
+            ),
+            autocast=autocast_state(
+                source.device if (source := batch_of(args, kwargs)) is not None else None
             ),
         )
         if isinstance(output, Tensor) and output.dim() and output.shape[0] == 1 != self.batch:

@@ -240,3 +240,22 @@ def test_dropout_inside_a_fallback_module_passes_the_self_check_and_in_place_use
         opt.step()
         opt.zero_grad()
     assert engine.steps_taken == 2
+
+
+def test_a_fallback_module_under_bf16_autocast_is_rerun_under_autocast_too():
+    """Backward runs outside the forward's autocast region: the rerun enters it again, or its
+    rows would differ at bf16 precision and the step be refused."""
+    from tests import engine_models
+
+    torch.manual_seed(0)
+    model = engine_models.CASES["vit_tiny"].build()  # float32; its embeddings take the fallback
+    x, y = engine_models.batch("vit_tiny", 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=100, batch_size=4, steps=1, noise_multiplier=0.5
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x.float()), y)
+    loss.backward()
+    opt.step()
+    assert engine.steps_taken == 1 and all(torch.isfinite(p).all() for p in model.parameters())

@@ -54,6 +54,14 @@ class RngState:
             yield
 
 
+def autocast_state(device: torch.device | None) -> tuple[str, torch.dtype] | None:
+    """(device type, dtype) of the autocast region a call runs in, or None."""
+    kind = device.type if device is not None else "cpu"
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return kind, torch.get_autocast_dtype(kind)
+    return None
+
+
 @dataclass(frozen=True)
 class Call:
     """One recorded call of a module: its arguments (detached), the random state it started
@@ -66,6 +74,7 @@ class Call:
     expected: tuple[Tensor, ...] = ()  # what the forward returned there (detached), to check
     versions: tuple[int, ...] = ()  # their versions then: an in-place change later skips one
     modes: tuple = ()  # torch function modes active at the call that the rerun must enter too
+    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) if autocast was on
 
     def expanded(self, batch: int) -> Call:
         """This call with every batch-1 tensor argument (and output) expanded to ``batch``."""
@@ -115,6 +124,8 @@ def per_sample_grad(
             stack.enter_context(call.rng.replayed())
         for mode in call.modes:  # the self-check's no-dropout mode
             stack.enter_context(mode)
+        if call.autocast is not None:  # backward runs outside the forward's autocast region
+            stack.enter_context(torch.autocast(call.autocast[0], dtype=call.autocast[1]))
         return stack
 
     with replay(), warnings.catch_warnings():
@@ -167,7 +178,9 @@ def _check_recomputed(module: nn.Module, call: Call, again: tuple[Tensor, ...]) 
                 if want.numel()
                 else 0.0
             )
-        if diff > _TOLERANCE.get(want.dtype, 3e-2):
+        # under autocast the rows were computed at its precision, whatever their dtype now
+        dtype = want.dtype if call.autocast is None else call.autocast[1]
+        if diff > _TOLERANCE.get(dtype, 3e-2):
             raise IntegrityError(
                 f"dpclip's fallback ran each example of {type(module).__name__} alone and got "
                 f"output tensor {k} different from the forward's rows (relative difference "
