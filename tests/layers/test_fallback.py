@@ -259,3 +259,33 @@ def test_a_fallback_module_under_bf16_autocast_is_rerun_under_autocast_too():
     loss.backward()
     opt.step()
     assert engine.steps_taken == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_module_that_cannot_run_one_example_at_a_time_is_refused_in_dpclip_words():
+    class Masked(nn.Module):
+        """Takes a (T, T) mask; with T equal to the batch it looks per-example, and is not."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+        def forward(self, x, mask):
+            return (mask @ x) * self.w
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = Masked(), nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=x.dtype).tril()
+            return self.head(self.inner(x, mask).mean(dim=1))
+
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=4, steps=1, noise_multiplier=0)
+    x, y = torch.randn(4, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])  # T == B
+    fallback._LOOPED.discard(Masked)
+    with pytest.warns(UserWarning, match="could not vmap"):
+        with pytest.raises(dpclip.IntegrityError, match="could not run Masked on one example"):
+            F.cross_entropy(model(x), y).backward()

@@ -149,10 +149,18 @@ def per_sample_grad(
                 )
     with replay(), warnings.catch_warnings():  # from the call's random state again
         warnings.filterwarnings("ignore", message="There is a performance drop because")
-        per_example = [
-            grad_of_example(params, [flat[k][i] for k in rows], tuple(g[i] for g in grads))
-            for i in range(batch)
-        ]
+        try:
+            per_example = [
+                grad_of_example(params, [flat[k][i] for k in rows], tuple(g[i] for g in grads))
+                for i in range(batch)
+            ]
+        except Exception as err:
+            raise IntegrityError(
+                f"dpclip's fallback could not run {type(module).__name__} on one example at a "
+                f"time ({type(err).__name__}: {err}); an argument with the batch on dim 0 that is "
+                "not per example (a (T, T) mask when T equals the batch) is split per example. "
+                "Give the module a rule with dpclip.register_layer, or freeze its parameters"
+            ) from err
     again = tuple(torch.stack(outs) for outs in zip(*(o for _, o in per_example), strict=True))
     _check_recomputed(module, call, again)
     return {n: torch.stack([g[n] for g, _ in per_example]) for n in names}
