@@ -289,3 +289,22 @@ def test_a_module_that_cannot_run_one_example_at_a_time_is_refused_in_dpclip_wor
     with pytest.warns(UserWarning, match="could not vmap"):
         with pytest.raises(dpclip.IntegrityError, match="could not run Masked on one example"):
             F.cross_entropy(model(x), y).backward()
+
+
+def test_dropout_on_a_tensor_without_the_batch_inside_a_fallback_module_is_refused():
+    class DropConnect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))  # outputs hide masks
+
+        def forward(self, x):
+            return x @ F.dropout(self.w, 0.5, self.training)
+
+    model = _Uses(DropConnect()).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(
+        model, opt, sample_size=10, batch_size=4, steps=1, noise_multiplier=0, verify=False
+    )
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(dpclip.IntegrityError, match="DropConnect applies dropout to a tensor"):
+        F.cross_entropy(model(x), y).backward()

@@ -21,8 +21,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C import _functorch as functorch
 from torch.func import functional_call, vjp, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from dpclip.errors import IntegrityError
@@ -93,6 +96,55 @@ def _expand(x: object, batch: int) -> object:
 
 _LOOPED: set[type] = set()  # module types whose vmap failed once: warned, looped since
 
+# random calls whose mask the forward drew once for the whole tensor: on a tensor without the
+# batch (DropConnect on a weight) the rerun would draw one per example instead
+_DROPOUTS = {
+    F.dropout: 2,
+    F.dropout1d: 2,
+    F.dropout2d: 2,
+    F.dropout3d: 2,
+    F.alpha_dropout: 2,
+    F.feature_alpha_dropout: 2,
+    torch.dropout: 2,
+    torch.bernoulli: None,
+    Tensor.bernoulli_: None,
+}  # fmt: skip  (position of the ``training`` flag, None: always random)
+
+
+def _is_batched(t: object) -> bool:
+    """Whether ``t``, inside the rerun's vmap, carries the batch (an example's own tensor)."""
+    while isinstance(t, Tensor) and functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+class _SharedRandomness(TorchFunctionMode):
+    """Refuses dropout on a tensor without the batch inside the vmapped rerun."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _DROPOUTS and args and not _is_batched(args[0]):
+            flag = _DROPOUTS[func]
+            training = True if flag is None else kwargs.get("training", kwargs.get("train"))
+            if training is None:
+                training = args[flag] if len(args) > flag else True
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            if training and (flag is None or p):
+                raise IntegrityError(
+                    f"{type(self.module).__name__} applies {getattr(func, '__name__', func)} to a "
+                    "tensor without the batch (DropConnect on a weight, dropout on a table): the "
+                    "forward drew one mask for all examples, and dpclip's fallback cannot draw "
+                    "that mask again for each example alone. Apply dropout to the activations, "
+                    "or give the module a rule with dpclip.register_layer"
+                )
+        return func(*args, **kwargs)
+
 
 def per_sample_grad(
     module: nn.Module, inputs: tuple, grad_output: Sequence[Tensor], names: Sequence[str]
@@ -133,9 +185,10 @@ def per_sample_grad(
         warnings.filterwarnings("ignore", message="There is a performance drop because")
         if type(module) not in _LOOPED:
             try:
-                got, again = vmap(grad_of_example, in_dims=(None, 0, 0), randomness="different")(
-                    params, [flat[k] for k in rows], grads
-                )
+                with _SharedRandomness(module):
+                    got, again = vmap(
+                        grad_of_example, in_dims=(None, 0, 0), randomness="different"
+                    )(params, [flat[k] for k in rows], grads)
                 _check_recomputed(module, call, again)
                 return got
             except IntegrityError:
