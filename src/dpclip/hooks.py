@@ -28,7 +28,6 @@ gradients arrive together, as a tuple, in one record.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 from torch.utils.hooks import RemovableHandle
 
 from dpclip.errors import DoubleBackwardError, IntegrityError
-from dpclip.layers.fallback import Call, RngState, autocast_state
+from dpclip.layers.fallback import Call, RngState, autocast_state, expand_rows
 
 
 @dataclass(eq=False)
@@ -121,11 +120,7 @@ def batch_of(args: tuple, kwargs: dict) -> Tensor | None:
 
 
 def _expand(x: object, batch: int) -> object:
-    if isinstance(x, Call):
-        return x.expanded(batch)
-    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 1:
-        return x.expand(batch, *x.shape[1:])
-    return x
+    return x.expanded(batch) if isinstance(x, Call) else expand_rows(x, batch)
 
 
 @dataclass(eq=False)
@@ -153,7 +148,8 @@ class Recorder:
     _root_shape: tuple[int, ...] | None = None
     _pending: dict[int, _Pending] = field(default_factory=dict)
     _whole: set[nn.Module] = field(default_factory=set)
-    _rng: dict[nn.Module, list[RngState]] = field(default_factory=dict)
+    # per whole-call module, the (random state, autocast state) each unfinished call began with
+    _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
     _paused: int = 0
 
     def attach(
@@ -166,7 +162,7 @@ class Recorder:
         self._handles.append(root.register_forward_pre_hook(self._enter_root, with_kwargs=True))
         for module in self._whole:
             self._handles.append(
-                module.register_forward_pre_hook(self._capture_rng, with_kwargs=True)
+                module.register_forward_pre_hook(self._capture_start, with_kwargs=True)
             )
         for module in modules:
             self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
@@ -195,12 +191,13 @@ class Recorder:
     def is_paused(self) -> bool:
         return self._paused > 0
 
-    def _capture_rng(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _capture_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused or not self.enabled or not torch.is_grad_enabled():
             return
         source = batch_of(args, kwargs)
         device = source.device if source is not None else None
-        self._rng.setdefault(module, []).append(RngState.capture(device))
+        start = (RngState.capture(device), autocast_state(device))
+        self._starts.setdefault(module, []).append(start)
 
     # ----------------------------------------------------------------------------- forward
     def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -211,7 +208,7 @@ class Recorder:
             return
         self._forward += 1
         self._pending.clear()
-        self._rng.clear()  # left by a forward that raised
+        self._starts.clear()  # left by a forward that raised
         source = batch_of(args, kwargs)
         self.batch = None if source is None else int(source.shape[0])
         self._root_shape = None if source is None else tuple(source.shape)
@@ -238,7 +235,8 @@ class Recorder:
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         if self._paused:
             return None
-        rng = self._rng[module].pop() if module in self._whole and self._rng.get(module) else None
+        starts = self._starts.get(module) if module in self._whole else None
+        start = starts.pop() if starts else (None, None)
         if not self.enabled or not torch.is_grad_enabled():
             return None
         if self._depth == 0:
@@ -254,7 +252,7 @@ class Recorder:
                 "engine to the module you call"
             )
         if module in self._whole:
-            return self._record_call(module, args, kwargs, output, rng)
+            return self._record_call(module, args, kwargs, output, *start)
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"dpclip records modules that return one tensor; {type(module).__name__} "
@@ -286,51 +284,58 @@ class Recorder:
         )
 
     def _record_call(
-        self, module: nn.Module, args: tuple, kwargs: dict, output: object, rng: RngState | None
+        self,
+        module: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        output: object,
+        rng: RngState | None,
+        autocast: tuple | None,
     ) -> object:
         """A whole-call module: every floating-point output tensor gets its gradient into one
         record (a batch-1 single tensor is pending, as for any layer)."""
         assert self.batch is not None
         leaves, spec = tree_flatten(output)
         outs = [k for k, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
+        pending = (
+            isinstance(output, Tensor)
+            and output.dim()
+            and output.shape[0] == 1 != self.batch
+            and not output.requires_grad
+        )
+        if not pending:
+            if not outs:
+                raise IntegrityError(
+                    f"{self.name(module)} has trainable parameters of its own but returned no "
+                    "floating-point tensor, so dpclip cannot give them a per-example gradient"
+                )
+            for k in outs:
+                x = leaves[k]
+                if not (x.dim() and x.shape[0] == self.batch):
+                    raise IntegrityError(
+                        f"{self.name(module)} returned a tensor of shape {tuple(x.shape)} (output "
+                        f"tensor {outs.index(k)}) in a forward whose batch is {self.batch}: dpclip "
+                        "computes this module's per-example gradients from outputs with the batch "
+                        f"on dim 0 (read from the model's first tensor argument, of shape "
+                        f"{self._root_shape}). {_FIXES}."
+                    )
+        expected = tuple(leaves[k].detach() for k in outs)
         call = Call(
             tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, args),
             tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, kwargs),
             rng,
             tuple(outs),
+            expected=expected,
+            versions=tuple(x._version for x in expected),
             modes=tuple(
                 m
                 for m in torch.overrides._get_current_function_mode_stack()
                 if getattr(m, "replay_in_rerun", False)
             ),
-            autocast=autocast_state(
-                source.device if (source := batch_of(args, kwargs)) is not None else None
-            ),
+            autocast=autocast,
         )
-        if isinstance(output, Tensor) and output.dim() and output.shape[0] == 1 != self.batch:
-            if not output.requires_grad:
-                held = output.detach()
-                call = dataclasses.replace(call, expected=(held,), versions=(held._version,))
-                return self._hold_pending(module, (call,), output)
-        if not outs:
-            raise IntegrityError(
-                f"{self.name(module)} has trainable parameters of its own but returned no "
-                "floating-point tensor, so dpclip cannot give them a per-example gradient"
-            )
-        for k in outs:
-            x = leaves[k]
-            if not (x.dim() and x.shape[0] == self.batch):
-                raise IntegrityError(
-                    f"{self.name(module)} returned a tensor of shape {tuple(x.shape)} (output "
-                    f"tensor {outs.index(k)}) in a forward whose batch is {self.batch}: dpclip "
-                    "computes this module's per-example gradients from outputs with the batch on "
-                    f"dim 0 (read from the model's first tensor argument, of shape "
-                    f"{self._root_shape}). {_FIXES}."
-                )
-        expected = tuple(leaves[k].detach() for k in outs)
-        call = dataclasses.replace(
-            call, expected=expected, versions=tuple(x._version for x in expected)
-        )
+        if pending:
+            return self._hold_pending(module, (call,), output)
         record = Record(module, (call,), self.batch, self._forward)
         gathered = _Gather.apply(self._anchor, record, self._on_grad, *(leaves[k] for k in outs))
         for k, x in zip(outs, gathered, strict=True):

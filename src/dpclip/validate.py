@@ -81,7 +81,8 @@ def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
     clipped: set[int] = set()
     lifted: dict[nn.Module, list[str]] = {}  # scope -> its submodules' parameters, dotted
     scopes: list[tuple[str, nn.Module, tuple[str, ...]]] = []  # (path, scope, its patterns)
-    for path, module in model.named_modules():
+    modules = list(model.named_modules())
+    for path, module in modules:
         inside = next((sc for sc in scopes if _lifted_by(path, sc[0], sc[2])), None)
         if inside is not None:
             base, scope, _ = inside
@@ -128,9 +129,9 @@ def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
         else:
             rules[module], names[module] = fallback.RULE, tuple(orphans)
             taken.append(path or "<model>")
-    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    order = {path: i for i, (path, _) in enumerate(modules)}
     problems.sort(key=lambda u: order[u.path])
-    in_order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    in_order = {m: i for i, (_, m) in enumerate(modules)}
     rules = dict(sorted(rules.items(), key=lambda kv: in_order[kv[0]]))
     return Assignment(rules, names, tuple(taken), tuple(problems))
 

@@ -82,13 +82,14 @@ class Call:
     def expanded(self, batch: int) -> Call:
         """This call with every batch-1 tensor argument (and output) expanded to ``batch``."""
         flat, spec = tree_flatten((self.args, self.kwargs))
-        flat = [_expand(x, batch) for x in flat]
+        flat = [expand_rows(x, batch) for x in flat]
         args, kwargs = tree_unflatten(flat, spec)
-        expected = tuple(_expand(x, batch) for x in self.expected)
+        expected = tuple(expand_rows(x, batch) for x in self.expected)
         return dataclasses.replace(self, args=args, kwargs=kwargs, expected=expected)
 
 
-def _expand(x: object, batch: int) -> object:
+def expand_rows(x: object, batch: int) -> object:
+    """A tensor of one row expanded to ``batch`` rows (a view); anything else as it is."""
     if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1:
         return x.expand(batch, *x.shape[1:])
     return x
@@ -178,11 +179,12 @@ def per_sample_grad(
             stack.enter_context(mode)
         if call.autocast is not None:  # backward runs outside the forward's autocast region
             stack.enter_context(torch.autocast(call.autocast[0], dtype=call.autocast[1]))
-        return stack
-
-    with replay(), warnings.catch_warnings():
+        stack.enter_context(warnings.catch_warnings())
         # torch notes each op it vmaps by a slow path (SDPA on CPU); the attach line said so
         warnings.filterwarnings("ignore", message="There is a performance drop because")
+        return stack
+
+    with replay():
         if type(module) not in _LOOPED:
             try:
                 with _SharedRandomness(module):
@@ -200,8 +202,7 @@ def per_sample_grad(
                     "per-example gradients are computed in a loop over examples (slower)",
                     stacklevel=2,
                 )
-    with replay(), warnings.catch_warnings():  # from the call's random state again
-        warnings.filterwarnings("ignore", message="There is a performance drop because")
+    with replay():  # from the call's random state again
         try:
             per_example = [
                 grad_of_example(params, [flat[k][i] for k in rows], tuple(g[i] for g in grads))
@@ -258,9 +259,8 @@ def _per_example(x: object, batch: int) -> bool:
 
 def per_example_bytes(module: nn.Module, names: Sequence[str]) -> int:
     """What the fallback holds per example for ``module``: its own parameters' gradients."""
-    return sum(
-        module.get_parameter(n).numel() * module.get_parameter(n).element_size() for n in names
-    )
+    params = [module.get_parameter(n) for n in names]
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 RULE = from_per_sample(per_sample_grad, whole_call=True)
