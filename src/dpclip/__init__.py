@@ -30,6 +30,7 @@ _LAZY = {
     "NonFiniteNormError": "dpclip.errors",
     "PhysicalBatchTooLarge": "dpclip.errors",
     "DoubleBackwardError": "dpclip.errors",
+    "DistributedStepError": "dpclip.errors",
     "LoopOrderError": "dpclip.errors",
     "register_layer": "dpclip.engine",
     "accounting": "dpclip.accounting",
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dpclip.config import PerformanceConfig, PrivacyConfig  # noqa: F401
     from dpclip.engine import PrivacyEngine, register_layer  # noqa: F401
     from dpclip.errors import (  # noqa: F401
+        DistributedStepError,
         DoubleBackwardError,
         IntegrityError,
         LoopOrderError,

@@ -115,6 +115,11 @@ class PoissonLoader:
         on_logical_batch: called with the batch size each time a logical batch is yielded.
         on_physical_batch: called with each physical batch's size before it is yielded, and
             with None when a logical batch's physical batches are done.
+        shard: ``(rank, world_size)``: yield only this rank's share of each logical batch
+            (every world_size-th sampled example, from ``rank``). Every rank must draw the
+            same sample, so ``shared_seed`` is then required.
+        shared_seed: ``shared_seed(generator)`` returns the seed of each pass's sampling
+            generator, the same on every rank (:meth:`dpclip.distributed.World.shared_seed`).
 
     >>> from torch.utils.data import TensorDataset
     >>> data = TensorDataset(torch.arange(10.0), torch.arange(10))
@@ -138,6 +143,8 @@ class PoissonLoader:
         steps: int | None = None,
         on_logical_batch: Callable[[int], None] | None = None,
         on_physical_batch: Callable[[int | None], None] | None = None,
+        shard: tuple[int, int] | None = None,
+        shared_seed: Callable[[torch.Generator | None], int] | None = None,
     ) -> None:
         try:
             size = len(dataset)  # type: ignore[arg-type]
@@ -165,21 +172,36 @@ class PoissonLoader:
         self.on_logical_batch = on_logical_batch
         self.on_physical_batch = on_physical_batch
         self._size = size
+        if shard is not None:
+            rank, world = shard
+            if not 0 <= rank < world or shared_seed is None:
+                raise ValueError(
+                    f"expected shard=(rank, world_size) with 0 <= rank < world_size and a "
+                    f"shared_seed, got shard={shard!r}"
+                )
+        self.shard, self._shared_seed = shard, shared_seed
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[LogicalBatch]:
+        generator = self.generator
+        if self._shared_seed is not None:
+            generator = torch.Generator().manual_seed(self._shared_seed(self.generator))
         for _ in range(self.steps):
-            batch = self._sample()
+            batch = self._sample(generator)
             if self.on_logical_batch is not None:
                 self.on_logical_batch(len(batch))
             yield batch
 
-    def _sample(self) -> LogicalBatch:
-        """Draw one logical batch: each example independently with probability q."""
-        mask = torch.rand(self._size, generator=self.generator) < self.sample_rate
+    def _sample(self, generator: torch.Generator | None) -> LogicalBatch:
+        """Draw one logical batch: each example independently with probability q (this
+        rank's share of it, when sharded)."""
+        mask = torch.rand(self._size, generator=generator) < self.sample_rate
         indices = mask.nonzero().flatten()
+        if self.shard is not None:
+            rank, world = self.shard
+            indices = indices[rank::world]
         return LogicalBatch(
             self.dataset, indices, self.physical_batch_size, self.collate_fn, self.num_workers,
             on_physical_batch=self.on_physical_batch,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpclip import _selfcheck, accounting
+from dpclip import _selfcheck, accounting, distributed
 from dpclip._bookkeeping import Accumulator
 from dpclip._first_batch import FirstBatch
 from dpclip._loss_tape import LossTape
@@ -144,7 +144,8 @@ class PrivacyEngine:
             dict(norm_strategy=norm_strategy, max_physical_batch_size=max_physical_batch_size),
         )  # fmt: skip
         sample_size, accountant = self.privacy.sample_size, self.privacy.accountant
-        _refuse_distributed()
+        model, self._ddp = distributed.unwrap(model)
+        self._world = distributed.World.detect()
         self.model, self.optimizer = model, optimizer
         self._plan = make_plan(
             model, optimizer, self.privacy, self.performance, registry or _REGISTRY
@@ -164,6 +165,10 @@ class PrivacyEngine:
             self.noise_multiplier * self.privacy.clip_norm, seed=seed, secure=secure_rng
         )
         self._budget_steps: int | None = None
+        if self._world is not None:
+            self._world.check_same(self._settings())
+            if self._ddp is None:
+                self._world.broadcast_module(self.model)
 
         self._micro_batches = 0
         self._empty_allowed = False
@@ -183,8 +188,23 @@ class PrivacyEngine:
             accountant=self.privacy.accountant,
         )  # fmt: skip
 
+    def _settings(self) -> dict[str, Any]:
+        """What every rank's engine must agree on (the ledger and the update depend on it)."""
+        fields = ("sample_size", "batch_size", "clipping", "clip_norm", "gamma", "accountant",
+                  "loss_reduction")  # fmt: skip
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {
+            **{f: getattr(self.privacy, f) for f in fields},
+            "planned steps": self.planned_steps,
+            "noise_multiplier": self.noise_multiplier,
+            "target_delta": self.target_delta,
+            "clipping groups": [[names.get(id(p), "?") for p in g] for g in self._plan.groups],
+            "parameter shapes": [tuple(p.shape) for p in self._params],
+        }
+
     def _attach(self) -> None:
         self._restore = [(p, p.requires_grad) for p in self._params]
+        self._unmute = distributed.mute(self._ddp)
         for p in self._params:
             p.requires_grad_(False)
             p.grad = None
@@ -227,6 +247,7 @@ class PrivacyEngine:
             handle.remove()
         for p, flag in self._restore:
             p.requires_grad_(flag)
+        self._unmute()
         self.attached = False
 
     def __enter__(self) -> PrivacyEngine:
@@ -290,6 +311,31 @@ class PrivacyEngine:
 
     # ----------------------------------------------------------------------------- step
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        world = self._world
+        if world is None:
+            self._may_step()
+        else:  # every rank steps, or none does
+            try:
+                self._may_step()
+            except BaseException as err:
+                world.agree(f"{type(err).__name__}: {err}", self.ledger.steps)
+                raise
+            world.agree(None, self.ledger.steps)
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self._params]
+        scale = 1.0 / self.privacy.batch_size
+        if world is None:  # the noise and the division by B in one pass over the gradients
+            self._noise.add_(grads, scale=scale)
+            return
+        if world.rank == 0:  # the noise once per step over the world: rank 0 alone draws it
+            self._noise.add_(grads)
+        world.all_reduce_(grads)
+        torch._foreach_mul_(grads, scale)
+
+    def _may_step(self) -> None:
+        """Refuse the step (before anything changes) if it would not be private or allowed."""
         if self._poisoned is not None:
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
         if self._micro_batches == 0 and not self._empty_allowed:
@@ -307,11 +353,6 @@ class PrivacyEngine:
             )
         if self._check_pending and self._micro_batches:
             self._check_first_batch()
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        # noise and the division by the expected batch size in one pass over the gradients
-        self._noise.add_([p.grad for p in self._params], scale=1.0 / self.privacy.batch_size)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
@@ -470,9 +511,15 @@ class PrivacyEngine:
         collate_fn: Callable | None = None,
         num_workers: int = 0,
     ) -> Any:
-        """Poisson-sampled logical batches at rate q, each split into physical batches."""
+        """Poisson-sampled logical batches at rate q, each split into physical batches.
+
+        Under torch.distributed every rank iterates its own loader: rank 0's ``generator`` (or
+        torch's global generator) seeds the sample of each pass, shared by all ranks, and each
+        rank takes every world-size-th example of it, so the union is one Poisson sample.
+        """
         from dpclip.data import PoissonLoader
 
+        world = self._world
         if len(dataset) != self.privacy.sample_size:
             raise ValueError(
                 f"dataset has {len(dataset)} examples but the engine was built for "
@@ -482,6 +529,8 @@ class PrivacyEngine:
             dataset, sample_rate=self.sample_rate, physical_batch_size=physical_batch_size,
             generator=generator, collate_fn=collate_fn, num_workers=num_workers,
             on_logical_batch=self._begin_logical_batch, on_physical_batch=self._expect_batch,
+            shard=None if world is None else (world.rank, world.size),
+            shared_seed=None if world is None else world.shared_seed,
         )  # fmt: skip
 
     def _begin_logical_batch(self, size: int) -> None:
@@ -557,12 +606,3 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
-
-
-def _refuse_distributed() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise NotImplementedError(
-            "dpclip does not support multi-process training yet: the noise would be added once "
-            "per process. Train in a single process."
-        )

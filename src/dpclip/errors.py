@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "DistributedStepError",
     "DoubleBackwardError",
     "IntegrityError",
     "LoopOrderError",
@@ -67,6 +68,11 @@ class LoopOrderError(RuntimeError):
     """The training loop's calls came in an order dpclip cannot make private (a step without a
     backward, gradients left from the last step, a managed parameter made trainable again, a
     gradient dpclip did not clip)."""
+
+
+class DistributedStepError(RuntimeError):
+    """The ranks could not take a step together (one refused it, failed, left, or has taken a
+    different number of steps); no rank applied it."""
 
 
 class PrivacyBudgetExceeded(RuntimeError):
