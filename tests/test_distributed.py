@@ -175,3 +175,20 @@ def test_a_shard_without_a_shared_seed_is_refused():
     data = torch.utils.data.TensorDataset(torch.arange(4.0))
     with pytest.raises(ValueError, match="shared_seed"):
         PoissonLoader(data, sample_rate=0.5, shard=(0, 2))
+
+
+def test_a_process_group_started_after_the_engine_is_refused_at_the_step(monkeypatch):
+    from dpclip import distributed
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dpclip.PrivacyEngine(
+        model, optimizer, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0
+    )
+    before = model.weight.detach().clone()
+    model(torch.randn(2, 3)).sum().backward()
+    world = distributed.World(0, 2, torch.device("cpu"))
+    monkeypatch.setattr(distributed.World, "detect", classmethod(lambda cls: world))
+    with pytest.raises(dpclip.LoopOrderError, match="init_process_group before creating"):
+        optimizer.step()
+    assert torch.equal(model.weight, before) and engine.steps_taken == 0

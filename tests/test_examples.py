@@ -27,3 +27,29 @@ def test_quickstart_trains_digits_and_reports_accuracy_and_epsilon():
 
 def test_quickstart_is_at_most_40_lines():
     assert len((EXAMPLES / "quickstart.py").read_text().splitlines()) <= 40
+
+
+def _launched(command: list[str]) -> list[str]:
+    """Run a 2-process example under its launcher; rank 0's epoch lines."""
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if line.startswith("epoch")]
+
+
+def test_ddp_example_trains_under_torchrun_with_two_processes():
+    pytest.importorskip("sklearn")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    lines = _launched([*torchrun, str(EXAMPLES / "ddp_train.py"), "2"])
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]  # rank 0 alone
+    assert 2.9 <= float(lines[-1].rsplit("ε = ", 1)[1]) <= 3.0
+
+
+def test_accelerate_example_trains_under_accelerate_launch_with_two_processes():
+    pytest.importorskip("sklearn")
+    pytest.importorskip("accelerate")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]  # fmt: skip
+    lines = _launched([*launch, str(EXAMPLES / "accelerate_train.py"), "2"])
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
+    assert 2.9 <= float(lines[-1].rsplit("ε = ", 1)[1]) <= 3.0

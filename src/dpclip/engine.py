@@ -146,7 +146,7 @@ class PrivacyEngine:
         sample_size, accountant = self.privacy.sample_size, self.privacy.accountant
         model, self._ddp = distributed.unwrap(model)
         self._world = distributed.World.detect()
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer = model, _inner_optimizer(optimizer)
         self._plan = make_plan(
             model, optimizer, self.privacy, self.performance, registry or _REGISTRY
         )
@@ -336,6 +336,12 @@ class PrivacyEngine:
 
     def _may_step(self) -> None:
         """Refuse the step (before anything changes) if it would not be private or allowed."""
+        if self._world is None and distributed.World.detect() is not None:
+            raise LoopOrderError(
+                "torch.distributed was initialised after this PrivacyEngine was built: every "
+                "process would add its own noise and none would sum the clipped gradients. Call "
+                "dist.init_process_group before creating the engine"
+            )
         if self._poisoned is not None:
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
         if self._micro_batches == 0 and not self._empty_allowed:
@@ -563,6 +569,21 @@ class PrivacyEngine:
         self.ledger.load_state_dict(state["ledger"])
         self._noise.load_state_dict(state["noise"])
         self._budget_steps = None
+
+
+def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a wrapper that never ran ``Optimizer.__init__`` (Accelerate's
+    AcceleratedOptimizer): its step hooks are the ones that run when the wrapper steps."""
+    inner = getattr(optimizer, "optimizer", None)
+    while "_optimizer_step_pre_hooks" not in vars(optimizer) and isinstance(
+        inner, torch.optim.Optimizer
+    ):
+        optimizer, inner = inner, getattr(inner, "optimizer", None)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            f"expected optimizer to be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    return optimizer
 
 
 def _config(kind: type, given: Any, name: str, keywords: dict[str, Any]) -> Any:
