@@ -125,9 +125,13 @@ def table(records: Sequence[dict[str, Any]], worlds: Sequence[int]) -> str:
     """Markdown: per model and method, samples/s per process at each world size (median over
     rounds), the scaling (per-process throughput against one process) and the ratio to
     non-private DDP at the same world size."""
+
     def median(model: str, method: str, world: int) -> float | None:
-        values = [r["samples_per_s_per_process"] for r in records
-                  if r["ok"] and (r["model"], r["method"], r["world"]) == (model, method, world)]
+        values = [
+            r["samples_per_s_per_process"]
+            for r in records
+            if r["ok"] and (r["model"], r["method"], r["world"]) == (model, method, world)
+        ]
         return statistics.median(values) if values else None  # fmt: skip
 
     top = worlds[-1]

@@ -10,7 +10,7 @@ def test_every_error_is_exported_from_dpclip_and_keeps_its_builtin_base():
         "ParameterUseError": RuntimeError, "UnsupportedModuleError": ValueError,
         "NonFiniteNormError": FloatingPointError, "PhysicalBatchTooLarge": ValueError,
         "DoubleBackwardError": RuntimeError, "LoopOrderError": RuntimeError,
-        "PrivacyBudgetExceeded": RuntimeError,
+        "PrivacyBudgetExceeded": RuntimeError, "DistributedStepError": RuntimeError,
     }  # fmt: skip
     assert set(errors.__all__) == set(bases)
     for name, base in bases.items():
