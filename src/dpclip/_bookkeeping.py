@@ -46,6 +46,7 @@ class Accumulator:
 
     plan: Plan
     group_of: dict[int, int]
+    loss_scale: Tensor | None = None  # a GradScaler's S: the records hold S times the gradients
     batch: int | None = None
     forward: int | None = None
     entries: dict[nn.Parameter, _Entry] = field(default_factory=dict)
@@ -196,6 +197,8 @@ class Accumulator:
             group_sq[gi] = group_sq[gi] + entry.norm_sq if gi in group_sq else entry.norm_sq
         radius = group_clip_norm(plan.clip_norm, len(plan.groups))
         norms = {gi: sq.sqrt() * scale for gi, sq in group_sq.items()}
+        if self.loss_scale is not None:  # clip the unscaled gradients; the sums stay S times
+            norms = {gi: n / self.loss_scale.to(n.device, n.dtype) for gi, n in norms.items()}
         # one check (one device sync) for all groups, not one per group
         finite = [torch.isfinite(n).all() for n in norms.values()]
         if not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):

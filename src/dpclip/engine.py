@@ -100,6 +100,10 @@ class PrivacyEngine:
         verify: run the self-check (:meth:`verify`) on the first physical batch before the
             first step: a few examples run alone must give the per-example gradient norms
             dpclip computes, or the step is refused. ``False`` turns it off.
+        grad_scaler: the ``torch.amp.GradScaler`` of fp16 training. Its loss scale S multiplies
+            every per-example gradient; dpclip clips the unscaled ones (automatic clipping's γ
+            and Abadi's R would otherwise act at the wrong scale), and a step the scaler skips
+            for overflow (``scaler.step(optimizer)``) costs nothing: no noise, no ledger entry.
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class PrivacyEngine:
         registry: LayerRegistry | None = None,
         privacy: PrivacyConfig | None = None,
         performance: PerformanceConfig | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(verify, bool):
             raise ValueError(f"expected verify to be True or False, got {verify!r}")
@@ -146,6 +151,7 @@ class PrivacyEngine:
         sample_size, accountant = self.privacy.sample_size, self.privacy.accountant
         model, self._ddp = distributed.unwrap(model)
         self._world = distributed.World.detect()
+        self._scaler = _checked_scaler(grad_scaler, self._world)
         self.model, self.optimizer = model, _inner_optimizer(optimizer)
         self._plan = make_plan(
             model, optimizer, self.privacy, self.performance, registry or _REGISTRY
@@ -173,6 +179,7 @@ class PrivacyEngine:
         self._micro_batches = 0
         self._empty_allowed = False
         self._poisoned: str | None = None
+        self._overflowed = False  # a GradScaler's backward overflowed: its step will be skipped
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
@@ -268,9 +275,11 @@ class PrivacyEngine:
                     f"physical batch of {batch} samples exceeds max_physical_batch_size={limit}; "
                     "split the logical batch (engine.data_loader(..., physical_batch_size=...))"
                 )
+            if self._overflowed and self._grads_cleared():  # the scaler skipped that step
+                self._micro_batches, self._overflowed, self._empty_allowed = 0, False, False
             if self._micro_batches == 0:
                 self._check_fresh_grads()
-            self._accumulator = Accumulator(self._plan, self._group_of)
+            self._accumulator = Accumulator(self._plan, self._group_of, self._loss_scale())
         try:
             if self._plan.rules[record.module].whole_call:  # it runs the module again
                 with self._rules_running():
@@ -291,14 +300,26 @@ class PrivacyEngine:
         try:
             sums = accumulator.finish()
         except NonFiniteNormError as err:
-            self._poisoned = str(err)
-            raise
+            if accumulator.loss_scale is None:
+                self._poisoned = str(err)
+                raise
+            # fp16 overflow: NaN gradients make scaler.step skip the step, as without dpclip
+            sums = {p: torch.full_like(p, float("nan")) for p in self._params}
+            self._overflowed = True
         for p, g in sums.items():
             if p.grad is None:
                 p.grad = g.to(p.dtype)
             else:
                 p.grad.add_(g.to(p.dtype))
         self._micro_batches += 1
+
+    def _loss_scale(self) -> Tensor | None:
+        if self._scaler is None or not self._scaler.is_enabled():
+            return None
+        return self._scaler._get_scale_async()  # a tensor (no device sync); None before scale()
+
+    def _grads_cleared(self) -> bool:
+        return all(p.grad is None or not bool(p.grad.any()) for p in self._params)
 
     def _check_fresh_grads(self) -> None:
         for p in self._params:
@@ -344,6 +365,11 @@ class PrivacyEngine:
             )
         if self._poisoned is not None:
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
+        if self._overflowed:
+            raise NonFiniteNormError(
+                "refusing to step: the loss-scaled backward overflowed; step through the "
+                "scaler (scaler.step(optimizer)), which skips this step"
+            )
         if self._micro_batches == 0 and not self._empty_allowed:
             raise LoopOrderError(
                 "optimizer.step() was called without a backward pass since the last step; "
@@ -569,6 +595,22 @@ class PrivacyEngine:
         self.ledger.load_state_dict(state["ledger"])
         self._noise.load_state_dict(state["noise"])
         self._budget_steps = None
+
+
+def _checked_scaler(scaler: Any, world: distributed.World | None) -> Any:
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise ValueError(
+            f"expected grad_scaler to be a torch.amp.GradScaler, got {type(scaler).__name__}"
+        )
+    if world is not None and scaler.is_enabled():
+        raise ValueError(
+            "dpclip: fp16 loss scaling over several processes is not supported yet (a rank "
+            "whose backward overflows would skip a step the others take); use bf16 autocast, "
+            "which needs no scaler"
+        )
+    return scaler
 
 
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -1,0 +1,135 @@
+"""Mixed precision: fp16 with a GradScaler and bf16 autocast give the fp32 run's steps.
+
+A loss scale S multiplies every per-example gradient; dpclip must clip the unscaled ones
+(automatic clipping's γ and Abadi's R are not scale-invariant), and a step the scaler skips for
+overflow must cost nothing. Runs on the CPU (autocast and GradScaler both exist there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpclip
+
+B, STEPS = 16, 3
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.Tanh(), nn.Linear(32, 5))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(B, 12, generator=g), torch.randint(0, 5, (B,), generator=g))
+            for _ in range(STEPS)]  # fmt: skip
+
+
+def _train(precision: str, clipping: str, *, tell_engine: bool = True, init_scale=2.0**14):
+    """STEPS steps of Adam on the same batches; returns (parameters, engine, scaler)."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = None
+    if precision == "fp16":
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=100 * B, batch_size=B, steps=10, noise_multiplier=0.0,
+        clipping=clipping, clip_norm=0.05, grad_scaler=scaler if tell_engine else None,
+    )  # fmt: skip
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    for x, y in _batches():
+        for xs, ys in zip(x.split(B // 2), y.split(B // 2), strict=True):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(model(xs), ys)
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], engine, scaler
+
+
+@pytest.mark.parametrize("clipping", ["automatic", "abadi"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_steps_equal_the_fp32_steps(precision, clipping):
+    expected, _, _ = _train("fp32", clipping)
+    got, engine, _ = _train(precision, clipping)
+    assert engine.steps_taken == STEPS
+    tol = 2e-3 if precision == "fp16" else 2e-2
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+
+
+def test_a_scaler_the_engine_is_not_told_of_clips_at_the_wrong_scale():
+    """The control: the comparison above can fail (Abadi's R acting on S times the gradient)."""
+    expected, _, _ = _train("fp32", "abadi")
+    got, _, _ = _train("fp16", "abadi", tell_engine=False)
+    worst = max((g - e).abs().max().item() for g, e in zip(got, expected, strict=True))
+    assert worst > 1e-2
+
+
+def test_an_overflowing_step_is_skipped_without_noise_ledger_entry_or_error():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # overflows fp16 at first
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=100 * B, batch_size=B, steps=40, noise_multiplier=1.0, seed=0,
+        grad_scaler=scaler,
+    )  # fmt: skip
+    noise_state = engine.state_dict()["noise"]
+    before = [p.detach().clone() for p in model.parameters()]
+    skipped = 0
+    for x, y in _batches() * 10:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if scaler.get_scale() < scale:  # this step was skipped
+            skipped += 1
+            if engine.steps_taken == 0:
+                assert all(
+                    torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+                )
+                assert engine.state_dict()["noise"] == noise_state  # no noise drawn
+    assert skipped >= 1 and engine.steps_taken == 30 - skipped > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_stepping_past_the_scaler_after_an_overflow_is_refused():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=100 * B, batch_size=B, steps=4, noise_multiplier=1.0,
+        grad_scaler=scaler,
+    )  # fmt: skip
+    x, y = _batches()[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(dpclip.NonFiniteNormError, match="scaler.step"):
+        opt.step()
+    assert (
+        all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        and not engine.steps_taken
+    )
+
+
+def test_a_grad_scaler_argument_that_is_not_one_is_refused():
+    model = _model()
+    with pytest.raises(ValueError, match="expected grad_scaler to be a torch.amp.GradScaler"):
+        dpclip.PrivacyEngine(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), sample_size=100, batch_size=4,
+            steps=1, noise_multiplier=1.0, grad_scaler=2.0**16,
+        )  # fmt: skip
+    assert all(p.requires_grad for p in model.parameters())
