@@ -1,0 +1,278 @@
+"""DPTrainer: DP fine-tuning through transformers' Trainer, on tiny random-weight models (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
+
+import dpclip  # noqa: E402
+from dpclip.integrations.transformers import (  # noqa: E402
+    ARGS_FILE,
+    STATE_FILE,
+    DPTrainer,
+    PoissonBatchSampler,
+    PrivacyArguments,
+)
+
+VOCAB, T = 32, 10
+
+
+def _counting(n: int, seed: int = 0) -> list[dict]:
+    """A learnable LM task: each sequence counts up (mod VOCAB) from a random start."""
+    g = torch.Generator().manual_seed(seed)
+    ids = (torch.randint(0, VOCAB, (n, 1), generator=g) + torch.arange(T)) % VOCAB
+    return [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
+
+
+def _gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2,
+                                      n_head=2))  # fmt: skip
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=16,
+        gradient_accumulation_steps=2, num_train_epochs=2, learning_rate=5e-3, logging_steps=4,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    settings.update(kw)
+    return TrainingArguments(**settings)
+
+
+def _trainer(tmp_path, model=None, data=None, privacy=None, **kw) -> DPTrainer:
+    return DPTrainer(
+        model=model if model is not None else _gpt2(), args=_args(tmp_path, **kw),
+        train_dataset=data if data is not None else _counting(256),
+        data_collator=default_data_collator,
+        privacy_args=privacy or PrivacyArguments(target_epsilon=3.0, noise_seed=0, sampling_seed=0),
+    )  # fmt: skip
+
+
+def _losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_gpt2_causal_lm_learns_and_logs_epsilon_up_to_the_target(tmp_path):
+    trainer = _trainer(tmp_path, data=_counting(512), num_train_epochs=3)
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] - 0.5  # it learns the counting task (3.4 -> 2.6)
+    logged = [h["epsilon"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == sorted(logged) and logged[0] > 0  # ε with the loss, growing
+    final = trainer.privacy_engine.epsilon()
+    assert 0.9 * 3.0 <= final <= 3.0
+    assert trainer.state.log_history[-1]["epsilon"] == final
+    assert trainer.privacy_engine.steps_taken == trainer.state.global_step
+    # detached after train(): the parameters are trainable again
+    assert all(p.requires_grad for p in trainer.model.parameters())
+
+
+def test_bert_sequence_classifier_learns_a_synthetic_task(tmp_path):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, num_labels=2,
+    ))  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (256, T), generator=g)
+    labels = (ids[:, 0] < VOCAB // 2).long()  # the first token decides
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(256)]
+    trainer = _trainer(tmp_path, model=model, data=data, num_train_epochs=4, learning_rate=1e-2,
+                       privacy=PrivacyArguments(target_epsilon=8.0, noise_seed=0, sampling_seed=0))  # fmt: skip
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] - 0.1
+    assert 0.9 * 8.0 <= trainer.privacy_engine.epsilon() <= 8.0
+
+
+def test_resume_from_a_checkpoint_ends_like_the_uninterrupted_run(tmp_path):
+    privacy = PrivacyArguments(target_epsilon=3.0, noise_seed=1, sampling_seed=2)
+    whole = _trainer(tmp_path / "whole", privacy=privacy)
+    whole.train()
+
+    first = _trainer(tmp_path / "cut", privacy=privacy, save_strategy="steps", save_steps=8)
+    first.train()
+    checkpoint = tmp_path / "cut" / "run" / "checkpoint-8"
+    assert (checkpoint / STATE_FILE).is_file() and (checkpoint / ARGS_FILE).is_file()
+    resumed = _trainer(tmp_path / "cut", privacy=privacy, save_strategy="steps", save_steps=8)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.privacy_engine.epsilon() == whole.privacy_engine.epsilon()
+    assert resumed.privacy_engine.steps_taken == whole.privacy_engine.steps_taken
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_from_a_checkpoint_without_dpclip_state_is_refused(tmp_path):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match="not a DPTrainer checkpoint"):
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert trainer.privacy_engine is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_trains_only_the_adapters(tmp_path, family):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    if family == "llama":
+        base = LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        ))  # fmt: skip
+        targets = ["q_proj", "v_proj"]
+    else:
+        base, targets = _gpt2(), ["c_attn"]
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=targets))
+    trainable, total = model.get_nb_trainable_parameters()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    seen = []
+
+    class Count(TrainerCallback):  # what the Trainer's own count sees as training starts
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(sum(p.numel() for p in kwargs["model"].parameters() if p.requires_grad))
+
+    trainer = _trainer(tmp_path, model=model, num_train_epochs=1)
+    trainer.add_callback(Count())
+    trainer.train()
+    assert seen == [trainable] and 0 < trainable < total
+    assert model.get_nb_trainable_parameters() == (trainable, total)  # after training, too
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(
+        not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if n in adapters
+    )
+    assert trainer.privacy_engine.steps_taken == trainer.state.global_step > 0
+
+
+def test_max_grad_norm_clips_the_noisy_update_and_the_logged_norm_is_the_noisy_one(tmp_path):
+    norms = []
+
+    class Watch(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            grads = [p.grad for p in kwargs["model"].parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item())
+
+    trainer = _trainer(tmp_path, max_grad_norm=0.5, num_train_epochs=1, logging_steps=1)
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert norms and max(norms) <= 0.5 + 1e-4  # the update the optimizer stepped on
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    sigma = trainer.privacy_engine.noise_multiplier
+    d = sum(p.numel() for p in trainer.model.parameters())
+    expected_noise = sigma * 1.0 / trainer.logical_batch_size() * d**0.5  # ‖σR/B · ξ‖
+    assert all(0.8 * expected_noise < n < 1.5 * expected_noise for n in logged)
+
+
+def test_steps_with_an_empty_logical_batch_are_taken_and_accounted(tmp_path):
+    """q = 1/64: about a third of the logical batches are empty, the first one too (seed 0);
+    each is a noise-only step, in the ledger like any other."""
+    assert next(iter(PoissonBatchSampler(64, 1 / 64, 1, seed=0))) == []
+    trainer = _trainer(tmp_path, data=_counting(64), per_device_train_batch_size=1,
+                       gradient_accumulation_steps=1, num_train_epochs=1,
+                       privacy=PrivacyArguments(noise_multiplier=1.0, sampling_seed=0))  # fmt: skip
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert trainer.state.global_step == 64 == trainer.privacy_engine.steps_taken
+    assert all(
+        not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)
+    )
+
+
+def test_poisson_batch_sampler_splits_each_logical_batch_and_replays_an_epoch():
+    sampler = PoissonBatchSampler(100, 0.2, accumulation=3, seed=5)
+    assert len(sampler) == 5 * 3
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) == first  # the same epoch replays
+    assert list(sampler) != first  # the next pass without set_epoch is a new sample
+    steps = [first[i : i + 3] for i in range(0, 15, 3)]
+    for parts in steps:
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+        flat = [i for p in parts for i in p]
+        assert flat == sorted(set(flat))  # each example at most once per logical batch
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(train_sampling_strategy="group_by_length"), "not Poisson sampling"),
+        (dict(gradient_checkpointing=True), "gradient_checkpointing is not supported"),
+        (dict(auto_find_batch_size=True), "auto_find_batch_size"),
+    ],
+)
+def test_settings_that_break_dp_are_refused(tmp_path, settings, message):
+    model = _gpt2()
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, model=model, **settings)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_an_unsupported_model_is_refused_naming_the_module(tmp_path):
+    model = _gpt2()
+    model.transformer.h[0].mlp.act = torch.nn.BatchNorm1d(16)
+    with pytest.raises(dpclip.UnsupportedModuleError, match="BatchNorm1d"):
+        _trainer(tmp_path, model=model)
+
+
+def test_an_iterable_train_set_is_refused(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(_counting(8))
+
+    with pytest.raises(ValueError, match="map-style dataset"):
+        _trainer(tmp_path, data=Stream())
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(), "exactly one of target_epsilon= and noise_multiplier="),
+        (dict(target_epsilon=3.0, noise_multiplier=1.0), "exactly one"),
+        (dict(target_epsilon=3.0, clipping="nope"), "PrivacyArguments: .*clipping"),
+        (dict(target_epsilon=-1.0), "PrivacyArguments: .*target_epsilon"),
+        (dict(target_epsilon=3.0, clipping_style=[["a"]]), "clipping_style must be a name"),
+        (dict(target_epsilon=3.0, noise_seed=1, secure_rng=True), "cannot take a noise_seed"),
+    ],
+)
+def test_bad_privacy_arguments_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        PrivacyArguments(**kw)
+
+
+def test_the_privacy_arguments_are_saved_with_the_model(tmp_path):
+    privacy = PrivacyArguments(noise_multiplier=1.0, clip_norm=2.0)
+    trainer = _trainer(tmp_path, privacy=privacy, max_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = json.loads((tmp_path / "final" / ARGS_FILE).read_text())
+    assert saved == privacy.to_dict() and os.path.isfile(tmp_path / "final" / STATE_FILE)
+    assert trainer.privacy_engine.steps_taken == 2
+
+
+def test_training_twice_with_one_trainer_is_refused(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1, privacy=PrivacyArguments(noise_multiplier=1.0))
+    trainer.train()
+    with pytest.raises(RuntimeError, match="already run"):
+        trainer.train()
