@@ -276,3 +276,53 @@ def test_training_twice_with_one_trainer_is_refused(tmp_path):
     trainer.train()
     with pytest.raises(RuntimeError, match="already run"):
         trainer.train()
+
+
+def test_fp16_with_a_grad_scaler_trains_like_fp32(tmp_path):
+    """Accelerate creates its GradScaler on GPUs only; on the CPU one is given to it here, so the
+    path DPTrainer takes on a GPU (the scaler handed to the engine) runs in CI."""
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        trainer = _trainer(tmp_path / precision, max_steps=4, fp16=precision == "fp16")
+        if precision == "fp16":
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        trainer.train()
+        assert trainer.privacy_engine.steps_taken == 4
+        runs[precision] = [p.detach().clone() for p in trainer.model.parameters()]
+    for a, b in zip(runs["fp16"], runs["fp32"], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_bf16_autocast_trains_through_dptrainer(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=3, bf16=True)
+    trainer.train()
+    assert trainer.privacy_engine.steps_taken == 3
+    assert all(
+        p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.model.parameters()
+    )
+
+
+def test_epsilon_reaches_every_reporter(tmp_path):
+    seen = []
+
+    class Reporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(logs)
+
+    trainer = _trainer(tmp_path, max_steps=4, logging_steps=2)
+    trainer.add_callback(Reporter())
+    trainer.train()
+    assert [round(s["epsilon"], 12) for s in seen if "loss" in s][-1] > 0
+    assert all("epsilon" in s for s in seen)
+
+
+def test_prefix_tuning_trains_through_dptrainer(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        _gpt2(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = _trainer(tmp_path, model=model, max_steps=3)
+    trainer.train()
+    assert trainer.privacy_engine.steps_taken == 3
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

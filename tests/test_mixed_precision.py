@@ -7,6 +7,8 @@ overflow must cost nothing. Runs on the CPU (autocast and GradScaler both exist 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,15 +30,26 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]  # fmt: skip
 
 
-def _train(precision: str, clipping: str, *, tell_engine: bool = True, init_scale=2.0**14):
-    """STEPS steps of Adam on the same batches; returns (parameters, engine, scaler)."""
+def _train(
+    precision: str,
+    clipping: str,
+    *,
+    tell_engine: bool = True,
+    init_scale=2.0**14,
+    fused=False,
+    noise=0.0,
+):
+    """STEPS steps of Adam on the same batches; returns (parameters, engine, scaler).
+
+    ``fused``: Adam's fused kernel, which GradScaler steps with ``grad_scale`` set instead of
+    unscaling the gradients first (the Trainer's default optimizer is fused AdamW)."""
     model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused or None)
     scaler = None
     if precision == "fp16":
         scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
     engine = dpclip.PrivacyEngine(
-        model, opt, sample_size=100 * B, batch_size=B, steps=10, noise_multiplier=0.0,
+        model, opt, sample_size=100 * B, batch_size=B, steps=10, noise_multiplier=noise, seed=0,
         clipping=clipping, clip_norm=0.05, grad_scaler=scaler if tell_engine else None,
     )  # fmt: skip
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -64,6 +77,22 @@ def test_mixed_precision_steps_equal_the_fp32_steps(precision, clipping):
     for g, e in zip(got, expected, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_a_fused_optimizer_under_the_scaler_gets_the_noise_at_the_unscaled_size(noise):
+    expected, _, _ = _train("fp32", "automatic", fused=True, noise=noise)
+    got, engine, _ = _train("fp16", "automatic", fused=True, noise=noise)
+    assert engine.steps_taken == STEPS
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=2e-3, atol=2e-3)
+
+
+def test_a_fused_optimizer_skips_an_overflowing_step_without_a_ledger_entry():
+    _, engine, scaler = _train("fp16", "automatic", fused=True, noise=1.0, init_scale=2.0**40)
+    assert scaler.get_scale() < 2.0**40  # some steps overflowed and were skipped
+    skipped = round(math.log2(2.0**40 / scaler.get_scale()))
+    assert engine.steps_taken == STEPS - skipped
 
 
 def test_a_scaler_the_engine_is_not_told_of_clips_at_the_wrong_scale():

@@ -180,6 +180,7 @@ class PrivacyEngine:
         self._empty_allowed = False
         self._poisoned: str | None = None
         self._overflowed = False  # a GradScaler's backward overflowed: its step will be skipped
+        self._skipping = False  # the optimizer's own (fused) step skips this one for overflow
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
@@ -332,6 +333,8 @@ class PrivacyEngine:
 
     # ----------------------------------------------------------------------------- step
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._scaler is not None and self._scaler_inside_step(optimizer):
+            return  # an overflow the fused step will skip: no noise, no ledger entry
         world = self._world
         if world is None:
             self._may_step()
@@ -387,9 +390,29 @@ class PrivacyEngine:
             self._check_first_batch()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
+        if self._skipping:
+            self._skipping = self._overflowed = False
+        else:
+            self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
         self._micro_batches = 0
         self._empty_allowed = False
+
+    def _scaler_inside_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """A GradScaler stepping an optimizer that unscales in its own kernel (fused Adam/AdamW)
+        calls its step with ``grad_scale`` and ``found_inf`` set instead of unscaling first. The
+        noise must be added to the unscaled sums, so they are unscaled here and ``grad_scale``
+        cleared; an overflow (``found_inf``) is a step the kernel skips. True: skip it."""
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor) and bool(found_inf.sum() > 0):
+            self._skipping = True
+            return True
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        if isinstance(grad_scale, Tensor):
+            grads = [p.grad for p in self._params if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+            optimizer.grad_scale = None  # type: ignore[attr-defined]
+        return False
 
     # ----------------------------------------------------------------------------- self-check
     def verify(self, *args: Any, loss_fn: Callable[[Any], Tensor], **kwargs: Any) -> CheckResult:
