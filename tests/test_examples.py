@@ -1,5 +1,6 @@
 """Every script in examples/ runs to completion (with few epochs) as a user would run it."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,25 @@ def test_accelerate_example_trains_under_accelerate_launch_with_two_processes():
     lines = _launched([*launch, str(EXAMPLES / "accelerate_train.py"), "2"])
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
     assert 2.9 <= float(lines[-1].rsplit("ε = ", 1)[1]) <= 3.0
+
+
+def test_hf_finetune_example_loads_sst2_from_a_file_in_the_hubs_format(tmp_path):
+    pytest.importorskip("datasets")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import hf_finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    path = tmp_path / "train.parquet"
+    hf_finetune.synthetic_sst2(600).to_parquet(str(path))  # sentence, label, idx: SST-2's columns
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hf_finetune.py"), "--data-file", str(path),
+         "--epochs", "4", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("validation accuracy") and "δ = " in last
+    assert 2.9 <= float(last.split("ε = ")[1].split()[0]) <= 3.0
