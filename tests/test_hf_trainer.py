@@ -40,10 +40,12 @@ def _counting(n: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
 
 
-def _gpt2() -> GPT2LMHeadModel:
+def _gpt2(dropout: float = 0.1) -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2,
-                                      n_head=2))  # fmt: skip
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=dropout,
+        embd_pdrop=dropout, attn_pdrop=dropout,
+    ))  # fmt: skip
 
 
 def _args(tmp_path, **kw) -> TrainingArguments:
@@ -326,3 +328,30 @@ def test_prefix_tuning_trains_through_dptrainer(tmp_path):
     trainer.train()
     assert trainer.privacy_engine.steps_taken == 3
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_path):
+    """torchrun, 2 processes (gloo): the logical batch counts the world; without noise (and
+    dropout) the result equals one process with twice the per-device batch and the same
+    sampling seed."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         os.path.join(root, "tests", "dptrainer_worker.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=root,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["world"] == 2 and ranks[0]["batch"] == 8 * 2 * 2 and ranks[0]["steps"] == 4
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert torch.equal(a, b)
+    single = _trainer(tmp_path / "one", model=_gpt2(dropout=0.0), max_steps=4,
+                      per_device_train_batch_size=16,
+                      privacy=PrivacyArguments(noise_multiplier=0.0, sampling_seed=3))  # fmt: skip
+    single.train()
+    for a, b in zip(ranks[0]["params"], single.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)

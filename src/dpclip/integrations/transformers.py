@@ -2,12 +2,12 @@
 
 ``DPTrainer`` is a ``transformers.Trainer`` whose training loop is made private by a
 :class:`dpclip.PrivacyEngine`: the train set is Poisson-sampled at rate q = B / N with
-B = per_device_train_batch_size × gradient_accumulation_steps (one process), each logical batch
+B = per_device_train_batch_size × gradient_accumulation_steps × world size, each rank's share
 split into ``gradient_accumulation_steps`` physical batches; every example's gradient is clipped
 (automatic clipping by default) and the noise is added once per optimizer step. ε is logged with
 the loss, checkpoints carry the ledger, and settings that would break the guarantee are refused.
 
-The engine is attached when the first training step runs and detached when ``train()`` returns,
+The engine is attached before the first training step and detached when ``train()`` returns,
 so code that counts or filters trainable parameters by ``requires_grad`` before or after
 training (PEFT's ``print_trainable_parameters``, the Trainer's count and optimizer creation)
 sees them as trainable.
@@ -36,7 +36,7 @@ except ImportError as err:  # pragma: no cover
         "dpclip.integrations.transformers needs transformers: pip install 'dpclip[hf]'"
     ) from err
 
-from dpclip import accounting
+from dpclip import accounting, distributed
 from dpclip.config import PrivacyConfig
 from dpclip.engine import PrivacyEngine, _inner_optimizer
 from dpclip.errors import UnsupportedModuleError
@@ -113,14 +113,19 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     Every example is in a logical batch independently with probability q; a logical batch is
     split into ``accumulation`` parts of nearly equal size, some possibly empty (the Trainer
-    steps after each ``accumulation`` batches). A pass yields ``steps_per_epoch(q)`` logical
+    steps after each ``accumulation`` batches). With ``shard=(rank, world_size)`` every rank
+    draws the same sample (the seed must be the same) and keeps every world_size-th example, so
+    the union of the ranks' batches is one Poisson sample. A pass yields ``steps_per_epoch(q)`` logical
     batches; pass ``e`` draws from a generator seeded by (seed, e), so a resumed run replays
     its epoch exactly (``set_epoch``, which the Trainer calls; without it passes count up).
     """
 
-    def __init__(self, size: int, sample_rate: float, accumulation: int, seed: int) -> None:
+    def __init__(
+        self, size: int, sample_rate: float, accumulation: int, seed: int,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:  # fmt: skip
         self.size, self.sample_rate, self.accumulation = size, sample_rate, accumulation
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.shard = seed, 0, shard
         self.steps = accounting.steps_per_epoch(sample_rate)
 
     def set_epoch(self, epoch: int) -> None:
@@ -134,7 +139,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
         for _ in range(self.steps):
             sampled = (torch.rand(self.size, generator=generator) < self.sample_rate).nonzero()
-            for part in torch.tensor_split(sampled.flatten(), self.accumulation):
+            rank, world = self.shard  # the same sample on every rank; each takes its share
+            for part in torch.tensor_split(sampled.flatten()[rank::world], self.accumulation):
                 yield part.tolist()
 
 
@@ -217,10 +223,10 @@ class DPTrainer(Trainer):
             problems.append(
                 "auto_find_batch_size would change the batch the privacy is planned for"
             )
-        if args.world_size > 1 or args.n_gpu > 1:
+        if args.n_gpu > 1:
             problems.append(
-                "several processes or GPUs are not supported by DPTrainer yet: train in one "
-                "process, or use dpclip.PrivacyEngine with DistributedDataParallel"
+                "DataParallel over several GPUs in one process is not supported: launch one "
+                "process per GPU (torchrun or accelerate launch)"
             )
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             problems.append("DeepSpeed and FSDP (sharded parameters) are not supported")
@@ -230,7 +236,7 @@ class DPTrainer(Trainer):
     # ------------------------------------------------------------------------ data
     def logical_batch_size(self) -> int:
         args = self.args
-        return args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
     def get_train_dataloader(self) -> DataLoader:
         """Poisson-sampled logical batches at q = B / N, as gradient-accumulation batches."""
@@ -253,8 +259,15 @@ class DPTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
+        shard, seed = (0, 1), self._sampling_seed
+        world = distributed.World.detect()
+        if world is not None:  # rank 0's seed, so every rank draws the same sample
+            sent = [seed]
+            torch.distributed.broadcast_object_list(sent, src=0)
+            seed = self._sampling_seed = int(sent[0])
+            shard = (world.rank, world.size)
         sampler = PoissonBatchSampler(
-            size, batch / size, self.args.gradient_accumulation_steps, self._sampling_seed
+            size, batch / size, self.args.gradient_accumulation_steps, seed, shard
         )
         loader = DataLoader(
             dataset, batch_sampler=sampler, collate_fn=_collating(collate),

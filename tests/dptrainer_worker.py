@@ -1,0 +1,32 @@
+"""One rank of tests/test_hf_trainer.py's multi-process run: `torchrun --nproc-per-node 2`.
+
+Trains the tests' tiny GPT-2 through DPTrainer without noise and writes this rank's
+parameters, steps and ε to OUT/rank-<r>.pt; the test compares them with one process.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dpclip.integrations.transformers import PrivacyArguments
+from tests import test_hf_trainer as t
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    privacy = PrivacyArguments(noise_multiplier=0.0, sampling_seed=3)
+    trainer = t._trainer(Path(out), model=t._gpt2(dropout=0.0), privacy=privacy, max_steps=4,
+                         per_device_train_batch_size=8)  # fmt: skip
+    trainer.train()
+    rank = dist.get_rank()
+    torch.save({
+        "params": [p.detach().clone() for p in trainer.model.parameters()],
+        "steps": trainer.privacy_engine.steps_taken, "world": dist.get_world_size(),
+        "batch": trainer.logical_batch_size(),
+    }, Path(out) / f"rank-{rank}.pt")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
