@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dpclip._buckets import buckets
 from dpclip.errors import DistributedStepError
 
 # Gradients are summed in flat buckets of at most this many bytes, all in flight at once.
@@ -104,7 +105,7 @@ class World:
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
         """Sum ``tensors`` over the ranks in place, in flat buckets all in flight at once."""
         pending = []
-        for bucket in _buckets(tensors):
+        for bucket in buckets(tensors, lambda t: max(1, _BUCKET_BYTES // t.element_size())):
             flat = bucket[0] if len(bucket) == 1 and bucket[0].is_contiguous() else None
             if flat is None:
                 flat = torch.cat([t.reshape(-1) for t in bucket])
@@ -177,22 +178,6 @@ def _refuse_sharded(model: nn.Module) -> None:
             "dpclip.distributed: sharded parameters (FSDP) are not supported yet; use "
             "DistributedDataParallel"
         )
-
-
-def _buckets(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
-    buckets: list[list[Tensor]] = []
-    size = 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        last = buckets[-1][-1] if buckets else None
-        same = last is not None and (last.device, last.dtype) == (t.device, t.dtype)
-        if same and size + nbytes <= _BUCKET_BYTES:
-            buckets[-1].append(t)
-            size += nbytes
-        else:
-            buckets.append([t])
-            size = nbytes
-    return buckets
 
 
 def _first_line(err: BaseException) -> str:

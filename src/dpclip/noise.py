@@ -12,6 +12,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from dpclip._buckets import buckets
+
 # A bucket is one flat draw, added to a run of tensors (or pieces of one) of one device and dtype:
 # two kernel launches per bucket instead of two per parameter, which matters on a GPU.
 _BUCKET_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
@@ -34,23 +36,9 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
 
 
 def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
-    """Consecutive runs of one device and dtype of at most the device's bucket size; a larger
-    contiguous tensor is cut into flat pieces first."""
-    buckets: list[list[Tensor]] = []
-    size = 0
-    for t in tensors:
-        limit = _BUCKET_ELEMENTS.get(t.device.type, _BUCKET_ELEMENTS["cuda"])
-        pieces = t.view(-1).split(limit) if t.numel() > limit and t.is_contiguous() else [t]
-        for piece in pieces:
-            last = buckets[-1][-1] if buckets else None
-            same = last is not None and (last.device, last.dtype) == (t.device, t.dtype)
-            if same and size + piece.numel() <= limit:
-                buckets[-1].append(piece)
-                size += piece.numel()
-            else:
-                buckets.append([piece])
-                size = piece.numel()
-    return buckets
+    """Runs of one device and dtype of at most the device's bucket size (larger contiguous
+    tensors cut into flat pieces first)."""
+    return buckets(tensors, lambda t: _BUCKET_ELEMENTS.get(t.device.type, _BUCKET_ELEMENTS["cuda"]))
 
 
 def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
