@@ -16,7 +16,22 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dpclip.accounting import steps_per_epoch
 
-__all__ = ["LogicalBatch", "PoissonLoader"]
+__all__ = ["LogicalBatch", "PoissonLoader", "poisson_sample"]
+
+
+def poisson_sample(
+    size: int, sample_rate: float, generator: torch.Generator | None,
+    shard: tuple[int, int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One Poisson sample of ``range(size)``: each index independently with probability q, in
+    increasing order. ``shard=(rank, world_size)`` keeps every world_size-th sampled index from
+    ``rank``: ranks that draw with the same generator state take disjoint shares whose union is
+    the sample."""
+    indices = (torch.rand(size, generator=generator) < sample_rate).nonzero().flatten()
+    if shard is not None:
+        rank, world = shard
+        indices = indices[rank::world]
+    return indices
 
 
 class LogicalBatch:
@@ -197,11 +212,7 @@ class PoissonLoader:
     def _sample(self, generator: torch.Generator | None) -> LogicalBatch:
         """Draw one logical batch: each example independently with probability q (this
         rank's share of it, when sharded)."""
-        mask = torch.rand(self._size, generator=generator) < self.sample_rate
-        indices = mask.nonzero().flatten()
-        if self.shard is not None:
-            rank, world = self.shard
-            indices = indices[rank::world]
+        indices = poisson_sample(self._size, self.sample_rate, generator, self.shard)
         return LogicalBatch(
             self.dataset, indices, self.physical_batch_size, self.collate_fn, self.num_workers,
             on_physical_batch=self.on_physical_batch,

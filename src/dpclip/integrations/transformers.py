@@ -38,6 +38,7 @@ except ImportError as err:  # pragma: no cover
 
 from dpclip import accounting, distributed
 from dpclip.config import PrivacyConfig
+from dpclip.data import poisson_sample
 from dpclip.engine import PrivacyEngine, _inner_optimizer
 from dpclip.errors import UnsupportedModuleError
 from dpclip.validate import find_unsupported
@@ -137,10 +138,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
-        for _ in range(self.steps):
-            sampled = (torch.rand(self.size, generator=generator) < self.sample_rate).nonzero()
-            rank, world = self.shard  # the same sample on every rank; each takes its share
-            for part in torch.tensor_split(sampled.flatten()[rank::world], self.accumulation):
+        for _ in range(self.steps):  # the same sample on every rank; each takes its share
+            sampled = poisson_sample(self.size, self.sample_rate, generator, self.shard)
+            for part in torch.tensor_split(sampled, self.accumulation):
                 yield part.tolist()
 
 
