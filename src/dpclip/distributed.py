@@ -127,9 +127,13 @@ class World:
     def shared_seed(self, generator: torch.Generator | None) -> int:
         """A seed drawn on rank 0 (from ``generator``, or torch's global generator) and sent to
         every rank, so that all ranks draw the same Poisson sample and take disjoint shares."""
-        seed = torch.randint(0, 2**62, (1,), generator=generator).to(self.device)
-        torch.distributed.broadcast(seed, src=0)
-        return int(seed.item())
+        return self.from_rank_0(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+    def from_rank_0(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (an int64)."""
+        sent = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(sent, src=0)
+        return int(sent.item())
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:

@@ -262,9 +262,7 @@ class DPTrainer(Trainer):
         shard, seed = (0, 1), self._sampling_seed
         world = distributed.World.detect()
         if world is not None:  # rank 0's seed, so every rank draws the same sample
-            sent = [seed]
-            torch.distributed.broadcast_object_list(sent, src=0)
-            seed = self._sampling_seed = int(sent[0])
+            seed = self._sampling_seed = world.from_rank_0(seed)
             shard = (world.rank, world.size)
         sampler = PoissonBatchSampler(
             size, batch / size, self.args.gradient_accumulation_steps, seed, shard
