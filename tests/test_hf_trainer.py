@@ -355,3 +355,15 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_pat
     single.train()
     for a, b in zip(ranks[0]["params"], single.model.parameters(), strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_from_another_plan_is_refused_and_the_model_stays_trainable(tmp_path):
+    privacy = PrivacyArguments(noise_multiplier=1.0)
+    first = _trainer(tmp_path, privacy=privacy, max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    other = _trainer(tmp_path, data=_counting(128), privacy=privacy, max_steps=4)  # other q
+    with pytest.raises(ValueError, match="sample_rate"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    assert all(p.requires_grad for p in other.model.parameters())
+    assert other.privacy_engine is None

@@ -342,24 +342,25 @@ class DPTrainer(Trainer):
         optimizer = _inner_optimizer(self.optimizer)
         first = optimizer.register_step_pre_hook(self._before_private_step)  # before the engine's
         scaler = getattr(self.accelerator, "scaler", None)
+        engine = None
         try:
             engine = PrivacyEngine(
                 model, self.optimizer, sample_size=len(self.train_dataset),
                 batch_size=self.logical_batch_size(), **plan, **pa.engine_settings(),
                 seed=pa.noise_seed, secure_rng=pa.secure_rng, grad_scaler=scaler,
             )  # fmt: skip
-        except BaseException:
+            if engine.planned_steps != self.state.max_steps:
+                raise RuntimeError(
+                    f"DPTrainer: the Trainer plans {self.state.max_steps} steps but the privacy "
+                    f"plan has {engine.planned_steps}; pass max_steps or a whole num_train_epochs"
+                )
+            if self._resume_state is not None:
+                engine.load_state_dict(self._resume_state)
+        except BaseException:  # leave the model as it was: trainable, no hooks
+            if engine is not None:
+                engine.detach()
             first.remove()
             raise
-        if engine.planned_steps != self.state.max_steps:
-            engine.detach()
-            first.remove()
-            raise RuntimeError(
-                f"DPTrainer: the Trainer plans {self.state.max_steps} steps but the privacy plan "
-                f"has {engine.planned_steps}; pass max_steps or a whole num_train_epochs"
-            )
-        if self._resume_state is not None:
-            engine.load_state_dict(self._resume_state)
         last = optimizer.register_step_pre_hook(self._after_noise)  # after the engine's
         self._handles = [first, last]
         self.privacy_engine = engine
@@ -370,20 +371,14 @@ class DPTrainer(Trainer):
 
     def _after_noise(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Post-processing of the noisy update: max_grad_norm, and the logged norm."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]  # fmt: skip
-        if not grads:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
             return
         limit = self.args.max_grad_norm
         if limit and limit > 0:
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None],
-                limit,
-            )
+            norm = torch.nn.utils.clip_grad_norm_(params, limit)
         else:
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])
-            )
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self._grad_norm is not None:
             self._grad_norm.copy_(norm.detach().float().cpu())
 
