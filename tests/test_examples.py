@@ -1,25 +1,24 @@
 """Every script in examples/ runs to completion (with few epochs) as a user would run it."""
 
-import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_quickstart_trains_digits_and_reports_accuracy_and_epsilon():
+def test_quickstart_trains_digits_and_reports_accuracy_and_epsilon(monkeypatch, capsys):
+    """As ``python examples/quickstart.py 2``, in this process (the launcher tests below start
+    interpreters of their own)."""
     pytest.importorskip("sklearn")
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py"), "2"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLES / "quickstart.py"), "2"])
+    with torch.random.fork_rng():
+        runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
     # The whole two-epoch budget is spent by the end: ε reaches its target of 3, not more.
     epsilons = [float(line.rsplit("ε = ", 1)[1]) for line in lines]
@@ -56,23 +55,22 @@ def test_accelerate_example_trains_under_accelerate_launch_with_two_processes():
     assert 2.9 <= float(lines[-1].rsplit("ε = ", 1)[1]) <= 3.0
 
 
-def test_hf_finetune_example_loads_sst2_from_a_file_in_the_hubs_format(tmp_path):
+def test_hf_finetune_example_loads_sst2_from_a_hub_format_file(tmp_path, monkeypatch, capsys):
     pytest.importorskip("datasets")
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import hf_finetune
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    import huggingface_hub.constants
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import hf_finetune
+
     path = tmp_path / "train.parquet"
     hf_finetune.synthetic_sst2(600).to_parquet(str(path))  # sentence, label, idx: SST-2's columns
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "hf_finetune.py"), "--data-file", str(path),
-         "--epochs", "4", "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no download attempt: the offline fallback model
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with torch.random.fork_rng():
+        code = hf_finetune.main(["--data-file", str(path), "--epochs", "4",
+                                 "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("validation accuracy") and "δ = " in last
     assert 2.9 <= float(last.split("ε = ")[1].split()[0]) <= 3.0

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from dpclip.accounting import get_epsilon, get_noise_multiplier
 
 ACCOUNTANTS = ["pld", "rdp", "gdp"]
-FAST = settings(max_examples=12, deadline=None, derandomize=True)
+FAST = settings(max_examples=8, deadline=None, derandomize=True)
 
 sigmas = st.floats(0.5, 8.0)
 rates = st.floats(1e-3, 1.0)
@@ -48,7 +48,7 @@ def test_epsilon_increases_with_steps(accountant, sigma, q, steps, extra):
 
 
 @pytest.mark.parametrize("accountant", ACCOUNTANTS)
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=6, deadline=None, derandomize=True)
 @given(target=st.floats(0.2, 10.0), q=st.floats(1e-3, 0.1), steps=st.integers(10, 5000))
 def test_calibrated_noise_spends_between_99_and_100_percent_of_target(accountant, target, q, steps):
     sigma = get_noise_multiplier(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps,

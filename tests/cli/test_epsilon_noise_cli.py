@@ -17,22 +17,20 @@ def dpclip(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)  # fmt: skip
 
 
-def test_epsilon_json_reports_every_accountant_through_the_entry_point():
-    out = dpclip("epsilon", "--sigma", "1.1", "--sample-rate", "0.004", "--steps", "10000",
-                 "--delta", "1e-5", "--accountant", "all", "--json")  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+def test_epsilon_json_reports_every_accountant(capsys):
+    assert main(["epsilon", "--sigma", "1.1", "--sample-rate", "0.004", "--steps", "10000",
+                 "--delta", "1e-5", "--accountant", "all", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 10000 and report["delta"] == 1e-5
     for name in ("pld", "rdp", "gdp"):
         assert report["epsilon"][name] == get_epsilon(noise_multiplier=1.1, sample_rate=0.004,
                                                       steps=10000, delta=1e-5, accountant=name)  # fmt: skip
 
 
-def test_noise_from_epochs_meets_the_target_through_the_entry_point():
-    out = dpclip("noise", "--epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.004",
-                 "--epochs", "40", "--json")  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+def test_noise_from_epochs_meets_the_target(capsys):
+    assert main(["noise", "--epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.004",
+                 "--epochs", "40", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 10000  # ceil(40 / 0.004), without float noise
     sigma = report["noise_multiplier"]["pld"]
     spent = get_epsilon(noise_multiplier=sigma, sample_rate=0.004, steps=10000, delta=1e-5)
