@@ -36,6 +36,8 @@ _LAZY = {
     "accounting": "dpclip.accounting",
     "layers": "dpclip.layers",
     "data": "dpclip.data",
+    "audit": "dpclip.auditing",
+    "AuditResult": "dpclip.auditing",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -43,6 +45,7 @@ __all__ = sorted(_LAZY) + ["__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from dpclip import accounting, data, errors, layers  # noqa: F401
     from dpclip._selfcheck import CheckResult  # noqa: F401
+    from dpclip.auditing import AuditResult, audit  # noqa: F401
     from dpclip.config import PerformanceConfig, PrivacyConfig  # noqa: F401
     from dpclip.engine import PrivacyEngine, register_layer  # noqa: F401
     from dpclip.errors import (  # noqa: F401

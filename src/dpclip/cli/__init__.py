@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("train", "epsilon", "noise", "bench")
+SUBCOMMANDS = ("train", "epsilon", "noise", "audit", "bench")
 
 
 class CliError(Exception):
