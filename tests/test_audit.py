@@ -168,11 +168,12 @@ def test_the_users_own_data_set_and_loss(digits):
 
 
 def test_cli_json_reports_the_ledger_and_the_bound(capsys):
-    assert main(["audit", "--epsilon", "3", "--json", "--no-progress"]) == 0
+    small = ["--epochs", "5", "--num-canaries", "200", "--no-progress"]  # defaults: tests above
+    assert main(["audit", "--epsilon", "3", "--json", *small]) == 0
     out = json.loads(capsys.readouterr().out)
     assert 2.9 <= out["epsilon"] <= 3.0 and 0 <= out["epsilon_lower_bound"] <= out["epsilon"]
     assert out["canaries"] == "dirac" and out["dataset"] == "digits"
-    assert main(["audit", "--noise-multiplier", "0", "--json", "--no-progress"]) == 0
+    assert main(["audit", "--noise-multiplier", "0", "--json", *small]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["epsilon"] is None and out["epsilon_lower_bound"] >= 2  # no noise: detected
 
