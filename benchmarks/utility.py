@@ -189,6 +189,16 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _best(cells: dict[tuple, tuple[float, float]], grid: dict[tuple, list[float]], pred):
+    """The cell of highest mean accuracy among those ``pred`` keeps; None if none."""
+    keys = [k for k in cells if pred(k)]
+    if not keys:
+        return None
+    k = max(keys, key=lambda k: cells[k][0])
+    return {"clip_norm": k[1], "lr": k[2], "mean": cells[k][0], "sd": cells[k][1],
+            "seeds": len(grid[k])}  # fmt: skip
+
+
 def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per data set: mean accuracy per (clipping, R, lr), and the three tuned results."""
     out: dict[str, Any] = {}
@@ -199,24 +209,16 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 grid.setdefault((r["clipping"], r["clip_norm"], r["lr"]), []).append(r["accuracy"])
         cells = {key: _mean_sd(v) for key, v in grid.items()}
 
-        def best(pred) -> dict[str, Any] | None:
-            keys = [k for k in cells if pred(k)]
-            if not keys:
-                return None
-            k = max(keys, key=lambda k: cells[k][0])
-            return {"clip_norm": k[1], "lr": k[2], "mean": cells[k][0], "sd": cells[k][1],
-                    "seeds": len(grid[k])}  # fmt: skip
-
         rescale = [r for r in records if r["dataset"] == d and r["optimizer"] != "sgd"]
         out[d] = {
             "cells": [
                 {"clipping": k[0], "clip_norm": k[1], "lr": k[2], "mean": m, "sd": s}
                 for k, (m, s) in sorted(cells.items())
             ],  # fmt: skip
-            "auto_s_lr_tuned": best(lambda k: k[0] == "AUTO-S" and k[1] == 1.0),
-            "abadi_tuned": best(lambda k: k[0] == "Abadi"),
-            "abadi_r1": best(lambda k: k[0] == "Abadi" and k[1] == 1.0),
-            "auto_s_any_r": best(lambda k: k[0] == "AUTO-S"),
+            "auto_s_lr_tuned": _best(cells, grid, lambda k: k[0] == "AUTO-S" and k[1] == 1.0),
+            "abadi_tuned": _best(cells, grid, lambda k: k[0] == "Abadi"),
+            "abadi_r1": _best(cells, grid, lambda k: k[0] == "Abadi" and k[1] == 1.0),
+            "auto_s_any_r": _best(cells, grid, lambda k: k[0] == "AUTO-S"),
             "rescale": [
                 {k: r[k] for k in ("optimizer", "clip_norm", "lr", "accuracy", "params_norm")}
                 for r in rescale
