@@ -16,6 +16,7 @@ as large as the parameter is made. Otherwise the uses are instantiated and summe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,7 +28,9 @@ from dpclip.clipping import clip_factors, group_clip_norm
 from dpclip.errors import IntegrityError, NonFiniteNormError
 from dpclip.hooks import Record
 from dpclip.layers import LayerRule
-from dpclip.layers._common import OuterFactors, outer_inner, sq_norms
+from dpclip.layers._common import OuterFactors, outer_inner, sq_norms, weighted_sum
+
+_PACK_LIMIT = 1 << 16  # per-example elements up to which per-sample gradients are packed
 
 
 @dataclass(eq=False)
@@ -141,21 +144,52 @@ class Accumulator:
 
     def finish(self) -> dict[nn.Parameter, Tensor]:
         """Σ_i C_i g_i for every parameter touched (C from the plan's clipping)."""
-        self.norms_sq()
-        factors = self._factors()
+        packs, packed = self._packs()
+        norms: list[tuple[int, Tensor]] = [(gi, sq_norms(flat)) for gi, flat, _ in packs]
+        for p, entry in self.entries.items():
+            if p not in packed:
+                if entry.norm_sq is None:
+                    entry.norm_sq = sq_norms(entry.per_sample)
+                norms.append((self.group_of[id(p)], entry.norm_sq))
+        group_factor = self._factors(norms)
         sums: dict[nn.Parameter, Tensor] = {}
+        for gi, flat, members in packs:  # one product and one split for the whole pack
+            pieces = weighted_sum(group_factor[gi], flat).split([p[0].numel() for p in members])
+            for (p, shape), piece in zip(members, pieces, strict=True):
+                sums[p] = piece if piece.shape == shape else piece.view(shape)  # 1-D: as is
         kept: dict[Record, dict[str, Tensor]] = {}
         for p, entry in self.entries.items():
+            if p in packed:
+                continue
+            factor = group_factor[self.group_of[id(p)]]
             if entry.per_sample is not None:
-                g = entry.per_sample
-                sums[p] = torch.tensordot(factors[p].to(g.dtype), g, dims=1)
+                sums[p] = weighted_sum(factor, entry.per_sample)
             else:
                 for rec, name in entry.uses:
-                    kept.setdefault(rec, {})[name] = factors[p]
+                    kept.setdefault(rec, {})[name] = factor
         for rec, f in kept.items():
             self._clipped_sum(rec, f, sums)
             rec.inputs, rec.grad_output = (), None  # used up: free it before the next one
         return sums
+
+    def _packs(self) -> tuple[list[tuple[int, Tensor, list]], set[nn.Parameter]]:
+        """Small per-sample gradients (biases, norms' affine parameters) of one clipping group,
+        dtype and device, side by side in one (b, n) tensor: one norm and one product for all of
+        them instead of a few dispatched ops each. Large ones stay apart (no copy of them)."""
+        by_key: dict[tuple, list[nn.Parameter]] = {}
+        for p, entry in self.entries.items():
+            g = entry.per_sample
+            if g is not None and entry.norm_sq is None and math.prod(g.shape[1:]) <= _PACK_LIMIT:
+                by_key.setdefault((self.group_of[id(p)], g.dtype, g.device), []).append(p)
+        packs, packed = [], set()
+        for (gi, _, _), params in by_key.items():
+            if len(params) < 2:
+                continue
+            grads = [self.entries[p].per_sample for p in params]
+            flat = torch.cat([g if g.dim() == 2 else g.reshape(g.shape[0], -1) for g in grads], 1)
+            packs.append((gi, flat, [(p, g.shape[1:]) for p, g in zip(params, grads, strict=True)]))
+            packed.update(params)
+        return packs, packed
 
     def _clipped_sum(self, rec: Record, factors: dict[str, Tensor], sums: dict) -> None:
         """Add this call's share of Σ_i C_i g_i to ``sums``: in place where its parameter already
@@ -188,29 +222,46 @@ class Accumulator:
             p = self.plan.params[module][n]
             sums[p] = sums[p] + g if p in sums else g  # tied, no in-place rule: one share per use
 
-    def _factors(self) -> dict[nn.Parameter, Tensor]:
+    def _factors(self, norms_sq: list[tuple[int, Tensor]]) -> dict[int, Tensor]:
+        """Each clipping group's per-sample factors, from (group, squared norm) contributions."""
         plan = self.plan
         scale = float(self.batch) if plan.mean_reduction else 1.0
-        group_sq: dict[int, Tensor] = {}
-        for p, entry in self.entries.items():
-            gi = self.group_of[id(p)]
-            group_sq[gi] = group_sq[gi] + entry.norm_sq if gi in group_sq else entry.norm_sq
+        parts: dict[int, list[Tensor]] = {}
+        for gi, sq in norms_sq:
+            parts.setdefault(gi, []).append(sq)
+        group_sq = {gi: _total(sq) for gi, sq in parts.items()}
         radius = group_clip_norm(plan.clip_norm, len(plan.groups))
         norms = {gi: sq.sqrt() * scale for gi, sq in group_sq.items()}
         if self.loss_scale is not None:  # clip the unscaled gradients; the sums stay S times
             norms = {gi: n / self.loss_scale.to(n.device, n.dtype) for gi, n in norms.items()}
-        # one check (one device sync) for all groups, not one per group
-        finite = [torch.isfinite(n).all() for n in norms.values()]
-        if not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
+        # One check (one device sync) for all groups: a sum in float64 of non-negative norms
+        # is finite exactly when every norm is (it cannot overflow from finite float32 ones).
+        sums = [n.sum(dtype=_wide(n.device)) for n in norms.values()]
+        total = (
+            sums[0] if len(sums) == 1 else torch.stack([t.to(sums[0].device) for t in sums]).sum()
+        )
+        if not math.isfinite(float(total)):
             raise NonFiniteNormError(
                 "a per-sample gradient norm is NaN or infinite (check the loss for NaN/inf); "
                 "the clipped gradient was not accumulated and the model is unchanged"
             )
-        group_factor = {
+        return {
             gi: clip_factors(plan.clipping, n, clip_norm=radius, gamma=plan.gamma) * scale
             for gi, n in norms.items()
         }
-        return {p: group_factor[self.group_of[id(p)]] for p in self.entries}
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _total(tensors: list[Tensor]) -> Tensor:
+    """Σ of same-shape tensors in one or two dispatched ops instead of one per term."""
+    if len(tensors) == 1:
+        return tensors[0]
+    if len({(t.device, t.dtype) for t in tensors}) > 1:
+        return sum(tensors[1:], tensors[0])
+    return torch.stack(tensors).sum(dim=0)
 
 
 def _per_sample(rule: LayerRule, rec: Record, names: list[str], batch: int | None) -> dict:

@@ -26,6 +26,7 @@ from dpclip.layers._common import (
     outer_per_sample,
     sq_norms,
     use_ghost,
+    weighted_sum,
 )
 from dpclip.layers._registry import LayerRule, OuterFactorsFn, PerSampleGrad
 
@@ -182,7 +183,7 @@ def from_per_sample(
         module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         grads = per_sample_grad(module, inputs, grad_output, list(factors))
-        return {n: torch.tensordot(factors[n].to(g.dtype), g, dims=1) for n, g in grads.items()}
+        return {n: weighted_sum(factors[n], g) for n, g in grads.items()}
 
     def always(
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
