@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from benchmarks.models import MODELS, ModelSpec
+from benchmarks.ops import count_step
 
 OPACUS_NOISE = 1.0  # the settings the issue asks for; only the cost matters here
 OPACUS_CLIP = 1.0
@@ -299,6 +300,7 @@ def run_config(cfg: WorkerConfig) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}")
+    counted = count_step(step)  # one more, untimed step: the operations it dispatches
     timed = cfg.method == "dpclip" and hasattr(engine, "verify")  # older dpclip: no self-check
     self_check_s = _time_self_check(engine, cfg, device) if timed else None
     # the median step is robust to the stalls a shared machine inflicts on a few steps
@@ -311,6 +313,8 @@ def run_config(cfg: WorkerConfig) -> dict[str, Any]:
         "first_step_s": first_step_s,
         "self_check_s": self_check_s,
         "peak_mem_bytes": meter.peak_bytes(),
+        "ops_per_step": counted.total,
+        "kernels_per_step": counted.kernels,
         "mem_method": meter.method,
         "final_loss": loss,
         "n_params": n_params,

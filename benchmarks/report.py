@@ -52,7 +52,7 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
         for name in names:
             runs = [by[(name, r)] for r in rounds if (name, r) in by]
             ok = [rec for rec in runs if rec["ok"]]
-            thr_ratio, best_ratio, mem_ratio = [], [], []
+            thr_ratio, best_ratio, mem_ratio, ops_ratio = [], [], [], []
             for r in rounds:
                 rec, base = by.get((name, r)), by.get(("non-private", r))
                 if rec and base and rec["ok"] and base["ok"]:
@@ -61,6 +61,8 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
                         best_ratio.append(min(base["step_times_s"]) / min(rec["step_times_s"]))
                     if base["peak_mem_bytes"] > 0:
                         mem_ratio.append(rec["peak_mem_bytes"] / base["peak_mem_bytes"])
+                    if rec.get("ops_per_step") and base.get("ops_per_step"):
+                        ops_ratio.append(rec["ops_per_step"] / base["ops_per_step"])
             thr = [rec["samples_per_s"] for rec in ok]
             lv = live_by.get(name)
             live_mib = lv["peak_mem_bytes"] / MiB if lv and lv["ok"] else None
@@ -81,6 +83,10 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
                     "memory_ratio": _median(mem_ratio),
                     "live_mem_mib": live_mib,
                     "live_memory_ratio": live_ratio,
+                    "ops_per_step": _median(
+                        [r["ops_per_step"] for r in ok if r.get("ops_per_step")]
+                    ),
+                    "ops_ratio": _median(ops_ratio),
                     "errors": sorted({rec["error"] for rec in runs if not rec["ok"]}),
                 }
             )
@@ -111,6 +117,9 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
             if machine.get("live_memory")
             else ""
         ),
+        "- Ops/step: aten operations dispatched in one more, untimed step (a "
+        "TorchDispatchMode count: a proxy for kernel launches and host overhead; "
+        "`python -m benchmarks.ops` for the reference points).",
         *(
             [
                 "- Merged from the records files "
@@ -151,7 +160,9 @@ def _model_table(summary: Sequence[dict[str, Any]]) -> list[str]:
     head = "| model | batch | T | configuration | samples/s [min-max] | × non-private |"
     head += " best step × | peak MiB | memory × non-private |"
     head += " live MiB | live × non-private |" if live else ""
-    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if live else "")]
+    head += " ops/step | ops × non-private |"
+    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if live else "")
+             + "---:|---:|"]  # fmt: skip
     for point in summary:
         for row in point["rows"]:
             if row["rounds"] == 0:
@@ -176,6 +187,7 @@ def _model_table(summary: Sequence[dict[str, Any]]) -> list[str]:
                     f" {_fmt(row.get('live_mem_mib'), '.0f')} |"
                     f" {_fmt(row.get('live_memory_ratio'), '.2f', '×')} |"
                 )
+            line += f" {_fmt(row.get('ops_per_step'), '.0f')} | {_fmt(row.get('ops_ratio'), '.2f', '×')} |"
             lines.append(line)
     return lines
 
