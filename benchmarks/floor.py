@@ -1,7 +1,7 @@
 """The least a DP step can cost here: the matmul work dpclip adds, and the noise, at full speed.
 
 For each model, one non-private and one dpclip step (default ``mixed`` strategy, the benchmark's
-batch) run under torch's ``FlopCounterMode``; the difference in matrix products (mm, addmm, bmm,
+batch) run under torch's ``FlopCounterMode``; the difference in matrix products (mm, addmm, bmm, mv,
 baddbmm) is every multiply-add dpclip adds there (ghost-norm Grams, instantiated per-sample
 gradients, tied-weight cross terms). Convolutions are left out on both sides (the counter's
 figure for dpclip's grouped per-sample weight-gradient convolutions is not their multiply-adds),
@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.models import MODELS, ModelSpec
 
-_MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "mv"}
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,17 @@ def _trainer(
     return step, model
 
 
+def _mv_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Matrix-vector products (dpclip's per-sample sums): torch's counter has no formula."""
+    return 2 * a_shape[0] * a_shape[1]
+
+
+_EXTRA_FORMULAS = {torch.ops.aten.mv: _mv_flop}
+
+
 def _macs(step: Callable[[], None]) -> tuple[float, float]:
     """Multiply-adds of one step: its matrix products, and everything the counter counts."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         step()
     ops = counter.get_flop_counts()["Global"]
     matmuls = sum(n for op, n in ops.items() if op.__name__.split(".")[0] in _MATMULS)

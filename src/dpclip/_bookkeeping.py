@@ -30,7 +30,8 @@ from dpclip.hooks import Record
 from dpclip.layers import LayerRule
 from dpclip.layers._common import OuterFactors, outer_inner, sq_norms, weighted_sum
 
-_PACK_LIMIT = 1 << 16  # per-example elements up to which per-sample gradients are packed
+_PACK_LIMIT = 8192  # per-example elements up to which per-sample gradients are packed (biases,
+# norm affines; copying larger ones into the pack would cost more than the ops it saves)
 
 
 @dataclass(eq=False)
