@@ -29,6 +29,7 @@ from dpclip.errors import IntegrityError, NonFiniteNormError
 from dpclip.hooks import Record
 from dpclip.layers import LayerRule
 from dpclip.layers._common import OuterFactors, outer_inner, sq_norms, weighted_sum
+from dpclip.layers._derive import factor_memo
 
 _PACK_LIMIT = 8192  # per-example elements up to which per-sample gradients are packed (biases,
 # norm affines; copying larger ones into the pack would cost more than the ops it saves)
@@ -56,6 +57,13 @@ class Accumulator:
     entries: dict[nn.Parameter, _Entry] = field(default_factory=dict)
 
     def add(self, rec: Record) -> None:
+        # one build of the call's outer factors for its choice, norms and per-sample gradients;
+        # dropped when add returns (a kept record's clipped sum builds them again), so factors
+        # in a wider dtype than the record's tensors never outlive this call
+        with factor_memo({}):
+            self._add(rec)
+
+    def _add(self, rec: Record) -> None:
         self._check_batch(rec)
         rule, module = self.plan.rules[rec.module], rec.module
         params = self.plan.params[module]

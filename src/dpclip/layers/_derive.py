@@ -12,7 +12,9 @@ it (an embedding's sort path for norms).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -113,11 +115,47 @@ def _numel(shape: torch.Size) -> int:
     return n
 
 
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dpclip_memo", default=None)
+
+
+@contextlib.contextmanager
+def factor_memo(memo: dict) -> Iterator[None]:
+    """While active, the derived slots of one layer call build its outer factors once and reuse
+    them (the engine opens one per call record: instantiates, norms and clipped sum)."""
+    token = _MEMO.set(memo)
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _memoized(outer_factors: OuterFactorsFn) -> OuterFactorsFn:
+    def factors_of(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+    ) -> dict[str, OuterFactors]:
+        memo = _MEMO.get()
+        key = memo.get("call") if memo is not None else None
+        if memo is None or (key is not None and not _same_call(key, module, inputs, grad_output)):
+            return outer_factors(module, inputs, grad_output, names)  # not this memo's call
+        memo["call"] = (module, inputs, grad_output)
+        built = memo.setdefault("factors", {})
+        missing = [n for n in names if n not in built]
+        if missing:
+            built.update(outer_factors(module, inputs, grad_output, missing))
+        return {n: built[n] for n in names}
+
+    return factors_of
+
+
+def _same_call(key: tuple, module: nn.Module, inputs: tuple, grad_output: Tensor) -> bool:
+    return key[0] is module and key[1] is inputs and key[2] is grad_output
+
+
 def from_outer_factors(outer_factors: OuterFactorsFn, **overrides: Any) -> LayerRule:
     """The rule of a layer whose per-example gradients are sums of outer products over
     positions; ``overrides`` replace any derived slot (e.g. ``norm_sq``, ``check``)."""
 
-    factors_of = outer_factors
+    factors_of = _memoized(outer_factors)
 
     def norm_sq(
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
