@@ -94,7 +94,9 @@ def markdown(rows: list[dict], machine: str) -> str:
         "`dpclip audit`: Dirac canaries (1000, white-box: every noisy update seen; SGD, 30 "
         "epochs) and input canaries (200 mislabelled examples, black-box: the final model; "
         "Adam, 100 epochs), δ = 1e-5, seed 0. The bound holds at 95% confidence; above the "
-        "ledger's ε it shows a leak. Fault rows patch the engine for one run. "
+        "ledger's ε it shows a leak; a ledger ε above the ceiling (the bound with every guess "
+        "right) cannot be contradicted by these canaries. Fault rows patch the engine for one "
+        "run. "
         f"Measured on {machine}.",
         "",
         "Reproduce: `python -m benchmarks.audits` (one run: `dpclip audit --epsilon 3 --json`)",
@@ -105,8 +107,8 @@ def markdown(rows: list[dict], machine: str) -> str:
     for r in rows:
         eps = r["epsilon"]
         ledger = "∞" if eps is None else f"{eps:.2f}"
-        leak = eps is not None and r["epsilon_lower_bound"] > eps
-        verdict = "leak detected" if leak or eps is None and r["epsilon_lower_bound"] > 0 else "-"
+        verdict = {"leak": "leak detected", "consistent": "consistent",
+                   "inconclusive": f"inconclusive (ceiling {r['ceiling']:.2f})"}[r["verdict"]]  # fmt: skip
         lines.append(
             f"| {r['canaries']} | {r['fault'] or 'correct'} | {r['noise_multiplier']:.3g} | "
             f"{ledger} | {r['correct']} / {r['guesses']} | {r['epsilon_lower_bound']:.2f} | "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -106,7 +107,26 @@ def test_a_correct_run_stays_below_its_ledger(digits):
 def test_a_run_without_noise_is_detected_by_dirac_canaries(digits):
     result = audit(_mlp(), digits, noise_multiplier=0.0)
     assert result.epsilon == math.inf and result.epsilon_lower_bound >= 2
-    assert result.correct == result.guesses
+    assert result.correct == result.guesses and result.verdict == "leak"
+    assert "leak detected" in result.summary()
+
+
+@pytest.mark.parametrize("clipping", ["global", "abadi"])
+def test_canaries_reach_the_threshold_of_every_clipping_function(digits, clipping):
+    # global clipping drops an example above R: a canary just under R is kept whole
+    result = audit(_mlp(), digits, noise_multiplier=0.0, epochs=3, num_canaries=100,
+                   clipping=clipping, clip_norm=500.0)  # fmt: skip
+    assert result.correct == result.guesses and result.epsilon_lower_bound >= 2
+
+
+def test_a_ledger_above_what_the_canaries_can_show_is_inconclusive_not_consistent(
+    digits, monkeypatch
+):
+    monkeypatch.setattr(_bookkeeping, "clip_factors", lambda name, n, **kw: torch.ones_like(n))
+    result = audit(_mlp(), digits, target_epsilon=8.0)  # broken, but ε = 8 is out of reach
+    assert result.epsilon_lower_bound < result.epsilon and result.ceiling < result.epsilon
+    assert result.verdict == "inconclusive" and "inconclusive" in result.summary()
+    assert result.to_dict()["verdict"] == "inconclusive"
 
 
 def test_input_canaries_detect_a_run_without_noise_and_not_a_private_one(digits):
@@ -140,11 +160,25 @@ def test_noise_ten_times_too_small_is_detected(digits, monkeypatch):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(num_canaries=9, target_epsilon=3.0), "at least 10 canaries"),
+    [(dict(num_canaries=9, target_epsilon=3.0), "need between 10 and 100000 canaries, got 9"),
      (dict(canaries="input", num_canaries=800, target_epsilon=3.0), "need at least 1600 examples"),
      (dict(canaries="pixel", target_epsilon=3.0), "canaries must be one of"),
      (dict(), "exactly one of target_epsilon and noise_multiplier"),
-     (dict(target_epsilon=3.0, target_delta=0.5), "cannot plan this run: target_delta=0.5")],
+      (dict(target_epsilon=3.0, target_delta=0.5), "cannot plan this run: target_delta=0.5"),
+     (dict(target_epsilon=3.0, confidence=1.5), r"confidence must be in \[0.5, 1\), got 1.5"),
+     (dict(target_epsilon=3.0, confidence=math.nan), "confidence must be in"),
+     (dict(target_epsilon=3.0, confidence=0.0), "confidence must be in"),
+     (dict(noise_multiplier=1e-300), "cannot plan this run"),
+     (dict(noise_multiplier=1e5), r"noise_multiplier must be in \[0, 10000\], got 100000.0"),
+     (dict(noise_multiplier=math.nan), "noise_multiplier must be in"),
+     (dict(num_canaries=100.0, target_epsilon=3.0), "num_canaries must be an integer"),
+     (dict(num_canaries=10**6, target_epsilon=3.0), "need between 10 and 100000 canaries"),
+     (dict(target_epsilon=3.0, seed=-1), "seed must be an integer"),
+     (dict(target_epsilon=3.0, clipping_style="layer-wise"), "pass clipping_style='all-layer'"),
+     (dict(target_epsilon=3.0, canaries="input", num_canaries=100, num_classes=5),
+      "num_classes=5 but the labels run from 0 to 9"),
+     (dict(target_epsilon=3.0, optimizer=lambda ps: torch.optim.SGD(_mlp().parameters(), lr=1)),
+      "must be built over the parameters optimizer\\(params\\) is given")],
 )  # fmt: skip
 def test_an_audit_that_cannot_run_is_refused_before_training(digits, kwargs, message):
     model = _mlp()
@@ -155,6 +189,28 @@ def test_an_audit_that_cannot_run_is_refused_before_training(digits, kwargs, mes
     assert all(p.requires_grad for p in model.parameters())  # no engine left attached
 
 
+def test_a_run_that_fails_midway_leaves_the_model_detached_and_trainable(digits):
+    model = _mlp()
+    with pytest.raises(dpclip.NonFiniteNormError):
+        audit(model, digits, target_epsilon=3.0, epochs=1, lr=math.nan)  # NaN after one step
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    x, y = digits.tensors
+    nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()  # plain training works again
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [(lambda y: y.double(), "needs one integer class index per example"),
+     (lambda y: nn.functional.one_hot(y, 10), "labels of shape (1437, 10)")],
+)  # fmt: skip
+def test_labels_the_default_loss_cannot_use_are_refused(digits, labels, message):
+    x, y = digits.tensors
+    pairs = [(x[i], labels(y)[i]) for i in range(len(y))]  # not truncated or reshaped silently
+    with pytest.raises(AuditError, match=re.escape(message)):
+        audit(_mlp(), pairs, target_epsilon=3.0)
+
+
 def test_the_users_own_data_set_and_loss(digits):
     x, y = digits.tensors
     pairs = [(x[i], int(y[i])) for i in range(600)]  # any map-style data set of pairs
@@ -163,7 +219,7 @@ def test_the_users_own_data_set_and_loss(digits):
     assert result.steps > 0 and math.isfinite(result.epsilon)
     assert result.epsilon_lower_bound <= result.epsilon
     assert isinstance(dpclip.audit, type(audit)) and dpclip.AuditResult is type(result)
-    with pytest.raises(AuditError, match=r"yield \(input, integer label\) pairs"):
+    with pytest.raises(AuditError, match=r"yield \(input, label\) pairs"):
         audit(_mlp(), TensorDataset(x[:20]), num_canaries=10, noise_multiplier=1.0)
 
 
@@ -187,14 +243,16 @@ def test_cli_summary_is_one_readable_line(capsys):
 
 @pytest.mark.parametrize(
     "argv, fragment",
-    [(["--num-canaries", "5"], "need at least 10 canaries for a bound, got 5"),
+    [(["--num-canaries", "5"], "need between 10 and 100000 canaries, got 5"),
      (["--epsilon", "0"], "--epsilon must be > 0, got 0.0"),
      (["--epsilon", "nan"], "--epsilon must be > 0, got nan"),
      (["--noise-multiplier", "-1"], "--noise-multiplier must be >= 0, got -1.0"),
      (["--delta", "0.5"], "cannot plan this run: target_delta=0.5"),
      (["--canaries", "input", "--num-canaries", "1000"], "need at least 2000 examples"),
      (["--epochs", "-2"], "--epochs must be > 0"),
-     (["--confidence", "1"], "--confidence must be in (0, 1)"),
+     (["--confidence", "1"], "--confidence must be in [0.5, 1)"),
+     (["--epochs", "1e9"], "epochs must be in (0, 10000], got 1000000000.0"),
+     (["--seed", "100000000000000000000000"], "seed must be an integer in [0, 2**63)"),
      (["--epsilon", "3", "--noise-multiplier", "1"], "not allowed with argument")],
 )  # fmt: skip
 def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment, capsys):

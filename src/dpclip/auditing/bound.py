@@ -93,10 +93,7 @@ def audit_scores(
         )
     if not np.isfinite(s).all():
         raise ValueError("dpclip.audit: a canary's score is not finite; the training diverged")
-    counts = sorted({max(2, 2 * round(f * m / 2)) for f in guess_fractions if f * m >= 2})
-    counts = [min(k, m - m % 2) for k in counts]
-    if not counts:
-        raise ValueError(f"dpclip.audit: need at least 2 canaries, got {m}")
+    counts = guess_counts(m, guess_fractions)
     each = 1.0 - (1.0 - confidence) / len(counts)
     order = np.argsort(-s, kind="stable")  # highest score first
     tried = []
@@ -106,4 +103,14 @@ def audit_scores(
         tried.append(
             Bound(epsilon_lower_bound(m, k, correct, delta, each), k, correct, m, confidence)
         )
-    return max(tried, key=lambda b: b.epsilon_lower_bound)  # the first of equals: fewest guesses
+    best = max(tried, key=lambda b: b.epsilon_lower_bound)  # the first of equals: fewest guesses
+    return best if best.epsilon_lower_bound > 0 else tried[-1]  # nothing shown: the most guesses
+
+
+def guess_counts(m: int, guess_fractions: Sequence[float] = GUESS_FRACTIONS) -> list[int]:
+    """The even numbers of guesses tried for m canaries (fixed before seeing any score)."""
+    counts = sorted({min(max(2, 2 * round(f * m / 2)), m - m % 2)
+                     for f in guess_fractions if f * m >= 2})  # fmt: skip
+    if not counts:
+        raise ValueError(f"dpclip.audit: need at least 2 canaries, got {m}")
+    return counts

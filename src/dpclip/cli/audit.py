@@ -41,16 +41,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epsilon", type=float, help="target ε of the run (default: 3)")
     budget.add_argument("--noise-multiplier", type=float,
-                        help="σ instead of a target ε (0: no noise, which the audit detects)")  # fmt: skip
+                        help="σ instead of a target ε (0: no noise, a leak the audit detects)")  # fmt: skip
     p.add_argument("--delta", type=float, default=1e-5, help="δ (default: 1e-5)")
     p.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="data set (default: digits, embedded)")  # fmt: skip
     p.add_argument("--data-dir", help="folder holding the data set's files")
+    p.add_argument("--download", action="store_true", help="download missing files first")
     p.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="model (default: mlp)")
     p.add_argument(
         "--epochs", type=float, help="passes over the data (default 30 dirac, 100 input)"
     )
-    p.add_argument("--batch-size", type=int, default=256, help="expected logical batch size")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="expected logical batch size (default: 256)")  # fmt: skip
     p.add_argument("--optimizer", choices=tuple(DEFAULT_LR),
                    help="default sgd for dirac, adam for input")  # fmt: skip
     p.add_argument("--lr", type=float, help="learning rate (default 0.15 sgd, 1e-2 adam)")
@@ -81,8 +83,10 @@ def _settings(args: argparse.Namespace) -> dict:
     sigma = args.noise_multiplier
     if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
         raise CliError(f"--noise-multiplier must be >= 0, got {sigma}")
-    if not 0 < args.confidence < 1:
-        raise CliError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if not 0 <= args.seed < 2**63:
+        raise CliError(f"seed must be an integer in [0, 2**63), got {args.seed}")
+    if not 0.5 <= args.confidence < 1:
+        raise CliError(f"--confidence must be in [0.5, 1), got {args.confidence}")
     return s
 
 
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from dpclip.models import build_model
 
     try:
-        train_set, _, info = load_dataset(args.dataset, data_dir=args.data_dir)
+        train_set, _, info = load_dataset(args.dataset, data_dir=args.data_dir,
+                                          download=args.download)  # fmt: skip
     except DatasetError as err:
         raise CliError(str(err)) from None
     torch.manual_seed(args.seed)
