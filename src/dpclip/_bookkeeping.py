@@ -5,7 +5,9 @@ the per-sample norms (ghost, or any closed form) are computed and the record is 
 clipped sum later, or the per-sample gradients are instantiated (always for a bias: (b, out)),
 kept, and reused for the clipped sum as one small contraction; a record none of whose
 parameters needs it any more is freed at once. When the backward pass
-ends, the norms give the factors C, and each kept record costs one matmul, (C ⊙ s)ᵀ a.
+ends, the norms give the factors C, and each kept record costs one matmul, (C ⊙ s)ᵀ a; the
+small per-sample gradients of a clipping group (biases, norm affines) are packed side by side for
+one norm and one product.
 A parameter used by several calls (tied weights, a reused layer) needs the norm of the *sum* of
 its per-sample gradients: ‖Σ_k g_k‖² = Σ_k ‖g_k‖² + 2 Σ_{j<k} ⟨g_j, g_k⟩. Where every call's rule
 gives outer-product factors, the cross terms come from those (no per-sample gradient, as for an
@@ -163,7 +165,8 @@ class Accumulator:
         group_factor = self._factors(norms)
         sums: dict[nn.Parameter, Tensor] = {}
         for gi, flat, members in packs:  # one product and one split for the whole pack
-            pieces = weighted_sum(group_factor[gi], flat).split([p[0].numel() for p in members])
+            sizes = [param.numel() for param, _ in members]
+            pieces = weighted_sum(group_factor[gi], flat).split(sizes)
             for (p, shape), piece in zip(members, pieces, strict=True):
                 sums[p] = piece if piece.shape == shape else piece.view(shape)  # 1-D: as is
         kept: dict[Record, dict[str, Tensor]] = {}
