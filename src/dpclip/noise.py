@@ -25,6 +25,9 @@ _BUCKET_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 # serial). Below it the calling thread does: per process, the pool cost GPT-like (6 M) and
 # ViT-small (22 M) more step time than it saved (benchmarks/RESULTS.md, "The noise").
 _POOL_ELEMENTS = 1 << 26
+# CPU tensors below this many elements get the noise in two multi-tensor calls (a second pass over
+# them costs less than a dispatched op each); larger ones in one fused pass each.
+_SMALL = 1 << 16
 _scratch = threading.local()
 
 
@@ -55,9 +58,16 @@ def _add_scaled(bucket: list[Tensor], noise: Tensor, scale: float) -> None:
     pieces = [
         n.view_as(t) for n, t in zip(noise.split([t.numel() for t in bucket]), bucket, strict=True)
     ]
-    if bucket[0].device.type == "cpu":  # one pass per tensor: noise + scale · t, written into t
+    if bucket[0].device.type == "cpu":  # one pass per large tensor: noise + scale · t, into t
+        small = [(t, n) for t, n in zip(bucket, pieces, strict=True) if t.numel() < _SMALL]
         for t, n in zip(bucket, pieces, strict=True):
-            torch.add(n, t, alpha=scale, out=t)
+            if t.numel() >= _SMALL:
+                torch.add(n, t, alpha=scale, out=t)
+        if small:  # biases and norm affines: two calls for all of them instead of one each
+            ts, ns = [t for t, _ in small], [n for _, n in small]
+            if scale != 1.0:
+                torch._foreach_mul_(ts, scale)
+            torch._foreach_add_(ts, ns)
         return
     if scale != 1.0:
         torch._foreach_mul_(bucket, scale)
