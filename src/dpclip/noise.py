@@ -59,15 +59,17 @@ def _add_scaled(bucket: list[Tensor], noise: Tensor, scale: float) -> None:
         n.view_as(t) for n, t in zip(noise.split([t.numel() for t in bucket]), bucket, strict=True)
     ]
     if bucket[0].device.type == "cpu":  # one pass per large tensor: noise + scale · t, into t
-        small = [(t, n) for t, n in zip(bucket, pieces, strict=True) if t.numel() < _SMALL]
+        small_t, small_n = [], []
         for t, n in zip(bucket, pieces, strict=True):
             if t.numel() >= _SMALL:
                 torch.add(n, t, alpha=scale, out=t)
-        if small:  # biases and norm affines: two calls for all of them instead of one each
-            ts, ns = [t for t, _ in small], [n for _, n in small]
+            else:
+                small_t.append(t)
+                small_n.append(n)
+        if small_t:  # biases and norm affines: two calls for all of them instead of one each
             if scale != 1.0:
-                torch._foreach_mul_(ts, scale)
-            torch._foreach_add_(ts, ns)
+                torch._foreach_mul_(small_t, scale)
+            torch._foreach_add_(small_t, small_n)
         return
     if scale != 1.0:
         torch._foreach_mul_(bucket, scale)

@@ -29,9 +29,9 @@ def sq_norms(x: Tensor) -> Tensor:
 
 def weighted_sum(factors: Tensor, per_sample: Tensor) -> Tensor:
     """Σ_i C_i g_i for per-sample gradients (b, ...) -> (...), as one matrix-vector product."""
-    flat = per_sample.view(per_sample.shape[0], -1) if per_sample.is_contiguous() else None
-    if flat is None:
+    if not per_sample.is_contiguous():  # no flat view of it
         return torch.tensordot(factors.to(per_sample.dtype), per_sample, dims=1)
+    flat = per_sample.view(per_sample.shape[0], -1)
     return torch.mv(flat.t(), factors.to(flat.dtype)).view(per_sample.shape[1:])
 
 

@@ -121,7 +121,7 @@ _MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dpclip_memo
 @contextlib.contextmanager
 def factor_memo(memo: dict) -> Iterator[None]:
     """While active, the derived slots of one layer call build its outer factors once and reuse
-    them (the engine opens one per call record: instantiates, norms and clipped sum)."""
+    them (the engine opens one while it adds a call's record: choice, norms, per-sample grads)."""
     token = _MEMO.set(memo)
     try:
         yield
@@ -134,10 +134,11 @@ def _memoized(outer_factors: OuterFactorsFn) -> OuterFactorsFn:
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
     ) -> dict[str, OuterFactors]:
         memo = _MEMO.get()
-        key = memo.get("call") if memo is not None else None
-        if memo is None or (key is not None and not _same_call(key, module, inputs, grad_output)):
-            return outer_factors(module, inputs, grad_output, names)  # not this memo's call
-        memo["call"] = (module, inputs, grad_output)
+        if memo is None:
+            return outer_factors(module, inputs, grad_output, names)
+        call = memo.setdefault("call", (module, inputs, grad_output))
+        if not _same_call(call, module, inputs, grad_output):  # not this memo's call
+            return outer_factors(module, inputs, grad_output, names)
         built = memo.setdefault("factors", {})
         missing = [n for n in names if n not in built]
         if missing:
