@@ -119,7 +119,6 @@ def markdown(rows: list[dict], machine: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import report
-    from benchmarks.utility import _cpu
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.audits",
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         ledger = math.inf if r["epsilon"] is None else r["epsilon"]
         print(f"{kind:5s} {fault_name or 'correct':12s} ε={ledger:.3g} "
               f"bound={r['epsilon_lower_bound']:.3f}")  # fmt: skip
-    report.write_section(args.results, "audit", markdown(rows, _cpu()))
+    report.write_section(args.results, "audit", markdown(rows, report.cpu_description()))
     return 0
 
 

@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from benchmarks import report
-    from benchmarks.utility import _cpu
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.ops", description=__doc__.split("\n\n")[0]
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ops.json").write_text(json.dumps(rows, indent=1))
-    report.write_section(args.results, "ops-cpu", markdown(rows, _cpu()))
+    report.write_section(args.results, "ops-cpu", markdown(rows, report.cpu_description()))
     for r in rows:
         print(f"{r['description']}: {r['non-private']['ops']} -> {r['dpclip']['ops']} ops "
               f"({r['ops_ratio']:.2f}x), kernels {r['kernels_ratio']:.2f}x")  # fmt: skip

@@ -19,6 +19,26 @@ Produced by `python -m benchmarks.run` (see `benchmarks/run.py`). Each block bet
 """
 
 
+def cpu_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo; None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_description() -> str:
+    """The CPU and the cores this process may use, for a table's one-line machine note."""
+    import platform
+
+    name = cpu_name() or platform.processor() or platform.machine()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores"
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 

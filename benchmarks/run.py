@@ -365,14 +365,7 @@ def _profile(args: argparse.Namespace, model: str) -> int:
 
 def machine_description(args: argparse.Namespace, records: Sequence[dict[str, Any]]) -> dict:
     """What the numbers were measured on."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = report.cpu_name() or "unknown"
 
     def version(pkg: str) -> str:
         try:

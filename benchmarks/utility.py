@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.run import _csv, _positive
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLIP_NORMS = (0.01, 0.1, 1.0, 10.0)
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -60,7 +62,7 @@ class Cell:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in _csv(text))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
@@ -68,13 +70,6 @@ def _floats(text: str) -> tuple[float, ...]:
     if not values or not all(math.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,20 +312,6 @@ def _command(argv: Sequence[str]) -> str:
     return " ".join(["python -m benchmarks.utility", *(a for a in argv if a != "--quiet")])
 
 
-def _cpu() -> str:
-    import os
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as fh:
-            name = next(
-                line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
-
-
 def run(args: argparse.Namespace) -> int:
     from benchmarks import report
     from dpclip.datasets import DatasetError, load_dataset
@@ -363,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarise(records)
     pngs = {d: plot_heatmaps(d, summary[d], args.out / f"utility-{d}.png") for d in summary}
     machine = {
-        "cpu": _cpu(),
+        "cpu": report.cpu_description(),
         "started": started, "finished": report.now(),
         "minutes": (time.perf_counter() - t0) / 60, "epsilon": args.epsilon,
         "delta": args.delta, "batch_size": args.batch_size, "seeds": args.seeds,
