@@ -34,7 +34,10 @@ def fault(name: str | None) -> Iterator[None]:
         return
     if name == "no clipping":
         saved = _bookkeeping.clip_factors
-        _bookkeeping.clip_factors = lambda kind, norms, **kw: torch.ones_like(norms)
+        # every example whole: factor 1 on its own gradient (the engine's mean-loss scale kept)
+        _bookkeeping.clip_factors = lambda kind, norms, scale=1.0, **kw: torch.full_like(
+            norms, scale
+        )
         try:
             yield
         finally:

@@ -66,3 +66,16 @@ def test_factors_equal_the_definitions(name, norm):
 def test_an_unknown_clipping_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match=r"unknown clipping 'flat'; expected one of \['abadi'"):
         clip_factors("flat", torch.ones(1), clip_norm=1.0, gamma=0.01)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("scale", [0.25, 1.0, 64.0])
+def test_a_scale_gives_the_scaled_factors_of_the_scaled_norms(name, scale):
+    """The engine's mean-loss case: scale · C(scale · norm), against the oracle's definition
+    (the scale folded into the formula must not change it)."""
+    n = torch.tensor([1e-4, 0.01, 0.3, 1.0, 7.0], dtype=torch.float64)
+    got = clip_factors(name, n, clip_norm=0.7, gamma=0.01, scale=scale)
+    want = torch.stack([scale * CLIPPING[name](scale * v, 0.7, 0.01) for v in n])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # the clipped example: C'·‖g/b‖ = C(‖g‖)·‖g‖ ≤ R, with b = scale
+    assert bool((got * n <= 0.7 * (1 + 1e-12)).all())

@@ -194,3 +194,31 @@ def test_a_scale_that_is_not_finite_and_positive_is_refused_and_changes_nothing(
     assert all(  # no random number was drawn
         torch.equal(g, state["generators"][k]) for k, g in noise.state_dict()["generators"].items()
     )
+
+
+def test_kept_noise_views_never_repeat_a_draw_when_the_scratch_grows_or_layouts_change(
+    monkeypatch,
+):
+    """The CPU scratch and its per-layout views are kept between steps, replaced when the
+    scratch grows and dropped past a few layouts: whatever they went through, every step's
+    noise is a fresh draw (a view left out of the draw would add the old noise again)."""
+    monkeypatch.setattr(noise_module, "_PIECE_LAYOUTS", 2)
+    noise = GaussianNoise(1.0, seed=3)
+
+    def step(*shapes):
+        tensors = [torch.zeros(s) for s in shapes]
+        noise.add_(tensors)
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    first = step((3, 4), (5,))
+    again = step((3, 4), (5,))  # the kept views, a new draw through them
+    step((200_000,))  # a larger scratch: the old views go with the old buffer
+    after_growth = step((3, 4), (5,))
+    for shape in [(7,), (8,), (9,)]:  # more layouts than are kept
+        step(shape)
+    after_eviction = step((3, 4), (5,))
+    draws = [first, again, after_growth, after_eviction]
+    for i in range(len(draws)):
+        assert bool((draws[i] != 0).all())
+        for j in range(i):
+            assert not torch.isclose(draws[i], draws[j]).any(), (i, j)

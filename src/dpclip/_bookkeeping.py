@@ -243,7 +243,8 @@ class Accumulator:
             parts.setdefault(gi, []).append(sq)
         group_sq = {gi: _total(sq) for gi, sq in parts.items()}
         radius = group_clip_norm(plan.clip_norm, len(plan.groups))
-        norms = {gi: sq.sqrt() * scale for gi, sq in group_sq.items()}
+        # the mean loss's per-sample norms (1/b of the examples'): clip_factors applies the scale
+        norms = {gi: sq.sqrt() for gi, sq in group_sq.items()}
         if self.loss_scale is not None:  # clip the unscaled gradients; the sums stay S times
             norms = {gi: n / self.loss_scale.to(n.device, n.dtype) for gi, n in norms.items()}
         # One check (one device sync) for all groups: a sum in float64 of non-negative norms
@@ -258,7 +259,7 @@ class Accumulator:
                 "the clipped gradient was not accumulated and the model is unchanged"
             )
         return {
-            gi: clip_factors(plan.clipping, n, clip_norm=radius, gamma=plan.gamma) * scale
+            gi: clip_factors(plan.clipping, n, clip_norm=radius, gamma=plan.gamma, scale=scale)
             for gi, n in norms.items()
         }
 

@@ -65,18 +65,33 @@ CLIPPING_FUNCTIONS: dict[str, ClipFn] = {
     "psac": _psac,
 }
 NEEDS_GAMMA = frozenset({"automatic", "psac"})
+# C(norm; c·R) = c · C(norm; R) for c > 0: a scale of the factors folds into R (no extra op)
+_LINEAR_IN_R = frozenset({"automatic", "psac"})
 STYLES = ("all-layer", "layer-wise", "param-wise")
 
 
-def clip_factors(name: str, norms: Tensor, *, clip_norm: float, gamma: float) -> Tensor:
-    """Per-sample factors C for per-sample norms, so that ``C * norms <= clip_norm``."""
+def clip_factors(
+    name: str, norms: Tensor, *, clip_norm: float, gamma: float, scale: float = 1.0
+) -> Tensor:
+    """Per-sample factors C for per-sample norms, so that ``C * norms <= clip_norm``.
+
+    With ``scale`` (> 0): ``scale · C(scale · norms)``, the engine's case, whose norms are those
+    of the mean loss's per-sample gradients (1/b of the examples'), and whose factors multiply
+    them; the scale is folded into the formula where it can be (no extra op per step).
+    """
     try:
         fn = CLIPPING_FUNCTIONS[name]
     except KeyError:
         raise ValueError(
             f"unknown clipping {name!r}; expected one of {sorted(CLIPPING_FUNCTIONS)}"
         ) from None
-    return fn(norms, clip_norm, gamma)
+    if scale == 1.0:
+        return fn(norms, clip_norm, gamma)
+    if name == "automatic":  # s·R / (s·norm + γ) = R / (norm + γ/s)
+        return fn(norms, clip_norm, gamma / scale)
+    if name in _LINEAR_IN_R:
+        return fn(norms * scale, clip_norm * scale, gamma)
+    return fn(norms * scale, clip_norm, gamma) * scale
 
 
 def group_parameters(

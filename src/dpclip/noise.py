@@ -50,14 +50,38 @@ def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
     buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
         buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+        _scratch.__dict__.pop("pieces", None)  # views of the old buffer: drop them with it
     return buf[:numel]
 
 
-def _add_scaled(bucket: list[Tensor], noise: Tensor, scale: float) -> None:
-    """t <- scale · t + noise for each tensor of the bucket, over its stretch of ``noise``."""
-    pieces = [
-        n.view_as(t) for n, t in zip(noise.split([t.numel() for t in bucket]), bucket, strict=True)
-    ]
+_PIECE_LAYOUTS = 16  # bucket layouts whose views are kept per thread (a model has a few)
+
+
+def _scratch_pieces(bucket: list[Tensor], numel: int) -> tuple[Tensor, list[Tensor]]:
+    """This thread's scratch for ``bucket``: flat, and one view shaped like each tensor.
+
+    The views are kept with the scratch, per layout (dtype and shapes): making them is a
+    dispatched op per tensor, each step, for views of the same memory.
+    """
+    key = (bucket[0].dtype, tuple(t.shape for t in bucket))
+    got = _scratch.__dict__.get("pieces", {}).get(key)  # views of the current buffer only
+    if got is None:
+        flat = _scratch_buffer(numel, bucket[0].dtype)  # a new buffer drops the old views
+        layouts = _scratch.__dict__.setdefault("pieces", {})
+        if len(layouts) >= _PIECE_LAYOUTS:
+            layouts.clear()
+        got = layouts[key] = (flat, _split_like(flat, bucket))
+    return got
+
+
+def _split_like(flat: Tensor, bucket: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut into consecutive views shaped like the tensors of ``bucket``."""
+    pieces = flat.split([t.numel() for t in bucket])
+    return [n.view_as(t) for n, t in zip(pieces, bucket, strict=True)]
+
+
+def _add_scaled(bucket: list[Tensor], pieces: list[Tensor], scale: float) -> None:
+    """t <- scale · t + n for each tensor t of the bucket and its piece n of the noise."""
     if bucket[0].device.type == "cpu":  # one pass per large tensor: noise + scale · t, into t
         small_t, small_n = [], []
         for t, n in zip(bucket, pieces, strict=True):
@@ -124,7 +148,9 @@ class GaussianNoise:
             numel = sum(t.numel() for t in bucket)
             if first.device.type != "cpu":
                 flat = torch.empty(numel, dtype=first.dtype, device=first.device)
-                _add_scaled(bucket, flat.normal_(0.0, std, generator=gen), scale)
+                _add_scaled(
+                    bucket, _split_like(flat.normal_(0.0, std, generator=gen), bucket), scale
+                )
             else:
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen))
                 cpu_jobs.append((bucket, numel, seed, std, scale))
@@ -137,9 +163,9 @@ class GaussianNoise:
 
     def _add_cpu(self, job: tuple[list[Tensor], int, int, float, float]) -> None:
         bucket, numel, seed, std, scale = job
-        flat = _scratch_buffer(numel, bucket[0].dtype)
+        flat, pieces = _scratch_pieces(bucket, numel)
         flat.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
-        _add_scaled(bucket, flat, scale)
+        _add_scaled(bucket, pieces, scale)
 
     def state_dict(self) -> dict:
         return {

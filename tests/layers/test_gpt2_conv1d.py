@@ -49,6 +49,11 @@ def test_registering_conv1d_does_not_import_transformers():
 
 
 @settings(max_examples=20, deadline=None)
-@given(batch=st.integers(1, 4), T=st.integers(1, 6), nx=st.integers(1, 5), nf=st.integers(1, 5))
-def test_conv1d_rule_equals_naive_loop_any_shape(batch, T, nx, nf):
-    assert_rule_matches_oracle(*_case(batch, (T,), nx, nf))
+@given(
+    batch=st.integers(1, 4),
+    lead=st.sampled_from([(), (1,), (2,), (6,)]),  # (): the (b, in) path without positions
+    nx=st.integers(1, 5),
+    nf=st.integers(1, 5),
+)
+def test_conv1d_rule_equals_naive_loop_any_shape(batch, lead, nx, nf):
+    assert_rule_matches_oracle(*_case(batch, lead, nx, nf))

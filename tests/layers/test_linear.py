@@ -29,7 +29,10 @@ def test_linear_rule_frozen_weight_trains_bias_only():
 
 @settings(max_examples=20, deadline=None)
 @given(
-    batch=st.integers(1, 4), T=st.integers(1, 6), d_in=st.integers(1, 5), d_out=st.integers(1, 5)
+    batch=st.integers(1, 4),
+    lead=st.sampled_from([(), (1,), (2,), (6,)]),  # (): the (b, in) path without positions
+    d_in=st.integers(1, 5),
+    d_out=st.integers(1, 5),
 )
-def test_linear_rule_equals_naive_loop_any_shape(batch, T, d_in, d_out):
-    assert_rule_matches_oracle(*_case(batch, (T,), d_in, d_out, True))
+def test_linear_rule_equals_naive_loop_any_shape(batch, lead, d_in, d_out):
+    assert_rule_matches_oracle(*_case(batch, lead, d_in, d_out, True))

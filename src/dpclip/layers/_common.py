@@ -31,8 +31,19 @@ def weighted_sum(factors: Tensor, per_sample: Tensor) -> Tensor:
     """Σ_i C_i g_i for per-sample gradients (b, ...) -> (...), as one matrix-vector product."""
     if not per_sample.is_contiguous():  # no flat view of it
         return torch.tensordot(factors.to(per_sample.dtype), per_sample, dims=1)
-    flat = per_sample.view(per_sample.shape[0], -1)
-    return torch.mv(flat.t(), factors.to(flat.dtype)).view(per_sample.shape[1:])
+    flat = per_sample if per_sample.dim() == 2 else per_sample.view(per_sample.shape[0], -1)
+    out = torch.mv(flat.t(), factors.to(flat.dtype))
+    return out if per_sample.dim() == 2 else out.view(per_sample.shape[1:])
+
+
+def product_norm_sq(a: Tensor, s: Tensor) -> Tensor:
+    """‖a_i‖²·‖s_i‖² per sample (the squared norm of a one-position outer product s_i ⊗ a_i),
+    squared once: ``(‖a_i‖·‖s_i‖)²``."""
+    return (_norms(a) * _norms(s)).square()
+
+
+def _norms(x: Tensor) -> Tensor:
+    return x.abs() if x.dim() == 1 else torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())))
 
 
 def use_ghost(strategy: str, T: int, d_in: int, d_out: int) -> bool:
@@ -49,14 +60,19 @@ def use_ghost(strategy: str, T: int, d_in: int, d_out: int) -> bool:
     return T * (d_in + d_out) < d_in * d_out
 
 
-def outer_norm_sq(a: Tensor, s: Tensor, ghost: bool) -> Tensor:
-    """‖s_iᵀ a_i‖²_F per sample for a: (b, T, in), s: (b, T, out)."""
-    if a.shape[1] == 1:
-        return sq_norms(a) * sq_norms(s)
-    if ghost:
-        gram_a = torch.bmm(a, a.transpose(1, 2))
-        gram_s = torch.bmm(s, s.transpose(1, 2))
+def outer_norm_sq(a: Tensor, s: Tensor, ghost: bool, *, positions_last: bool = False) -> Tensor:
+    """‖s_iᵀ a_i‖²_F per sample for a: (b, T, in), s: (b, T, out); with ``positions_last``,
+    a: (b, in, T) and s: (b, out, T) (a convolution's unfolded layout, no transposed copy)."""
+    if a.shape[-1 if positions_last else 1] == 1:
+        return product_norm_sq(a, s)
+    if ghost:  # Σ_{t,t'} ⟨a_t, a_t'⟩⟨s_t, s_t'⟩, from the two (b, T, T) Grams
+        if positions_last:
+            gram_a, gram_s = torch.bmm(a.transpose(1, 2), a), torch.bmm(s.transpose(1, 2), s)
+        else:
+            gram_a, gram_s = torch.bmm(a, a.transpose(1, 2)), torch.bmm(s, s.transpose(1, 2))
         return (gram_a * gram_s).sum(dim=(1, 2))
+    if positions_last:
+        return sq_norms(torch.bmm(s, a.transpose(1, 2)))
     return sq_norms(torch.bmm(s.transpose(1, 2), a))
 
 
@@ -73,6 +89,15 @@ def outer_clipped_sum(a: Tensor, s: Tensor, factors: Tensor, into: Tensor | None
         a = a * c
     s, a = s.reshape(-1, s.shape[-1]).t(), a.reshape(-1, a.shape[-1])
     return s @ a if into is None else into.addmm_(s.to(into.dtype), a.to(into.dtype))
+
+
+def flat_clipped_sum(rows: Tensor, cols: Tensor, factors: Tensor) -> Tensor:
+    """Σ_i C_i rows_i ⊗ cols_i for one position per sample, rows: (b, p), cols: (b, q): one
+    matmul, the factors scaling the smaller side (no (b, 1, n) views on the way)."""
+    c = factors.to(rows.dtype)
+    if rows.shape[1] <= cols.shape[1]:
+        return torch.mm(rows.t() * c, cols)
+    return torch.mm(rows.t(), cols * c.unsqueeze(1))
 
 
 def outer_per_sample(a: Tensor, s: Tensor) -> Tensor:

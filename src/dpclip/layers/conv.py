@@ -10,6 +10,7 @@ convolution's own weight gradient of the scaled output gradient C ⊙ s.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -83,11 +84,14 @@ def _unfold(module: _Conv, x: Tensor, dtype: torch.dtype) -> Tensor:
     for dim, (k, d, st) in enumerate(
         zip(module.kernel_size, module.dilation, module.stride, strict=True)
     ):
-        x = x.unfold(2 + dim, d * (k - 1) + 1, st)[..., ::d]
+        x = x.unfold(2 + dim, d * (k - 1) + 1, st)
+        if d > 1:
+            x = x[..., ::d]
     x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))  # (b, C, *kernel, *out)
     cols = torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)  # one copy, cast
     b, groups, positions = x.shape[0], module.groups, math.prod(x.shape[2 + n :])
-    return cols.view(b * groups, -1, positions)
+    shape = (b * groups, math.prod(x.shape[1 : 2 + n]) // groups, positions)
+    return cols if cols.shape == shape else cols.view(shape)
 
 
 def _flat(module: _Conv, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,10 +118,12 @@ def _by_batch_chunks(
 ) -> Tensor:
     """fn(a, s) over batch chunks, concatenated: the unfolded input never exists whole."""
     b = grad_output.shape[0]
-    per_sample = module.in_channels * math.prod(module.kernel_size) * grad_output[0].numel()
-    per_sample //= module.out_channels
+    per_sample = module.in_channels * math.prod(module.kernel_size)
+    per_sample *= math.prod(grad_output.shape[2:])  # output positions
     budget = _CHUNK_ELEMENTS.get(grad_output.device.type, _CHUNK_ELEMENTS["cpu"])
     step = max(1, budget // max(1, per_sample))
+    if step >= b:  # one chunk: no slices
+        return fn(*_flat(module, inputs, grad_output))
     parts = [
         fn(*_flat(module, (inputs[0][i : i + step],), grad_output[i : i + step]))
         for i in range(0, b, step)
@@ -140,20 +146,31 @@ def norm_sq(
 
         def weight_norm_sq(a: Tensor, s: Tensor) -> Tensor:
             ghost = use_ghost(strategy, a.shape[2], a.shape[1], s.shape[1])
-            return outer_norm_sq(a.transpose(1, 2), s.transpose(1, 2), ghost)
+            return outer_norm_sq(a, s, ghost, positions_last=True)
 
         per_group = _by_batch_chunks(module, inputs, grad_output, weight_norm_sq)
-        out["weight"] = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
+        if module.groups > 1:
+            per_group = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
+        out["weight"] = per_group
     if "bias" in names:
         out["bias"] = sq_norms(_bias_per_sample(grad_output, dtype))
     return out
 
 
-_WEIGHT_GRAD = {
-    1: torch.nn.grad.conv1d_weight,
-    2: torch.nn.grad.conv2d_weight,
-    3: torch.nn.grad.conv3d_weight,
-}
+@functools.lru_cache(maxsize=64)
+def _shape_only(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A tensor of this shape over one element (stride 0), where a kernel reads only the
+    weight's shape: made once, not each step (torch.nn.grad makes the same, every call)."""
+    return torch.empty(1, dtype=dtype, device=device).expand(shape)
+
+
+def _weight_grad(module: _Conv, x: Tensor, grad_output: Tensor, padding: Sequence[int]) -> Tensor:
+    """The convolution's weight gradient for input x and output gradient ``grad_output``: the
+    backend's kernel, given a weight tensor for its shape only (never read)."""
+    return torch.ops.aten.convolution_backward(
+        grad_output, x, _shape_only(module.weight.shape, x.dtype, x.device), None, module.stride, padding, module.dilation,
+        False, (0,) * len(padding), module.groups, (False, True, False),
+    )[1]  # fmt: skip
 
 
 def clipped_grad(
@@ -166,15 +183,7 @@ def clipped_grad(
     if "weight" in factors:
         scale = factors["weight"].to(dtype).view(-1, *([1] * (n + 1)))
         x, padding = _padded(module, inputs[0])
-        out["weight"] = _WEIGHT_GRAD[n](
-            x.to(dtype),
-            module.weight.shape,
-            grad_output.to(dtype) * scale,
-            module.stride,
-            padding,
-            module.dilation,
-            module.groups,
-        )
+        out["weight"] = _weight_grad(module, x.to(dtype), grad_output.to(dtype) * scale, padding)
     if "bias" in factors:
         out["bias"] = factors["bias"].to(dtype) @ _bias_per_sample(grad_output, dtype)
     return out
@@ -222,7 +231,7 @@ def _per_sample_by_kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tens
     grad = torch.ops.aten.convolution_backward(
         grad_output.float().reshape(1, b * module.out_channels, *grad_output.shape[2:]),
         x.float().reshape(1, b * module.in_channels, *x.shape[2:]),
-        torch.empty(weight_shape, dtype=torch.float32, device=x.device),
+        _shape_only(torch.Size(weight_shape), torch.float32, x.device),
         None,
         module.stride,
         padding,

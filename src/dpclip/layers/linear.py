@@ -9,15 +9,24 @@ for either layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 
 from torch import Tensor, nn
 
-from dpclip.layers._common import OuterFactors, as_btd
+from dpclip.layers._common import (
+    OuterFactors,
+    as_btd,
+    flat_clipped_sum,
+    product_norm_sq,
+    sq_norms,
+    weighted_sum,
+)
 from dpclip.layers._derive import from_outer_factors
 from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
 
 Layout = Callable[[nn.Module], bool]  # module -> whether its weight is stored (in, out)
+_Flat = tuple[Tensor, Tensor, Tensor, Tensor]  # a, s, and the weight's rows and cols
 
 
 def dense_rule(transposed: Layout) -> LayerRule:
@@ -35,7 +44,65 @@ def dense_rule(transposed: Layout) -> LayerRule:
             out["bias"] = OuterFactors(s, None)
         return out
 
-    return from_outer_factors(outer_factors)
+    derived = from_outer_factors(outer_factors)
+
+    def one_position(module: nn.Module, inputs: tuple, grad_output: Tensor) -> _Flat | None:
+        """(a, s, rows, cols) as (b, n) matrices when the input is (b, in): the usual classifier
+        head, whose outer factors would be (b, 1, n) views made twice per step."""
+        x = inputs[0] if inputs else None
+        if not (isinstance(x, Tensor) and x.dim() == 2 and grad_output.dim() == 2):
+            return None
+        dtype = compute_dtype(module.weight, grad_output)
+        a, s = x.to(dtype), grad_output.to(dtype)
+        return (a, s, a, s) if transposed(module) else (a, s, s, a)
+
+    def norm_sq(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+    ) -> dict[str, Tensor]:
+        flat = one_position(module, inputs, grad_output)
+        if flat is None:
+            return derived.norm_sq(module, inputs, grad_output, names, strategy)
+        _, s, rows, cols = flat
+        return {n: product_norm_sq(rows, cols) if n == "weight" else sq_norms(s) for n in names}
+
+    def clipped_grad(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, factors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        flat = one_position(module, inputs, grad_output)
+        if flat is None:
+            return derived.clipped_grad(module, inputs, grad_output, factors)
+        _, s, rows, cols = flat
+        return {
+            n: flat_clipped_sum(rows, cols, c) if n == "weight" else weighted_sum(c, s)
+            for n, c in factors.items()
+        }
+
+    def per_sample_grad(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        flat = one_position(module, inputs, grad_output)
+        if flat is None:
+            return derived.per_sample_grad(module, inputs, grad_output, names)
+        _, s, rows, cols = flat
+        return {n: rows.unsqueeze(2) * cols.unsqueeze(1) if n == "weight" else s for n in names}
+
+    def instantiates(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
+    ) -> Collection[str]:
+        """The bias; the weight when it is a vector (one input or one output)."""
+        flat = one_position(module, inputs, grad_output)
+        if flat is None:
+            return derived.instantiates(module, inputs, grad_output, names, strategy)
+        vector = min(module.weight.shape) == 1
+        return [n for n in names if n == "bias" or vector]
+
+    return replace(
+        derived,
+        norm_sq=norm_sq,
+        clipped_grad=clipped_grad,
+        per_sample_grad=per_sample_grad,
+        instantiates=instantiates,
+    )
 
 
 def register(registry: LayerRegistry) -> None:
