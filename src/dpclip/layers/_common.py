@@ -8,11 +8,17 @@ import torch
 from torch import Tensor
 
 
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype``: itself when it has it (``Tensor.to`` costs a few µs even then, and
+    the book-keeping calls it per layer)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def as_btd(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Reshape (b, ..., d) to (b, T, d) in ``dtype``; T = product of the middle dims (1 if none)."""
     if x.dim() != 3:  # (b, T, d) already: no view (host time counts per layer)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-    return x.to(dtype)
+    return cast(x, dtype)
 
 
 def sq_norms(x: Tensor) -> Tensor:
@@ -30,9 +36,9 @@ def sq_norms(x: Tensor) -> Tensor:
 def weighted_sum(factors: Tensor, per_sample: Tensor) -> Tensor:
     """Σ_i C_i g_i for per-sample gradients (b, ...) -> (...), as one matrix-vector product."""
     if not per_sample.is_contiguous():  # no flat view of it
-        return torch.tensordot(factors.to(per_sample.dtype), per_sample, dims=1)
+        return torch.tensordot(cast(factors, per_sample.dtype), per_sample, dims=1)
     flat = per_sample if per_sample.dim() == 2 else per_sample.view(per_sample.shape[0], -1)
-    out = torch.mv(flat.t(), factors.to(flat.dtype))
+    out = torch.mv(flat.t(), cast(factors, flat.dtype))
     return out if per_sample.dim() == 2 else out.view(per_sample.shape[1:])
 
 
@@ -82,19 +88,19 @@ def outer_clipped_sum(a: Tensor, s: Tensor, factors: Tensor, into: Tensor | None
 
     The factors scale whichever of a and s is smaller (same result, less elementwise work).
     """
-    c = factors.to(s.dtype).view(-1, 1, 1)
+    c = cast(factors, s.dtype).view(-1, 1, 1)
     if s.shape[-1] <= a.shape[-1]:
         s = s * c
     else:
         a = a * c
     s, a = s.reshape(-1, s.shape[-1]).t(), a.reshape(-1, a.shape[-1])
-    return s @ a if into is None else into.addmm_(s.to(into.dtype), a.to(into.dtype))
+    return s @ a if into is None else into.addmm_(cast(s, into.dtype), cast(a, into.dtype))
 
 
 def flat_clipped_sum(rows: Tensor, cols: Tensor, factors: Tensor) -> Tensor:
     """Σ_i C_i rows_i ⊗ cols_i for one position per sample, rows: (b, p), cols: (b, q): one
     matmul, the factors scaling the smaller side (no (b, 1, n) views on the way)."""
-    c = factors.to(rows.dtype)
+    c = cast(factors, rows.dtype)
     if rows.shape[1] <= cols.shape[1]:
         return torch.mm(rows.t() * c, cols)
     return torch.mm(rows.t(), cols * c.unsqueeze(1))

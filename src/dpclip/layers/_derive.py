@@ -129,15 +129,22 @@ def factor_memo(memo: dict) -> Iterator[None]:
         _MEMO.reset(token)
 
 
+def call_memo(module: nn.Module, inputs: tuple, grad_output: Tensor) -> dict | None:
+    """The open memo of this layer call (see :func:`factor_memo`), or None: a rule may keep
+    what it derives from the call there, for its other slots on the same call."""
+    memo = _MEMO.get()
+    if memo is None:
+        return None
+    call = memo.setdefault("call", (module, inputs, grad_output))
+    return memo if _same_call(call, module, inputs, grad_output) else None
+
+
 def _memoized(outer_factors: OuterFactorsFn) -> OuterFactorsFn:
     def factors_of(
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
     ) -> dict[str, OuterFactors]:
-        memo = _MEMO.get()
-        if memo is None:
-            return outer_factors(module, inputs, grad_output, names)
-        call = memo.setdefault("call", (module, inputs, grad_output))
-        if not _same_call(call, module, inputs, grad_output):  # not this memo's call
+        memo = call_memo(module, inputs, grad_output)
+        if memo is None:  # no memo open, or another call's
             return outer_factors(module, inputs, grad_output, names)
         built = memo.setdefault("factors", {})
         missing = [n for n in names if n not in built]

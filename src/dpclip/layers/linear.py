@@ -17,12 +17,13 @@ from torch import Tensor, nn
 from dpclip.layers._common import (
     OuterFactors,
     as_btd,
+    cast,
     flat_clipped_sum,
     product_norm_sq,
     sq_norms,
     weighted_sum,
 )
-from dpclip.layers._derive import from_outer_factors
+from dpclip.layers._derive import call_memo, from_outer_factors
 from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
 
 Layout = Callable[[nn.Module], bool]  # module -> whether its weight is stored (in, out)
@@ -49,12 +50,18 @@ def dense_rule(transposed: Layout) -> LayerRule:
     def one_position(module: nn.Module, inputs: tuple, grad_output: Tensor) -> _Flat | None:
         """(a, s, rows, cols) as (b, n) matrices when the input is (b, in): the usual classifier
         head, whose outer factors would be (b, 1, n) views made twice per step."""
+        memo = call_memo(module, inputs, grad_output)
+        if memo is not None and "one_position" in memo:
+            return memo["one_position"]
         x = inputs[0] if inputs else None
-        if not (isinstance(x, Tensor) and x.dim() == 2 and grad_output.dim() == 2):
-            return None
-        dtype = compute_dtype(module.weight, grad_output)
-        a, s = x.to(dtype), grad_output.to(dtype)
-        return (a, s, a, s) if transposed(module) else (a, s, s, a)
+        flat = None
+        if isinstance(x, Tensor) and x.dim() == 2 and grad_output.dim() == 2:
+            dtype = compute_dtype(module.weight, grad_output)
+            a, s = cast(x, dtype), cast(grad_output, dtype)
+            flat = (a, s, a, s) if transposed(module) else (a, s, s, a)
+        if memo is not None:
+            memo["one_position"] = flat
+        return flat
 
     def norm_sq(
         module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str], strategy: str
