@@ -154,7 +154,8 @@ def _attach_dpclip(cfg: WorkerConfig, model: nn.Module, opt: Any) -> Any:
         opt,
         sample_size=SAMPLE_RATE_DENOM * cfg.logical_batch,
         batch_size=cfg.logical_batch,
-        steps=cfg.warmup + cfg.steps + 1,
+        # warm-up, timed, the counted step, and the profiled one when asked
+        steps=cfg.warmup + cfg.steps + 1 + bool(cfg.profile_path),
         noise_multiplier=DPCLIP_NOISE,
         clipping="automatic",
         clipping_style=cfg.clipping_style,

@@ -419,3 +419,13 @@ def test_dpclip_bench_without_options_is_short_and_leaves_results_md_alone() -> 
     given = build_parser().parse_args(["bench", "--rounds", "2", "--out", "x"])
     bench.fill_defaults(given)
     assert given.rounds == 2 and given.results == Path("x") / "RESULTS.md"
+
+
+def test_profile_writes_a_table_for_each_configuration(tmp_path, workers_in_process) -> None:
+    """--profile takes one step more than a timed run: the private plan must include it."""
+    code = _harness(tmp_path, "--profile", "cnn", "--batch-size", "8", "--steps", "1",
+                    "--warmup", "1")  # fmt: skip
+    assert code == 0
+    for config in ("non-private", "dpclip-mixed"):
+        text = (tmp_path / "out" / f"profile-cpu-cnn-{config}.txt").read_text()
+        assert "Self CPU" in text and "aten::" in text
