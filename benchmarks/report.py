@@ -72,7 +72,7 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
         for name in names:
             runs = [by[(name, r)] for r in rounds if (name, r) in by]
             ok = [rec for rec in runs if rec["ok"]]
-            thr_ratio, best_ratio, mem_ratio, ops_ratio = [], [], [], []
+            thr_ratio, best_ratio, mem_ratio, ops_ratio, warmup_ratio = [], [], [], [], []
             for r in rounds:
                 rec, base = by.get((name, r)), by.get(("non-private", r))
                 if rec and base and rec["ok"] and base["ok"]:
@@ -81,6 +81,10 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
                         best_ratio.append(min(base["step_times_s"]) / min(rec["step_times_s"]))
                     if base["peak_mem_bytes"] > 0:
                         mem_ratio.append(rec["peak_mem_bytes"] / base["peak_mem_bytes"])
+                        if rec.get("warmup_peak_mem_bytes"):  # against non-private's training
+                            warmup_ratio.append(
+                                rec["warmup_peak_mem_bytes"] / base["peak_mem_bytes"]
+                            )
                     if rec.get("ops_per_step") and base.get("ops_per_step"):
                         ops_ratio.append(rec["ops_per_step"] / base["ops_per_step"])
             thr = [rec["samples_per_s"] for rec in ok]
@@ -101,6 +105,7 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[d
                     "best_step_ratio": _median(best_ratio),
                     "peak_mem_mib": _median([rec["peak_mem_bytes"] / MiB for rec in ok]),
                     "memory_ratio": _median(mem_ratio),
+                    "warmup_memory_ratio": _median(warmup_ratio),
                     "live_mem_mib": live_mib,
                     "live_memory_ratio": live_ratio,
                     "ops_per_step": _median(
@@ -130,6 +135,13 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
         f"{machine['warmup']} warm-up + {machine['steps']} timed steps per run, each configuration "
         f"in a fresh process, interleaved; load average at start (1/5/15 min): {load_text}.",
         f"- Peak memory: {machine['mem_method']}."
+        + (
+            " First steps' memory ×: the peak of the model build and the warm-up steps, where "
+            "dpclip's first step runs its self-check, against non-private training's peak."
+            if (machine.get("mem_method") or "").startswith("VmHWM over")
+            or machine.get("mem_method") == "torch.cuda.max_memory_allocated"
+            else ""
+        )
         + (
             " Live MiB: the same, from one more run per configuration in which glibc returns "
             "every freed block of 64 KiB or more to the OS (MALLOC_MMAP_THRESHOLD_=65536), so "
@@ -178,11 +190,13 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
 def _model_table(summary: Sequence[dict[str, Any]]) -> list[str]:
     live = any(row.get("live_mem_mib") is not None for p in summary for row in p["rows"])
     head = "| model | batch | T | configuration | samples/s [min-max] | × non-private |"
+    warmup = any(row.get("warmup_memory_ratio") is not None for p in summary for row in p["rows"])
     head += " best step × | peak MiB | memory × non-private |"
+    head += " first steps' memory × |" if warmup else ""
     head += " live MiB | live × non-private |" if live else ""
     head += " ops/step | ops × non-private |"
-    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if live else "")
-             + "---:|---:|"]  # fmt: skip
+    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if warmup else "")
+             + ("---:|---:|" if live else "") + "---:|---:|"]  # fmt: skip
     for point in summary:
         for row in point["rows"]:
             if row["rounds"] == 0:
@@ -202,6 +216,8 @@ def _model_table(summary: Sequence[dict[str, Any]]) -> list[str]:
                 f"{_fmt(row.get('best_step_ratio'), '.2f', '×')} | "
                 f"{_fmt(row['peak_mem_mib'], '.0f')} | {_fmt(row['memory_ratio'], '.2f', '×')} |"
             )
+            if warmup:
+                line += f" {_fmt(row.get('warmup_memory_ratio'), '.2f', '×')} |"
             if live:
                 line += (
                     f" {_fmt(row.get('live_mem_mib'), '.0f')} |"

@@ -61,12 +61,15 @@ def test_one_round_in_worker_subprocesses_writes_finite_ratios(tmp_path: Path) -
     assert [row[3] for row in rows] == configs
     for row in rows:
         assert row[:3] == ["cnn", "8", "-"]
-        for ratio in (row[5], row[6], row[8]):  # speed, best step, peak RSS
+        # speed, best step, peak RSS of the timed steps, of the build and warm-up
+        for ratio in (row[5], row[6], row[8], row[9]):
             assert math.isfinite(float(ratio.rstrip("×"))) and float(ratio.rstrip("×")) > 0
 
     payload = json.loads((tmp_path / "out" / "results-models-cpu.json").read_text())
     assert payload["configs"] == configs
     assert all(rec["ok"] and rec["peak_mem_bytes"] > 0 for rec in payload["records"])
+    assert all(rec["warmup_peak_mem_bytes"] > 0 for rec in payload["records"])
+    assert payload["machine"]["mem_method"].startswith("VmHWM over the timed steps")
     assert len({rec["pid"] for rec in payload["records"]}) == 2  # one interpreter each
     assert payload["machine"]["torch_threads"] == 2
     lines = (tmp_path / "out" / "records-models-cpu.jsonl").read_text().splitlines()

@@ -145,7 +145,7 @@ def check(subject: Subject, args: tuple, kwargs: dict, tape: LossTape) -> CheckR
         from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
         rows = rows_to_check(batch)
         if from_rows:
-            _check_rows_do_not_mix(tape, fixed, spec, used, base, rows, rtol)
+            _check_rows_do_not_mix(tape, fixed, spec, used, _RowGrads(base, rows), rows, rtol)
         del base
         worst = 0.0
         with subject.hooks_off():
@@ -184,46 +184,61 @@ def _used_leaves(tape: LossTape, fixed: list, spec: object) -> tuple[list[int], 
 
 
 def _output_grads(tape: LossTape, leaves: list, spec: object, used: list[int], like=None) -> list:
-    probe, seeds = list(leaves), [_seed(leaves[k]) for k in used]
+    """The loss's gradient with respect to each used output leaf (one output-sized copy each:
+    the seed shares the leaf's memory, the loss gets a copy it may change in place)."""
+    probe, seeds = list(leaves), [leaves[k].detach().requires_grad_() for k in used]
     for k, seed in zip(used, seeds, strict=True):
-        probe[k] = seed.clone()  # not a leaf: the loss may work on it in place
+        probe[k] = seed.clone()  # not a leaf, and not the leaf's memory
     loss = _scalar(_replay(tape, tree_unflatten(probe, spec), like))
     if not loss.requires_grad:
         raise SelfCheckError("the loss does not depend on the model's output")
     return list(torch.autograd.grad(loss, seeds, allow_unused=True))
 
 
-def _seed(t: Tensor) -> Tensor:
-    return t.detach().clone().requires_grad_()
+@dataclass(frozen=True)
+class _RowGrads:
+    """What the mixing check keeps of the output gradients: the checked rows and each leaf's
+    largest magnitude, not the output-sized tensors (a language model's logits: 40 MB each)."""
+
+    rows: dict[int, list[Tensor]]
+    largest: list[float]
+
+    def __init__(self, grads: list[Tensor], rows: Sequence[int]) -> None:
+        object.__setattr__(self, "rows", {i: [g[i].clone() for g in grads] for i in rows})
+        object.__setattr__(self, "largest", [float(g.abs().max()) for g in grads])
 
 
 def _check_rows_do_not_mix(
-    tape: LossTape, fixed: list, spec: object, used: list[int], base: list, rows, rtol: float
+    tape: LossTape, fixed: list, spec: object, used: list[int], base: _RowGrads, rows, rtol: float
 ) -> None:
     """Example i's output gradient (``base``) must not change when every other example's output
     does, nor when every other example gets example i's labels (a class-weighted or token-count
-    mean)."""
+    mean). One output-sized variant at a time, each dropped before the next."""
     batch = fixed[used[0]].shape[0]
     if batch == 1:
         return
     generator = torch.Generator(device=fixed[used[0]].device).manual_seed(0)
-    for i in rows:
-        moved = list(fixed)
+
+    def moved(i: int) -> list:
+        out = list(fixed)
         for k in used:
             t = fixed[k]
             scale = float(0.5 * t.std() + 1e-3)
-            moved[k] = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
-            moved[k].mul_(scale).add_(t)
-            moved[k][i] = t[i]
-        for what, grads in (
-            ("outputs", _output_grads(tape, moved, spec, used)),
-            ("labels", _output_grads(tape, fixed, spec, used, like=(batch, i))),
-        ):
-            for g0, g1 in zip(base, grads, strict=True):
-                if g0 is None or g1 is None:
-                    continue
-                if float((g1[i] - g0[i]).abs().max()) > 10 * rtol * float(g0.abs().max()) + 1e-30:
+            out[k] = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+            out[k].mul_(scale).add_(t)
+            out[k][i] = t[i]
+        return out
+
+    for i in rows:
+        for what in ("outputs", "labels"):
+            if what == "outputs":
+                grads = _output_grads(tape, moved(i), spec, used)
+            else:
+                grads = _output_grads(tape, fixed, spec, used, like=(batch, i))
+            for g0, g1, largest in zip(base.rows[i], grads, base.largest, strict=True):
+                if g1 is not None and float((g1[i] - g0).abs().max()) > 10 * rtol * largest + 1e-30:
                     raise SelfCheckError(_mixing_message(i, what))
+            del grads
 
 
 def _mixing_message(i: int, what: str) -> str:
