@@ -319,6 +319,7 @@ def run_config(cfg: WorkerConfig) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}")
+    peak = meter.peak_bytes()  # the timed steps': not the counted step nor the timed self-check
     counted = count_step(step)  # one more, untimed step: the operations it dispatches
     timed = cfg.method == "dpclip" and hasattr(engine, "verify")  # older dpclip: no self-check
     self_check_s = _time_self_check(engine, cfg, device) if timed else None
@@ -331,7 +332,7 @@ def run_config(cfg: WorkerConfig) -> dict[str, Any]:
         "step_times_s": times,
         "first_step_s": first_step_s,
         "self_check_s": self_check_s,
-        "peak_mem_bytes": meter.peak_bytes(),  # the timed steps' (and the counted one's)
+        "peak_mem_bytes": peak,
         "warmup_peak_mem_bytes": warmup_peak,
         "ops_per_step": counted.total,
         "kernels_per_step": counted.kernels,
