@@ -3,6 +3,7 @@ launches and host work that a short GPU step cannot hide.
 
     python -m benchmarks.ops                       # the reference points, into RESULTS.md
     python -m benchmarks.ops --out DIR --results RESULTS.md
+    python -m benchmarks.ops --compiled-bookkeeping   # eager vs torch.compile'd book-keeping
 
 Every aten operation that reaches the dispatcher in one steady-state step (forward, backward,
 optimizer step; after two warm-up steps, so dpclip's first-step self-check is not counted) is
@@ -155,6 +156,31 @@ def measure(refs=REFERENCES, host_steps: int = 50) -> list[dict[str, Any]]:
     return rows
 
 
+def compiled_bookkeeping_host_times(rounds: int = 3, steps: int = 100) -> dict[str, float]:
+    """Median host time (µs) of a tiny-MLP dpclip step with the book-keeping's end of backward
+    (``Accumulator.finish``: norms to factors to clipped sums) eager and under ``torch.compile``,
+    alternating ``rounds`` times: whether compiling the book-keeping helps the host."""
+    from dpclip import _bookkeeping
+
+    ref = next(r for r in REFERENCES if r.model == "tiny-mlp")
+    eager = _bookkeeping.Accumulator.finish
+    compiled = torch.compile(eager)
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    try:
+        for _ in range(rounds):
+            for name in times:
+                _bookkeeping.Accumulator.finish = (  # type: ignore[method-assign]
+                    eager if name == "eager" else lambda self: compiled(self)
+                )
+                step = build_step(ref, "dpclip")
+                for _ in range(10):  # compiled: traced and recompiled for the shapes here
+                    step()
+                times[name].append(1e6 * host_time_s(step, steps))
+    finally:
+        _bookkeeping.Accumulator.finish = eager  # type: ignore[method-assign]
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def markdown(rows: list[dict[str, Any]], machine: str) -> str:
     lines = [
         "## Operations dispatched per training step",
@@ -191,8 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "out" / "cpu")
     p.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("--compiled-bookkeeping", action="store_true",
+                   help="only compare the tiny MLP's host time with the book-keeping eager and "
+                   "under torch.compile (printed; nothing written)")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # host time of a tiny model: one thread, no pool hand-offs
+    if args.compiled_bookkeeping:
+        for name, us in compiled_bookkeeping_host_times().items():
+            print(f"tiny MLP, Accumulator.finish {name}: {us:.0f} µs per step")
+        return 0
     rows = measure()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ops.json").write_text(json.dumps(rows, indent=1))
