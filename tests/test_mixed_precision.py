@@ -162,3 +162,47 @@ def test_a_grad_scaler_argument_that_is_not_one_is_refused():
             steps=1, noise_multiplier=1.0, grad_scaler=2.0**16,
         )  # fmt: skip
     assert all(p.requires_grad for p in model.parameters())
+
+
+class _Scale(nn.Module):
+    """No built-in rule: the generic fallback, whose norms come in the parameter's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+@pytest.mark.parametrize("clipping", ["automatic", "automatic-v", "abadi", "global", "psac"])
+def test_a_half_precision_norm_times_the_batch_size_is_clipped_not_lost(clipping):
+    """Under a mean loss the engine scales the per-example norms by b: in float16, 512 times a
+    finite norm overflows. The factors must still be those of the true norm (example 0's
+    gradient of norm 60000·√3 clipped to R = 1, the rest zero), never 0 or an error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Scale()).half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    dpclip.PrivacyEngine(model, opt, sample_size=10_000, batch_size=512, steps=2,
+                         noise_multiplier=0.0, clipping=clipping, clip_norm=1.0,
+                         verify=False)  # fmt: skip
+    x = torch.zeros(512, 3, dtype=torch.float16)
+    x[0] = 60_000.0
+    model(x).float().sum(1).mean().backward()
+    opt.step()
+    clipped = 0.0 if clipping == "global" else 1 / math.sqrt(3)  # global drops it: norm > R
+    torch.testing.assert_close(model[0].w.grad.float(), torch.full((3,), clipped / 512),
+                               rtol=2e-3, atol=1e-7)  # fmt: skip
+
+
+def test_an_empty_physical_batch_under_a_mean_loss_adds_nothing():
+    """A 0-row forward and backward (the mean's scale b is 0 there) clips nothing and fails on
+    nothing; the step then adds only the noise."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dpclip.PrivacyEngine(model, opt, sample_size=1000, batch_size=B, steps=2,
+                         noise_multiplier=0.0, verify=False)  # fmt: skip
+    x, y = _batches()[0]
+    F.cross_entropy(model(x[:0]), y[:0]).backward()  # the mean of nothing: NaN, over 0 rows
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    opt.step()

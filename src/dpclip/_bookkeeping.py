@@ -67,6 +67,9 @@ class Accumulator:
 
     def _add(self, rec: Record) -> None:
         self._check_batch(rec)
+        if rec.batch == 0:  # no examples: no per-sample gradient, nothing to clip or add
+            rec.inputs, rec.grad_output = (), None
+            return
         rule, module = self.plan.rules[rec.module], rec.module
         params = self.plan.params[module]
         again = [n for n, p in params.items() if p in self.entries]
@@ -155,6 +158,8 @@ class Accumulator:
 
     def finish(self) -> dict[nn.Parameter, Tensor]:
         """Σ_i C_i g_i for every parameter touched (C from the plan's clipping)."""
+        if not self.entries:  # a backward over no examples
+            return {}
         packs, packed = self._packs()
         norms: list[tuple[int, Tensor]] = [(gi, sq_norms(flat)) for gi, flat, _ in packs]
         for p, entry in self.entries.items():
@@ -237,14 +242,16 @@ class Accumulator:
     def _factors(self, norms_sq: list[tuple[int, Tensor]]) -> dict[int, Tensor]:
         """Each clipping group's per-sample factors, from (group, squared norm) contributions."""
         plan = self.plan
-        scale = float(self.batch) if plan.mean_reduction else 1.0
+        # a mean loss's per-sample gradients are 1/b of the examples' (0 rows: nothing to scale)
+        scale = float(self.batch) if plan.mean_reduction and self.batch else 1.0
         parts: dict[int, list[Tensor]] = {}
         for gi, sq in norms_sq:
             parts.setdefault(gi, []).append(sq)
         group_sq = {gi: _total(sq) for gi, sq in parts.items()}
         radius = group_clip_norm(plan.clip_norm, len(plan.groups))
-        # the mean loss's per-sample norms (1/b of the examples'): clip_factors applies the scale
-        norms = {gi: sq.sqrt() for gi, sq in group_sq.items()}
+        # the mean loss's per-sample norms: clip_factors applies the scale, in float32 at least
+        # (b times a finite half-precision norm can overflow; a finite float32 one cannot)
+        norms = {gi: _at_least_float32(sq).sqrt() for gi, sq in group_sq.items()}
         if self.loss_scale is not None:  # clip the unscaled gradients; the sums stay S times
             norms = {gi: n / self.loss_scale.to(n.device, n.dtype) for gi, n in norms.items()}
         # One check (one device sync) for all groups: a sum in float64 of non-negative norms
@@ -262,6 +269,10 @@ class Accumulator:
             gi: clip_factors(plan.clipping, n, clip_norm=radius, gamma=plan.gamma, scale=scale)
             for gi, n in norms.items()
         }
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _wide(device: torch.device) -> torch.dtype:

@@ -85,6 +85,8 @@ def clip_factors(
         raise ValueError(
             f"unknown clipping {name!r}; expected one of {sorted(CLIPPING_FUNCTIONS)}"
         ) from None
+    if not 0 < scale < math.inf:
+        raise ValueError(f"clipping: expected a finite scale > 0, got {scale!r}")
     if scale == 1.0:
         return fn(norms, clip_norm, gamma)
     if name == "automatic":  # s·R / (s·norm + γ) = R / (norm + γ/s)

@@ -90,8 +90,7 @@ def _unfold(module: _Conv, x: Tensor, dtype: torch.dtype) -> Tensor:
     x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))  # (b, C, *kernel, *out)
     cols = torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)  # one copy, cast
     b, groups, positions = x.shape[0], module.groups, math.prod(x.shape[2 + n :])
-    shape = (b * groups, math.prod(x.shape[1 : 2 + n]) // groups, positions)
-    return cols if cols.shape == shape else cols.view(shape)
+    return cols.view(b * groups, math.prod(x.shape[1 : 2 + n]) // groups, positions)
 
 
 def _flat(module: _Conv, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Tensor]:

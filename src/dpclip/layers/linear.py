@@ -91,6 +91,8 @@ def dense_rule(transposed: Layout) -> LayerRule:
         if flat is None:
             return derived.per_sample_grad(module, inputs, grad_output, names)
         _, s, rows, cols = flat
+        # the bias's per-sample gradient is s itself (autograd's output gradient when no cast
+        # was needed): the engine only reads per-sample gradients, never writes them
         return {n: rows.unsqueeze(2) * cols.unsqueeze(1) if n == "weight" else s for n in names}
 
     def instantiates(
