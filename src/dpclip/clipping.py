@@ -33,7 +33,8 @@ ClipFn = Callable[[Tensor, float, float], Tensor]
 
 
 def _automatic(norm: Tensor, r: float, gamma: float) -> Tensor:
-    return r / (norm + gamma)
+    shifted = norm + gamma
+    return shifted.reciprocal() if r == 1.0 else r / shifted  # R = 1 (the default): one op less
 
 
 def _automatic_v(norm: Tensor, r: float, gamma: float) -> Tensor:
