@@ -180,3 +180,20 @@ def test_float32_one_channel_per_group_kernel_path_equals_float64_oracle(dim, kw
     for n in want:
         assert got[n].dtype == torch.float32
         torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-4)
+
+
+def test_shape_only_weights_are_kept_outside_tracing_and_never_from_it():
+    """The kernel's shape-only weight is made once per shape; one made under a fake-tensor
+    mode (tracing) is neither kept nor handed out afterwards."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from dpclip.layers import conv
+
+    shape = torch.Size((3, 2, 5, 5))
+    conv._SHAPE_ONLY.pop((tuple(shape), torch.float32, torch.device("cpu")), None)
+    with FakeTensorMode():
+        traced = conv._shape_only(shape, torch.float32, torch.device("cpu"))
+    assert isinstance(traced, FakeTensor)
+    real = conv._shape_only(shape, torch.float32, torch.device("cpu"))
+    assert not isinstance(real, FakeTensor) and real.shape == shape and real.stride() == (0,) * 4
+    assert conv._shape_only(shape, torch.float32, torch.device("cpu")) is real  # kept

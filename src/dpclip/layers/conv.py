@@ -10,7 +10,6 @@ convolution's own weight gradient of the scaled output gradient C ⊙ s.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -156,11 +155,22 @@ def norm_sq(
     return out
 
 
-@functools.lru_cache(maxsize=64)
+_SHAPE_ONLY: dict[tuple, Tensor] = {}
+
+
 def _shape_only(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A tensor of this shape over one element (stride 0), where a kernel reads only the
-    weight's shape: made once, not each step (torch.nn.grad makes the same, every call)."""
-    return torch.empty(1, dtype=dtype, device=device).expand(shape)
+    weight's shape: made once, not each step (torch.nn.grad makes the same, every call).
+    Under a fake-tensor mode (tracing) one is made for the call and never kept."""
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return torch.empty(1, dtype=dtype, device=device).expand(shape)
+    key = (tuple(shape), dtype, device)
+    made = _SHAPE_ONLY.get(key)
+    if made is None:
+        if len(_SHAPE_ONLY) >= 64:  # per-sample kernel shapes follow the batch size
+            _SHAPE_ONLY.clear()
+        made = _SHAPE_ONLY[key] = torch.empty(1, dtype=dtype, device=device).expand(shape)
+    return made
 
 
 def _weight_grad(module: _Conv, x: Tensor, grad_output: Tensor, padding: Sequence[int]) -> Tensor:
