@@ -222,3 +222,31 @@ def test_kept_noise_views_never_repeat_a_draw_when_the_scratch_grows_or_layouts_
         assert bool((draws[i] != 0).all())
         for j in range(i):
             assert not torch.isclose(draws[i], draws[j]).any(), (i, j)
+
+
+def test_seeded_cpu_noise_is_the_documented_stream(monkeypatch):
+    """Bucket k's noise is normal_ from a generator seeded with the k-th 62-bit draw of the
+    engine's CPU generator (seeded with ``seed``): the same numbers whether those draws are
+    made one per bucket or all at once, so a seed gives the same noise across versions."""
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 4096)
+    t = torch.zeros(3 * 4096)
+    GaussianNoise(0.5, seed=11).add_([t])
+    seeds = torch.randint(0, 2**62, (3,), generator=torch.Generator().manual_seed(11)).tolist()
+    want = torch.cat([
+        torch.empty(4096).normal_(0.0, 0.5, generator=torch.Generator().manual_seed(s))
+        for s in seeds
+    ])  # fmt: skip
+    assert torch.equal(t, want)
+
+
+def test_secure_cpu_buckets_take_their_seeds_from_the_os(monkeypatch):
+    monkeypatch.setitem(noise_module._BUCKET_ELEMENTS, "cpu", 4096)
+    drawn = []
+    real = noise_module.secrets.randbits
+    monkeypatch.setattr(noise_module.secrets, "randbits", lambda k: drawn.append(k) or real(k))
+    noise = GaussianNoise(1.0, secure=True)
+    drawn.clear()  # the engine's own seed, drawn at construction
+    t = torch.zeros(3 * 4096)
+    noise.add_([t])
+    assert drawn.count(62) >= 3  # one per bucket (and the generator's reseed)
+    assert bool((t != 0).all())

@@ -141,19 +141,32 @@ class GaussianNoise:
                 torch._foreach_mul_(tensors, scale)
             return
         std = self.std * scale
-        cpu_jobs = []
+        cpu_buckets: list[list[Tensor]] = []
+        cpu_gen = None
         for bucket in _buckets(tensors):
             first = bucket[0]
+            if first.device.type == "cpu":
+                if cpu_gen is None:  # made where the first CPU bucket is (generators by order)
+                    cpu_gen = self._generator(first.device)
+                cpu_buckets.append(bucket)
+                continue
             gen = self._generator(first.device)
-            numel = sum(t.numel() for t in bucket)
-            if first.device.type != "cpu":
-                flat = torch.empty(numel, dtype=first.dtype, device=first.device)
-                _add_scaled(
-                    bucket, _split_like(flat.normal_(0.0, std, generator=gen), bucket), scale
-                )
-            else:
-                seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-                cpu_jobs.append((bucket, numel, seed, std, scale))
+            flat = torch.empty(sum(t.numel() for t in bucket), dtype=first.dtype,
+                               device=first.device)  # fmt: skip
+            _add_scaled(bucket, _split_like(flat.normal_(0.0, std, generator=gen), bucket), scale)
+        if not cpu_buckets:
+            return
+        # each CPU bucket's seed: from the OS when secure, else one draw for all of them from the
+        # engine's generator (the same numbers as one draw per bucket: one host read, not one each)
+        seeds = (
+            [secrets.randbits(62) for _ in cpu_buckets]
+            if self.secure
+            else torch.randint(0, 2**62, (len(cpu_buckets),), generator=cpu_gen).tolist()
+        )
+        cpu_jobs = [
+            (bucket, sum(t.numel() for t in bucket), seed, std, scale)
+            for bucket, seed in zip(cpu_buckets, seeds, strict=True)
+        ]
         threads = torch.get_num_threads()
         if threads > 1 and sum(job[1] for job in cpu_jobs) >= _POOL_ELEMENTS:
             list(_pool(threads, os.getpid()).map(self._add_cpu, cpu_jobs))
