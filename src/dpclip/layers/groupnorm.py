@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpclip.layers._common import cast
 from dpclip.layers._derive import from_per_sample
 from dpclip.layers._registry import LayerRegistry, compute_dtype
 
@@ -49,15 +50,18 @@ def per_sample_grad(
 ) -> dict[str, Tensor]:
     _check_batched(module, inputs[0])
     dtype = compute_dtype(inputs[0], grad_output)
-    b, c = grad_output.shape[:2]
-    s = grad_output.to(dtype).reshape(b, c, -1)
+    s = cast(grad_output, dtype)
     out: dict[str, Tensor] = {}
     if "weight" in names:
-        x_hat = _x_hat(module, inputs[0].to(dtype))
-        out["weight"] = (s * x_hat.reshape(b, c, -1)).sum(dim=2)
+        out["weight"] = _over_positions(s * _x_hat(module, cast(inputs[0], dtype)))
     if "bias" in names:
-        out["bias"] = s.sum(dim=2)
+        out["bias"] = _over_positions(s)
     return out
+
+
+def _over_positions(t: Tensor) -> Tensor:
+    """(b, C, *spatial) summed over the spatial dims, in place of a (b, C, -1) view: (b, C)."""
+    return t if t.dim() == 2 else t.sum(dim=tuple(range(2, t.dim())))
 
 
 RULE = from_per_sample(per_sample_grad)

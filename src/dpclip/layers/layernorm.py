@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpclip.layers._common import cast
 from dpclip.layers._derive import from_per_sample
 from dpclip.layers._registry import LayerRegistry, compute_dtype
 
@@ -22,15 +23,20 @@ def per_sample_grad(
 ) -> dict[str, Tensor]:
     shape = tuple(module.normalized_shape)
     dtype = compute_dtype(inputs[0], grad_output)
-    b = grad_output.shape[0]
-    s = grad_output.to(dtype).reshape(b, -1, *shape)
+    s = cast(grad_output, dtype)
+    lead = tuple(range(1, s.dim() - len(shape)))  # the positions between batch and shape
     out: dict[str, Tensor] = {}
     if "weight" in names:
-        x_hat = F.layer_norm(inputs[0].to(dtype), shape, None, None, module.eps)
-        out["weight"] = (s * x_hat.reshape(s.shape)).sum(dim=1)
+        x_hat = F.layer_norm(cast(inputs[0], dtype), shape, None, None, module.eps)
+        out["weight"] = _over(s * x_hat, lead)
     if "bias" in names:
-        out["bias"] = s.sum(dim=1)
+        out["bias"] = _over(s, lead)
     return out
+
+
+def _over(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``t`` summed over ``dims`` (none: as it is; a sum over no dims would sum them all)."""
+    return t.sum(dim=dims) if dims else t
 
 
 RULE = from_per_sample(per_sample_grad)
