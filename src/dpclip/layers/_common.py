@@ -27,10 +27,8 @@ def sq_norms(x: Tensor) -> Tensor:
     ``vector_norm`` reads x once (no squared temporary); about 3x faster than
     ``x.square().sum()`` on per-sample gradients.
     """
-    if x.dim() == 1:
-        return x.square()
     # over the trailing dims directly: no reshape (one dispatched op fewer per call)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim()))).square()
+    return x.square() if x.dim() == 1 else _norms(x).square()
 
 
 def weighted_sum(factors: Tensor, per_sample: Tensor) -> Tensor:
@@ -50,6 +48,12 @@ def product_norm_sq(a: Tensor, s: Tensor) -> Tensor:
 
 def _norms(x: Tensor) -> Tensor:
     return x.abs() if x.dim() == 1 else torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())))
+
+
+def sum_over(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``t`` summed over ``dims``, as it is when there are none (``sum(dim=())`` would sum over
+    every dim): a per-sample sum over positions without a reshape to (b, -1, ...)."""
+    return t.sum(dim=dims) if dims else t
 
 
 def use_ghost(strategy: str, T: int, d_in: int, d_out: int) -> bool:

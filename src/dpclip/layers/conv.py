@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._common import outer_norm_sq, outer_per_sample, sq_norms, use_ghost
+from dpclip.layers._common import cast, outer_norm_sq, outer_per_sample, sq_norms, use_ghost
 from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -97,7 +97,7 @@ def _flat(module: _Conv, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Te
     dtype = compute_dtype(module.weight, grad_output)
     a = _unfold(module, inputs[0], dtype)
     b, groups = grad_output.shape[0], module.groups
-    s = grad_output.to(dtype).reshape(b * groups, module.out_channels // groups, -1)
+    s = cast(grad_output, dtype).reshape(b * groups, module.out_channels // groups, -1)
     if a.shape[2] != s.shape[2]:
         raise ValueError(
             f"input {tuple(inputs[0].shape)} gives {a.shape[2]} output positions but the output "
@@ -162,14 +162,15 @@ def _shape_only(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> 
     """A tensor of this shape over one element (stride 0), where a kernel reads only the
     weight's shape: made once, not each step (torch.nn.grad makes the same, every call).
     Under a fake-tensor mode (tracing) one is made for the call and never kept."""
-    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
-        return torch.empty(1, dtype=dtype, device=device).expand(shape)
+    tracing = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
     key = (tuple(shape), dtype, device)
-    made = _SHAPE_ONLY.get(key)
+    made = None if tracing else _SHAPE_ONLY.get(key)
     if made is None:
-        if len(_SHAPE_ONLY) >= 64:  # per-sample kernel shapes follow the batch size
-            _SHAPE_ONLY.clear()
-        made = _SHAPE_ONLY[key] = torch.empty(1, dtype=dtype, device=device).expand(shape)
+        made = torch.empty(1, dtype=dtype, device=device).expand(shape)
+        if not tracing:
+            if len(_SHAPE_ONLY) >= 64:  # per-sample kernel shapes follow the batch size
+                _SHAPE_ONLY.clear()
+            _SHAPE_ONLY[key] = made
     return made
 
 
@@ -190,11 +191,13 @@ def clipped_grad(
     dtype = compute_dtype(module.weight, grad_output)
     out: dict[str, Tensor] = {}
     if "weight" in factors:
-        scale = factors["weight"].to(dtype).view(-1, *([1] * (n + 1)))
+        scale = cast(factors["weight"], dtype).view(-1, *([1] * (n + 1)))
         x, padding = _padded(module, inputs[0])
-        out["weight"] = _weight_grad(module, x.to(dtype), grad_output.to(dtype) * scale, padding)
+        out["weight"] = _weight_grad(
+            module, cast(x, dtype), cast(grad_output, dtype) * scale, padding
+        )
     if "bias" in factors:
-        out["bias"] = factors["bias"].to(dtype) @ _bias_per_sample(grad_output, dtype)
+        out["bias"] = cast(factors["bias"], dtype) @ _bias_per_sample(grad_output, dtype)
     return out
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._common import cast
+from dpclip.layers._common import cast, sum_over
 from dpclip.layers._derive import from_per_sample
 from dpclip.layers._registry import LayerRegistry, compute_dtype
 
@@ -52,16 +52,12 @@ def per_sample_grad(
     dtype = compute_dtype(inputs[0], grad_output)
     s = cast(grad_output, dtype)
     out: dict[str, Tensor] = {}
+    spatial = tuple(range(2, s.dim()))  # (b, C, *spatial) -> (b, C)
     if "weight" in names:
-        out["weight"] = _over_positions(s * _x_hat(module, cast(inputs[0], dtype)))
+        out["weight"] = sum_over(s * _x_hat(module, cast(inputs[0], dtype)), spatial)
     if "bias" in names:
-        out["bias"] = _over_positions(s)
+        out["bias"] = sum_over(s, spatial)
     return out
-
-
-def _over_positions(t: Tensor) -> Tensor:
-    """(b, C, *spatial) summed over the spatial dims, in place of a (b, C, -1) view: (b, C)."""
-    return t if t.dim() == 2 else t.sum(dim=tuple(range(2, t.dim())))
 
 
 RULE = from_per_sample(per_sample_grad)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._common import cast
+from dpclip.layers._common import cast, sum_over
 from dpclip.layers._derive import from_per_sample
 from dpclip.layers._registry import LayerRegistry, compute_dtype
 
@@ -28,15 +28,10 @@ def per_sample_grad(
     out: dict[str, Tensor] = {}
     if "weight" in names:
         x_hat = F.layer_norm(cast(inputs[0], dtype), shape, None, None, module.eps)
-        out["weight"] = _over(s * x_hat, lead)
+        out["weight"] = sum_over(s * x_hat, lead)
     if "bias" in names:
-        out["bias"] = _over(s, lead)
+        out["bias"] = sum_over(s, lead)
     return out
-
-
-def _over(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``t`` summed over ``dims`` (none: as it is; a sum over no dims would sum them all)."""
-    return t.sum(dim=dims) if dims else t
 
 
 RULE = from_per_sample(per_sample_grad)
