@@ -128,3 +128,24 @@ def test_gdp_matches_its_closed_form(sigma, q, steps):
     assert eps("gdp", sigma, q, steps, 1e-5) == pytest.approx(
         gdp_closed_form(sigma, q, steps, 1e-5), rel=1e-9
     )
+
+
+def test_rdp_of_a_mixed_history_equals_dp_accountings_own_composition():
+    """dpclip composes RDP from cached one-step curves (Σ steps · curve); dp_accounting's
+    RdpAccountant composing the whole history is the oracle, to the last bit or nearly."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from dpclip.accounting.accountants import epsilon
+    from dpclip.accounting.events import GaussianStep
+
+    history = (GaussianStep(1.1, 0.004, 700), GaussianStep(0.6, 0.05, 30),
+               GaussianStep(1.1, 0.004, 1), GaussianStep(4.0, 1.0, 12))  # fmt: skip
+    for delta in (1e-5, 1e-8):
+        oracle = rdp_privacy_accountant.RdpAccountant()
+        for e in history:
+            event = dp_accounting.PoissonSampledDpEvent(
+                e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)
+            )
+            oracle.compose(event, e.steps)
+        assert epsilon(history, delta, "rdp") == pytest.approx(oracle.get_epsilon(delta), rel=1e-12)
