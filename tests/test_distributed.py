@@ -5,7 +5,6 @@ One launch runs every scenario of tests/distributed_worker.py; each test checks 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,14 @@ import dpclip
 from dpclip import accounting
 from dpclip.data import PoissonLoader
 from tests import distributed_worker as worker
+from tests.ports import free_port
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, backend: str) -> list[int | None]:
     context = mp.start_processes(
-        worker.main, args=(WORLD, _free_port(), str(out), backend), nprocs=WORLD,
+        worker.main, args=(WORLD, free_port(), str(out), backend), nprocs=WORLD,
         start_method="spawn", join=False,
     )  # fmt: skip
     for process in context.processes:

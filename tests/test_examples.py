@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ports import free_port
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -38,7 +40,8 @@ def _launched(command: list[str]) -> list[str]:
 
 def test_ddp_example_trains_under_torchrun_with_two_processes():
     pytest.importorskip("sklearn")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port())]  # fmt: skip
     lines = _launched([*torchrun, str(EXAMPLES / "ddp_train.py"), "2"])
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]  # rank 0 alone
     assert 2.9 <= float(lines[-1].rsplit("ε = ", 1)[1]) <= 3.0
@@ -49,7 +52,7 @@ def test_accelerate_example_trains_under_accelerate_launch_with_two_processes():
     pytest.importorskip("accelerate")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]  # fmt: skip
+              "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
     lines = _launched([*launch, str(EXAMPLES / "accelerate_train.py"), "2"])
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
     assert 2.9 <= float(lines[-1].rsplit("ε = ", 1)[1]) <= 3.0

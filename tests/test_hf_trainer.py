@@ -29,6 +29,7 @@ from dpclip.integrations.transformers import (  # noqa: E402
     PoissonBatchSampler,
     PrivacyArguments,
 )
+from tests.ports import free_port  # noqa: E402
 
 VOCAB, T = 32, 10
 
@@ -341,7 +342,7 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         os.path.join(root, "tests", "dptrainer_worker.py"), str(tmp_path)],
+         "--master-port", str(free_port()), os.path.join(root, "tests", "dptrainer_worker.py"), str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=root,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -46,3 +46,11 @@ def test_a_readme_calculator_command_runs_as_written(command, capsys):
     assert argv[0] == "dpclip" and main(argv[1:]) in (0, None)
     out = capsys.readouterr().out
     assert "ε" in out or "σ" in out
+
+
+def test_ci_runs_the_readmes_test_command():
+    """The README promises what CI checks: its test command is the one ``.ci/run`` calls."""
+    (line,) = [line for line in README.splitlines() if line.endswith("# the test suite")]
+    command = line.split("&&", 1)[1].split("#")[0].split()  # e.g. ['pytest', '-n', 'auto']
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text().splitlines()
+    assert f"python -m {' '.join(command)}" in ci
