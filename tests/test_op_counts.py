@@ -28,3 +28,30 @@ def test_dpclip_dispatches_at_most_its_ceiling_of_non_private_ops(ref):
     assert "aten._local_scalar_dense" not in base.ops
     # one host read per step at most: the finite check of the norms (and a CPU noise seed)
     assert dp.ops["aten._local_scalar_dense"] <= 2
+
+
+def test_the_parameter_guard_sees_the_models_torch_calls_and_none_of_dpclips():
+    """The guard's torch function mode runs Python on every torch call of a forward: dpclip's
+    own calls in its hooks (detach, shape reads, register_hook) are kept out of it, which is
+    host time on every step, and the guard has nothing to check in them."""
+    from torch.overrides import TorchFunctionMode
+
+    from dpclip import _param_guard
+
+    ref = next(r for r in REFERENCES if r.name == "tiny-mlp")
+    step = build_step(ref, "dpclip")
+    seen: list[str] = []
+    base = _param_guard._Mode
+
+    class Seeing(base):  # the guard's own mode, recording what reaches it
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", repr(func)))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    assert issubclass(base, TorchFunctionMode)
+    _param_guard._Mode = Seeing
+    try:
+        step()
+    finally:
+        _param_guard._Mode = base
+    assert seen == ["linear", "tanh", "linear"]  # nn.Sequential(Linear, Tanh, Linear)

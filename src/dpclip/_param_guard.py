@@ -64,38 +64,71 @@ def _tensors(args: tuple, kwargs: Mapping) -> Iterator[object]:
             yield a
 
 
+# What the mode does with a call, by the called function (decided once per function: the mode
+# sees every torch call of every forward, so its per-call work is host time on every step).
+_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING = range(5)
+_KIND: dict[object, int] = {}
+
+
+def _kind_of(func: object) -> int:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        kind = _ATTRIBUTE
+    elif name in _NO_GRADIENT:
+        kind = _FREE
+    elif name in _BROADCASTING:
+        kind = _BROADCAST
+    elif name in _NEW_LEADING_DIMS:
+        kind = _LEADING
+    else:
+        kind = _PLAIN
+    if kind != _ATTRIBUTE:  # an attribute read's func is a new bound wrapper each time
+        _KIND[func] = kind
+    return kind
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, guard: ParamUseGuard) -> None:
         super().__init__()
         self.guard = guard
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if not torch.is_grad_enabled() or name in _NO_GRADIENT:
-            return func(*args, **kwargs)
-        if name == "__get__":  # an attribute read: a use if it gives a tensor (p.T)
-            out = func(*args, **kwargs)
+        kind = _KIND.get(func)
+        if kind is None:
+            kind = _kind_of(func)
+        if kind == _FREE or not torch.is_grad_enabled():
+            return func(*args, **kwargs) if kwargs else func(*args)
+        guard = self.guard
+        if kind == _ATTRIBUTE:  # an attribute read: a use if it gives a tensor (p.T)
+            out = func(*args, **kwargs) if kwargs else func(*args)
             if not isinstance(out, torch.Tensor):
                 return out
             attribute = getattr(getattr(func, "__self__", None), "__name__", "")
             if attribute not in _GRADIENT_FREE_ATTRIBUTES:
                 for a in args:
                     if isinstance(a, nn.Parameter):
-                        self.guard.check(a, f".{attribute}")
-                self.guard.check_pending(args, out, f".{attribute}")
+                        guard.check(a, f".{attribute}")
+                guard.check_pending(args, out, f".{attribute}")
             return out
-        for a in _tensors(args, kwargs):
+        for a in args:  # the arguments, and the items of list and tuple arguments (cat)
             if isinstance(a, nn.Parameter):
-                self.guard.check(a, func)
-        if name in _BROADCASTING:
-            args = self.guard.split_pending(args, name)
-            self.guard.check_broadcast(args, name)
-        out = func(*args, **kwargs)
-        if self.guard.pending_outputs():
-            self.guard.check_pending((*args, *kwargs.values()), out, name)
-        if name in _NEW_LEADING_DIMS and args:
-            self.guard.check_new_leading_dims(args[0], out, name)
+                guard.check(a, func)
+            elif isinstance(a, (list, tuple)):
+                for item in a:
+                    if isinstance(item, nn.Parameter):
+                        guard.check(item, func)
+        if kwargs:
+            for a in _tensors((), kwargs):
+                if isinstance(a, nn.Parameter):
+                    guard.check(a, func)
+        if kind == _BROADCAST:
+            args = guard.split_pending(args, func.__name__)
+            guard.check_broadcast(args, func.__name__)
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        if guard.pending_outputs():
+            guard.check_pending((*args, *(kwargs or {}).values()), out, func.__name__)
+        if kind == _LEADING and args:
+            guard.check_new_leading_dims(args[0], out, func.__name__)
         return out
 
 

@@ -233,6 +233,13 @@ class Recorder:
             self._pending.clear()
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        # dpclip's own tensor calls here (detach, shape reads, register_hook) are not the
+        # model's: no torch function mode sees them, so the parameter guard neither checks
+        # them nor spends host time on them (5 calls per layer, each through Python)
+        with torch._C.DisableTorchFunction():
+            return self._on_forward(module, args, kwargs, output)
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         if self._paused:
             return None
         starts = self._starts.get(module) if module in self._whole else None
