@@ -116,6 +116,8 @@ def positional_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 def batch_of(args: tuple, kwargs: dict) -> Tensor | None:
     """The tensor a model call takes its batch from: the first with a dim, positional first."""
+    if args and isinstance(args[0], Tensor) and args[0].dim():  # the usual call: no tree walk
+        return args[0]
     return next((t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.dim()), None)
 
 
