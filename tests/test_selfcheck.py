@@ -127,6 +127,40 @@ def test_the_first_step_runs_the_check_once():
     assert len(passes) == 2 + 1 + 3  # two training forwards; the batch and 3 examples, once
 
 
+def test_an_empty_first_batch_leaves_the_check_to_the_first_batch_with_examples():
+    """Poisson sampling can make the first logical batch empty: that step adds noise only, and
+    the check waits for the first batch with examples (it found an IndexError there before)."""
+    model = engine_models.build("linear")
+    engine, opt = _engine(model)
+    x, y = engine_models.batch("linear", B)
+    F.cross_entropy(model(x[:0]), y[:0], reduction="sum").backward()
+    opt.step()
+    opt.zero_grad()
+    assert engine.ledger.steps == 1 and engine._check_pending
+    passes = []
+    model.register_forward_pre_hook(lambda *a: passes.append(1))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert engine.ledger.steps == 2 and not engine._check_pending
+    assert len(passes) == 1 + 1 + 3  # the training forward; the check's batch and 3 examples
+
+
+def test_a_mixing_loss_after_an_empty_first_batch_is_still_refused():
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    engine, opt = _engine(model)
+    x = torch.randn(B, 5, dtype=torch.float64)
+    F.cross_entropy(model(x[:0]), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    opt.step()  # no example: nothing to check, a noise-only step
+    opt.zero_grad()
+    z = F.normalize(model(x), dim=1)
+    F.cross_entropy(z @ z.T, torch.arange(B)).backward()  # mixes examples
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(dpclip.SelfCheckError, match="mixes examples"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert engine.ledger.steps == 1
+
+
 def test_verify_false_runs_no_check():
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4)).double()
     engine, opt = _engine(model, verify=False)

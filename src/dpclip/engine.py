@@ -177,6 +177,7 @@ class PrivacyEngine:
                 self._world.broadcast_module(self.model)
 
         self._micro_batches = 0
+        self._examples_in_step = False  # a micro-batch of this step had examples
         self._empty_allowed = False
         self._poisoned: str | None = None
         self._overflowed = False  # a GradScaler's backward overflowed: its step will be skipped
@@ -278,6 +279,7 @@ class PrivacyEngine:
                 )
             if self._overflowed and self._grads_cleared():  # the scaler skipped that step
                 self._micro_batches, self._overflowed, self._empty_allowed = 0, False, False
+                self._examples_in_step = False
             if self._micro_batches == 0:
                 self._check_fresh_grads()
             self._accumulator = Accumulator(self._plan, self._group_of, self._loss_scale())
@@ -313,6 +315,7 @@ class PrivacyEngine:
             else:
                 p.grad.add_(g.to(p.dtype))
         self._micro_batches += 1
+        self._examples_in_step = self._examples_in_step or bool(accumulator.batch)
 
     def _loss_scale(self) -> Tensor | None:
         if self._scaler is None or not self._scaler.is_enabled():
@@ -386,7 +389,7 @@ class PrivacyEngine:
                 f"({self._budget_text()}, {allowed} steps); the parameters are unchanged. "
                 "Create a new PrivacyEngine with a larger plan to train longer."
             )
-        if self._check_pending and self._micro_batches:
+        if self._check_pending and self._examples_in_step:  # none: nothing to check yet
             self._check_first_batch()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -395,6 +398,7 @@ class PrivacyEngine:
         else:
             self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
         self._micro_batches = 0
+        self._examples_in_step = False
         self._empty_allowed = False
 
     def _scaler_inside_step(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -455,7 +459,8 @@ class PrivacyEngine:
         if self._recorder.is_paused:
             return
         recording = self._recorder.enabled and self._sink is None
-        if self._check_pending and recording and torch.is_grad_enabled():
+        empty = self._recorder.batch == 0  # no example to check: the next batch is the first
+        if self._check_pending and recording and torch.is_grad_enabled() and not empty:
             self._first.forward_ends(args, kwargs, output, self._recorder.batch)
 
     def _check_first_batch(self) -> None:
