@@ -358,10 +358,16 @@ class _TiedBy(nn.Module):
             return h @ w.t()
         if self.how == "transpose":
             return torch.matmul(h, w.transpose(0, 1))
+        if self.how == "in a list":
+            return h @ torch.cat([w, w]).T[:, :7]
+        if self.how == "keyword":
+            return F.linear(input=h, weight=w)
         return F.embedding(torch.zeros_like(ids), w).mean(1) + h  # a functional lookup
 
 
-@pytest.mark.parametrize("how", [".T", ".mT", "t()", "transpose", "F.embedding"])
+@pytest.mark.parametrize(
+    "how", [".T", ".mT", "t()", "transpose", "in a list", "keyword", "F.embedding"]
+)
 def test_a_parameter_used_outside_its_layer_through_any_view_is_refused(how):
     ids = torch.randint(0, 7, (B, T))
     match = r"parameter 'emb.weight' was used by .* outside the forward of the layer that owns it"

@@ -91,6 +91,10 @@ class _Mode(TorchFunctionMode):
     def __init__(self, guard: ParamUseGuard) -> None:
         super().__init__()
         self.guard = guard
+        # The managed parameters by id: the model holds them, so a live object with one of these
+        # ids is that parameter. Tested by id, not isinstance: Parameter's isinstance check is
+        # Python code (its metaclass), and the mode tests every argument of every call.
+        self.managed = guard._owners
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kind = _KIND.get(func)
@@ -106,20 +110,21 @@ class _Mode(TorchFunctionMode):
             attribute = getattr(getattr(func, "__self__", None), "__name__", "")
             if attribute not in _GRADIENT_FREE_ATTRIBUTES:
                 for a in args:
-                    if isinstance(a, nn.Parameter):
+                    if id(a) in self.managed:
                         guard.check(a, f".{attribute}")
                 guard.check_pending(args, out, f".{attribute}")
             return out
+        managed = self.managed
         for a in args:  # the arguments, and the items of list and tuple arguments (cat)
-            if isinstance(a, nn.Parameter):
+            if id(a) in managed:
                 guard.check(a, func)
             elif isinstance(a, (list, tuple)):
                 for item in a:
-                    if isinstance(item, nn.Parameter):
+                    if id(item) in managed:
                         guard.check(item, func)
         if kwargs:
             for a in _tensors((), kwargs):
-                if isinstance(a, nn.Parameter):
+                if id(a) in managed:
                     guard.check(a, func)
         if kind == _BROADCAST:
             args = guard.split_pending(args, func.__name__)
