@@ -292,6 +292,64 @@ def test_attaching_never_changes_what_the_model_computes_over_the_zoo():
         engine.detach()
 
 
+class _Doubling(torch.Tensor):
+    """A tensor subclass that changes what an op means (tanh doubled), as subclasses may."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out * 2 if func is torch.tanh else out
+
+
+class _Callable:
+    """An op object torch routes through torch function handling: no __name__, unhashable."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self, x):
+        if torch.overrides.has_torch_function((x,)):
+            return torch.overrides.handle_torch_function(self, (x,), x)
+        return 3 * x
+
+
+class _SubclassNet(nn.Module):
+    def __init__(self, op=torch.tanh):
+        super().__init__()
+        self.fc1, self.fc2, self.op = nn.Linear(D, 4), nn.Linear(4, 3), op
+        self.pos = nn.Embedding(T, 4)
+
+    def forward(self, x):
+        h = self.fc1(x) + self.pos(torch.arange(x.shape[1])[None])  # a pending batch-1 output
+        return self.fc2(self.op(h)).mean(1)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_tensor_subclass_input_computes_what_it_computes_without_dpclip(verify):
+    """dpclip's hooks keep torch function handling for a subclass (a fast path without it would
+    turn the layer outputs into plain tensors: another function, or a false self-check error)."""
+    torch.manual_seed(0)
+    model = _SubclassNet().double()
+    x = torch.randn(B, T, D, dtype=torch.float64).as_subclass(_Doubling)
+    y = torch.arange(B) % 3
+    expected = model(x).detach()
+    reference = [p.detach().clone() for p in model.parameters()]
+    engine, opt = _engine(model, verify=verify)
+    out = model(x)
+    assert torch.equal(out.detach(), expected)
+    F.cross_entropy(out, y).backward()
+    opt.step()
+    assert engine.ledger.steps == 1
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference, strict=True))
+
+
+def test_an_op_object_without_a_name_and_no_hash_passes_the_guard():
+    model = _SubclassNet(op=_Callable()).double()
+    engine, opt = _engine(model)
+    F.cross_entropy(model(_x(B, T, D)), _y()).backward()
+    opt.step()
+    assert engine.ledger.steps == 1
+
+
 # ------------------------------------------------------------------ 5. forwards and losses mixing
 class _BatchStatistic(_FcHead):
     def forward(self, x):

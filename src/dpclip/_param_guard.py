@@ -67,10 +67,10 @@ def _tensors(args: tuple, kwargs: Mapping) -> Iterator[object]:
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
 _PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING = range(5)
-_KIND: dict[object, int] = {}
+_KIND: dict[object, tuple[int, str]] = {}  # func -> (what to do, its name)
 
 
-def _kind_of(func: object) -> int:
+def _kind_of(func: object) -> tuple[int, str]:
     name = getattr(func, "__name__", "")
     if name == "__get__":
         kind = _ATTRIBUTE
@@ -83,8 +83,11 @@ def _kind_of(func: object) -> int:
     else:
         kind = _PLAIN
     if kind != _ATTRIBUTE:  # an attribute read's func is a new bound wrapper each time
-        _KIND[func] = kind
-    return kind
+        try:
+            _KIND[func] = (kind, name)
+        except TypeError:  # an unhashable callable: classified on each call
+            pass
+    return kind, name
 
 
 class _Mode(TorchFunctionMode):
@@ -97,9 +100,11 @@ class _Mode(TorchFunctionMode):
         self.managed = guard._owners
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kind = _KIND.get(func)
-        if kind is None:
-            kind = _kind_of(func)
+        try:
+            known = _KIND.get(func)
+        except TypeError:  # unhashable
+            known = None
+        kind, name = known if known is not None else _kind_of(func)
         if kind == _FREE or not torch.is_grad_enabled():
             return func(*args, **kwargs) if kwargs else func(*args)
         guard = self.guard
@@ -127,13 +132,13 @@ class _Mode(TorchFunctionMode):
                 if id(a) in managed:
                     guard.check(a, func)
         if kind == _BROADCAST:
-            args = guard.split_pending(args, func.__name__)
-            guard.check_broadcast(args, func.__name__)
+            args = guard.split_pending(args, name)
+            guard.check_broadcast(args, name)
         out = func(*args, **kwargs) if kwargs else func(*args)
         if guard.pending_outputs():
-            guard.check_pending((*args, *(kwargs or {}).values()), out, func.__name__)
+            guard.check_pending((*args, *(kwargs or {}).values()), out, name)
         if kind == _LEADING and args:
-            guard.check_new_leading_dims(args[0], out, func.__name__)
+            guard.check_new_leading_dims(args[0], out, name)
         return out
 
 

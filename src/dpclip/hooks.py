@@ -121,6 +121,25 @@ def batch_of(args: tuple, kwargs: dict) -> Tensor | None:
     return next((t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.dim()), None)
 
 
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
+
+
+def _plain(x: object) -> bool:
+    """No tensor subclass in ``x`` (a tensor, or a list or tuple of tensors and non-containers):
+    nothing that torch function handling would change. Deeper containers count as not plain."""
+    if isinstance(x, Tensor):
+        return type(x) in _PLAIN_TENSORS
+    if isinstance(x, (list, tuple)):
+        return all(
+            type(t) in _PLAIN_TENSORS if isinstance(t, Tensor) else not isinstance(t, _NESTED)
+            for t in x
+        )
+    return not isinstance(x, dict)
+
+
+_NESTED = (list, tuple, dict)
+
+
 def _expand(x: object, batch: int) -> object:
     return x.expanded(batch) if isinstance(x, Call) else expand_rows(x, batch)
 
@@ -237,9 +256,13 @@ class Recorder:
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         # dpclip's own tensor calls here (detach, shape reads, register_hook) are not the
         # model's: no torch function mode sees them, so the parameter guard neither checks
-        # them nor spends host time on them (5 calls per layer, each through Python)
-        with torch._C.DisableTorchFunction():
-            return self._on_forward(module, args, kwargs, output)
+        # them nor spends host time on them (5 calls per layer, each through Python). Not for
+        # a tensor subclass with its own __torch_function__: that would turn it into a plain
+        # tensor in the middle of the model's forward.
+        if _plain(output) and all(map(_plain, args)) and all(map(_plain, kwargs.values())):
+            with torch._C.DisableTorchFunction():
+                return self._on_forward(module, args, kwargs, output)
+        return self._on_forward(module, args, kwargs, output)
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         if self._paused:

@@ -136,6 +136,7 @@ def test_rdp_of_a_mixed_history_equals_dp_accountings_own_composition():
     import dp_accounting
     from dp_accounting.rdp import rdp_privacy_accountant
 
+    from dpclip.accounting import accountants
     from dpclip.accounting.accountants import epsilon
     from dpclip.accounting.events import GaussianStep
 
@@ -149,3 +150,6 @@ def test_rdp_of_a_mixed_history_equals_dp_accountings_own_composition():
             )
             oracle.compose(event, e.steps)
         assert epsilon(history, delta, "rdp") == pytest.approx(oracle.get_epsilon(delta), rel=1e-12)
+    cached = accountants._rdp_one_step(1.1, 0.004)  # shared by every later ε: never writable
+    with pytest.raises(ValueError):
+        cached.flags.writeable = True

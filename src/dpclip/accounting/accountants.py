@@ -96,9 +96,9 @@ def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
     accountant = rdp_privacy_accountant.RdpAccountant(_rdp_orders())
     accountant.compose(_dp_event((GaussianStep(noise_multiplier, sample_rate, 1),)))
-    curve = np.array(accountant._rdp, dtype=float)  # no public getter; checked in the tests
-    curve.flags.writeable = False
-    return curve
+    base = np.array(accountant.rdp, dtype=float)
+    base.flags.writeable = False
+    return base[:]  # a view of a read-only base: the cached curve can never be written to
 
 
 def _rdp_orders() -> tuple[float, ...]:
