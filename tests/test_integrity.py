@@ -378,6 +378,40 @@ def test_an_in_batch_contrastive_loss_is_refused_by_the_self_check():
     _assert_refused_at_step(model, _x(B, D), _y(), "the loss mixes examples", loss=_contrastive)
 
 
+def _standardised_targets(out, y):
+    z = y.to(out.dtype)
+    return F.mse_loss(out[:, 0], (z - z.mean()) / z.std())
+
+
+def _hardest(out, y):
+    return F.cross_entropy(out, y, reduction="none").max()
+
+
+def _hardest_three(out, y):  # online hard-example mining
+    return F.cross_entropy(out, y, reduction="none").topk(3).values.mean()
+
+
+@pytest.mark.parametrize(
+    "loss, seed",
+    [(_standardised_targets, 0), (_hardest, 1), (_hardest_three, 0), (_hardest_three, 2)],
+    ids=["standardised-targets", "hardest", "top-3-seed-0", "top-3-seed-2"],
+)
+def test_a_loss_selecting_or_standardising_over_the_batch_is_refused(loss, seed):
+    """Each of these was accepted before the check made every other example a copy of the
+    checked one (a per-example loss cannot notice), and counted a NaN gradient as a change:
+    with standardised targets the probe divides by a zero std."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    b = 16 if loss is _hardest_three else 8
+    x, y = _x(b, D), torch.randint(0, 3, (b,))
+    engine, opt = _engine(model, batch_size=b)
+    before = _snapshot(model)
+    loss(model(x), y).backward()
+    with pytest.raises(dpclip.SelfCheckError, match="the loss mixes examples"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+
+
 # ------------------------------------------------------------------ 6. keyword calls
 class _Keywords(nn.Module):
     def __init__(self) -> None:

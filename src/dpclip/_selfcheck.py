@@ -213,8 +213,12 @@ def _check_rows_do_not_mix(
     tape: LossTape, fixed: list, spec: object, used: list[int], base: _RowGrads, rows, rtol: float
 ) -> None:
     """Example i's output gradient (``base``) must not change when every other example's output
-    does, nor when every other example gets example i's labels (a class-weighted or token-count
-    mean). One output-sized variant at a time, each dropped before the next."""
+    does, when every other example gets example i's labels (a class-weighted or token-count
+    mean), nor when every other example becomes a copy of example i, output and labels (a loss
+    that selects examples, such as the batch's hardest: a per-example loss gives example i the
+    same gradient whoever the others are). A gradient that turns NaN or infinite counts as a
+    change (standardising over a batch of equal values divides by 0). One output-sized variant
+    at a time, each dropped before the next."""
     batch = fixed[used[0]].shape[0]
     if batch == 1:
         return
@@ -230,28 +234,45 @@ def _check_rows_do_not_mix(
             out[k][i] = t[i]
         return out
 
+    def copies(i: int) -> list:
+        out = list(fixed)
+        for k in used:
+            out[k] = fixed[k][i : i + 1].expand_as(fixed[k]).clone()
+        return out
+
     for i in rows:
-        for what in ("outputs", "labels"):
+        for what in ("outputs", "labels", "copies"):
             if what == "outputs":
                 grads = _output_grads(tape, moved(i), spec, used)
-            else:
+            elif what == "labels":
                 grads = _output_grads(tape, fixed, spec, used, like=(batch, i))
+            else:
+                grads = _output_grads(tape, copies(i), spec, used, like=(batch, i))
             for g0, g1, largest in zip(base.rows[i], grads, base.largest, strict=True):
-                if g1 is not None and float((g1[i] - g0).abs().max()) > 10 * rtol * largest + 1e-30:
+                # `not <=`: a NaN difference is a change
+                if g1 is not None and not (
+                    float((g1[i] - g0).abs().max()) <= 10 * rtol * largest + 1e-30
+                ):
                     raise SelfCheckError(_mixing_message(i, what))
             del grads
 
 
 def _mixing_message(i: int, what: str) -> str:
-    cause = (
-        "an in-batch contrastive loss, a loss normalised by batch statistics"
-        if what == "outputs"
-        else "a class-weighted mean, a mean over all tokens of padded sequences: each example "
-        "is weighted by the others' labels"
-    )
+    cause = {
+        "outputs": "an in-batch contrastive loss, a loss normalised by batch statistics",
+        "labels": "a class-weighted mean, a mean over all tokens of padded sequences: each "
+        "example is weighted by the others' labels",
+        "copies": "a loss over the hardest examples (max, top-k), targets standardised over the "
+        "batch",
+    }[what]
+    change = {
+        "outputs": "only the other examples' outputs change",
+        "labels": "only the other examples' labels change",
+        "copies": "every other example becomes a copy of it",
+    }[what]
     return (
         f"the loss mixes examples: example {i}'s gradient with respect to the model's output "
-        f"changes when only the other examples' {what} change ({cause}). Per-example gradients "
+        f"changes when {change} ({cause}). Per-example gradients "
         "do not exist then, so clipping cannot bound one example's influence: compute the loss "
         "as the mean (or sum) over examples of each example's own loss. " + _HINTS
     )
