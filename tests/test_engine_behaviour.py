@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations, prune
 
 import dpclip
 from dpclip.errors import DoubleBackwardError
@@ -194,7 +195,11 @@ def test_step_beyond_the_budget_raises_and_leaves_parameters_unchanged():
         (nn.MultiheadAttention(4, 2), "MultiheadAttention"),
         (nn.LSTM(4, 4), "LSTM"),
         (nn.BatchNorm1d(4), "dpclip.fix"),
+        (parametrizations.spectral_norm(nn.Linear(4, 4)), "remove_parametrizations"),
+        (parametrizations.weight_norm(nn.Linear(4, 4)), "remove_parametrizations"),
+        (prune.random_unstructured(nn.Linear(4, 4), "weight", 0.5), "prune.remove"),
     ],
+    ids=["mha", "lstm", "batchnorm", "spectral-norm", "weight-norm", "pruned"],
 )
 def test_unsupported_trainable_module_is_an_error_naming_path_type_and_fix(module, fragment):
     model = nn.Sequential(nn.Linear(4, 4), module)
@@ -207,6 +212,20 @@ def test_unsupported_trainable_module_is_an_error_naming_path_type_and_fix(modul
     assert "1 (" in str(info.value)  # the module's path in the Sequential
     _assert_unchanged(model, before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_old_weight_norm_is_refused_and_a_frozen_reparametrized_layer_is_not():
+    with pytest.warns(FutureWarning):
+        old = torch.nn.utils.weight_norm(nn.Linear(4, 4))
+    model = nn.Sequential(nn.Linear(4, 4), old)
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    with pytest.raises(dpclip.UnsupportedModuleError, match=r"1 \(Linear\).*remove_weight_norm"):
+        dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1,
+                             noise_multiplier=1.0)  # fmt: skip
+    frozen = parametrizations.spectral_norm(nn.Linear(4, 4)).requires_grad_(False)
+    model = nn.Sequential(nn.Linear(4, 4), frozen)
+    opt = torch.optim.SGD(model[0].parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0)
 
 
 def test_a_bare_parameter_used_in_forward_takes_the_fallback_named_at_attach(capsys):
@@ -538,6 +557,20 @@ def test_a_layer_output_without_a_batch_dim_is_refused_even_when_its_length_is_t
         model(torch.randint(10, (4, 4)))
     _assert_no_mode_left()
     assert all(p.grad is None for p in model.parameters())
+    _assert_unchanged(model, before)
+
+
+def test_positions_without_a_batch_dim_of_another_length_are_refused_with_the_fix():
+    """nanoGPT's pos(torch.arange(T)) with T != B: its rows are positions; the message says how
+    to give them a batch dim (it gave the advice for flattened tokens before)."""
+    model = _Positions(batched=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(model, opt, sample_size=40, batch_size=3, steps=1, noise_multiplier=1.0)
+    before = _snapshot(model)
+    message = r"pos \(Embedding\) returned 4 rows .*torch.arange\(T\)\[None\] \(broadcast"
+    with pytest.raises(dpclip.IntegrityError, match=message):
+        model(torch.randint(10, (3, 4)))
+    _assert_no_mode_left()
     _assert_unchanged(model, before)
 
 

@@ -308,11 +308,21 @@ class Recorder:
         if rows == 1 and not output.requires_grad:
             return self._hold_pending(module, inputs, output)
         shape = "a scalar" if rows is None else f"{rows} row{'' if rows == 1 else 's'} on dim 0"
+        first = inputs[0] if inputs else None
+        positions = (  # pos(torch.arange(T)): ids without a batch dim
+            isinstance(first, Tensor) and first.dim() == 1 and not first.is_floating_point()
+        )
+        fix = _FIXES + (
+            "; or, if its input has no batch dim (positions such as torch.arange(T)), give it "
+            "one: torch.arange(T)[None] (broadcast over the batch) or torch.arange(T).repeat(B, 1)"
+            if positions
+            else ""
+        )
         raise IntegrityError(
             f"{self.name(module)} returned {shape} (output shape {tuple(output.shape)}) in a "
             f"forward whose batch is {self.batch} (dpclip reads the batch from dim 0 of the "
             f"model's first tensor argument, here of shape {self._root_shape}: pass the batch "
-            f"first). {_FIXES}."
+            f"first). {fix}."
         )
 
     def _record_call(

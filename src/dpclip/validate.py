@@ -48,6 +48,39 @@ def _fallback_refusal(module: nn.Module) -> str | None:
     return None
 
 
+def _reparametrized(module: nn.Module) -> str | None:
+    """Why a module whose weights are computed from other parameters (parametrizations, the
+    old weight_norm, pruning) cannot be clipped, with the fix; None if they are not."""
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if not any(p.requires_grad for p in module.parameters()):
+        return None  # frozen: nothing to clip
+    if parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())
+        return (
+            f"its {names} is reparametrized (torch.nn.utils.parametrize: weight_norm, "
+            "spectral_norm, orthogonal, ...): the gradient reaches the original parameters "
+            "through the parametrization, which has no per-example rule; remove it before "
+            "attaching (torch.nn.utils.parametrize.remove_parametrizations(module, name))"
+        )
+    hooks = module._forward_pre_hooks.values()
+    if any(isinstance(h, WeightNorm) for h in hooks):
+        return (
+            "it uses torch.nn.utils.weight_norm, which computes the weight from weight_g and "
+            "weight_v before each forward: no per-example rule covers that; remove it before "
+            "attaching (torch.nn.utils.remove_weight_norm(module))"
+        )
+    if any(isinstance(h, prune.BasePruningMethod) for h in hooks):
+        return (
+            "it is pruned (torch.nn.utils.prune), which computes the weight as weight_orig times "
+            "a mask before each forward: make the pruning permanent before attaching "
+            "(torch.nn.utils.prune.remove(module, name)); the pruned weights then train again "
+            "unless you freeze or re-mask them"
+        )
+    return None
+
+
 def own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The module's own (not its children's) parameters that require grad, with their names."""
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -93,6 +126,10 @@ def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
         if patterns is not None:
             lifted[module] = []
             scopes.append((path, module, patterns))
+        reparametrized = _reparametrized(module)
+        if reparametrized is not None:
+            problems.append(Unsupported(path, type(module).__name__, reparametrized))
+            continue
         own = own_trainable(module)
         if not own and module not in lifted:
             continue
