@@ -525,6 +525,36 @@ def test_a_parameter_used_outside_its_layers_in_forward_is_refused_and_changes_n
     assert model.emb.weight.grad is not None
 
 
+class _TiedToUnruled(nn.Module):
+    """An autoencoder tying a Conv2d's weight to a ConvTranspose2d (no rule: the fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Conv2d(1, 4, 3), nn.ConvTranspose2d(4, 1, 3)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.head(self.dec(torch.tanh(self.enc(x))).mean((2, 3)))
+
+
+def test_a_parameter_tied_to_a_layer_without_a_rule_is_refused_naming_both():
+    """Tied by assignment, as the usual advice says, but one side has no rule for it: the
+    message says so (it told the user to tie by assignment before)."""
+    model = _TiedToUnruled()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(model, opt, sample_size=40, batch_size=4, steps=1, noise_multiplier=1.0)
+    before = _snapshot(model)
+    message = (
+        r"'enc.weight' of Conv2d is shared with a ConvTranspose2d, whose forward used it "
+        r"\(conv_transpose2d\), but the ConvTranspose2d has no per-sample rule for it"
+    )
+    with pytest.raises(dpclip.ParameterUseError, match=message):
+        model(torch.randn(4, 1, 6, 6))
+    _assert_no_mode_left()
+    _assert_unchanged(model, before)
+
+
 class _Positions(nn.Module):
     """Token plus position embeddings; ``batched`` feeds the positions as (B, T), else as (T,)
     broadcast over the batch."""

@@ -194,6 +194,18 @@ class ParamUseGuard:
             if held
             else ""
         )
+        sharer = next(  # a running layer holding it too, whose rule does not cover it
+            (m for m, n in self._active.items() if n and any(q is p for q in m.parameters(False))),
+            None,
+        )
+        if sharer is not None:
+            raise ParameterUseError(
+                f"parameter {self._names[id(p)]!r} of {type(owners[0]).__name__} is shared with a "
+                f"{type(sharer).__name__}, whose forward used it ({what}), but the "
+                f"{type(sharer).__name__} has no per-sample rule for it: dpclip cannot clip a "
+                "parameter tied between a layer with a rule and one without. Untie them, or "
+                f"register a rule for {type(sharer).__name__} with dpclip.register_layer."
+            )
         raise ParameterUseError(
             f"parameter {self._names[id(p)]!r} was used by {what} outside the forward of the "
             f"layer that owns it ({type(owners[0]).__name__}). dpclip computes its gradient from "
