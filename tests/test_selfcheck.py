@@ -194,6 +194,22 @@ def test_a_loss_the_tape_cannot_see_refuses_the_step_until_verify_passes():
     assert engine.ledger.steps == 1
 
 
+def test_a_forward_between_the_first_loss_and_its_backward_is_named_in_the_refusal():
+    """A validation pass with gradients on, between the first batch's forward and backward:
+    the check cannot see that loss, and says why (it gave only the generic cause before)."""
+    model = engine_models.build("linear")
+    engine, opt = _engine(model)
+    x, y = engine_models.batch("linear", B)
+    loss = F.cross_entropy(model(x), y)
+    model(x[:2])  # grad-enabled, not under torch.no_grad()
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(dpclip.SelfCheckError, match=r"another forward of the model ran before"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert engine.ledger.steps == 0
+
+
 def test_verify_refuses_a_loss_that_is_not_one_number():
     model = engine_models.build("linear")
     engine, _ = _engine(model)

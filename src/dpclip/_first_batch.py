@@ -24,20 +24,25 @@ class FirstBatch:
         self.args: tuple = ()
         self.kwargs: dict = {}
         self.tape: LossTape | None = None
+        self.interrupted = False  # a forward began while the tape still waited for backward
         self._live: list[LossTape] = []
         weakref.finalize(self, remove_dropped, self._live)
 
     def forward_begins(self) -> None:
         remove_orphans()
         if self.tape is not None:
+            waiting = not self.tape.done
             remove(self.tape)  # it stopped at backward, or there was none: no mode left behind
             if not self.tape.captured:
                 self.clear()
+                self.interrupted = waiting
 
     def forward_ends(self, args: tuple, kwargs: dict, output: object, batch: int | None) -> None:
         if self.tape is not None and self.tape.captured:
             return
+        interrupted = self.interrupted
         self.clear()
+        self.interrupted = interrupted
         copy = tree_map(
             lambda x: x.detach().clone() if isinstance(x, Tensor) else x, (args, kwargs)
         )
@@ -57,6 +62,11 @@ class FirstBatch:
                 "the loss was not computed from the model's output by torch calls followed by "
                 "backward()"
             )
+            if self.interrupted:
+                why += (
+                    "; another forward of the model ran before that backward (a validation pass "
+                    "with gradients on? run it under torch.no_grad())"
+                )
             raise SelfCheckError(
                 f"dpclip's self-check could not see how the first batch's loss was computed "
                 f"({why}); call engine.verify(*inputs, loss_fn=...) once before the first step, or "
@@ -70,4 +80,5 @@ class FirstBatch:
         if self.tape is not None:
             remove(self.tape)
         self.args, self.kwargs, self.tape = (), {}, None
+        self.interrupted = False
         self._live.clear()
