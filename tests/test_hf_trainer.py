@@ -167,6 +167,35 @@ def test_lora_trains_only_the_adapters(tmp_path, family):
     assert trainer.privacy_engine.steps_taken == trainer.state.global_step > 0
 
 
+@pytest.mark.parametrize(
+    "adapter, message",
+    [("dora", r"q_proj \(Linear\): PEFT DoRA \(use_dora=True\) is not supported.*use_dora=False"),
+     ("ia3", r"PEFT IA3 is not supported.*use LoRA")],
+)  # fmt: skip
+def test_peft_adapters_without_a_per_example_form_are_refused_at_construction(adapter, message):
+    """They failed at forward before, with advice about flattened tokens or tied weights."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+    ))  # fmt: skip
+    config = (
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+        if adapter == "dora"
+        else peft.IA3Config(
+            target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]
+        )
+    )
+    model = peft.get_peft_model(base, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    with pytest.raises(dpclip.UnsupportedModuleError, match=message):
+        dpclip.PrivacyEngine(model, opt, sample_size=64, batch_size=8, steps=2,
+                             noise_multiplier=1.0)  # fmt: skip
+    assert all(p.requires_grad for p in trainable)
+
+
 def test_max_grad_norm_clips_the_noisy_update_and_the_logged_norm_is_the_noisy_one(tmp_path):
     norms = []
 

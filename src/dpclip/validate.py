@@ -9,6 +9,7 @@ samples; the fused RNN kernels have no per-example form) are refused at construc
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -81,6 +82,26 @@ def _reparametrized(module: nn.Module) -> str | None:
     return None
 
 
+def _unsupported_adapter(module: nn.Module) -> str | None:
+    """Why a PEFT adapter that dpclip has no per-example form for is refused, with the fix."""
+    if not any(p.requires_grad for p in module.parameters()):
+        return None
+    use_dora = getattr(module, "use_dora", None)
+    if isinstance(use_dora, Mapping) and any(use_dora.values()):
+        return (
+            "PEFT DoRA (use_dora=True) is not supported: its magnitude step runs lora_A on an "
+            "identity matrix, outside the batch, which no per-example rule covers; use plain "
+            "LoRA (LoraConfig(use_dora=False))"
+        )
+    if type(module).__module__.startswith("peft.tuners.ia3.layer"):
+        return (
+            "PEFT IA3 is not supported: its scaling vectors (ia3_l) multiply the layer's "
+            "activations outside any layer with a per-example rule; use LoRA, or register a "
+            "rule for this module type with dpclip.register_layer"
+        )
+    return None
+
+
 def own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The module's own (not its children's) parameters that require grad, with their names."""
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -126,9 +147,9 @@ def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
         if patterns is not None:
             lifted[module] = []
             scopes.append((path, module, patterns))
-        reparametrized = _reparametrized(module)
-        if reparametrized is not None:
-            problems.append(Unsupported(path, type(module).__name__, reparametrized))
+        refusal = _reparametrized(module) or _unsupported_adapter(module)
+        if refusal is not None:
+            problems.append(Unsupported(path, type(module).__name__, refusal))
             continue
         own = own_trainable(module)
         if not own and module not in lifted:
