@@ -94,7 +94,7 @@ class _Mode(TorchFunctionMode):
     def __init__(self, guard: ParamUseGuard) -> None:
         super().__init__()
         self.guard = guard
-        # The managed parameters by id: the model holds them, so a live object with one of these
+        # The managed parameters by id: the guard holds them, so a live object with one of these
         # ids is that parameter. Tested by id, not isinstance: Parameter's isinstance check is
         # Python code (its metaclass), and the mode tests every argument of every call.
         self.managed = guard._owners
@@ -158,6 +158,9 @@ class ParamUseGuard:
         self.enabled = True
         self._recorder = recorder
         self._owners = {id(p): tuple(mods) for p, mods in owners.items()}
+        # held, so that no other object can take one of these ids while attached (the mode
+        # matches arguments by id), even if the model drops a parameter meanwhile
+        self._held = list(owners)
         self._names = {id(p): n for p, n in names.items()}
         self._unruled = {id(p): tuple(paths) for p, paths in (unruled or {}).items()}
         # this forward's layer outputs, held weakly: an output the model drops is freed as usual
