@@ -122,6 +122,7 @@ def batch_of(args: tuple, kwargs: dict) -> Tensor | None:
 
 
 _PLAIN_TENSORS = (Tensor, nn.Parameter)
+_NESTED = (list, tuple, dict)
 
 
 def _plain(x: object) -> bool:
@@ -135,9 +136,6 @@ def _plain(x: object) -> bool:
             for t in x
         )
     return not isinstance(x, dict)
-
-
-_NESTED = (list, tuple, dict)
 
 
 def _expand(x: object, batch: int) -> object:

@@ -49,14 +49,22 @@ def _fallback_refusal(module: nn.Module) -> str | None:
     return None
 
 
+def _attach_refusal(module: nn.Module) -> str | None:
+    """Why a module whose weights no rule can follow is refused at attach, with the fix: weights
+    computed from other parameters, or a PEFT adapter without a per-example form. None if it
+    is not one, or if nothing under it trains (frozen: nothing to clip)."""
+    reason = _reparametrized(module) or _unsupported_adapter(module)
+    if reason is None or not any(p.requires_grad for p in module.parameters()):
+        return None
+    return reason
+
+
 def _reparametrized(module: nn.Module) -> str | None:
     """Why a module whose weights are computed from other parameters (parametrizations, the
-    old weight_norm, pruning) cannot be clipped, with the fix; None if they are not."""
+    old weight_norm, pruning) cannot be clipped; None if they are not."""
     from torch.nn.utils import parametrize, prune
     from torch.nn.utils.weight_norm import WeightNorm
 
-    if not any(p.requires_grad for p in module.parameters()):
-        return None  # frozen: nothing to clip
     if parametrize.is_parametrized(module):
         names = ", ".join(module.parametrizations.keys())
         return (
@@ -84,8 +92,6 @@ def _reparametrized(module: nn.Module) -> str | None:
 
 def _unsupported_adapter(module: nn.Module) -> str | None:
     """Why a PEFT adapter that dpclip has no per-example form for is refused, with the fix."""
-    if not any(p.requires_grad for p in module.parameters()):
-        return None
     use_dora = getattr(module, "use_dora", None)
     if isinstance(use_dora, Mapping) and any(use_dora.values()):
         return (
@@ -147,7 +153,7 @@ def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
         if patterns is not None:
             lifted[module] = []
             scopes.append((path, module, patterns))
-        refusal = _reparametrized(module) or _unsupported_adapter(module)
+        refusal = _attach_refusal(module)
         if refusal is not None:
             problems.append(Unsupported(path, type(module).__name__, refusal))
             continue
