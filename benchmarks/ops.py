@@ -124,6 +124,7 @@ def build_step(ref: Reference, method: str) -> Callable[[], Any]:
         opt.zero_grad(set_to_none=True)
 
     step.engine = engine if method == "dpclip" else None  # type: ignore[attr-defined]
+    step.batch, step.loss_fn = (x, y), loss_fn  # type: ignore[attr-defined]
     step()
     step()  # the first step runs dpclip's self-check
     return step

@@ -94,3 +94,19 @@ def test_bf16_autocast_on_cuda_trains_and_keeps_float32_parameters():
     assert all(
         not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True)
     )
+
+
+def test_on_cuda_a_nan_loss_refuses_the_step_and_the_backward_does_not_wait_for_the_device():
+    model = nn.Linear(6, 3).to(CUDA)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=100, batch_size=4, steps=2, noise_multiplier=1.0
+    )
+    x, y = torch.randn(4, 6, device=CUDA), torch.arange(4, device=CUDA) % 3
+    x[1, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()  # no error here: the flag stays on the device
+    with pytest.raises(dpclip.NonFiniteNormError, match="refusing to step"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert engine.steps_taken == 0

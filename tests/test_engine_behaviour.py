@@ -355,6 +355,71 @@ def test_non_finite_loss_raises_and_the_step_is_refused():
     _assert_unchanged(model, before)
 
 
+def test_a_refused_non_finite_step_ends_the_step_and_training_goes_on_after_zero_grad():
+    model, opt, engine = _setup()
+    x, y = engine_models.batch("linear", 4)
+    _loss(model, x, y).backward()  # a clean first micro-batch, then a NaN one
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        _loss(model, bad, y).backward()
+    with pytest.raises(FloatingPointError, match="refusing to step"):
+        opt.step()
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    opt.step()  # a new step: the refused one is not carried over
+    assert engine.steps_taken == 1
+
+
+@pytest.fixture
+def checks_at_step(monkeypatch):
+    """The accelerator's path on this CPU: the norms' finiteness is read at the step."""
+    from dpclip import _bookkeeping
+
+    monkeypatch.setattr(_bookkeeping, "checks_at_step", lambda device: True)
+
+
+def test_on_an_accelerator_a_non_finite_norm_refuses_the_step_instead_of_the_backward(
+    checks_at_step,
+):
+    model, opt, engine = _setup()
+    x, y = engine_models.batch("linear", 4)
+    _loss(model, x, y).backward()
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    _loss(model, bad, y).backward()  # no device sync in the backward, so no error yet
+    _loss(model, x, y).backward()
+    before = _snapshot(model)
+    with pytest.raises(FloatingPointError, match="refusing to step: a per-sample gradient norm"):
+        opt.step()
+    _assert_unchanged(model, before)
+    assert engine.steps_taken == 0
+    with pytest.raises(RuntimeError, match="call optimizer.zero_grad"):
+        _loss(model, x, y).backward()  # the NaN gradients of the refused step are still there
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    opt.step()
+    assert engine.steps_taken == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_on_an_accelerator_finite_steps_equal_the_cpu_path(monkeypatch):
+    from dpclip import _bookkeeping
+
+    x, y = engine_models.batch("linear", 8)
+    runs = []
+    for defer in (True, False):
+        monkeypatch.setattr(_bookkeeping, "checks_at_step", lambda device, defer=defer: defer)
+        model, opt, _ = _setup(noise_multiplier=1.0, seed=3)
+        for _ in range(2):
+            _loss(model, x[:4], y[:4]).backward()
+            _loss(model, x[4:], y[4:]).backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(_snapshot(model))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_gradient_the_engine_did_not_clip_is_refused_at_step():
     model, opt, _ = _setup()
     x, y = engine_models.batch("linear", 4)

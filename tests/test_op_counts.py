@@ -30,6 +30,29 @@ def test_dpclip_dispatches_at_most_its_ceiling_of_non_private_ops(ref):
     assert dp.ops["aten._local_scalar_dense"] <= 2
 
 
+def test_on_an_accelerator_forward_and_backward_never_wait_for_the_device(monkeypatch):
+    """A host read of a device tensor (``aten._local_scalar_dense``) makes the host wait for the
+    device, which then idles while the host queues what follows. On an accelerator the one read
+    the step needs, the finiteness of the norms, waits for the optimizer step."""
+    from benchmarks.ops import OpCounter
+
+    from dpclip import _bookkeeping
+
+    monkeypatch.setattr(_bookkeeping, "checks_at_step", lambda device: True)
+    ref = next(r for r in REFERENCES if r.name == "gpt-like-small")
+    step = build_step(ref, "dpclip")
+    model, opt = step.engine.model, step.engine.optimizer
+    x, y = step.batch
+    for k in range(2):  # two micro-batches, one logical step
+        with OpCounter() as backward:
+            step.loss_fn(model(x), y).backward()
+        assert "aten._local_scalar_dense" not in backward.ops, k
+    with OpCounter() as at_step:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert at_step.ops["aten._local_scalar_dense"] >= 1  # the check, once for both
+
+
 def test_the_parameter_guard_sees_the_models_torch_calls_and_none_of_dpclips():
     """The guard's torch function mode runs Python on every torch call of a forward: dpclip's
     own calls in its hooks (detach, shape reads, register_hook) are kept out of it, which is

@@ -57,6 +57,9 @@ class Accumulator:
     batch: int | None = None
     forward: int | None = None
     entries: dict[nn.Parameter, _Entry] = field(default_factory=dict)
+    # where the finiteness check is left to the step (see checks_at_step): whether every norm
+    # of this backward was finite, as a device tensor the engine reads once per logical step
+    finite: Tensor | None = None
 
     def add(self, rec: Record) -> None:
         # one build of the call's outer factors for its choice, norms and per-sample gradients;
@@ -254,13 +257,15 @@ class Accumulator:
         norms = {gi: _at_least_float32(sq).sqrt() for gi, sq in group_sq.items()}
         if self.loss_scale is not None:  # clip the unscaled gradients; the sums stay S times
             norms = {gi: n / self.loss_scale.to(n.device, n.dtype) for gi, n in norms.items()}
-        # One check (one device sync) for all groups: a sum in float64 of non-negative norms
-        # is finite exactly when every norm is (it cannot overflow from finite float32 ones).
+        # One check for all groups: a sum in float64 of non-negative norms is finite exactly
+        # when every norm is (it cannot overflow from finite float32 ones).
         sums = [n.sum(dtype=_wide(n.device)) for n in norms.values()]
         total = (
             sums[0] if len(sums) == 1 else torch.stack([t.to(sums[0].device) for t in sums]).sum()
         )
-        if not math.isfinite(float(total)):
+        if self.loss_scale is None and checks_at_step(total.device):
+            self.finite = torch.isfinite(total)  # read at the step: no device sync here
+        elif not math.isfinite(float(total)):
             raise NonFiniteNormError(
                 "a per-sample gradient norm is NaN or infinite (check the loss for NaN/inf); "
                 "the clipped gradient was not accumulated and the model is unchanged"
@@ -269,6 +274,15 @@ class Accumulator:
             gi: clip_factors(plan.clipping, n, clip_norm=radius, gamma=plan.gamma, scale=scale)
             for gi, n in norms.items()
         }
+
+
+def checks_at_step(device: torch.device) -> bool:
+    """Whether the norms' finiteness is read at the optimizer step instead of at the end of each
+    backward: on an accelerator, reading it back makes the host wait for the device, which then
+    idles while the host queues the clipped sums, the noise and the next forward. On a CPU the
+    read costs nothing and the error comes from the backward that made the NaN. (A loss-scaled
+    backward always reads it: an overflow must turn the sums into NaN for the scaler.)"""
+    return device.type != "cpu"
 
 
 def _at_least_float32(t: Tensor) -> Tensor:

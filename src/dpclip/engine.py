@@ -180,6 +180,7 @@ class PrivacyEngine:
         self._examples_in_step = False  # a micro-batch of this step had examples
         self._empty_allowed = False
         self._poisoned: str | None = None
+        self._unchecked: list[Tensor] = []  # finiteness of this step's norms, on the device
         self._overflowed = False  # a GradScaler's backward overflowed: its step will be skipped
         self._skipping = False  # the optimizer's own (fused) step skips this one for overflow
         self._check_pending = verify
@@ -309,6 +310,8 @@ class PrivacyEngine:
             # fp16 overflow: NaN gradients make scaler.step skip the step, as without dpclip
             sums = {p: torch.full_like(p, float("nan")) for p in self._params}
             self._overflowed = True
+        if accumulator.finite is not None:  # an accelerator's backward: read at the step
+            self._unchecked.append(accumulator.finite)
         for p, g in sums.items():
             if p.grad is None:
                 p.grad = g.to(p.dtype)
@@ -369,7 +372,17 @@ class PrivacyEngine:
                 "process would add its own noise and none would sum the clipped gradients. Call "
                 "dist.init_process_group before creating the engine"
             )
+        if self._unchecked:  # one device sync per logical step, for all its backward passes
+            flags, self._unchecked = self._unchecked, []
+            if not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+                self._poisoned = (
+                    "a per-sample gradient norm of this step was NaN or infinite (check the "
+                    "loss for NaN/inf); its clipped gradients hold NaN: call "
+                    "optimizer.zero_grad() and go on with the next batch"
+                )
         if self._poisoned is not None:
+            # the step ends here: the next backward starts a new one, from cleared gradients
+            self._micro_batches, self._examples_in_step = 0, False
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
         if self._overflowed:
             raise NonFiniteNormError(
