@@ -184,7 +184,7 @@ def compiled_bookkeeping_host_times(rounds: int = 3, steps: int = 100) -> dict[s
 
 def markdown(rows: list[dict[str, Any]], machine: str) -> str:
     lines = [
-        "## Operations dispatched per training step",
+        "### Operations dispatched per training step",
         "",
         "aten operations in one steady-state SGD step, counted with a TorchDispatchMode (no "
         "timing): a proxy for GPU kernel launches and host overhead. Kernels: the same without "

@@ -268,7 +268,7 @@ def markdown_section(
     )
     k = machine.get("accumulate", 1)
     accumulate = f", {k} physical batches per step" if k > 1 else ""
-    lines = [f"## {title}, {device}{retain}{accumulate}", ""] + _machine_lines(machine)
+    lines = [f"### {title}, {device}{retain}{accumulate}", ""] + _machine_lines(machine)
     if not machine.get("opacus_included"):
         lines.append("- Opacus is not installed: its rows are omitted.")
     lines.append("")

@@ -88,6 +88,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, result: str) -> None
             "samples_per_s_per_process": b / median,
         }))  # fmt: skip
     if world > 1:
+        dist.barrier()  # both ranks done before teardown: gloo aborted a rank that tore down early
         dist.destroy_process_group()
 
 

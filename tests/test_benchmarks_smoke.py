@@ -175,11 +175,11 @@ def test_allocator_is_named_in_the_section_title_and_machine_lines() -> None:
     summary = report.summarise([_record("non-private", 0, 1.0, 1)], ["non-private"])
     body = report.markdown_section("models-cpu-retain", {**_machine(), "allocator": "retain"},
                                    summary, ["non-private"], False, None, Path("."))  # fmt: skip
-    assert body.startswith("## Models, CPU, glibc allocator retaining freed memory\n")
+    assert body.startswith("### Models, CPU, glibc allocator retaining freed memory\n")
     assert "`--allocator retain`, GLIBC_TUNABLES mmap_max=0" in body
     plain = report.markdown_section("models-cpu", _machine(), summary, ["non-private"], False,
                                     None, Path("."))  # fmt: skip
-    assert plain.startswith("## Models, CPU\n") and "glibc as configured" in plain
+    assert plain.startswith("### Models, CPU\n") and "glibc as configured" in plain
 
 
 def test_failed_baseline_round_gives_no_ratio_for_that_round() -> None:
@@ -401,7 +401,7 @@ def test_accumulation_is_its_own_section_counting_every_sample(tmp_path, workers
                     "--no-live-memory")  # fmt: skip
     assert code == 0
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "## Models, CPU, 2 physical batches per step\n" in text
+    assert "### Models, CPU, 2 physical batches per step\n" in text
     assert "`--accumulate 2`" in text
     payload = json.loads((tmp_path / "out" / "results-models-cpu-accumulate2.json").read_text())
     for rec in payload["records"]:
