@@ -199,34 +199,38 @@ def test_shape_only_weights_are_kept_outside_tracing_and_never_from_it():
     assert conv._shape_only(shape, torch.float32, torch.device("cpu")) is real  # kept
 
 
-def test_unfolded_input_buffer_is_reused_and_nothing_returned_aliases_it(monkeypatch):
-    """On a CPU the padded and the unfolded input are copied into buffers kept per thread and
-    dtype: what a layer returns stays correct after another layer reuses them; a copy over the
-    chunk budget, or one made while tracing, is a fresh tensor and is not kept."""
+def test_scratch_buffers_are_reused_and_nothing_returned_aliases_them(monkeypatch):
+    """Without gradients, on a CPU, the padded and the unfolded input are copied into scratch
+    buffers kept per thread, key and dtype: what a layer returns stays right after another layer
+    reuses them. A copy over the size limit, with gradients on, or while tracing, is a fresh
+    tensor and is not kept."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dpclip.layers import conv
+    from dpclip.layers import _common
 
-    kept = type(conv._kept_buffers)()  # this test's own buffers
-    monkeypatch.setattr(conv, "_kept_buffers", kept)
-    unfolded = ("unfolded", torch.float64)
+    kept = type(_common._scratch)()  # this test's own buffers
+    monkeypatch.setattr(_common, "_scratch", kept)
+    unfolded = ("conv.unfolded", torch.float64)
     first, (x1,), s1 = _case(2, batch=4, kernel_size=3, padding=1, seed=1)
     second, (x2,), s2 = _case(2, batch=6, in_ch=5, kernel_size=2, stride=2, seed=2)
     want = naive_per_sample_grads(first, (x1,), s1)["weight"]
-    got = _rule().per_sample_grad(first, (x1,), s1, ["weight"])["weight"]
-    norms = _rule().norm_sq(first, (x1,), s1, ["weight"], "ghost")["weight"]
-    buffer = kept.__dict__[unfolded]
-    assert ("padded", torch.float64) in kept.__dict__  # padding=1: kept too
-    _rule().per_sample_grad(second, (x2,), s2, ["weight"])  # overwrites the buffers
-    _rule().norm_sq(second, (x2,), s2, ["weight"], "ghost")
-    assert kept.__dict__[unfolded].data_ptr() == buffer.data_ptr()  # reused
+    with torch.no_grad():  # as in the backward
+        got = _rule().per_sample_grad(first, (x1,), s1, ["weight"])["weight"]
+        norms = _rule().norm_sq(first, (x1,), s1, ["weight"], "ghost")["weight"]
+        buffer = kept.__dict__[unfolded][0]
+        assert ("conv.padded", torch.float64) in kept.__dict__  # padding=1: kept too
+        _rule().per_sample_grad(second, (x2,), s2, ["weight"])  # overwrites the buffers
+        _rule().norm_sq(second, (x2,), s2, ["weight"], "ghost")
+    assert kept.__dict__[unfolded][0] is buffer  # reused
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(norms, want.flatten(1).pow(2).sum(1))
 
-    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", {"cpu": 8})  # over the budget: fresh
-    big = conv._kept("unfolded", torch.Size((2, 9)), torch.float64, x1.device)
-    assert big.data_ptr() != buffer.data_ptr() and kept.__dict__[unfolded] is buffer
-    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", {"cpu": 1 << 22})
-    with FakeTensorMode():
-        conv._kept("unfolded", torch.Size((4, 4)), torch.float32, x1.device)
-    assert ("unfolded", torch.float32) not in kept.__dict__
+    key, device = "conv.unfolded", x1.device
+    assert _common.scratch(key, (4, 4), torch.float64, device).data_ptr() != buffer.data_ptr()
+    with torch.no_grad():
+        monkeypatch.setattr(_common, "SCRATCH_ELEMENTS", 8)  # over the limit
+        assert _common.scratch(key, (2, 9), torch.float64, device).data_ptr() != buffer.data_ptr()
+        monkeypatch.setattr(_common, "SCRATCH_ELEMENTS", 1 << 22)
+        with FakeTensorMode():
+            _common.scratch(key, (4, 4), torch.float32, device)
+    assert kept.__dict__[unfolded][0] is buffer and (key, torch.float32) not in kept.__dict__

@@ -73,3 +73,23 @@ def test_outer_inner_is_the_per_sample_frobenius_inner_product(f, g):
     want = (_matrix(f, 6) * _matrix(g, 6)).sum(dim=(1, 2))
     torch.testing.assert_close(outer_inner(f, g), want)
     torch.testing.assert_close(outer_inner(g, f), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clipped_sum_scales_into_scratch_and_returns_nothing_aliasing_it(dtype):
+    """Σ_i C_i s_iᵀ a_i, scaling whichever side is smaller into a kept scratch buffer: the
+    first result stays right after a second call reuses that buffer (float64 factors)."""
+    from dpclip.layers._common import outer_clipped_sum
+
+    gen = torch.Generator().manual_seed(0)
+    c = torch.rand(B, dtype=torch.float64, generator=gen)
+    cases = [  # (a, s): the smaller side is s, then a
+        (torch.randn(B, T, 7, generator=gen), torch.randn(B, T, 4, generator=gen)),
+        (torch.randn(B, T, 2, generator=gen), torch.randn(B, T, 6, generator=gen)),
+    ]
+    cases = [(a.to(dtype), s.to(dtype)) for a, s in cases]
+    with torch.no_grad():  # as in the backward, where the scratch is used
+        got = [outer_clipped_sum(a, s, c) for a, s in cases]
+    for (a, s), g in zip(cases, got, strict=True):
+        want = torch.einsum("b,bto,bti->oi", c, s.double(), a.double())
+        torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-6)

@@ -11,14 +11,20 @@ convolution's own weight gradient of the scaled output gradient C ⊙ s.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers._common import cast, outer_norm_sq, outer_per_sample, sq_norms, use_ghost
+from dpclip.layers._common import (
+    cast,
+    outer_norm_sq,
+    outer_per_sample,
+    scratch,
+    sq_norms,
+    use_ghost,
+)
 from dpclip.layers._registry import LayerRegistry, LayerRule, compute_dtype
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -66,13 +72,13 @@ def _padded(module: _Conv, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
 
 
 def _padded_fully(module: _Conv, x: Tensor) -> Tensor:
-    """The input with the module's padding applied (zeros into a kept buffer on a CPU)."""
+    """The input with the module's padding applied (zeros, into a scratch buffer)."""
     x, padding = _padded(module, x)
     if not any(padding):
         return x
     spatial = x.shape[2:]
     shape = torch.Size((*x.shape[:2], *(n + 2 * p for n, p in zip(spatial, padding, strict=True))))
-    out = _kept("padded", shape, x.dtype, x.device).zero_()
+    out = scratch("conv.padded", shape, x.dtype, x.device).zero_()
     out[(..., *(slice(p, p + n) for n, p in zip(spatial, padding, strict=True)))].copy_(x)
     return out
 
@@ -93,31 +99,9 @@ def _unfold(module: _Conv, x: Tensor, dtype: torch.dtype) -> Tensor:
         if d > 1:
             x = x[..., ::d]
     x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))  # (b, C, *kernel, *out)
-    cols = _kept("unfolded", x.shape, dtype, x.device).copy_(x)  # one copy, cast
+    cols = scratch("conv.unfolded", x.shape, dtype, x.device).copy_(x)  # one copy, cast
     b, groups, positions = x.shape[0], module.groups, math.prod(x.shape[2 + n :])
     return cols.view(b * groups, math.prod(x.shape[1 : 2 + n]) // groups, positions)
-
-
-_kept_buffers = threading.local()
-
-
-def _kept(key: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised tensor for a transient copy (the padded or the unfolded input). On a CPU,
-    up to the chunk budget, a view of this thread's buffer for ``key``, kept between calls: a
-    fresh one is faulted in page by page at every call (a ResNet-18 chunk's unfolding took 4.5 ms
-    so, 0.7 ms into memory already mapped). Safe to share across layers: each copy lives only
-    until the chunk's norms or per-sample gradients are computed, and nothing computed from it
-    is a view of it. Elsewhere (and when tracing) a new tensor: a GPU's caching allocator
-    already reuses memory."""
-    numel = math.prod(shape)
-    tracing = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-    if device.type != "cpu" or tracing or numel > _CHUNK_ELEMENTS["cpu"]:
-        return torch.empty(shape, dtype=dtype, device=device)
-    buffers = _kept_buffers.__dict__
-    buf = buffers.get((key, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = buffers[(key, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel].view(shape)
 
 
 def _flat(module: _Conv, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Tensor]:

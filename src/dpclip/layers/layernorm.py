@@ -28,7 +28,7 @@ def per_sample_grad(
     out: dict[str, Tensor] = {}
     if "weight" in names:
         x_hat = F.layer_norm(cast(inputs[0], dtype), shape, None, None, module.eps)
-        out["weight"] = sum_over(s * x_hat, lead)
+        out["weight"] = sum_over(x_hat.mul_(s), lead)  # x_hat is ours: no second temporary
     if "bias" in names:
         out["bias"] = sum_over(s, lead)
     return out
