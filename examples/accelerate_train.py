@@ -41,4 +41,5 @@ for epoch in range(epochs):
             x, y = (t.to(accelerator.device) for t in test.tensors)
             accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
         print(f"epoch {epoch + 1}: test accuracy {accuracy:.1%}, ε = {engine.epsilon():.2f}")
+accelerator.wait_for_everyone()  # rank 0 may still evaluate: tear gloo down together
 accelerator.end_training()

@@ -48,4 +48,5 @@ for epoch in range(epochs):
             x, y = (t.to(device) for t in test.tensors)
             accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
         print(f"epoch {epoch + 1}: test accuracy {accuracy:.1%}, ε = {engine.epsilon():.2f}")
+dist.barrier()  # rank 0 may still evaluate: tear the group down together
 dist.destroy_process_group()
