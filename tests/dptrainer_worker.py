@@ -26,6 +26,10 @@ def main(out: str) -> None:
         "steps": trainer.privacy_engine.steps_taken, "world": dist.get_world_size(),
         "batch": trainer.logical_batch_size(),
     }, Path(out) / f"rank-{rank}.pt")  # fmt: skip
+    # Both ranks done before teardown: a rank exiting with the gloo group alive while the other
+    # still ran aborted ("terminate called without an active exception") now and then.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
