@@ -3,7 +3,7 @@ two launches may share torchrun's default port.
 
 The port is drawn below Linux's ephemeral range (32768-60999 by default): a port the kernel hands
 out as ephemeral can be taken, between this check and the launcher's bind, by any outgoing
-connection, gloo's own among them, which made a launch fail now and then under a parallel suite.
+connection, gloo's own among them (a suspected cause of one failed launch in a parallel suite).
 """
 
 from __future__ import annotations
