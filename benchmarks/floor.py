@@ -11,9 +11,14 @@ noise can beat
 
     bound = t_np / (t_np + extra multiply-adds / peak rate + parameters x normal_ time)
 
-where t_np is the non-private step's time. Each repeat times the step, a large matmul and a
-draw back to back (a shared machine's slow stretches hit all three); the bound is the median of
-the repeats' bounds. Everything else dpclip does (per-sample norm layers, bias sums, hooks,
+where t_np is the non-private step's time. With ``--accumulate K`` (K physical batches per
+optimizer step, as DP training with large logical batches runs) the Grams are paid K times and
+the noise once:
+
+    bound = K t_np / (K t_np + K extra multiply-adds / peak rate + parameters x normal_ time)
+
+Each repeat times the step, a large matmul and a draw back to back (a shared machine's slow
+stretches hit all three); the bound is the median of the repeats' bounds. Everything else dpclip does (per-sample norm layers, bias sums, hooks,
 scaling by the clipping factors) only adds to the denominator.
 
 Usage (from the repository root)::
@@ -45,9 +50,12 @@ class Timing:
     peak_macs_per_s: float  # one large float32 matmul: the best a Gram can run at
     normal_ns: float  # torch's CPU normal_ per element, into a warm buffer
 
-    def bound(self, extra_macs: float, noise_elements: int) -> float:
-        least = extra_macs / self.peak_macs_per_s + noise_elements * self.normal_ns / 1e9
-        return self.step_s / (self.step_s + least)
+    def bound(self, extra_macs: float, noise_elements: int, accumulate: int = 1) -> float:
+        """The bound with ``accumulate`` physical batches per optimizer step: the extra
+        multiply-adds are paid for every batch, the noise once per step."""
+        batches = accumulate * self.step_s
+        grams = accumulate * extra_macs / self.peak_macs_per_s
+        return batches / (batches + grams + noise_elements * self.normal_ns / 1e9)
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,13 @@ class Floor:
 
     @property
     def bound(self) -> float:
-        """Median over repeats of each repeat's bound."""
+        """Median over repeats of each repeat's bound, one physical batch per step."""
+        return self.bound_at(1)
+
+    def bound_at(self, accumulate: int) -> float:
+        """Median over repeats of each repeat's bound, ``accumulate`` batches per step."""
         return statistics.median(
-            t.bound(self.extra_macs, self.noise_elements) for t in self.timings
+            t.bound(self.extra_macs, self.noise_elements, accumulate) for t in self.timings
         )
 
     @property
@@ -152,12 +164,14 @@ def measure_floor(model: str, *, batch_size: int | None = None, repeats: int = 3
     )  # fmt: skip
 
 
-def markdown(floors: Sequence[Floor]) -> str:
-    """The floors as a Markdown table."""
+def markdown(floors: Sequence[Floor], accumulate: int = 1) -> str:
+    """The floors as a Markdown table; a column more for ``accumulate`` > 1 batches per step."""
+    more = accumulate > 1
     lines = [
         "| model | batch | T | non-private step | its matmul G multiply-adds | dpclip adds (G) | "
-        "noise draws (M) | peak matmul G/s | normal_ ns | bound × non-private |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "noise draws (M) | peak matmul G/s | normal_ ns | bound × non-private |"
+        + (f" bound at {accumulate} batches/step |" if more else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if more else ""),
     ]
     for f in floors:
         peak = statistics.median(t.peak_macs_per_s for t in f.timings) / 1e9
@@ -166,6 +180,7 @@ def markdown(floors: Sequence[Floor]) -> str:
             f"| {f.model} | {f.batch_size} | {f.seq_len or '-'} | {f.step_ms:.0f} ms | "
             f"{f.macs / 1e9:.1f} | {f.extra_macs / 1e9:.2f} ({f.extra_macs / f.macs:.1%}) | "
             f"{f.noise_elements / 1e6:.1f} | {peak:.0f} | {normal_ns:.1f} | {f.bound:.2f}× |"
+            + (f" {f.bound_at(accumulate):.2f}× |" if more else "")
         )
     lines.append(f"\ntorch {torch.__version__} with {torch.get_num_threads()} threads.")
     return "\n".join(lines)
@@ -179,7 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--repeats", type=int, default=5, help="timed non-private steps, each with its rates"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="also the bound with this many physical batches per optimizer step (noise once)",
+    )
     args = parser.parse_args(argv)
+    if args.accumulate < 1:
+        parser.error(f"--accumulate must be at least 1, got {args.accumulate}")
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -191,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     except ValueError as err:
         parser.error(str(err))
-    print(markdown(floors))
+    print(markdown(floors, args.accumulate))
     return 0
 
 

@@ -26,6 +26,27 @@ def test_bound_is_the_non_private_step_over_it_plus_the_least_extra_time() -> No
     assert f.step_ms == pytest.approx(800.0)
 
 
+def test_with_several_batches_per_step_the_grams_are_paid_per_batch_the_noise_once() -> None:
+    t = floor.Timing(step_s=0.8, peak_macs_per_s=8e10, normal_ns=10.0)
+    # 4 batches: 3.2 s / (3.2 s + 4 x 0.1 s of Grams + 0.1 s of noise)
+    assert t.bound(8e9, 10**7, accumulate=4) == pytest.approx(3.2 / 3.7)
+    assert t.bound(8e9, 10**7, accumulate=1) == t.bound(8e9, 10**7)
+    f = floor.Floor(model="m", batch_size=1, seq_len=None, macs=1e11, extra_macs=8e9,
+                    noise_elements=10**7, timings=(t,))  # fmt: skip
+    assert f.bound_at(4) == pytest.approx(3.2 / 3.7) and f.bound_at(1) == f.bound
+    one, four = floor.markdown([f]), floor.markdown([f], accumulate=4)
+    assert "batches/step" not in one and one.splitlines()[2].endswith("| 0.80× |")
+    assert four.splitlines()[0].endswith("| bound at 4 batches/step |")
+    assert four.splitlines()[2].endswith(f"| 0.80× | {3.2 / 3.7:.2f}× |")
+
+
+def test_accumulate_below_one_is_refused_before_anything_is_measured(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        floor.main(["--models", "gpt-like", "--accumulate", "0"])
+    assert exit_info.value.code == 2
+    assert "--accumulate must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_extra_multiply_adds_of_gpt_like_are_its_grams_and_small_contractions() -> None:
     """B=2, T=128, width 256, 4 blocks, vocab 5000. Under `mixed`, qkv (256->768), fc
     (256->1024), out (1024->256) and the head (256->5000) take ghost norms: two Grams each,
