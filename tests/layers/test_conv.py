@@ -234,3 +234,34 @@ def test_scratch_buffers_are_reused_and_nothing_returned_aliases_them(monkeypatc
         with FakeTensorMode():
             _common.scratch(key, (4, 4), torch.float32, device)
     assert kept.__dict__[unfolded][0] is buffer and (key, torch.float32) not in kept.__dict__
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize(
+    "in_ch, out_ch, kw",
+    [
+        (1, 4, {"kernel_size": 4, "stride": 2, "padding": 1}),  # a first layer on grayscale
+        (1, 3, {"kernel_size": 3}),
+        (1, 3, {"kernel_size": 2, "stride": 3, "dilation": 2, "padding": 1}),  # tail cut off
+        (1, 2, {"kernel_size": 2, "padding": "same", "dilation": 2, "bias": False}),
+        (1, 2, {"kernel_size": 3, "padding": 1, "padding_mode": "reflect", "stride": 2}),
+        (3, 6, {"kernel_size": 3, "groups": 3, "padding": 1}),  # depthwise: the other kernel
+        (2, 2, {"kernel_size": 2, "groups": 2, "stride": 2}),
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_float32_one_channel_per_group_kernels_equal_naive_loop(dim, in_ch, out_ch, kw, batch):
+    """float32 on a CPU, one input channel per group: the rule's per-sample gradients come from
+    one grouped convolution call (batch as groups), not from the unfolded input; float64 loop
+    on the same values as the reference."""
+    reference, (x,), s = _case(dim, batch=batch, in_ch=in_ch, out_ch=out_ch, **kw)
+    layer = copy.deepcopy(reference).float()
+    reference.weight.data = layer.weight.data.double()
+    x32, s32 = x.float(), s.float()
+    want = naive_per_sample_grads(reference, (x32.double(),), s32.double())
+    got = _rule().per_sample_grad(layer, (x32,), s32, list(want))
+    assert set(got) == set(want)
+    for name, grad in got.items():
+        assert grad.dtype == torch.float32 and grad.shape == want[name].shape
+        torch.testing.assert_close(grad.double(), want[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -243,14 +243,16 @@ def _kernel_is_faster(module: _Conv, grad_output: Tensor, dtype: torch.dtype) ->
 
 
 def _per_sample_by_kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
-    """Per-sample weight gradients as one grouped weight-gradient kernel call, batch as groups.
+    """Per-sample weight gradients as one grouped convolution call, batch as groups.
 
     Used when each group sees one input channel (first layers on grayscale input, depthwise
-    convs): there the backend's grouped kernel beat unfold + bmm by 2× in CPU timings, and it
-    never materialises the unfolded input. float32 only (the fast kernels' dtype).
+    convs): there the backend's grouped kernels beat unfold + bmm by 2× in CPU timings, and they
+    never materialise the unfolded input. float32 only (the fast kernels' dtype).
     """
     b = grad_output.shape[0]
     x, padding = _padded(module, x)
+    if module.in_channels == 1:
+        return _per_sample_by_forward_conv(module, x, grad_output, padding)
     weight_shape = (b * module.out_channels, *module.weight.shape[1:])
     grad = torch.ops.aten.convolution_backward(
         grad_output.float().reshape(1, b * module.out_channels, *grad_output.shape[2:]),
@@ -266,6 +268,28 @@ def _per_sample_by_kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tens
         (False, True, False),
     )[1]
     return grad.view(b, *module.weight.shape)
+
+
+def _per_sample_by_forward_conv(
+    module: _Conv, x: Tensor, grad_output: Tensor, padding: Sequence[int]
+) -> Tensor:
+    """Per-sample weight gradients of a one-input-channel convolution as one grouped forward
+    convolution: sample i's gradient at kernel offset k is the correlation of its input with its
+    output gradient, taken as the kernel, dilated by the stride, at positions k·dilation.
+
+    Sample i is group i: input (1, b, *spatial), kernel (b·out, 1, *output positions). The
+    result can reach past the kernel's extent (when the stride leaves input unused at the end):
+    that tail is cut. On the CPU it beat the grouped weight-gradient kernel by 15-20% on 8×8
+    kernels at stride 2 (the Tramer-Boneh CNN's first layer), more at stride 1 or with dilation.
+    """
+    b, spatial = grad_output.shape[0], x.shape[2:]
+    grad = torch.ops.aten.convolution(
+        x.float().reshape(1, b, *spatial),
+        grad_output.float().reshape(b * module.out_channels, 1, *grad_output.shape[2:]),
+        None, module.dilation, padding, module.stride, False, (0,) * len(padding), b,
+    )  # fmt: skip
+    grad = grad[(0, slice(None), *(slice(0, k) for k in module.kernel_size))]
+    return grad.reshape(b, *module.weight.shape)
 
 
 def instantiates(
