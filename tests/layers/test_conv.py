@@ -265,3 +265,33 @@ def test_float32_one_channel_per_group_kernels_equal_naive_loop(dim, in_ch, out_
     for name, grad in got.items():
         assert grad.dtype == torch.float32 and grad.shape == want[name].shape
         torch.testing.assert_close(grad.double(), want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_stride_one_per_sample_gradients_by_shifts_equal_naive_loop_after_a_larger_layer():
+    """Stride 1, one group: per-sample gradients are one matmul per kernel offset over the padded
+    input (conv_shifts), with junk positions past the output's edge zeroed in s. Run without
+    gradients, as the engine runs its hooks, so the kept scratch buffers are reused: the first
+    layer fills the whole buffer with s, the second leaves junk positions that must not carry
+    the first layer's values."""
+    from dpclip.layers import conv_shifts
+
+    first, (x1,), s1 = _case(2, batch=3, in_ch=4, out_ch=6, kernel_size=1, seed=1)
+    second, (x2,), s2 = _case(2, batch=3, in_ch=4, out_ch=6, kernel_size=3, dilation=(1, 2))
+    assert conv_shifts.applies(second, s2) and s2.shape[-1] < x2.shape[-1]  # junk columns
+    with torch.no_grad():
+        _rule().per_sample_grad(first, (x1,), s1, ["weight"])
+        norms = _rule().norm_sq(second, (x2,), s2, ["weight"], "instantiate")["weight"]
+        got = _rule().per_sample_grad(second, (x2,), s2, ["weight"])["weight"]
+    want = naive_per_sample_grads(second, (x2,), s2)["weight"]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(norms, want.flatten(1).square().sum(1), rtol=1e-6, atol=1e-10)
+
+
+def test_shifts_apply_to_stride_one_single_group_convs_on_a_cpu_only():
+    from dpclip.layers import conv_shifts
+
+    s = torch.zeros(1, 4, 3, 3)
+    assert conv_shifts.applies(nn.Conv2d(2, 4, 3, dilation=2), s)
+    assert not conv_shifts.applies(nn.Conv2d(2, 4, 3, stride=(1, 2)), s)
+    assert not conv_shifts.applies(nn.Conv2d(2, 4, 3, groups=2), s)
+    assert not conv_shifts.applies(nn.Conv2d(2, 4, 3), s.to("meta"))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpclip.layers import conv_shifts
 from dpclip.layers._common import (
     cast,
     outer_norm_sq,
@@ -153,18 +154,43 @@ def norm_sq(
     dtype = compute_dtype(module.weight, grad_output)
     out: dict[str, Tensor] = {}
     if "weight" in names:
+        positions = math.prod(grad_output.shape[2:])
+        patch = module.in_channels // module.groups * math.prod(module.kernel_size)
+        ghost = use_ghost(strategy, positions, patch, module.out_channels // module.groups)
+        if not ghost and conv_shifts.applies(module, grad_output):
+            out["weight"] = _shifted_norm_sq(module, inputs[0], grad_output, dtype)
+        else:
 
-        def weight_norm_sq(a: Tensor, s: Tensor) -> Tensor:
-            ghost = use_ghost(strategy, a.shape[2], a.shape[1], s.shape[1])
-            return outer_norm_sq(a, s, ghost, positions_last=True)
+            def weight_norm_sq(a: Tensor, s: Tensor) -> Tensor:
+                return outer_norm_sq(a, s, ghost, positions_last=True)
 
-        per_group = _by_batch_chunks(module, inputs, grad_output, weight_norm_sq)
-        if module.groups > 1:
-            per_group = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
-        out["weight"] = per_group
+            per_group = _by_batch_chunks(module, inputs, grad_output, weight_norm_sq)
+            if module.groups > 1:
+                per_group = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
+            out["weight"] = per_group
     if "bias" in names:
         out["bias"] = sq_norms(_bias_per_sample(grad_output, dtype))
     return out
+
+
+def _shifted_norm_sq(module: _Conv, x: Tensor, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
+    """Squared per-sample weight-gradient norms from :mod:`conv_shifts`, over batch chunks
+    whose per-sample gradients stay within the chunk budget (they are not kept)."""
+    b = grad_output.shape[0]
+    per_sample = module.weight.numel()
+    budget = _CHUNK_ELEMENTS.get(grad_output.device.type, _CHUNK_ELEMENTS["cpu"])
+    step = max(1, budget // per_sample)
+    x, padding = _padded(module, x)
+    parts = [
+        torch.linalg.vector_norm(
+            conv_shifts.per_sample(
+                module, x[i : i + step], padding, grad_output[i : i + step], dtype
+            ),  # fmt: skip
+            dim=(0, 2, 3),
+        ).square()
+        for i in range(0, b, step)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 _SHAPE_ONLY: dict[tuple, Tensor] = {}
@@ -222,6 +248,10 @@ def per_sample_grad(
     out: dict[str, Tensor] = {}
     if "weight" in names and _kernel_is_faster(module, grad_output, dtype):
         out["weight"] = _per_sample_by_kernel(module, inputs[0], grad_output)
+    elif "weight" in names and conv_shifts.applies(module, grad_output):
+        x, padding = _padded(module, inputs[0])
+        g = conv_shifts.per_sample(module, x, padding, grad_output, dtype)  # (K, b, out, in)
+        out["weight"] = g.permute(1, 2, 3, 0).reshape(grad_output.shape[0], *module.weight.shape)
     elif "weight" in names:
         g = _by_batch_chunks(  # (b·G, out/G, D)
             module,
