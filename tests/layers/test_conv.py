@@ -133,10 +133,22 @@ def test_conv_rule_rejects_unbatched_input():
         _rule().clipped_grad(layer, (x,), s, {"bias": torch.ones(1)})
 
 
-def test_conv_rule_rejects_output_gradient_of_wrong_size():
-    layer, (x,), s = _case(2, kernel_size=3)
+@pytest.mark.parametrize("kw", [{"kernel_size": 3}, {"kernel_size": 3, "stride": 2}])
+def test_conv_rule_rejects_output_gradient_of_wrong_size(kw):
+    """Both the shifted path (stride 1) and the unfolded one refuse, before computing."""
+    layer, (x,), s = _case(2, **kw)
+    for strategy in ("ghost", "instantiate", "mixed"):
+        with pytest.raises(ValueError, match="output positions"):
+            _rule().norm_sq(layer, (x,), s[..., :-1], ["weight"], strategy)
     with pytest.raises(ValueError, match="output positions"):
-        _rule().norm_sq(layer, (x,), s[..., :-1], ["weight"], "ghost")
+        _rule().per_sample_grad(layer, (x,), s[..., :-1], ["weight"])
+    one_channel = nn.Conv2d(1, 2, **kw)  # float32: the grouped convolution's path
+    x, s = torch.randn(2, 1, 7, 6), torch.randn(2, 2, 5, 4)
+    if kw.get("stride") == 2:
+        s = s[..., :3, :2]
+    _rule().per_sample_grad(one_channel, (x,), s, ["weight"])  # the right size passes
+    with pytest.raises(ValueError, match="output positions"):
+        _rule().per_sample_grad(one_channel, (x,), s[..., :-1], ["weight"])
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
@@ -211,7 +223,8 @@ def test_scratch_buffers_are_reused_and_nothing_returned_aliases_them(monkeypatc
     kept = type(_common._scratch)()  # this test's own buffers
     monkeypatch.setattr(_common, "_scratch", kept)
     unfolded = ("conv.unfolded", torch.float64)
-    first, (x1,), s1 = _case(2, batch=4, kernel_size=3, padding=1, seed=1)
+    # groups and stride 2: the unfolded path (stride 1, one group: conv_shifts, tested below)
+    first, (x1,), s1 = _case(2, batch=4, kernel_size=3, padding=1, groups=2, seed=1)
     second, (x2,), s2 = _case(2, batch=6, in_ch=5, kernel_size=2, stride=2, seed=2)
     want = naive_per_sample_grads(first, (x1,), s1)["weight"]
     with torch.no_grad():  # as in the backward

@@ -105,6 +105,21 @@ def _unfold(module: _Conv, x: Tensor, dtype: torch.dtype) -> Tensor:
     return cols.view(b * groups, math.prod(x.shape[1 : 2 + n]) // groups, positions)
 
 
+def _check_positions(module: _Conv, x: Tensor, grad_output: Tensor) -> None:
+    """The output gradient has the output's positions for this input (for the paths that
+    unfold nothing to compare against)."""
+    geometry = zip(
+        x.shape[2:], _pad_amounts(module), module.dilation, module.kernel_size, module.stride,
+        strict=True,
+    )  # fmt: skip
+    want = tuple((n + lo + hi - d * (k - 1) - 1) // st + 1 for n, (lo, hi), d, k, st in geometry)
+    if tuple(grad_output.shape[2:]) != want:
+        raise ValueError(
+            f"input {tuple(x.shape)} gives {math.prod(want)} output positions {want} but the "
+            f"output gradient {tuple(grad_output.shape)} has {math.prod(grad_output.shape[2:])}"
+        )
+
+
 def _flat(module: _Conv, inputs: tuple, grad_output: Tensor) -> tuple[Tensor, Tensor]:
     """a: (b·G, D, T) and s: (b·G, out/G, T) in the compute dtype; checks they line up."""
     dtype = compute_dtype(module.weight, grad_output)
@@ -153,43 +168,55 @@ def norm_sq(
     _check_shapes(module, inputs, grad_output)
     dtype = compute_dtype(module.weight, grad_output)
     out: dict[str, Tensor] = {}
-    if "weight" in names:
+    if "weight" in names and conv_shifts.applies(module, grad_output):
+        _check_positions(module, inputs[0], grad_output)
+        out["weight"] = _shifted_norm_sq(module, inputs[0], grad_output, strategy, dtype)
+    elif "weight" in names:
         positions = math.prod(grad_output.shape[2:])
         patch = module.in_channels // module.groups * math.prod(module.kernel_size)
         ghost = use_ghost(strategy, positions, patch, module.out_channels // module.groups)
-        if not ghost and conv_shifts.applies(module, grad_output):
-            out["weight"] = _shifted_norm_sq(module, inputs[0], grad_output, dtype)
-        else:
 
-            def weight_norm_sq(a: Tensor, s: Tensor) -> Tensor:
-                return outer_norm_sq(a, s, ghost, positions_last=True)
+        def weight_norm_sq(a: Tensor, s: Tensor) -> Tensor:
+            return outer_norm_sq(a, s, ghost, positions_last=True)
 
-            per_group = _by_batch_chunks(module, inputs, grad_output, weight_norm_sq)
-            if module.groups > 1:
-                per_group = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
-            out["weight"] = per_group
+        per_group = _by_batch_chunks(module, inputs, grad_output, weight_norm_sq)
+        if module.groups > 1:
+            per_group = per_group.view(grad_output.shape[0], module.groups).sum(dim=1)
+        out["weight"] = per_group
     if "bias" in names:
         out["bias"] = sq_norms(_bias_per_sample(grad_output, dtype))
     return out
 
 
-def _shifted_norm_sq(module: _Conv, x: Tensor, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
-    """Squared per-sample weight-gradient norms from :mod:`conv_shifts`, over batch chunks
-    whose per-sample gradients stay within the chunk budget (they are not kept)."""
-    b = grad_output.shape[0]
-    per_sample = module.weight.numel()
+def _shifted_norm_sq(
+    module: _Conv, x: Tensor, grad_output: Tensor, strategy: str, dtype: torch.dtype
+) -> Tensor:
+    """Squared per-sample weight-gradient norms by :mod:`conv_shifts` (stride 1, one group),
+    over batch chunks within the chunk budget. Under "mixed" the ghost norm (the pixel Gram,
+    P²·C multiply-adds for P padded pixels, then the output Gram, T²·out) when it costs less
+    than instantiating (T·C·prod(kernel)·out), else per-sample gradients, not kept."""
+    b, channels = x.shape[:2]
+    positions = math.prod(grad_output.shape[2:])
+    amounts = _pad_amounts(module)
+    pixels = math.prod(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], amounts, strict=True))
+    offsets = math.prod(module.kernel_size)
+    ghost = strategy == "ghost" or (
+        strategy == "mixed"
+        and pixels * pixels * channels + positions * positions * (offsets + module.out_channels)
+        < positions * offsets * channels * module.out_channels
+    )
+    per_sample = pixels * pixels + 2 * positions * positions if ghost else module.weight.numel()
     budget = _CHUNK_ELEMENTS.get(grad_output.device.type, _CHUNK_ELEMENTS["cpu"])
     step = max(1, budget // per_sample)
     x, padding = _padded(module, x)
-    parts = [
-        torch.linalg.vector_norm(
-            conv_shifts.per_sample(
-                module, x[i : i + step], padding, grad_output[i : i + step], dtype
-            ),  # fmt: skip
-            dim=(0, 2, 3),
-        ).square()
-        for i in range(0, b, step)
-    ]
+
+    def norms(x: Tensor, s: Tensor) -> Tensor:
+        if ghost:
+            return conv_shifts.ghost_norm_sq(module, x, padding, s, dtype)
+        grads = conv_shifts.per_sample(module, x, padding, s, dtype)  # (K, b, out, in)
+        return torch.linalg.vector_norm(grads, dim=(0, 2, 3)).square()
+
+    parts = [norms(x[i : i + step], grad_output[i : i + step]) for i in range(0, b, step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -247,8 +274,10 @@ def per_sample_grad(
     dtype = compute_dtype(module.weight, grad_output)
     out: dict[str, Tensor] = {}
     if "weight" in names and _kernel_is_faster(module, grad_output, dtype):
+        _check_positions(module, inputs[0], grad_output)
         out["weight"] = _per_sample_by_kernel(module, inputs[0], grad_output)
     elif "weight" in names and conv_shifts.applies(module, grad_output):
+        _check_positions(module, inputs[0], grad_output)
         x, padding = _padded(module, inputs[0])
         g = conv_shifts.per_sample(module, x, padding, grad_output, dtype)  # (K, b, out, in)
         out["weight"] = g.permute(1, 2, 3, 0).reshape(grad_output.shape[0], *module.weight.shape)
