@@ -241,9 +241,16 @@ def _shape_only(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> 
 
 def _weight_grad(module: _Conv, x: Tensor, grad_output: Tensor, padding: Sequence[int]) -> Tensor:
     """The convolution's weight gradient for input x and output gradient ``grad_output``: the
-    backend's kernel, given a weight tensor for its shape only (never read)."""
+    backend's kernel, given a weight tensor for its shape only (its values are never read).
+
+    That is the layer's own weight where it has the compute dtype and is contiguous: oneDNN
+    copies a stride-0 stand-in into a dense tensor first (9.4 MB, 3.6 ms per call for a
+    512×512 3×3 layer on a 2-core CPU)."""
+    weight = module.weight
+    if not (weight.dtype == x.dtype and weight.device == x.device and weight.is_contiguous()):
+        weight = _shape_only(weight.shape, x.dtype, x.device)
     return torch.ops.aten.convolution_backward(
-        grad_output, x, _shape_only(module.weight.shape, x.dtype, x.device), None, module.stride, padding, module.dilation,
+        grad_output, x, weight, None, module.stride, padding, module.dilation,
         False, (0,) * len(padding), module.groups, (False, True, False),
     )[1]  # fmt: skip
 
