@@ -5,9 +5,10 @@ batch) run under torch's ``FlopCounterMode``; the difference in matrix products 
 baddbmm) is every multiply-add dpclip adds there (ghost-norm Grams, instantiated per-sample
 gradients, tied-weight cross terms). Convolutions are left out on both sides (the counter's
 figure for dpclip's grouped per-sample weight-gradient convolutions is not their multiply-adds),
-so a model whose work is mostly convolutions is refused; a patch embedding is fine. The noise needs one Gaussian draw per trainable parameter. With the machine's peak matmul rate
-and torch's ``normal_`` cost per element, no implementation of exact per-sample norms and exact
-noise can beat
+so a model whose work is mostly convolutions is refused; a patch embedding is fine. The noise
+needs one Gaussian draw per trainable parameter. With the machine's peak matmul rate and torch's
+``normal_`` cost per element, no implementation of exact per-sample norms and exact noise can
+beat
 
     bound = t_np / (t_np + extra multiply-adds / peak rate + parameters x normal_ time)
 
@@ -18,8 +19,9 @@ the noise once:
     bound = K t_np / (K t_np + K extra multiply-adds / peak rate + parameters x normal_ time)
 
 Each repeat times the step, a large matmul and a draw back to back (a shared machine's slow
-stretches hit all three); the bound is the median of the repeats' bounds. Everything else dpclip does (per-sample norm layers, bias sums, hooks,
-scaling by the clipping factors) only adds to the denominator.
+stretches hit all three); the bound is the median of the repeats' bounds. Everything else
+dpclip does (per-sample norm layers, bias sums, hooks, scaling by the clipping factors) only adds
+to the denominator.
 
 Usage (from the repository root)::
 

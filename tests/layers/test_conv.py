@@ -286,7 +286,7 @@ def test_stride_one_per_sample_gradients_by_shifts_equal_naive_loop_after_a_larg
     gradients, as the engine runs its hooks, so the kept scratch buffers are reused: the first
     layer fills the whole buffer with s, the second leaves junk positions that must not carry
     the first layer's values."""
-    from dpclip.layers import conv_shifts
+    from dpclip.layers import _conv_shifts as conv_shifts
 
     first, (x1,), s1 = _case(2, batch=3, in_ch=4, out_ch=6, kernel_size=1, seed=1)
     second, (x2,), s2 = _case(2, batch=3, in_ch=4, out_ch=6, kernel_size=3, dilation=(1, 2))
@@ -301,7 +301,7 @@ def test_stride_one_per_sample_gradients_by_shifts_equal_naive_loop_after_a_larg
 
 
 def test_shifts_apply_to_stride_one_single_group_convs_on_a_cpu_only():
-    from dpclip.layers import conv_shifts
+    from dpclip.layers import _conv_shifts as conv_shifts
 
     s = torch.zeros(1, 4, 3, 3)
     assert conv_shifts.applies(nn.Conv2d(2, 4, 3, dilation=2), s)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpclip.layers import conv_shifts
+from dpclip.layers import _conv_shifts as conv_shifts
 from dpclip.layers._common import (
     cast,
     outer_norm_sq,
@@ -191,10 +191,11 @@ def norm_sq(
 def _shifted_norm_sq(
     module: _Conv, x: Tensor, grad_output: Tensor, strategy: str, dtype: torch.dtype
 ) -> Tensor:
-    """Squared per-sample weight-gradient norms by :mod:`conv_shifts` (stride 1, one group),
-    over batch chunks within the chunk budget. Under "mixed" the ghost norm (the pixel Gram,
-    P²·C multiply-adds for P padded pixels, then the output Gram, T²·out) when it costs less
-    than instantiating (T·C·prod(kernel)·out), else per-sample gradients, not kept."""
+    """Squared per-sample weight-gradient norms by :mod:`dpclip.layers._conv_shifts` (stride
+    1, one group), over batch chunks within the chunk budget. Under "mixed": the ghost norm
+    (the pixel Gram, P²·C multiply-adds for P padded pixels, then the output Gram, T²·out) when
+    it costs less than instantiating (T·C·prod(kernel)·out), else per-sample gradients, not
+    kept."""
     b, channels = x.shape[:2]
     positions = math.prod(grad_output.shape[2:])
     amounts = _pad_amounts(module)
