@@ -123,6 +123,21 @@ def test_conv_rule_low_precision_inputs_computed_in_float32(dtype):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_conv_rule_rejects_channel_counts_other_than_the_layers():
+    """Copied into padded buffers, a wrong channel count would broadcast: refused first, on
+    every path (stride 1 and one group: shifted; stride 2: unfolded; one input channel)."""
+    for layer in (nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(1, 4, 3)):
+        c = layer.in_channels
+        x, s = torch.randn(2, c, 7, 7), torch.zeros_like(layer(torch.randn(2, c, 7, 7)))
+        bad = [(x, s[:, :1]), (torch.randn(2, c + 1, 7, 7), s)]
+        for bad_x, bad_s in bad:
+            for strategy in ("mixed", "instantiate"):
+                with pytest.raises(ValueError, match="channel counts"):
+                    _rule().norm_sq(layer, (bad_x,), bad_s, ["weight"], strategy)
+            with pytest.raises(ValueError, match="channel counts"):
+                _rule().per_sample_grad(layer, (bad_x,), bad_s, ["weight"])
+
+
 def test_conv_rule_rejects_unbatched_input():
     layer = nn.Conv2d(2, 3, 3)
     x = torch.randn(2, 5, 5)
@@ -157,6 +172,9 @@ def test_conv_rule_equals_naive_loop_when_the_batch_is_unfolded_in_chunks(dim, m
 
     monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", {"cpu": 50})  # a chunk of one or two samples
     assert_rule_matches_oracle(*_case(dim, batch=5, kernel_size=3, groups=2, stride=2, padding=1))
+    # stride 1, one group: the shifted paths, chunked by the same budget (copies counted)
+    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", {"cpu": 600})
+    assert_rule_matches_oracle(*_case(dim, batch=5, kernel_size=3, dilation=2, padding=2))
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
@@ -298,6 +316,46 @@ def test_stride_one_per_sample_gradients_by_shifts_equal_naive_loop_after_a_larg
     want = naive_per_sample_grads(second, (x2,), s2)["weight"]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(norms, want.flatten(1).square().sum(1), rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_shifted_paths_never_read_what_a_kept_buffer_held_before(strategy, monkeypatch):
+    """Every kept scratch buffer is filled with NaN before each call: a position the shifted
+    paths failed to zero or overwrite would make the result NaN."""
+    from dpclip.layers import _common
+
+    kept = type(_common._scratch)()
+    monkeypatch.setattr(_common, "_scratch", kept)
+    layer, (x,), s = _case(2, batch=3, kernel_size=3, dilation=(1, 2), padding=1)
+    want = naive_per_sample_grads(layer, (x,), s)["weight"]
+    for _ in range(2):  # the second round reuses the buffers of the first
+        with torch.no_grad():
+            for buffer, _views in kept.__dict__.values():
+                buffer.fill_(float("nan"))
+            norms = _rule().norm_sq(layer, (x,), s, ["weight"], strategy)["weight"]
+            for buffer, _views in kept.__dict__.values():
+                buffer.fill_(float("nan"))
+            got = _rule().per_sample_grad(layer, (x,), s, ["weight"])["weight"]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(norms, want.flatten(1).square().sum(1), rtol=1e-6, atol=1e-10)
+    assert ("conv.shifted_input", torch.float64) in kept.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shifted_paths_with_low_precision_layers_compute_in_float32(dtype):
+    reference, (x,), s = _case(2, kernel_size=3, padding=1)  # stride 1, one group
+    layer = copy.deepcopy(reference).to(dtype)
+    x_low, s_low = x.to(dtype), s.to(dtype)
+    reference.weight.data = layer.weight.data.double()
+    want = naive_per_sample_grads(reference, (x_low.double(),), s_low.double())["weight"]
+    for strategy in ("ghost", "instantiate"):
+        got = _rule().norm_sq(layer, (x_low,), s_low, ["weight"], strategy)["weight"]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want.flatten(1).square().sum(1), rtol=1e-4,
+                                   atol=0)  # fmt: skip
+    got = _rule().per_sample_grad(layer, (x_low,), s_low, ["weight"])["weight"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_shifts_apply_to_stride_one_single_group_convs_on_a_cpu_only():

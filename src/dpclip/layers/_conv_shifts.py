@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dpclip.layers._common import scratch
+from dpclip.layers._common import cast, scratch
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -113,7 +113,6 @@ def ghost_norm_sq(
         shifted = gram.as_strided(shape, view_strides, gram.storage_offset() + offset * (plane + 1))
         acc.copy_(shifted) if i == 0 else acc.add_(shifted)
     t = math.prod(outputs)
-    s = grad_output.reshape(b, module.out_channels, t)
-    s = s if s.dtype == dtype else s.to(dtype)
+    s = cast(grad_output.reshape(b, module.out_channels, t), dtype)
     gram_s = torch.bmm(s.transpose(1, 2), s)
     return (acc.view(b, t, t) * gram_s).sum(dim=(1, 2))

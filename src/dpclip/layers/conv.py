@@ -45,6 +45,12 @@ def _check_shapes(module: _Conv, inputs: tuple, grad_output: Tensor) -> int:
         raise ValueError(
             f"input batch {x.shape[0]} != output gradient batch {grad_output.shape[0]}"
         )
+    if x.shape[1] != module.in_channels or grad_output.shape[1] != module.out_channels:
+        raise ValueError(
+            f"{type(module).__name__}({module.in_channels}, {module.out_channels}) rule got "
+            f"input {tuple(x.shape)} and output gradient {tuple(grad_output.shape)}: channel "
+            "counts (dim 1) do not match the layer's"
+        )
     return n
 
 
@@ -188,6 +194,39 @@ def norm_sq(
     return out
 
 
+def _padded_pixels(module: _Conv, x: Tensor) -> int:
+    """Pixels per channel of the input once padded as the module pads it."""
+    sizes = zip(x.shape[2:], _pad_amounts(module), strict=True)
+    return math.prod(n + lo + hi for n, (lo, hi) in sizes)
+
+
+def _shifted_chunks(
+    module: _Conv, x: Tensor, grad_output: Tensor, per_sample: int
+) -> tuple[Tensor, tuple[int, ...], int]:
+    """The padded input, its padding left to apply, and the batch chunk for the shifted paths:
+    ``per_sample`` elements of results per sample, plus the zero-padded copies of the input and
+    of s (at most the padded size per channel) that :mod:`dpclip.layers._conv_shifts` makes."""
+    per_sample += (module.in_channels + module.out_channels) * _padded_pixels(module, x)
+    x, padding = _padded(module, x)
+    budget = _CHUNK_ELEMENTS.get(grad_output.device.type, _CHUNK_ELEMENTS["cpu"])
+    return x, padding, max(1, budget // per_sample)
+
+
+def _shifted_per_sample(
+    module: _Conv, x: Tensor, grad_output: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """(b, *weight.shape) per-sample weight gradients by :mod:`dpclip.layers._conv_shifts`
+    (stride 1, one group), over batch chunks within the chunk budget."""
+    b = grad_output.shape[0]
+    x, padding, step = _shifted_chunks(module, x, grad_output, 2 * module.weight.numel())
+    out = torch.empty(b, *module.weight.shape, dtype=dtype, device=grad_output.device)
+    for i in range(0, b, step):
+        g = conv_shifts.per_sample(module, x[i : i + step], padding, grad_output[i : i + step],
+                                   dtype)  # fmt: skip
+        out[i : i + step].view(g.shape[1], *g.shape[2:], -1).copy_(g.permute(1, 2, 3, 0))
+    return out
+
+
 def _shifted_norm_sq(
     module: _Conv, x: Tensor, grad_output: Tensor, strategy: str, dtype: torch.dtype
 ) -> Tensor:
@@ -198,18 +237,16 @@ def _shifted_norm_sq(
     kept."""
     b, channels = x.shape[:2]
     positions = math.prod(grad_output.shape[2:])
-    amounts = _pad_amounts(module)
-    pixels = math.prod(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], amounts, strict=True))
+    pixels = _padded_pixels(module, x)
     offsets = math.prod(module.kernel_size)
     ghost = strategy == "ghost" or (
         strategy == "mixed"
         and pixels * pixels * channels + positions * positions * (offsets + module.out_channels)
         < positions * offsets * channels * module.out_channels
     )
-    per_sample = pixels * pixels + 2 * positions * positions if ghost else module.weight.numel()
-    budget = _CHUNK_ELEMENTS.get(grad_output.device.type, _CHUNK_ELEMENTS["cpu"])
-    step = max(1, budget // per_sample)
-    x, padding = _padded(module, x)
+    # results per sample: the pixel Gram and three (T, T) tensors, or the gradients
+    results = pixels * pixels + 3 * positions * positions if ghost else module.weight.numel()
+    x, padding, step = _shifted_chunks(module, x, grad_output, results)
 
     def norms(x: Tensor, s: Tensor) -> Tensor:
         if ghost:
@@ -286,9 +323,7 @@ def per_sample_grad(
         out["weight"] = _per_sample_by_kernel(module, inputs[0], grad_output)
     elif "weight" in names and conv_shifts.applies(module, grad_output):
         _check_positions(module, inputs[0], grad_output)
-        x, padding = _padded(module, inputs[0])
-        g = conv_shifts.per_sample(module, x, padding, grad_output, dtype)  # (K, b, out, in)
-        out["weight"] = g.permute(1, 2, 3, 0).reshape(grad_output.shape[0], *module.weight.shape)
+        out["weight"] = _shifted_per_sample(module, inputs[0], grad_output, dtype)
     elif "weight" in names:
         g = _by_batch_chunks(  # (b·G, out/G, D)
             module,
