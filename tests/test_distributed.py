@@ -186,3 +186,41 @@ def test_a_process_group_started_after_the_engine_is_refused_at_the_step(monkeyp
     with pytest.raises(dpclip.LoopOrderError, match="init_process_group before creating"):
         optimizer.step()
     assert torch.equal(model.weight, before) and engine.steps_taken == 0
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process, torn down after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def test_tensors_lent_to_c10d_are_kept_until_c10d_drops_them(one_process_group):
+    """A collective's tensors outlive the caller's wait() in c10d's threads; freed there after
+    their Python object, they abort the process at exit. dpclip keeps them until c10d lets go,
+    and every collective of the World leaves nothing lent behind."""
+    from dpclip import distributed
+
+    distributed._LENT.clear()
+    grads = [torch.ones(3), torch.full((2, 2), 2.0)]
+    world = distributed.World(0, 2, torch.device("cpu"))  # a world of 2 only for its collectives
+    world.all_reduce_(grads)
+    assert world.from_rank_0(7) == 7
+    world.broadcast_module(nn.Linear(2, 2))
+    assert [g.tolist() for g in grads] == [[1.0] * 3, [[2.0, 2.0], [2.0, 2.0]]]
+    distributed._wait_for_c10d()
+    assert distributed._LENT == []
+
+    total = torch.ones(4)
+    work = torch.distributed.all_reduce(distributed._lend(total), async_op=True)
+    work.wait()
+    distributed._wait_for_c10d(timeout_s=0.05)  # the work handle still holds it: kept
+    assert len(distributed._LENT) == 1 and distributed._LENT[0].data_ptr() == total.data_ptr()
+    del work
+    distributed._wait_for_c10d()
+    assert distributed._LENT == []

@@ -34,7 +34,7 @@ def test_quickstart_is_at_most_40_lines():
 def _launched(command: list[str]) -> list[str]:
     """Run a 2-process example under its launcher; rank 0's epoch lines."""
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-1500:]}\nstderr:\n{proc.stderr[-3000:]}"
     return [line for line in proc.stdout.splitlines() if line.startswith("epoch")]
 
 

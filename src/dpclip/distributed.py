@@ -14,6 +14,8 @@ needs its norm over every layer (all-layer clipping), which is known only when t
 
 from __future__ import annotations
 
+import atexit
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +27,41 @@ from dpclip.errors import DistributedStepError
 
 # Gradients are summed in flat buckets of at most this many bytes, all in flight at once.
 _BUCKET_BYTES = 25 << 20
+
+# c10d's worker threads can hold a collective's tensors after the caller's wait() returned (gloo's
+# barrier keeps the works it found in flight, and frees them on its own thread). When a tensor's
+# Python object is gone by then, the worker thread frees that object, which takes the GIL; at
+# interpreter exit that thread is ended instead and the process aborts ("terminate called
+# without an active exception", 1 run in ~40 of examples/ddp_train.py under load). So each
+# tensor dpclip hands to a collective is an alias only c10d and this list hold, kept until c10d
+# lets go of it, and the process waits for that at exit (at most this many seconds).
+_LENT: list[Tensor] = []
+_EXIT_WAIT_S = 5.0
+
+
+def _lend(t: Tensor) -> Tensor:
+    """``t`` to hand to a collective: an alias (same storage, its own tensor object) kept in
+    :data:`_LENT` until c10d drops its references to it."""
+    alias = t.detach()
+    _LENT.append(alias)
+    return alias
+
+
+def _release() -> bool:
+    """Drop the lent tensors that only :data:`_LENT` holds; True while c10d holds any."""
+    _LENT[:] = [t for t in _LENT if t._use_count() > 1]
+    return bool(_LENT)
+
+
+def _wait_for_c10d(timeout_s: float = _EXIT_WAIT_S) -> None:
+    """At exit, while the interpreter still runs c10d's threads: wait (sleeping, so without the
+    GIL) until they drop every lent tensor."""
+    deadline = time.monotonic() + timeout_s
+    while _release() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+atexit.register(_wait_for_c10d)
 
 
 class World:
@@ -64,7 +101,8 @@ class World:
         model; an unwrapped one may have been initialised differently per rank)."""
         with torch.no_grad():
             for t in [*module.parameters(), *module.buffers()]:
-                torch.distributed.broadcast(t.data, src=0)
+                torch.distributed.broadcast(_lend(t), src=0)
+        _release()
 
     # ------------------------------------------------------------------------ per step
     def agree(self, failure: str | None, steps: int) -> None:
@@ -78,7 +116,8 @@ class World:
             [1 if failure else 0, steps, -steps], dtype=torch.int64, device=self.device
         )
         try:
-            torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(_lend(status), op=torch.distributed.ReduceOp.MAX)
+            _release()
         except Exception as err:
             raise DistributedStepError(
                 f"dpclip.distributed: rank {self.rank} could not agree on the step with the other "
@@ -109,7 +148,7 @@ class World:
             flat = bucket[0] if len(bucket) == 1 and bucket[0].is_contiguous() else None
             if flat is None:
                 flat = torch.cat([t.reshape(-1) for t in bucket])
-            work = torch.distributed.all_reduce(flat, async_op=True)
+            work = torch.distributed.all_reduce(_lend(flat), async_op=True)
             pending.append((work, flat, bucket))
         try:
             for work, flat, bucket in pending:
@@ -118,6 +157,8 @@ class World:
                     pieces = flat.split([t.numel() for t in bucket])
                     for t, piece in zip(bucket, pieces, strict=True):
                         t.copy_(piece.view_as(t))
+            del pending
+            _release()
         except Exception as err:
             raise DistributedStepError(
                 f"dpclip.distributed: summing the clipped gradients over the ranks failed on rank "
@@ -132,7 +173,8 @@ class World:
     def from_rank_0(self, value: int) -> int:
         """Rank 0's ``value`` on every rank (an int64)."""
         sent = torch.tensor([value], dtype=torch.int64, device=self.device)
-        torch.distributed.broadcast(sent, src=0)
+        torch.distributed.broadcast(_lend(sent), src=0)
+        _release()
         return int(sent.item())
 
 
