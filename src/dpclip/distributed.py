@@ -157,7 +157,7 @@ class World:
                     pieces = flat.split([t.numel() for t in bucket])
                     for t, piece in zip(bucket, pieces, strict=True):
                         t.copy_(piece.view_as(t))
-            del pending
+            pending = work = None  # c10d's work handles hold the lent tensors
             _release()
         except Exception as err:
             raise DistributedStepError(
