@@ -206,3 +206,44 @@ def test_an_empty_physical_batch_under_a_mean_loss_adds_nothing():
     F.cross_entropy(model(x[:0]), y[:0]).backward()  # the mean of nothing: NaN, over 0 rows
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     opt.step()
+
+
+class _SeqConv(nn.Module):
+    """A Conv1d over the sequence, then Linear layers over (batch, positions, width): the
+    convolution's, the Grams' and the clipped sums' matmuls all run in dpclip's book-keeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(6, 24, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(24, 48), nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).transpose(1, 2)  # (b, T, 24)
+        return self.fc2(torch.tanh(self.fc1(h))).mean(dim=1)
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_a_backward_inside_the_autocast_region_clips_as_one_outside_it(strategy):
+    """Autograd's own backward keeps the forward's dtypes under autocast; dpclip's norms and
+    clipped sums must too, not run their matmuls in bf16 (a norm computed short lets an example
+    past the clipping bound). Same gradients, bit for bit, with autocast on again afterwards."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(B, 6, 10, generator=g), torch.randint(0, 5, (B,), generator=g)
+
+    def grads(inside: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = _SeqConv()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        dpclip.PrivacyEngine(model, opt, sample_size=100 * B, batch_size=B, steps=2,
+                             noise_multiplier=0.0, norm_strategy=strategy)  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+            if inside:
+                loss.backward()
+                assert torch.is_autocast_enabled("cpu")
+        if not inside:
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for got, want in zip(grads(inside=True), grads(inside=False), strict=True):
+        assert torch.equal(got, want)

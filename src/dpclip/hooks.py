@@ -438,11 +438,46 @@ class Recorder:
             self._in_backward = True
             Variable._execution_engine.queue_callback(self._flush)
         try:
-            self.on_grad(record)
+            with full_precision():
+                self.on_grad(record)
         except BaseException:
             self._in_backward = False  # this backward is abandoned; the next one starts afresh
             raise
 
     def _flush(self) -> None:
         self._in_backward = False
-        self.on_backward_end()
+        with full_precision():
+            self.on_backward_end()
+
+
+def _autocast_types() -> tuple[str, ...]:
+    """The device types this torch build can autocast (asking about another one raises)."""
+    kinds = []
+    for kind in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        try:
+            torch.is_autocast_enabled(kind)
+        except RuntimeError:
+            continue
+        kinds.append(kind)
+    return tuple(kinds)
+
+
+_AUTOCAST_TYPES = _autocast_types()
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def full_precision() -> contextlib.AbstractContextManager:
+    """Autocast off for dpclip's book-keeping, where a backward runs inside the user's autocast
+    region (``loss.backward()`` under ``torch.autocast``): autograd's own backward ops keep the
+    forward's dtypes there, but the norms' and the clipped sums' matmuls would run in bf16 or
+    fp16, and a norm computed short makes an example's clipped gradient longer than the clipping
+    bound the ledger accounts for. Rules pick their dtype themselves (float32 at least)."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():  # one C call on every record
+        return contextlib.nullcontext()
+    on = [kind for kind in _AUTOCAST_TYPES if torch.is_autocast_enabled(kind)]
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for kind in on:
+        stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
