@@ -140,6 +140,34 @@ def test_detach_restores_ordinary_non_private_training():
     opt.step()  # no hook left: no error without dpclip's bookkeeping
 
 
+def test_detach_drops_the_buffers_kept_between_steps_and_a_new_engine_makes_them_again():
+    """The conv rule's padded and unfolded copies, the clipped sums' scaled side and the noise
+    scratch are kept per thread between steps on a CPU: tens of MB a user who detached would
+    otherwise hold for good. A later engine makes them again and trains the same."""
+    from dpclip import noise
+    from dpclip.layers import _common
+
+    def step() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(8 * 7 * 7, 4))  # fmt: skip
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = dpclip.PrivacyEngine(model, opt, sample_size=100, batch_size=8, steps=2,
+                                      noise_multiplier=1.0, seed=0)  # fmt: skip
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert _common._scratch.__dict__ and noise._scratch.__dict__  # kept while attached
+        engine.detach()
+        assert not _common._scratch.__dict__ and not noise._scratch.__dict__
+        return [p.detach().clone() for p in model.parameters()]
+
+    first, again = step(), step()
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bf16_autocast_trains_with_norms_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))

@@ -38,7 +38,8 @@ from dpclip.errors import (
 )
 from dpclip.hooks import Record, Recorder, batch_of
 from dpclip.layers import LayerRegistry, _derive, default_registry, fallback
-from dpclip.noise import GaussianNoise
+from dpclip.layers._common import release_scratch
+from dpclip.noise import GaussianNoise, release_buffers
 
 _REGISTRY = default_registry()
 _STATE_VERSION = 1
@@ -258,6 +259,8 @@ class PrivacyEngine:
         for p, flag in self._restore:
             p.requires_grad_(flag)
         self._unmute()
+        release_scratch()  # the buffers kept between steps: the layer rules' and the noise's
+        release_buffers()
         self.attached = False
 
     def __enter__(self) -> PrivacyEngine:

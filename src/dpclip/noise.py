@@ -54,6 +54,11 @@ def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
+def release_buffers() -> None:
+    """Drop this thread's noise scratch and its views (the engine calls it when it detaches)."""
+    _scratch.__dict__.clear()
+
+
 _PIECE_LAYOUTS = 16  # bucket layouts whose views are kept per thread (a model has a few)
 
 

@@ -54,6 +54,12 @@ def scratch(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.de
     return view
 
 
+def release_scratch() -> None:
+    """Drop this thread's scratch buffers (up to a few tens of MB each); the next book-keeping
+    that needs one makes it again. The engine calls it when it detaches."""
+    _scratch.__dict__.clear()
+
+
 def as_btd(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Reshape (b, ..., d) to (b, T, d) in ``dtype``; T = product of the middle dims (1 if none)."""
     if x.dim() != 3:  # (b, T, d) already: no view (host time counts per layer)
