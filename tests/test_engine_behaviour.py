@@ -12,6 +12,7 @@ from torch.nn.utils import parametrizations, prune
 
 import dpclip
 from dpclip.errors import DoubleBackwardError
+from dpclip.layers import default_registry
 from tests import engine_models
 from tests.counting import count_draws
 
@@ -272,6 +273,26 @@ def test_a_bare_parameter_used_in_forward_takes_the_fallback_named_at_attach(cap
     line = capsys.readouterr().err
     assert "1 module(s) without a layer rule take the generic per-example fallback" in line
     assert "24 B per example" in line and line.strip().endswith("<model>")
+
+
+class _StandardizedConv(nn.Conv2d):
+    """Weight standardization in ``_conv_forward`` (forward itself inherited): the conv rule's
+    gradient would be the standardized weight's, applied to the raw one."""
+
+    def _conv_forward(self, x, weight, bias):
+        dims = (1, 2, 3)
+        standardized = (weight - weight.mean(dims, keepdim=True)) / weight.std(dims, keepdim=True)
+        return super()._conv_forward(x, standardized, bias)
+
+
+def test_a_conv_subclass_computing_in_conv_forward_takes_the_fallback_and_is_exact(capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(_StandardizedConv(2, 3, 3).double(), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 3).double())  # fmt: skip
+    assert default_registry().rule_for(model[0]) is None
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    _assert_one_step_equals_naive_loop(model, x, y)
+    assert "take the generic per-example fallback" in capsys.readouterr().err
 
 
 class _AliasingHead(nn.Module):

@@ -49,6 +49,8 @@ AddClippedGrad = Callable[
 ]
 
 STRATEGIES = ("ghost", "instantiate", "mixed")
+# methods whose override in a subclass changes what a registered layer computes
+_COMPUTING = ("forward", "_conv_forward")
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,9 @@ class LayerRule:
 class LayerRegistry:
     """Maps module types to rules.
 
-    A subclass inherits its base's rule only if it does not override ``forward``: a subclass that
-    computes differently (or bypasses ``forward``) must be registered on its own.
+    A subclass inherits its base's rule only if it does not override ``forward``, nor a method
+    the base's ``forward`` computes with (``_conv_forward``: a weight-standardized convolution):
+    a subclass that computes differently must be registered on its own (or takes the fallback).
     """
 
     def __init__(self) -> None:
@@ -117,7 +120,8 @@ class LayerRegistry:
         for cls in own.__mro__:
             rule = self._rules.get(cls) or self._rules.get(f"{cls.__module__}.{cls.__qualname__}")
             if rule is not None:
-                return rule if cls is own or own.forward is cls.forward else None
+                same = all(getattr(own, m, None) is getattr(cls, m, None) for m in _COMPUTING)
+                return rule if cls is own or same else None
         return None
 
     def __contains__(self, module_type: type | str) -> bool:
