@@ -98,6 +98,26 @@ class _Mode(TorchFunctionMode):
         # ids is that parameter. Tested by id, not isinstance: Parameter's isinstance check is
         # Python code (its metaclass), and the mode tests every argument of every call.
         self.managed = guard._owners
+        # the guard's and the recorder's live tables, read on every call without a method call
+        self.active, self.outputs = guard._active, guard._outputs
+        self.pending = guard._recorder.pending_by_id if guard._recorder is not None else {}
+
+    def _check_args(self, args: tuple, func: object) -> None:
+        """Refuse a managed parameter among ``args`` (or in a list or tuple argument) outside
+        the forward of every layer that owns it."""
+        managed, active = self.managed, self.active
+        for a in args:
+            owners = managed.get(id(a))
+            if owners is not None:
+                for m in owners:  # inline: this runs for every parameter use of every forward
+                    if active[m]:
+                        break
+                else:
+                    self.guard.check(a, func)
+            elif isinstance(a, (list, tuple)):
+                for item in a:
+                    if id(item) in managed:
+                        self.guard.check(item, func)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         try:
@@ -119,25 +139,19 @@ class _Mode(TorchFunctionMode):
                         guard.check(a, f".{attribute}")
                 guard.check_pending(args, out, f".{attribute}")
             return out
-        managed = self.managed
-        for a in args:  # the arguments, and the items of list and tuple arguments (cat)
-            if id(a) in managed:
-                guard.check(a, func)
-            elif isinstance(a, (list, tuple)):
-                for item in a:
-                    if id(item) in managed:
-                        guard.check(item, func)
+        self._check_args(args, func)
         if kwargs:
-            for a in _tensors((), kwargs):
-                if id(a) in managed:
-                    guard.check(a, func)
+            self._check_args(tuple(kwargs.values()), func)
+        pending, outputs = self.pending, self.outputs
         if kind == _BROADCAST:
-            args = guard.split_pending(args, name)
-            guard.check_broadcast(args, name)
+            if pending:
+                args = guard.split_pending(args, name)
+            if any(id(a) in outputs for a in args):  # only a layer output can be refused
+                guard.check_broadcast(args, name)
         out = func(*args, **kwargs) if kwargs else func(*args)
-        if guard.pending_outputs():
+        if pending:
             guard.check_pending((*args, *(kwargs or {}).values()), out, name)
-        if kind == _LEADING and args:
+        if kind == _LEADING and args and id(args[0]) in outputs:
             guard.check_new_leading_dims(args[0], out, name)
         return out
 

@@ -171,6 +171,12 @@ class Recorder:
     _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
     _paused: int = 0
 
+    @property
+    def pending_by_id(self) -> dict[int, _Pending]:
+        """This forward's pending batch-1 outputs by id: one dict for the recorder's lifetime
+        (cleared, never replaced), which the forward guard reads on every torch call."""
+        return self._pending
+
     def attach(
         self, modules: Iterable[nn.Module], root: nn.Module, whole_call: Iterable[nn.Module] = ()
     ) -> None:
