@@ -169,6 +169,31 @@ def test_detach_drops_the_buffers_kept_between_steps_and_a_new_engine_makes_them
         assert torch.equal(a, b)
 
 
+def test_a_backward_inside_optimizer_step_is_refused():
+    """A closure (LBFGS and the like) runs its backward inside step, after the noise: its clipped
+    sums would replace the noisy gradients. Refused, with no ledger entry and the parameters
+    unchanged."""
+    model, opt, engine = _setup()
+    x, y = engine_models.batch("linear", 4)
+    before = _snapshot(model)
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, x, y)
+        loss.backward()
+        return loss
+
+    closure()
+    with pytest.raises(dpclip.LoopOrderError, match="inside optimizer.step"):
+        opt.step(closure)
+    assert engine.steps_taken == 0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True))
+    opt.zero_grad()
+    closure()
+    opt.step()  # the usual loop goes on
+    assert engine.steps_taken == 1
+
+
 def test_bf16_autocast_trains_with_norms_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))

@@ -247,3 +247,61 @@ def test_a_backward_inside_the_autocast_region_clips_as_one_outside_it(strategy)
 
     for got, want in zip(grads(inside=True), grads(inside=False), strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_stepping_the_optimizer_past_the_scaler_is_refused_unless_it_unscaled(unscale_first):
+    """``optimizer.step()`` on loss-scaled sums would add noise S times too small for the ledger
+    (Adam hides the scale): refused, nothing changed, until the scaler has unscaled them."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = dpclip.PrivacyEngine(model, opt, sample_size=100 * B, batch_size=B, steps=10,
+                                  noise_multiplier=1.0, seed=0, grad_scaler=scaler)  # fmt: skip
+    x, y = _batches()[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    if unscale_first:
+        scaler.unscale_(opt)
+        opt.step()  # the user's own step on unscaled sums: fine
+        assert engine.steps_taken == 1
+        return
+    with pytest.raises(dpclip.LoopOrderError, match=r"scaler.step\(optimizer\)"):
+        opt.step()
+    assert engine.steps_taken == 0
+    for p, b, g in zip(model.parameters(), before, grads, strict=True):
+        assert torch.equal(p.detach(), b) and torch.equal(p.grad, g)
+    scaler.step(opt)  # the right way still works after the refusal
+    scaler.update()
+    assert engine.steps_taken == 1
+
+
+def test_a_skipped_step_whose_optimizer_raised_leaves_no_skip_behind():
+    """A fused step told to skip (overflow) that then raised inside the optimizer must not make
+    the next, noisy step go unrecorded."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dpclip.PrivacyEngine(model, opt, sample_size=100 * B, batch_size=B, steps=10,
+                                  noise_multiplier=1.0, seed=0,
+                                  grad_scaler=torch.amp.GradScaler("cpu"))  # fmt: skip
+    failures = [RuntimeError("transient")]
+
+    def flaky(optimizer, args, kwargs):  # runs after dpclip's pre-step hook
+        if failures:
+            raise failures.pop()
+
+    opt.register_step_pre_hook(flaky)
+    x, y = _batches()[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.found_inf = torch.tensor(1.0)  # as GradScaler.step sets it for a fused optimizer
+    with pytest.raises(RuntimeError, match="transient"):
+        opt.step()
+    del opt.found_inf
+    opt.zero_grad()
+    before = model[0].weight.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, before) and engine.steps_taken == 1

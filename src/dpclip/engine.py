@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.amp.grad_scaler import OptState
 
 from dpclip import _selfcheck, accounting, distributed
 from dpclip._bookkeeping import Accumulator
@@ -184,6 +185,7 @@ class PrivacyEngine:
         self._unchecked: list[Tensor] = []  # finiteness of this step's norms, on the device
         self._overflowed = False  # a GradScaler's backward overflowed: its step will be skipped
         self._skipping = False  # the optimizer's own (fused) step skips this one for overflow
+        self._stepping = False  # between the noise and the end of optimizer.step()
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
@@ -271,6 +273,14 @@ class PrivacyEngine:
 
     # ----------------------------------------------------------------------------- backward
     def _on_grad(self, record: Record) -> None:
+        if self._stepping:
+            self._stepping = False  # this step is abandoned: its gradients are not used
+            raise LoopOrderError(
+                "a backward pass ran inside optimizer.step() (a closure, as LBFGS calls one), "
+                "after dpclip had added the noise: its clipped gradients would replace the noisy "
+                "ones. Optimizers that evaluate the loss inside step are not supported; run the "
+                "backward before optimizer.step() and call it without a closure"
+            )
         if self._accumulator is None and self._sink is not None:
             self._accumulator = Accumulator(self._plan, self._group_of)
         elif self._accumulator is None:
@@ -342,18 +352,25 @@ class PrivacyEngine:
 
     # ----------------------------------------------------------------------------- step
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._scaler is not None and self._scaler_inside_step(optimizer):
-            return  # an overflow the fused step will skip: no noise, no ledger entry
+        self._skipping = False  # left set by a skipped step whose optimizer raised
+        if self._scaler is not None:
+            fused = isinstance(getattr(optimizer, "grad_scale", None), Tensor)
+            if self._scaler_inside_step(optimizer):
+                return  # an overflow the fused step will skip: no noise, no ledger entry
+        else:
+            fused = True  # no scaler: nothing to unscale
         world = self._world
+        unscaled = None if fused else optimizer  # whose loss-scaled sums must be unscaled
         if world is None:
-            self._may_step()
+            self._may_step(unscaled)
         else:  # every rank steps, or none does
             try:
-                self._may_step()
+                self._may_step(unscaled)
             except BaseException as err:
                 world.agree(f"{type(err).__name__}: {err}", self.ledger.steps)
                 raise
             world.agree(None, self.ledger.steps)
+        self._stepping = True
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -367,8 +384,9 @@ class PrivacyEngine:
         world.all_reduce_(grads)
         torch._foreach_mul_(grads, scale)
 
-    def _may_step(self) -> None:
-        """Refuse the step (before anything changes) if it would not be private or allowed."""
+    def _may_step(self, unscaled: torch.optim.Optimizer | None = None) -> None:
+        """Refuse the step (before anything changes) if it would not be private or allowed;
+        ``unscaled``: an optimizer whose sums the GradScaler must have unscaled by now."""
         if self._world is None and distributed.World.detect() is not None:
             raise LoopOrderError(
                 "torch.distributed was initialised after this PrivacyEngine was built: every "
@@ -392,6 +410,8 @@ class PrivacyEngine:
                 "refusing to step: the loss-scaled backward overflowed; step through the "
                 "scaler (scaler.step(optimizer)), which skips this step"
             )
+        if unscaled is not None:
+            self._check_unscaled(unscaled)
         if self._micro_batches == 0 and not self._empty_allowed:
             raise LoopOrderError(
                 "optimizer.step() was called without a backward pass since the last step; "
@@ -409,6 +429,7 @@ class PrivacyEngine:
             self._check_first_batch()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepping = False
         if self._skipping:
             self._skipping = self._overflowed = False
         else:
@@ -416,6 +437,22 @@ class PrivacyEngine:
         self._micro_batches = 0
         self._examples_in_step = False
         self._empty_allowed = False
+
+    def _check_unscaled(self, optimizer: torch.optim.Optimizer) -> None:
+        """The clipped sums of a loss-scaled backward hold S times the gradients until the
+        scaler unscales them (``scaler.step`` does, or ``scaler.unscale_``): noise added before
+        that would be S times too small for the ledger's σ."""
+        scaler = self._scaler
+        if scaler is None or not scaler.is_enabled() or scaler._scale is None:
+            return  # nothing was scaled yet
+        state = scaler._per_optimizer_states.get(id(optimizer))
+        if state is None or state["stage"] is not OptState.UNSCALED:
+            raise LoopOrderError(
+                "optimizer.step() was called on loss-scaled gradients: the GradScaler given to "
+                "the engine has not unscaled them, so the noise would be S times too small for "
+                "the ledger. Step through the scaler, scaler.step(optimizer), or call "
+                "scaler.unscale_(optimizer) first; the parameters are unchanged"
+            )
 
     def _scaler_inside_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """A GradScaler stepping an optimizer that unscales in its own kernel (fused Adam/AdamW)
