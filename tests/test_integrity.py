@@ -212,6 +212,34 @@ def test_two_forwards_reaching_one_backward_are_refused():
     _assert_unchanged(model, engine, before)
 
 
+class _ChangedAfterUse(nn.Module):
+    """``h`` feeds ``fc2`` and is then scaled in place: plain autograd raises (Linear keeps its
+    input for the weight gradient); with the weights managed nothing keeps it but dpclip."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.inplace = nn.Linear(D, D), nn.Linear(D, 3), inplace
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x))
+        out = self.fc2(h)
+        h = h.mul_(3.0) if self.inplace else h * 3.0
+        return out + h[:, :3]
+
+
+def test_a_layer_input_changed_in_place_after_the_call_is_refused_at_backward():
+    model = _ChangedAfterUse(inplace=True).double()
+    engine, opt = _engine(model, verify=False)  # the self-check would catch the first batch only
+    before = _snapshot(model)
+    loss = F.cross_entropy(model(_x(B, D)), _y())
+    with pytest.raises(dpclip.IntegrityError, match=r"input 0 of fc2 .* in-place .* out of place"):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    _assert_unchanged(model, engine, before)
+    # the same model written out of place: exact
+    _assert_equals_naive_loop(_ChangedAfterUse(inplace=False).double(), _x(B, D), _y())
+
+
 # ------------------------------------------------------------------ 4. batch-1 tensors broadcast
 class _RelativeBias(nn.Module):
     """A T5-style bias from (T, T) relative positions with no batch dim, added to (B, T, T)

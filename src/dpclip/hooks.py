@@ -54,6 +54,7 @@ class Record:
     forward: int  # which forward of the model made it
     grad_output: Tensor | tuple[Tensor, ...] | None = None  # a tuple for whole-call records
     done: bool = False  # its gradient arrived (the consumer may drop inputs/grad_output)
+    versions: tuple = ()  # the input tensors' versions at the call (None for a non-tensor)
 
 
 class _Gather(torch.autograd.Function):
@@ -304,7 +305,8 @@ class Recorder:
         inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
         rows = output.shape[0] if output.dim() else None
         if rows == self.batch:
-            record = Record(module, inputs, self.batch, self._forward)
+            versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
+            record = Record(module, inputs, self.batch, self._forward, versions=versions)
             if not output.requires_grad:
                 output = _Attach.apply(self._anchor, output)
             output.register_hook(lambda grad: self._on_grad(record, grad))
@@ -440,6 +442,8 @@ class Recorder:
                 "to backpropagate twice)"
             )
         record.grad_output, record.done = grad, True
+        if record.versions:
+            self._check_unchanged(record)
         if not self._in_backward:
             self._in_backward = True
             Variable._execution_engine.queue_callback(self._flush)
@@ -449,6 +453,20 @@ class Recorder:
         except BaseException:
             self._in_backward = False  # this backward is abandoned; the next one starts afresh
             raise
+
+    def _check_unchanged(self, record: Record) -> None:
+        """Refuse a layer input changed in place after the call: its per-example gradients would
+        come from the new values. (Autograd does not keep a managed layer's input for it, so
+        it cannot notice as it would without dpclip.)"""
+        for k, (x, version) in enumerate(zip(record.inputs, record.versions, strict=True)):
+            if version is not None and x._version != version:
+                self._in_backward = False  # this backward is abandoned
+                raise IntegrityError(
+                    f"input {k} of {self.name(record.module)} was modified by an in-place "
+                    "operation after the layer used it (h.mul_(), h += ..., relu_ on it): its "
+                    "per-example gradients would be computed from the new values. Make that "
+                    "operation out of place (h = h * 3), or apply it before the layer"
+                )
 
     def _flush(self) -> None:
         self._in_backward = False
