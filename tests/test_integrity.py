@@ -240,6 +240,60 @@ def test_a_layer_input_changed_in_place_after_the_call_is_refused_at_backward():
     _assert_equals_naive_loop(_ChangedAfterUse(inplace=False).double(), _x(B, D), _y())
 
 
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("how", ["autograd.grad", "backward(inputs=x)"])
+def test_a_pass_for_the_input_gradient_adds_no_clipped_sum(how):
+    """Adversarial training (FGSM), saliency, gradient penalties: a backward that writes no
+    parameter .grad without dpclip must not add a clipped sum either (the step would count its
+    examples twice); the training backward after it is the naive loop's, exactly."""
+    model, x, y = _mlp(), _x(B, D), _y()
+    plain = copy.deepcopy(model)
+    xa = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(F.cross_entropy(plain(xa), y), xa)[0]
+    x_adv = x + 0.1 * want.sign()
+    expected = clipped_sum(per_sample_grads(plain, x_adv, y), [[0, 1, 2, 3]],
+                           clipping="automatic", clip_norm=1.0, gamma=0.01)  # fmt: skip
+    engine, opt = _engine(model)
+    xa = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(xa), y)
+    if how == "autograd.grad":
+        got = torch.autograd.grad(loss, xa)[0]
+    else:
+        loss.backward(inputs=[xa])
+        got = xa.grad
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the input gradient is autograd's
+    assert all(p.grad is None for p in model.parameters())
+    F.cross_entropy(model(x_adv), y).backward()  # the step's one backward
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    opt.step()
+    assert engine.steps_taken == 1
+
+
+def test_a_training_backward_from_an_input_that_requires_grad_is_clipped_once():
+    """An input that requires a gradient reaches the layers without dpclip's anchor in their
+    ancestry unless the engine routes it: the training backward still clips, once, and the
+    input still gets autograd's gradient."""
+    model, x, y = _mlp(), _x(B, D), _y()
+    expected = clipped_sum(per_sample_grads(copy.deepcopy(model), x, y), [[0, 1, 2, 3]],
+                           clipping="automatic", clip_norm=1.0, gamma=0.01)  # fmt: skip
+    plain = copy.deepcopy(model)
+    xp = x.clone().requires_grad_(True)
+    F.cross_entropy(plain(xp), y).backward()
+    engine, opt = _engine(model)
+    xa = x.clone().requires_grad_(True)
+    F.cross_entropy(model(xa), y).backward()
+    torch.testing.assert_close(xa.grad, xp.grad, rtol=0, atol=0)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    opt.step()  # the self-check runs on this batch too
+    assert engine.steps_taken == 1
+
+
 # ------------------------------------------------------------------ 4. batch-1 tensors broadcast
 class _RelativeBias(nn.Module):
     """A T5-style bias from (T, T) relative positions with no batch dim, added to (B, T, T)

@@ -529,11 +529,13 @@ class PrivacyEngine:
         )  # fmt: skip
         expected, self._recorder.expected = self._recorder.expected, None
         self._sink = {}
+        self._recorder.every_pass = True  # its norms come from autograd.grad passes
         try:
             return _selfcheck.check(subject, args, kwargs, tape)
         finally:
             self._sink, self._accumulator = None, None
             self._recorder.expected = expected
+            self._recorder.every_pass = False
 
     def _norms_sq(self, loss: Tensor) -> dict[nn.Parameter, Tensor]:
         """dpclip's per-example squared norms for ``loss``; no ``.grad`` is written anywhere

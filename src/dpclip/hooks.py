@@ -171,6 +171,9 @@ class Recorder:
     # per whole-call module, the (random state, autocast state) each unfinished call began with
     _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
     _paused: int = 0
+    _task: int = -1  # the backward pass (graph task) accumulates() last answered for
+    _task_accumulates: bool = True
+    every_pass: bool = False  # hand every backward's records on (the self-check's autograd.grad)
 
     @property
     def pending_by_id(self) -> dict[int, _Pending]:
@@ -226,7 +229,9 @@ class Recorder:
         self._starts.setdefault(module, []).append(start)
 
     # ----------------------------------------------------------------------------- forward
-    def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _enter_root(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
         if self._paused:
             return
         self._depth += 1
@@ -250,6 +255,39 @@ class Recorder:
                 "batch from dim 0 of the model's first tensor argument; pass the inputs "
                 "batch-first (do not transpose them to (T, B, ...) before the call)"
             )
+        if self.enabled and torch.is_grad_enabled():
+            return self._anchored(args, kwargs)
+        return None
+
+    def _anchored(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The model's tensor arguments that require a gradient (an adversarial example's
+        input) routed through the anchor, so every recorded call of this forward hangs off it
+        (see :meth:`accumulates`); None, the arguments unchanged, when there are none."""
+        if not any(isinstance(a, Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
+            return None
+
+        def through(a: object) -> object:
+            return (
+                _Attach.apply(self._anchor, a) if isinstance(a, Tensor) and a.requires_grad else a
+            )
+
+        return tuple(map(through, args)), {k: through(v) for k, v in kwargs.items()}
+
+    def accumulates(self) -> bool:
+        """Whether the running backward pass accumulates into ``.grad`` (``loss.backward()``),
+        not one that returns gradients or reaches chosen inputs only (``torch.autograd.grad``,
+        ``backward(inputs=...)``): those write no ``.grad`` without dpclip, and must not add a
+        clipped sum either (it would count the examples twice in the step). Read from whether
+        the anchor's gradient accumulator runs: every recorded call hangs off the anchor (the
+        calls on inputs that need no gradient through ``_Attach``, the model's inputs that do
+        through :meth:`_anchored`). Asked once per backward pass."""
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            with torch.enable_grad():  # the accumulator the running graph holds
+                accumulator = self._anchor.view_as(self._anchor).grad_fn.next_functions[0][0]
+            self._task = task
+            self._task_accumulates = torch._C._will_engine_execute_node(accumulator)
+        return self._task_accumulates
 
     def _exit_root(self, module: nn.Module, args: tuple, output: object) -> None:
         if self._paused:
@@ -435,6 +473,8 @@ class Recorder:
 
     # ----------------------------------------------------------------------------- backward
     def _on_grad(self, record: Record, grad: Tensor) -> None:
+        if not self.every_pass and not self.accumulates():
+            return  # a pass that writes no .grad: nothing to clip, and the record stays unused
         if record.done:
             raise DoubleBackwardError(
                 f"a second backward pass reached {type(record.module).__name__} through the same "
