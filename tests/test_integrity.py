@@ -165,6 +165,37 @@ def test_a_sequence_first_model_input_is_refused_against_the_loader_batch():
     _assert_unchanged(model, engine, before)
 
 
+def test_a_step_before_the_logical_batch_is_done_is_refused_and_one_after_it_is_taken():
+    """A step per physical batch of engine.data_loader would take several noisy steps per
+    Poisson sample, each counted by the ledger as one independent step: refused, nothing
+    changed. With one physical batch per logical batch, stepping inside the loop is the same
+    step and is taken."""
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
+    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    before = _snapshot(model)
+    loader = engine.data_loader(data, physical_batch_size=6,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+    logical = next(iter(loader))
+    assert len(logical.chunks()) > 1
+    physical = iter(logical)
+    x, y = next(physical)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(dpclip.LoopOrderError, match=r"physical batch\(es\) .* still to come"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+    for x, y in physical:  # the rest of the logical batch, then the step
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert engine.steps_taken == 1
+    opt.zero_grad()
+    single = engine.data_loader(data, generator=torch.Generator().manual_seed(1))
+    for x, y in next(iter(single)):  # one physical batch: the step inside the loop is the same
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert engine.steps_taken == 2
+
+
 # ------------------------------------------------------------------ 3. the batch split in forward
 class _Split(_FcHead):
     def forward(self, x):

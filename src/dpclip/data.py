@@ -48,7 +48,7 @@ class LogicalBatch:
         physical_batch_size: int | None,
         collate_fn: Callable[[list], Any] | None,
         num_workers: int,
-        on_physical_batch: Callable[[int | None], None] | None = None,
+        on_physical_batch: Callable[[int | None, int], None] | None = None,
     ) -> None:
         self.dataset = dataset
         self._on_physical_batch = on_physical_batch
@@ -81,15 +81,16 @@ class LogicalBatch:
 
     @staticmethod
     def _announced(
-        batches: Iterator[Any], sizes: list[int], announce: Callable[[int | None], None]
+        batches: Iterator[Any], sizes: list[int], announce: Callable[[int | None, int], None]
     ) -> Iterator[Any]:
-        """Tell ``announce`` each physical batch's size before it is used, and None after."""
+        """Tell ``announce`` each physical batch's size before it is used, with how many of
+        this logical batch's physical batches come after it; and (None, 0) after the last."""
         try:
-            for size, batch in zip(sizes, batches, strict=False):
-                announce(size)
+            for k, (size, batch) in enumerate(zip(sizes, batches, strict=False)):
+                announce(size, len(sizes) - 1 - k)
                 yield batch
         finally:
-            announce(None)
+            announce(None, 0)
 
     def _batches(self, chunks: list[torch.Tensor]) -> Iterator[Any]:
         if self._fast_path():
@@ -128,8 +129,9 @@ class PoissonLoader:
         steps: logical batches per pass; default
             :func:`dpclip.accounting.steps_per_epoch` (round(1/q): one epoch in expectation).
         on_logical_batch: called with the batch size each time a logical batch is yielded.
-        on_physical_batch: called with each physical batch's size before it is yielded, and
-            with None when a logical batch's physical batches are done.
+        on_physical_batch: called with each physical batch's size before it is yielded and
+            how many of its logical batch's physical batches come after it, and with
+            ``(None, 0)`` when they are done.
         shard: ``(rank, world_size)``: yield only this rank's share of each logical batch
             (every world_size-th sampled example, from ``rank``). Every rank must draw the
             same sample, so ``shared_seed`` is then required.
@@ -157,7 +159,7 @@ class PoissonLoader:
         num_workers: int = 0,
         steps: int | None = None,
         on_logical_batch: Callable[[int], None] | None = None,
-        on_physical_batch: Callable[[int | None], None] | None = None,
+        on_physical_batch: Callable[[int | None, int], None] | None = None,
         shard: tuple[int, int] | None = None,
         shared_seed: Callable[[torch.Generator | None], int] | None = None,
     ) -> None:

@@ -186,6 +186,7 @@ class PrivacyEngine:
         self._overflowed = False  # a GradScaler's backward overflowed: its step will be skipped
         self._skipping = False  # the optimizer's own (fused) step skips this one for overflow
         self._stepping = False  # between the noise and the end of optimizer.step()
+        self._physical_left = 0  # physical batches of the loader's logical batch still to come
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
@@ -412,6 +413,14 @@ class PrivacyEngine:
             )
         if unscaled is not None:
             self._check_unscaled(unscaled)
+        if self._physical_left:
+            raise LoopOrderError(
+                f"optimizer.step() was called with {self._physical_left} physical batch(es) of "
+                "this logical batch still to come from engine.data_loader: each step must see "
+                "its whole Poisson sample (one noisy step per logical batch, as the ledger "
+                "counts). Accumulate the physical batches and step once after the inner loop: "
+                "for x, y in logical_batch: loss(x, y).backward(); then optimizer.step()"
+            )
         if self._micro_batches == 0 and not self._empty_allowed:
             raise LoopOrderError(
                 "optimizer.step() was called without a backward pass since the last step; "
@@ -651,9 +660,11 @@ class PrivacyEngine:
     def _begin_logical_batch(self, size: int) -> None:
         self._empty_allowed = size == 0
 
-    def _expect_batch(self, size: int | None) -> None:
-        """The loader's physical batch: the model's next forwards must have this batch."""
+    def _expect_batch(self, size: int | None, after: int) -> None:
+        """The loader's physical batch: the model's next forwards must have this batch, and
+        ``after`` more physical batches of this logical batch come before its step."""
         self._recorder.expected = size
+        self._physical_left = after
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
