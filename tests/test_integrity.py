@@ -196,6 +196,23 @@ def test_a_step_before_the_logical_batch_is_done_is_refused_and_one_after_it_is_
     assert engine.steps_taken == 2
 
 
+def test_a_second_backward_over_one_physical_batch_of_the_loader_is_refused():
+    """Two augmented views, or two heads, each with its own forward and backward: every example
+    of the batch would be clipped twice and both sums added (2R for noise meant for R)."""
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
+    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    logical = next(iter(engine.data_loader(data, generator=torch.Generator().manual_seed(0))))
+    for x, y in logical:
+        F.cross_entropy(model(x), y).backward()
+        once = [p.grad.clone() for p in model.parameters()]
+        with pytest.raises(dpclip.LoopOrderError, match="second backward pass over the same"):
+            F.cross_entropy(model(x + 0.01), y).backward()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), once, strict=True))
+    opt.step()
+    assert engine.steps_taken == 1
+
+
 # ------------------------------------------------------------------ 3. the batch split in forward
 class _Split(_FcHead):
     def forward(self, x):

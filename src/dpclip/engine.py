@@ -187,6 +187,7 @@ class PrivacyEngine:
         self._skipping = False  # the optimizer's own (fused) step skips this one for overflow
         self._stepping = False  # between the noise and the end of optimizer.step()
         self._physical_left = 0  # physical batches of the loader's logical batch still to come
+        self._clipped_this_batch = False  # a backward added this physical batch's clipped sums
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
@@ -315,6 +316,16 @@ class PrivacyEngine:
         if self._sink is not None:
             self._sink.update(accumulator.norms_sq())
             return
+        if self._recorder.expected is not None and accumulator.batch:  # a loader's batch
+            if self._clipped_this_batch:
+                raise LoopOrderError(
+                    "a second backward pass over the same physical batch of engine.data_loader: "
+                    "its examples would be clipped twice and both sums added (each could move "
+                    "the step by 2R while the noise is for R). Compute every loss of a batch "
+                    "(views, heads, terms) in one backward: (loss_a + loss_b).backward(); the "
+                    "gradients of this backward were not added"
+                )
+            self._clipped_this_batch = True
         try:
             sums = accumulator.finish()
         except NonFiniteNormError as err:
@@ -665,6 +676,7 @@ class PrivacyEngine:
         ``after`` more physical batches of this logical batch come before its step."""
         self._recorder.expected = size
         self._physical_left = after
+        self._clipped_this_batch = False
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
