@@ -515,6 +515,24 @@ def test_optimizer_parameter_outside_the_model_is_an_error():
         )  # fmt: skip
 
 
+def test_a_trainable_parameter_outside_the_optimizer_is_refused_at_attach():
+    """A second optimizer over it would take its clipped sum before the noise; refused with the
+    parameters named, and the model left as it was (trainable, no hook)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model[0].parameters(), lr=1)
+    with pytest.raises(ValueError, match=r"2 trainable parameter\(s\) .* \(2\.weight, 2\.bias\)"):
+        dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1,
+                             noise_multiplier=1.0)  # fmt: skip
+    assert all(p.requires_grad for p in model.parameters())
+    x, y = torch.randn(2, 4), torch.tensor([0, 1])
+    F.cross_entropy(model(x), y).backward()  # plain autograd: no dpclip hook left behind
+    assert all(p.grad is not None for p in model.parameters())
+    model[2].requires_grad_(False)  # the fix the message names
+    model.zero_grad()
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0)
+
+
 def test_stale_gradients_without_zero_grad_are_an_error():
     model, opt, _ = _setup()
     x, y = engine_models.batch("linear", 4)

@@ -56,6 +56,19 @@ def make_plan(
                     "dpclip.fix(model) after creating the optimizer, call dpclip.fix before "
                     "creating the optimizer (it replaces layers, and their parameters, in place)"
                 )
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    outside = [n for n, p in named if id(p) not in trained]
+    if outside:
+        listed = ", ".join(outside[:5]) + (
+            f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+        )
+        raise ValueError(
+            f"{len(outside)} trainable parameter(s) of the model are not in the optimizer "
+            f"({listed}): dpclip clips and noises the gradients of the parameters it trains, "
+            "and another optimizer over these would take their gradients before the noise. "
+            "Freeze them (p.requires_grad_(False)) or put them in this optimizer (a param group "
+            "of their own for another learning rate)"
+        )
     owners: dict[str, str] = {}
     owner_of_param = {id(p): n for n, p in named}
     paths = {m: path for path, m in model.named_modules()}

@@ -83,7 +83,8 @@ class PrivacyEngine:
 
     Args:
         model: the model to train; every module with trainable parameters needs a layer rule.
-        optimizer: any ``torch.optim.Optimizer`` over (a subset of) the model's parameters.
+        optimizer: any ``torch.optim.Optimizer`` over the model's trainable parameters (all of
+            them: freeze the ones it should not train).
         sample_size: N, the number of training examples.
         batch_size: the expected logical batch size B; the update is divided by it.
         epochs, steps: the plan (exactly one); the ledger refuses steps beyond the budget.
