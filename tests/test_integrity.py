@@ -213,6 +213,25 @@ def test_a_second_backward_over_one_physical_batch_of_the_loader_is_refused():
     assert engine.steps_taken == 1
 
 
+@pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "frozen-affine"])
+def test_a_batchnorm_without_trainable_parameters_in_training_mode_is_refused(affine):
+    """No rule sees it (nothing of it is trained), but in training mode its batch statistics mix
+    the examples and go into its running buffers: refused before it runs; in eval mode (frozen
+    statistics) it is a fixed per-example map and the step is the naive loop's."""
+    bn = nn.BatchNorm1d(4, affine=affine).double().requires_grad_(False)
+    model = nn.Sequential(nn.Linear(D, 4), bn, nn.Tanh(), nn.Linear(4, 3)).double()
+    engine, opt = _engine(model, verify=False)
+    before, stats = _snapshot(model), bn.running_mean.clone()
+    with pytest.raises(dpclip.IntegrityError, match=r"'1'\)\.eval\(\)"):
+        model(_x(B, D))
+    assert torch.equal(bn.running_mean, stats) and int(bn.num_batches_tracked) == 0
+    _assert_unchanged(model, engine, before)
+    engine.detach()
+    bn.eval()
+    if not affine:  # (the helper's oracle groups every parameter, frozen ones too)
+        _assert_equals_naive_loop(model, _x(B, D), _y())
+
+
 # ------------------------------------------------------------------ 3. the batch split in forward
 class _Split(_FcHead):
     def forward(self, x):

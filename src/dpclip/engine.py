@@ -31,6 +31,7 @@ from dpclip._plan import Plan, make_plan
 from dpclip._selfcheck import CheckResult
 from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.errors import (
+    IntegrityError,
     LoopOrderError,
     NonFiniteNormError,
     PhysicalBatchTooLarge,
@@ -191,6 +192,9 @@ class PrivacyEngine:
         self._clipped_this_batch = False  # a backward added this physical batch's clipped sums
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
+        # BatchNorm without trainable parameters (affine=False, or frozen): no rule refuses it
+        self._batchnorms = [(path, m) for path, m in model.named_modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
         self._attach()
 
@@ -523,9 +527,26 @@ class PrivacyEngine:
     def _forward_begins(self, module: nn.Module, args: tuple) -> None:
         if self._recorder.is_paused:
             return
+        if self._batchnorms and self._recorder.enabled and torch.is_grad_enabled():
+            self._refuse_batch_statistics()
         self._first.forward_begins()
         if not self._recorder.in_backward:
             self._accumulator = None  # a backward abandoned by an error: start afresh
+
+    def _refuse_batch_statistics(self) -> None:
+        """A BatchNorm in training mode normalizes each example with the batch's statistics (the
+        examples' outputs, and so their gradients, depend on each other) and writes them into
+        its running buffers, private data without noise."""
+        for path, m in self._batchnorms:
+            if m.training:
+                raise IntegrityError(
+                    f"{path} ({type(m).__name__}) is in training mode: it normalizes with the "
+                    "batch's statistics, so each example's gradient depends on the others, and "
+                    "records them in its running buffers without noise. Replace it with "
+                    "GroupNorm (dpclip.fix(model), before creating the optimizer), or keep it "
+                    f"in eval mode with frozen statistics (model.get_submodule({path!r}).eval() "
+                    "after each model.train())"
+                )
 
     def _forward_ends(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """The first physical batch: keep its inputs and record its loss (a training forward
