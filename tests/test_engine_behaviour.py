@@ -892,6 +892,24 @@ def test_data_loader_epoch_takes_one_noisy_step_per_logical_batch_including_empt
     assert len(draws) == 25
 
 
+def test_an_empty_logical_batch_after_a_missing_zero_grad_is_refused():
+    """Without zero_grad the last step's noisy gradient is still in .grad: an empty logical
+    batch's step would apply it again instead of fresh noise."""
+    model, opt, engine = _setup(sample_size=50, batch_size=2, noise_multiplier=1.0)
+    x, y = engine_models.batch("linear", 2)
+    _loss(model, x, y).backward()
+    opt.step()  # no zero_grad after it
+    before = _snapshot(model)
+    engine._begin_logical_batch(0)  # what engine.data_loader announces for an empty sample
+    with pytest.raises(dpclip.LoopOrderError, match="zero_grad"):
+        opt.step()
+    _assert_unchanged(model, before)
+    assert engine.steps_taken == 1
+    opt.zero_grad()
+    opt.step()  # the noise-only step
+    assert engine.steps_taken == 2
+
+
 def test_data_loader_refuses_a_dataset_of_another_size():
     _, _, engine = _setup()
     with pytest.raises(ValueError, match="built for sample_size=100"):

@@ -442,6 +442,8 @@ class PrivacyEngine:
                 "optimizer.step() was called without a backward pass since the last step; "
                 "dpclip takes exactly one noisy step per logical batch"
             )
+        if self._micro_batches == 0:  # an empty logical batch: the step is the noise alone,
+            self._check_fresh_grads()  # not the last step's gradient again
         self._check_no_foreign_grads()
         allowed = self._allowed_steps()
         if self.ledger.steps + 1 > allowed:
