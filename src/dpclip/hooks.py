@@ -172,6 +172,8 @@ class Recorder:
     _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
     _paused: int = 0
     _task: int = -1  # the backward pass (graph task) accumulates() last answered for
+    # the anchor's gradient accumulator, held so that every graph uses this one node
+    _accumulator: object = field(default=None, repr=False)
     _task_accumulates: bool = True
     every_pass: bool = False  # hand every backward's records on (the self-check's autograd.grad)
 
@@ -187,6 +189,8 @@ class Recorder:
         """Record ``modules``' calls inside ``root``'s forwards; ``whole_call``, among them,
         with all their arguments and outputs (see the module docstring)."""
         self._paths = {m: path or "<model>" for path, m in root.named_modules()}
+        with torch.enable_grad():
+            self._accumulator = self._anchor.view_as(self._anchor).grad_fn.next_functions[0][0]
         self._whole = set(whole_call)
         self._handles.append(root.register_forward_pre_hook(self._enter_root, with_kwargs=True))
         for module in self._whole:
@@ -283,10 +287,8 @@ class Recorder:
         through :meth:`_anchored`). Asked once per backward pass."""
         task = torch._C._current_graph_task_id()
         if task != self._task:
-            with torch.enable_grad():  # the accumulator the running graph holds
-                accumulator = self._anchor.view_as(self._anchor).grad_fn.next_functions[0][0]
             self._task = task
-            self._task_accumulates = torch._C._will_engine_execute_node(accumulator)
+            self._task_accumulates = torch._C._will_engine_execute_node(self._accumulator)
         return self._task_accumulates
 
     def _exit_root(self, module: nn.Module, args: tuple, output: object) -> None:
