@@ -92,7 +92,8 @@ def test_poisson_shares_are_disjoint_and_their_union_is_the_shared_sample(ran):
         seed = int(torch.randint(0, 2**62, (1,), generator=rank0_generator))
         g = torch.Generator().manual_seed(seed)
         for s0, s1 in shares[start : start + steps_per_pass]:
-            sample = (torch.rand(worker.N, generator=g) < q).nonzero().flatten()
+            uniform = torch.rand(worker.N, generator=g, dtype=torch.float64)
+            sample = (uniform < q).nonzero().flatten()
             assert torch.equal(s0, sample[0::2]) and torch.equal(s1, sample[1::2])
     assert any(len(s0) == 0 or len(s1) == 0 for s0, s1 in shares)  # noise-only steps happen
 

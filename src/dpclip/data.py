@@ -26,8 +26,11 @@ def poisson_sample(
     """One Poisson sample of ``range(size)``: each index independently with probability q, in
     increasing order. ``shard=(rank, world_size)`` keeps every world_size-th sampled index from
     ``rank``: ranks that draw with the same generator state take disjoint shares whose union is
-    the sample."""
-    indices = (torch.rand(size, generator=generator) < sample_rate).nonzero().flatten()
+    the sample. The uniforms are float64: float32 ones are multiples of 2⁻²⁴, which puts each
+    index in with probability ⌈q·2²⁴⌉/2²⁴ > q (6× q at q = 1e-8), an ε the ledger would not
+    count."""
+    uniform = torch.rand(size, generator=generator, dtype=torch.float64)
+    indices = (uniform < sample_rate).nonzero().flatten()
     if shard is not None:
         rank, world = shard
         indices = indices[rank::world]
@@ -84,13 +87,16 @@ class LogicalBatch:
         batches: Iterator[Any], sizes: list[int], announce: Callable[[int | None, int], None]
     ) -> Iterator[Any]:
         """Tell ``announce`` each physical batch's size before it is used, with how many of
-        this logical batch's physical batches come after it; and (None, 0) after the last."""
+        this logical batch's physical batches come after it; and, when the loop over them ends,
+        ``(None, k)`` with k the physical batches it never took (a ``break``: 0 when done)."""
+        taken = 0
         try:
             for k, (size, batch) in enumerate(zip(sizes, batches, strict=False)):
                 announce(size, len(sizes) - 1 - k)
+                taken += 1
                 yield batch
         finally:
-            announce(None, 0)
+            announce(None, len(sizes) - taken)
 
     def _batches(self, chunks: list[torch.Tensor]) -> Iterator[Any]:
         if self._fast_path():
@@ -131,7 +137,7 @@ class PoissonLoader:
         on_logical_batch: called with the batch size each time a logical batch is yielded.
         on_physical_batch: called with each physical batch's size before it is yielded and
             how many of its logical batch's physical batches come after it, and with
-            ``(None, 0)`` when they are done.
+            ``(None, k)`` when the loop over them ends, k of them never taken.
         shard: ``(rank, world_size)``: yield only this rank's share of each logical batch
             (every world_size-th sampled example, from ``rank``). Every rank must draw the
             same sample, so ``shared_seed`` is then required.

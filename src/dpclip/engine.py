@@ -190,6 +190,7 @@ class PrivacyEngine:
         self._stepping = False  # between the noise and the end of optimizer.step()
         self._physical_left = 0  # physical batches of the loader's logical batch still to come
         self._clipped_this_batch = False  # a backward added this physical batch's clipped sums
+        self._sample_cut = False  # a physical batch of the loader's logical batch had no backward
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         # BatchNorm without trainable parameters (affine=False, or frozen): no rule refuses it
@@ -429,6 +430,14 @@ class PrivacyEngine:
             )
         if unscaled is not None:
             self._check_unscaled(unscaled)
+        if self._sample_cut:
+            raise LoopOrderError(
+                "optimizer.step() after a logical batch of engine.data_loader whose physical "
+                "batches did not all get a backward (a break, or a batch skipped): the examples "
+                "left out depend on which others were sampled, so the step's sample is not the "
+                "Poisson sample the ledger counts. Run every physical batch of the logical "
+                "batch, then step; call optimizer.zero_grad() to drop this one"
+            )
         if self._physical_left:
             raise LoopOrderError(
                 f"optimizer.step() was called with {self._physical_left} physical batch(es) of "
@@ -457,6 +466,7 @@ class PrivacyEngine:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._stepping = False
+        self._sample_cut = False
         if self._skipping:
             self._skipping = self._overflowed = False
         else:
@@ -694,12 +704,18 @@ class PrivacyEngine:
 
     def _begin_logical_batch(self, size: int) -> None:
         self._empty_allowed = size == 0
+        self._sample_cut = False
 
     def _expect_batch(self, size: int | None, after: int) -> None:
         """The loader's physical batch: the model's next forwards must have this batch, and
-        ``after`` more physical batches of this logical batch come before its step."""
+        ``after`` more physical batches of this logical batch come before its step (or, with
+        ``size`` None, the loop over them ended with ``after`` never taken)."""
+        if self._recorder.expected is not None and not self._clipped_this_batch:
+            self._sample_cut = True  # the previous physical batch got no backward
+        if size is None and after:
+            self._sample_cut = True  # a break out of the loop over the physical batches
         self._recorder.expected = size
-        self._physical_left = after
+        self._physical_left = after if size is not None else 0
         self._clipped_this_batch = False
 
     # ----------------------------------------------------------------------------- state
