@@ -196,6 +196,36 @@ def test_a_step_before_the_logical_batch_is_done_is_refused_and_one_after_it_is_
     assert engine.steps_taken == 2
 
 
+@pytest.mark.parametrize("how", ["break", "skip the last"])
+def test_a_step_on_part_of_a_logical_batch_is_refused(how):
+    """A break out of the physical batches, or one skipped (a ragged last batch, as drop_last
+    would): the examples left out depend on which others were sampled, so the step's sample is
+    not the Poisson sample the ledger counts."""
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
+    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    before = _snapshot(model)
+    loader = engine.data_loader(data, physical_batch_size=6,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+    logical = next(iter(loader))
+    chunks = len(logical.chunks())
+    assert chunks > 1
+    for k, (x, y) in enumerate(logical):
+        if how == "skip the last" and k == chunks - 1:
+            continue
+        F.cross_entropy(model(x), y).backward()
+        if how == "break":
+            break
+    with pytest.raises(dpclip.LoopOrderError, match="did not all get a backward"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+    opt.zero_grad()
+    for x, y in next(iter(loader)):  # the next logical batch, whole: its step is taken
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert engine.steps_taken == 1
+
+
 def test_a_second_backward_over_one_physical_batch_of_the_loader_is_refused():
     """Two augmented views, or two heads, each with its own forward and backward: every example
     of the batch would be clipped twice and both sums added (2R for noise meant for R)."""
