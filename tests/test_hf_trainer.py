@@ -105,6 +105,43 @@ def test_bert_sequence_classifier_learns_a_synthetic_task(tmp_path):
     assert 0.9 * 8.0 <= trainer.privacy_engine.epsilon() <= 8.0
 
 
+def _masked_lm():
+    torch.manual_seed(0)
+    return transformers.BertForMaskedLM(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ))  # fmt: skip
+
+
+def _seq2seq():
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize("build", [_masked_lm, _seq2seq], ids=["masked-lm", "seq2seq"])
+def test_masked_and_seq2seq_losses_are_each_examples_own_mean(tmp_path, build):
+    """Their built-in loss averages over every labelled token of the batch, so an example's
+    weight depends on the others' label counts (the self-check sees it only when the first
+    batch's counts differ): DPTrainer's loss is the mean of each example's own loss."""
+    model = build()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (3, 8), generator=g)
+    labels = ids.clone()
+    labels[0, 2:] = labels[1, 5:] = -100  # 2, 5 and 8 labelled tokens
+    trainer = DPTrainer(model=model, args=_args(tmp_path), train_dataset=_counting(64),
+                        data_collator=default_data_collator,
+                        privacy_args=PrivacyArguments(noise_multiplier=1.0))  # fmt: skip
+    got = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+    own = [model(input_ids=ids[i : i + 1], labels=labels[i : i + 1]).loss for i in range(3)]
+    torch.testing.assert_close(got, torch.stack(own).mean(), rtol=1e-5, atol=1e-6)
+    mixed = model(input_ids=ids, labels=labels).loss  # what the model alone would train on
+    assert not torch.allclose(mixed, got, rtol=1e-3)
+
+
 def test_resume_from_a_checkpoint_ends_like_the_uninterrupted_run(tmp_path):
     privacy = PrivacyArguments(target_epsilon=3.0, noise_seed=1, sampling_seed=2)
     whole = _trainer(tmp_path / "whole", privacy=privacy)

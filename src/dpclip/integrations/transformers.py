@@ -172,9 +172,10 @@ class DPTrainer(Trainer):
 
     Use it as the Trainer, with ``privacy_args=PrivacyArguments(...)``; ``trainer.privacy_engine``
     is the :class:`dpclip.PrivacyEngine` once training has started (``.epsilon()``). What
-    changes: the sampler (Poisson, at the logical batch), the loss of causal-LM and
-    token-classification models (each example's mean over its own tokens, then the mean over
-    the batch: the models' own token mean mixes examples when sequences are padded), and
+    changes: the sampler (Poisson, at the logical batch), the loss of causal-LM, masked-LM,
+    token-classification and encoder-decoder models (each example's mean over its own tokens,
+    then the mean over the batch: the models' own token mean mixes examples when sequences are
+    padded or masked), and
     ``max_grad_norm``, which clips the noisy update (post-processing) instead of the raw
     gradient. The logged ``grad_norm`` is the noisy update's norm.
     """
@@ -304,7 +305,10 @@ class DPTrainer(Trainer):
         labels = inputs.get("labels")
         if self._token_loss is None or not isinstance(labels, Tensor) or labels.dim() != 2:
             return super().compute_loss(model, inputs, return_outputs=return_outputs)
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        fed = {k: v for k, v in inputs.items() if k != "labels"}
+        if self._token_loss == "seq2seq" and "decoder_input_ids" not in fed:
+            fed["decoder_input_ids"] = self._decoder_inputs(model, labels)
+        outputs = model(**fed)
         logits = outputs["logits"]
         if self._token_loss == "causal":  # token t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
@@ -314,6 +318,19 @@ class DPTrainer(Trainer):
         counts = (labels != -100).sum(dim=1).clamp(min=1)
         loss = (per_token.sum(dim=1) / counts).mean()
         return (loss, outputs) if return_outputs else loss
+
+    def _decoder_inputs(self, model: nn.Module, labels: Tensor) -> Tensor:
+        """The decoder's inputs an encoder-decoder model builds from ``labels`` when given them
+        (the labels shifted right), built here since the labels are not passed to it."""
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            raise ValueError(
+                f"DPTrainer: {type(base).__name__} is an encoder-decoder model without "
+                "prepare_decoder_input_ids_from_labels; pass decoder_input_ids in the batch"
+            )
+        return prepare(labels=labels)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         return 0 if isinstance(inputs, _Empty) else super().floating_point_ops(inputs)
@@ -446,8 +463,10 @@ def _token_loss_kind(model: nn.Module) -> str | None:
     """ "causal" or "token" for models whose built-in loss is a mean over the batch's tokens."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return "seq2seq"  # decoder position t predicts labels[t] (decoder inputs shifted)
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal"
-    if name.endswith("ForTokenClassification"):
+    if name.endswith(("ForTokenClassification", "ForMaskedLM")):
         return "token"
     return None
