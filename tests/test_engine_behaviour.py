@@ -829,6 +829,28 @@ def test_load_state_dict_refuses_a_different_noise_multiplier():
         other.load_state_dict({"ledger": {}})
 
 
+def test_load_state_dict_refuses_another_accountant_and_an_engine_that_has_stepped():
+    """Either would change the ε reported for the steps the model has taken, silently."""
+    _, _, saved_by = _setup(noise_multiplier=1.0, accountant="gdp")
+    _, _, other = _setup(noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="accountant='gdp'; this one uses 'pld'"):
+        other.load_state_dict(saved_by.state_dict())
+    assert other.ledger.accountant == "pld"
+    model, opt, stepped = _setup(noise_multiplier=1.0)
+    state = stepped.state_dict()  # before any step
+    x, y = engine_models.batch("linear", 4)
+    _loss(model, x, y).backward()
+    opt.step()
+    with pytest.raises(ValueError, match="has taken 1 step"):
+        stepped.load_state_dict(state)
+    assert stepped.steps_taken == 1
+
+
+def test_the_gdp_accountant_warns_that_its_epsilon_is_no_upper_bound():
+    with pytest.warns(UserWarning, match="not an upper bound"):
+        _setup(noise_multiplier=1.0, accountant="gdp")
+
+
 def test_epochs_plan_as_many_steps_as_the_data_loader_yields():
     model, opt, engine = _setup(sample_size=1437, batch_size=256, steps=None, epochs=30)
     dataset = torch.utils.data.TensorDataset(torch.zeros(1437, 5, dtype=torch.float64))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -171,6 +172,15 @@ class PrivacyEngine:
         self.target_delta = self.privacy.target_delta or accounting.default_delta(sample_size)
         self.noise_multiplier = self._calibrate()
         self.ledger = accounting.PrivacyLedger(accountant)
+        if accountant == "gdp":
+            warnings.warn(
+                "dpclip: accountant='gdp' gives the central-limit approximation of ε, not an "
+                "upper bound: it can be far below the true ε (a σ calibrated for ε=3 at q=0.01 "
+                "and 100 steps is ε≈6.4 by PLD), and the budget check trusts it. Use 'pld' (the "
+                "default) or 'rdp' for a guarantee",
+                UserWarning,
+                stacklevel=2,
+            )
         self._noise = GaussianNoise(
             self.noise_multiplier * self.privacy.clip_norm, seed=seed, secure=secure_rng
         )
@@ -733,6 +743,23 @@ class PrivacyEngine:
         """Restore a saved ledger and noise state; the settings must match this engine's."""
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError("not a dpclip PrivacyEngine state_dict (or from another version)")
+        if self.ledger.steps:
+            raise ValueError(
+                f"this engine has taken {self.ledger.steps} step(s): loading a state would drop "
+                "them from its ledger while the model keeps them. Load the state into a new "
+                "PrivacyEngine (with the model restored from the same checkpoint)"
+            )
+        saved = (
+            state.get("ledger", {}).get("accountant")
+            if isinstance(state.get("ledger"), dict)
+            else None
+        )
+        if saved != self.ledger.accountant:
+            raise ValueError(
+                f"the state was saved by an engine with accountant={saved!r}; this one uses "
+                f"{self.ledger.accountant!r}, whose ε and budget would silently change. Build "
+                f"the engine with accountant={saved!r} to resume"
+            )
         for key in ("noise_multiplier", "sample_rate"):
             if abs(float(state[key]) - getattr(self, key)) > 1e-12 * max(1.0, getattr(self, key)):
                 raise ValueError(
