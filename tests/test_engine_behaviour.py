@@ -1042,6 +1042,33 @@ def test_a_config_object_and_its_keywords_together_are_refused(kwargs, message):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_a_no_grad_pass_between_the_first_forward_and_its_backward_keeps_the_self_check():
+    """A metric on the batch under torch.no_grad() (or inference_mode) adds nothing to the
+    gradients: the first step's self-check still sees the loss, and passes."""
+    model, opt, engine = _setup()
+    x, y = engine_models.batch("linear", 4)
+    loss = _loss(model, x, y)
+    with torch.no_grad():
+        accuracy = (model(x).argmax(dim=1) == y).float().mean()
+    with torch.inference_mode():
+        model(x)
+    loss.backward()
+    opt.step()
+    assert engine.steps_taken == 1 and 0 <= float(accuracy) <= 1
+
+
+def test_after_a_nan_first_batch_the_next_batch_is_the_one_checked():
+    """The README's recovery (zero_grad, the next batch) works on the very first batch too."""
+    model, opt, engine = _setup()
+    x, y = engine_models.batch("linear", 4)
+    with pytest.raises(dpclip.NonFiniteNormError):
+        _loss(model, x * float("nan"), y).backward()
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    opt.step()  # the self-check runs on this batch, not on the NaN one
+    assert engine.steps_taken == 1
+
+
 def test_a_compiled_model_trains_exactly_like_the_eager_one():
     """torch.compile(model) after attaching (dynamo traces the forward; the engine's hooks and
     guards still see every layer call): the same clipped update, bit for bit in float64."""
@@ -1054,9 +1081,11 @@ def test_a_compiled_model_trains_exactly_like_the_eager_one():
                              noise_multiplier=1.0, seed=0)  # fmt: skip
         forward = torch.compile(model, backend="aot_eager") if compiled else model
         gen = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            x = torch.randn(32, 8, generator=gen, dtype=torch.float64)
-            nn.functional.cross_entropy(forward(x), torch.arange(32) % 3).backward()
+        for _ in range(3):  # two physical batches per step: the self-check's first-batch hooks
+            x = torch.randn(32, 8, generator=gen, dtype=torch.float64)  # run in the compiled
+            y = torch.arange(32) % 3  # forward of a later batch too
+            for xs, ys in zip(x.split(20), y.split(20), strict=True):
+                nn.functional.cross_entropy(forward(xs), ys).backward()
             opt.step()
             opt.zero_grad()
         return torch.cat([p.detach().flatten() for p in model.parameters()])

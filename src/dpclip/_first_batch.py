@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import weakref
 
+import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
@@ -28,6 +29,9 @@ class FirstBatch:
         self._live: list[LossTape] = []
         weakref.finalize(self, remove_dropped, self._live)
 
+    # Not traced by dynamo under torch.compile(model) (the engine's pre-hook calls it inside the
+    # compiled forward): the tape is a Python object dynamo cannot walk.
+    @torch.compiler.disable
     def forward_begins(self) -> None:
         remove_orphans()
         if self.tape is not None:
@@ -37,6 +41,7 @@ class FirstBatch:
                 self.clear()
                 self.interrupted = waiting
 
+    @torch.compiler.disable
     def forward_ends(self, args: tuple, kwargs: dict, output: object, batch: int | None) -> None:
         if self.tape is not None and self.tape.captured:
             return

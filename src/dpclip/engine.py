@@ -347,6 +347,7 @@ class PrivacyEngine:
         except NonFiniteNormError as err:
             if accumulator.loss_scale is None:
                 self._poisoned = str(err)
+                self._first.clear()  # a NaN batch cannot be the self-check's: the next one is
                 raise
             # fp16 overflow: NaN gradients make scaler.step skip the step, as without dpclip
             sums = {p: torch.full_like(p, float("nan")) for p in self._params}
@@ -432,6 +433,7 @@ class PrivacyEngine:
         if self._poisoned is not None:
             # the step ends here: the next backward starts a new one, from cleared gradients
             self._micro_batches, self._examples_in_step = 0, False
+            self._first.clear()  # its batches cannot be the self-check's: the next one is
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
         if self._overflowed:
             raise NonFiniteNormError(
@@ -551,7 +553,8 @@ class PrivacyEngine:
             return
         if self._batchnorms and self._recorder.enabled and torch.is_grad_enabled():
             self._refuse_batch_statistics()
-        self._first.forward_begins()
+        if torch.is_grad_enabled():  # a no_grad pass (a metric) between forward and backward
+            self._first.forward_begins()  # leaves the first batch's loss tape alone
         if not self._recorder.in_backward:
             self._accumulator = None  # a backward abandoned by an error: start afresh
 
