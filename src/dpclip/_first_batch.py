@@ -26,15 +26,20 @@ class FirstBatch:
         self.kwargs: dict = {}
         self.tape: LossTape | None = None
         self.interrupted = False  # a forward began while the tape still waited for backward
+        self.stale = False  # its backward was refused (a NaN): the next forward replaces it
         self._live: list[LossTape] = []
         weakref.finalize(self, remove_dropped, self._live)
 
     # Not traced by dynamo under torch.compile(model) (the engine's pre-hook calls it inside the
     # compiled forward): the tape is a Python object dynamo cannot walk.
     @torch.compiler.disable
-    def forward_begins(self) -> None:
+    def forward_begins(self, grad: bool = True) -> None:
+        """A forward of the model begins; one without gradients (a metric under no_grad) leaves
+        the tape waiting for its loss's backward."""
         remove_orphans()
-        if self.tape is not None:
+        if grad and self.stale:
+            self.clear()
+        if grad and self.tape is not None:
             waiting = not self.tape.done
             remove(self.tape)  # it stopped at backward, or there was none: no mode left behind
             if not self.tape.captured:
@@ -85,5 +90,5 @@ class FirstBatch:
         if self.tape is not None:
             remove(self.tape)
         self.args, self.kwargs, self.tape = (), {}, None
-        self.interrupted = False
+        self.interrupted = self.stale = False
         self._live.clear()

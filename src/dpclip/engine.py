@@ -347,7 +347,7 @@ class PrivacyEngine:
         except NonFiniteNormError as err:
             if accumulator.loss_scale is None:
                 self._poisoned = str(err)
-                self._first.clear()  # a NaN batch cannot be the self-check's: the next one is
+                self._first.stale = True  # a NaN batch is not the self-check's: the next is
                 raise
             # fp16 overflow: NaN gradients make scaler.step skip the step, as without dpclip
             sums = {p: torch.full_like(p, float("nan")) for p in self._params}
@@ -553,8 +553,7 @@ class PrivacyEngine:
             return
         if self._batchnorms and self._recorder.enabled and torch.is_grad_enabled():
             self._refuse_batch_statistics()
-        if torch.is_grad_enabled():  # a no_grad pass (a metric) between forward and backward
-            self._first.forward_begins()  # leaves the first batch's loss tape alone
+        self._first.forward_begins(grad=torch.is_grad_enabled())
         if not self._recorder.in_backward:
             self._accumulator = None  # a backward abandoned by an error: start afresh
 
