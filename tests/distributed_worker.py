@@ -206,6 +206,33 @@ def refusals(out: Path, rank: int, world: int) -> None:
     save(out, "refusals", rank, facts)
 
 
+def skipped_draw(out: Path, rank: int, world: int) -> None:
+    """Rank 1 goes on to the next logical batch without stepping (a `continue` on an empty
+    share): the step would sum shares of two samples; every rank refuses it."""
+    model = ddp(build_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine = engine_for(model, opt, batch_size=4)
+    x, y = data()
+    dataset = torch.utils.data.TensorDataset(x, y)
+    logical_batches = iter(engine.data_loader(dataset, generator=torch.Generator().manual_seed(3)))
+    logical = next(logical_batches)
+    if rank == 1:
+        logical = next(logical_batches)  # the skipped one
+    for xb, yb in logical:
+        nn.CrossEntropyLoss()(model(xb), yb).backward()
+    before, facts = params_of(model), {}
+    try:
+        opt.step()
+    except dpclip.DistributedStepError as err:
+        facts["error"] = str(err)
+    facts["unchanged"] = all(
+        torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
+    )
+    facts["steps"] = engine.steps_taken
+    engine.detach()
+    save(out, "skipped", rank, facts)
+
+
 def rank_dies(out: Path, rank: int, world: int) -> None:
     """Rank 1 dies before the step: rank 0 gets dpclip's error, not a hang."""
     model = ddp(build_model())
@@ -229,7 +256,14 @@ def rank_dies(out: Path, rank: int, world: int) -> None:
     save(out, "dies", rank, facts)
 
 
-SCENARIOS = [update_equals_single_process, noise_once, poisson_shares, resume, refusals]
+SCENARIOS = [
+    update_equals_single_process,
+    noise_once,
+    poisson_shares,
+    resume,
+    refusals,
+    skipped_draw,
+]
 
 
 def main(rank: int, world: int, port: int, out: str, backend: str = "gloo") -> None:

@@ -129,6 +129,14 @@ def test_ranks_with_different_settings_or_a_static_graph_are_refused_at_attach(r
         assert "static_graph" in facts["static_graph"]
 
 
+def test_a_rank_that_skips_a_logical_batch_makes_every_rank_refuse_the_step(ran):
+    """Its share of another sample would be summed into this step, silently, and the ranks
+    would hang at the next pass; the step agreement compares the draws."""
+    for facts in ran("skipped"):
+        assert "different logical batches" in facts["error"] and "not applied" in facts["error"]
+        assert facts["unchanged"] and facts["steps"] == 0
+
+
 def test_a_rank_that_dies_stops_the_other_with_dpclips_error(ran):
     (facts,) = ran("dies", ranks=1)
     assert "could not agree on the step" in facts["error"] and "not applied" in facts["error"]

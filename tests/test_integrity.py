@@ -226,6 +226,27 @@ def test_a_step_on_part_of_a_logical_batch_is_refused(how):
     assert engine.steps_taken == 1
 
 
+def test_one_step_over_two_logical_batches_is_refused_at_the_second():
+    """Accumulating across logical batches (Accelerate's gradient_accumulation_steps=2 around
+    the loader) would count examples drawn in both twice and the ledger one step."""
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
+    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    before = _snapshot(model)
+    loader = iter(engine.data_loader(data, generator=torch.Generator().manual_seed(0)))
+    for _ in range(2):
+        for x, y in next(loader):
+            F.cross_entropy(model(x), y).backward()
+    with pytest.raises(dpclip.LoopOrderError, match="over two logical batches"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+    opt.zero_grad()  # drop them: the next logical batch is a step of its own
+    for x, y in next(loader):
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert engine.steps_taken == 1
+
+
 def test_a_second_backward_over_one_physical_batch_of_the_loader_is_refused():
     """Two augmented views, or two heads, each with its own forward and backward: every example
     of the batch would be clipped twice and both sums added (2R for noise meant for R)."""

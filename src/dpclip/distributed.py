@@ -105,16 +105,19 @@ class World:
         _release()
 
     # ------------------------------------------------------------------------ per step
-    def agree(self, failure: str | None, steps: int) -> None:
-        """Raise on every rank unless every rank may take step ``steps + 1``.
+    def agree(self, failure: str | None, steps: int, draws: int = 0) -> None:
+        """Raise on every rank unless every rank may take step ``steps + 1`` of logical batch
+        ``draws`` (how many logical batches its engine.data_loader has begun: a rank that
+        skipped one would sum its share of another sample into this step).
 
         The failing rank's own error is raised by its caller; the others raise
         :class:`DistributedStepError` naming it. A peer that died (or left) makes the collective
         fail, which is reported the same way; nothing has changed at that point.
         """
         status = torch.tensor(
-            [1 if failure else 0, steps, -steps], dtype=torch.int64, device=self.device
-        )
+            [1 if failure else 0, steps, -steps, draws, -draws], dtype=torch.int64,
+            device=self.device,
+        )  # fmt: skip
         try:
             torch.distributed.all_reduce(_lend(status), op=torch.distributed.ReduceOp.MAX)
             _release()
@@ -123,7 +126,7 @@ class World:
                 f"dpclip.distributed: rank {self.rank} could not agree on the step with the other "
                 f"ranks (a rank failed or left: {_first_line(err)}); the step was not applied"
             ) from err
-        failed, most, fewest = (int(v) for v in status.tolist())
+        failed, most, fewest, latest, earliest = (int(v) for v in status.tolist())
         if failed:
             failures: list[Any] = [None] * self.size
             torch.distributed.all_gather_object(failures, failure)
@@ -139,6 +142,14 @@ class World:
                 f"dpclip.distributed: the ranks have taken different numbers of steps "
                 f"({-fewest} to {most}); every rank must load the same checkpoint and iterate "
                 "the same engine.data_loader"
+            )
+        if latest != -earliest:
+            raise DistributedStepError(
+                f"dpclip.distributed: the ranks are at different logical batches of "
+                f"engine.data_loader ({-earliest} to {latest}): a rank went on to the next one "
+                "without stepping (a `continue` on an empty share, or an error caught and "
+                "skipped), so this step would sum shares of different samples. Every rank steps "
+                "once per logical batch, an empty share included; the step was not applied"
             )
 
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:

@@ -201,6 +201,8 @@ class PrivacyEngine:
         self._physical_left = 0  # physical batches of the loader's logical batch still to come
         self._clipped_this_batch = False  # a backward added this physical batch's clipped sums
         self._sample_cut = False  # a physical batch of the loader's logical batch had no backward
+        self._draws = 0  # logical batches engine.data_loader has begun (compared across ranks)
+        self._spans_draws = False  # this step's sums come from two of the loader's samples
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         # BatchNorm without trainable parameters (affine=False, or frozen): no rule refuses it
@@ -396,9 +398,9 @@ class PrivacyEngine:
             try:
                 self._may_step(unscaled)
             except BaseException as err:
-                world.agree(f"{type(err).__name__}: {err}", self.ledger.steps)
+                world.agree(f"{type(err).__name__}: {err}", self.ledger.steps, self._draws)
                 raise
-            world.agree(None, self.ledger.steps)
+            world.agree(None, self.ledger.steps, self._draws)
         self._stepping = True
         for p in self._params:
             if p.grad is None:
@@ -442,6 +444,15 @@ class PrivacyEngine:
             )
         if unscaled is not None:
             self._check_unscaled(unscaled)
+        if self._spans_draws:
+            raise LoopOrderError(
+                "optimizer.step() over two logical batches of engine.data_loader (the last one's "
+                "clipped gradients were not stepped or dropped before the next began): one step "
+                "over two Poisson samples counts examples drawn in both twice, and the ledger "
+                "one step. Call optimizer.step() once per logical batch (with Accelerate, "
+                "gradient_accumulation_steps=1: the loader's physical batches are the "
+                "accumulation); call optimizer.zero_grad() to drop these"
+            )
         if self._sample_cut:
             raise LoopOrderError(
                 "optimizer.step() after a logical batch of engine.data_loader whose physical "
@@ -478,7 +489,7 @@ class PrivacyEngine:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._stepping = False
-        self._sample_cut = False
+        self._sample_cut = self._spans_draws = False
         if self._skipping:
             self._skipping = self._overflowed = False
         else:
@@ -715,6 +726,12 @@ class PrivacyEngine:
         )  # fmt: skip
 
     def _begin_logical_batch(self, size: int) -> None:
+        # the last logical batch's clipped sums still wait for a step: refused at that step
+        # (raising here would end the loader's iteration)
+        self._spans_draws = bool(self._micro_batches) and not self._grads_cleared()
+        if not self._spans_draws:
+            self._micro_batches = 0
+        self._draws += 1
         self._empty_allowed = size == 0
         self._sample_cut = False
 
