@@ -283,6 +283,19 @@ def test_a_batchnorm_without_trainable_parameters_in_training_mode_is_refused(af
         _assert_equals_naive_loop(model, _x(B, D), _y())
 
 
+def test_an_instance_norm_keeping_running_statistics_in_training_mode_is_refused():
+    """Its running buffers would record the batch's statistics without noise."""
+    norm = nn.InstanceNorm1d(2, affine=True, track_running_stats=True).double()
+    model = nn.Sequential(nn.Linear(D, 4), nn.Unflatten(1, (2, 2)), norm, nn.Flatten(),
+                          nn.Linear(4, 3)).double()  # fmt: skip
+    engine, opt = _engine(model)
+    before, stats = _snapshot(model), norm.running_mean.clone()
+    with pytest.raises(dpclip.IntegrityError, match="track_running_stats=False"):
+        model(_x(B, D))
+    assert torch.equal(norm.running_mean, stats)
+    _assert_unchanged(model, engine, before)
+
+
 # ------------------------------------------------------------------ 3. the batch split in forward
 class _Split(_FcHead):
     def forward(self, x):

@@ -205,9 +205,13 @@ class PrivacyEngine:
         self._spans_draws = False  # this step's sums come from two of the loader's samples
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
-        # BatchNorm without trainable parameters (affine=False, or frozen): no rule refuses it
-        self._batchnorms = [(path, m) for path, m in model.named_modules()
-                            if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+        # BatchNorm without trainable parameters (affine=False, or frozen), InstanceNorm with
+        # running statistics: no rule refuses them
+        self._batchnorms = [
+            (path, m) for path, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)
+        ]  # fmt: skip
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
         self._attach()
 
@@ -573,6 +577,14 @@ class PrivacyEngine:
         examples' outputs, and so their gradients, depend on each other) and writes them into
         its running buffers, private data without noise."""
         for path, m in self._batchnorms:
+            if m.training and isinstance(m, nn.modules.instancenorm._InstanceNorm):
+                raise IntegrityError(
+                    f"{path} ({type(m).__name__}) is in training mode with "
+                    "track_running_stats=True: it records the batch's statistics in its running "
+                    "buffers, private data without noise. Build it with track_running_stats=False "
+                    f"(each example is normalized by its own statistics either way), or keep it in "
+                    f"eval mode (model.get_submodule({path!r}).eval() after each model.train())"
+                )
             if m.training:
                 raise IntegrityError(
                     f"{path} ({type(m).__name__}) is in training mode: it normalizes with the "
