@@ -194,6 +194,17 @@ def test_a_backward_inside_optimizer_step_is_refused():
     assert engine.steps_taken == 1
 
 
+def test_detach_before_the_step_drops_the_clipped_gradients_that_have_no_noise():
+    """A plain step after it would apply the clipped sum without noise, ledger or /B."""
+    model, opt, engine = _setup()
+    x, y = engine_models.batch("linear", 4)
+    _loss(model, x, y).backward()
+    with pytest.warns(UserWarning, match="dropped the clipped gradients"):
+        engine.detach()
+    assert all(p.grad is None for p in model.parameters())
+    assert engine.steps_taken == 0
+
+
 def test_bf16_autocast_trains_with_norms_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))

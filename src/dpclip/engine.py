@@ -277,6 +277,16 @@ class PrivacyEngine:
         """Return model and optimizer to ordinary, non-private training."""
         if not self.attached:
             return
+        if self._micro_batches:  # clipped sums that never got their noise
+            for p in self._params:
+                p.grad = None
+            warnings.warn(
+                "dpclip: detach() dropped the clipped gradients of a step that was not taken "
+                "(without their noise they are not private); the parameters' .grad is None",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._micro_batches = 0
         self._recorder.detach()
         self._guard.detach()
         self._first.clear()
