@@ -204,6 +204,21 @@ def _lora_gpt2() -> nn.Module:
     return _Logits(model, mean_over_positions=True)
 
 
+def _lora_embedding_gpt2() -> nn.Module:
+    """LoRA on the token embedding too: its A and B are ParameterDict entries that the LoRA
+    layer reads transposed itself (the lora.Embedding scope's fallback)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny_gpt2().model
+    config = LoraConfig(r=2, target_modules=["c_attn", "wte"], fan_in_fan_out=True)
+    model = get_peft_model(model, config)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_embedding_A" in name or "lora_B" in name:  # B starts at zero: nothing to see
+            nn.init.normal_(p, std=0.5)
+    return _Logits(model, mean_over_positions=True)
+
+
 def _prefix_gpt2() -> nn.Module:
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -342,6 +357,7 @@ CASES: dict[str, Case] = {
     "falcon_tiny": Case(_hf("FalconForCausalLM", _config("FalconConfig", vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2), mean_over_positions=True), _ids(11, 6), 11),
     "deberta_v2_tiny": Case(_hf("DebertaV2ForSequenceClassification", _config("DebertaV2Config", vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, relative_attention=True, position_buckets=4, num_labels=3), mean_over_positions=False), _ids(11, 6), 3),
     "gpt2_lora_tiny": Case(_lora_gpt2, _ids(11, 6), 11),
+    "gpt2_lora_embedding_tiny": Case(_lora_embedding_gpt2, _ids(11, 6), 11),
     "gpt2_prefix_tuning_tiny": Case(_prefix_gpt2, _ids(11, 6), 11),
 }  # fmt: skip
 
