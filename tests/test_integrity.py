@@ -149,6 +149,17 @@ def test_a_sequence_first_layout_whose_length_is_the_batch_is_refused_by_the_sel
     _assert_refused_at_step(_SeqFirst().double(), _x(B, B, D), _y(), r"per-example gradient norm")
 
 
+def test_the_batch_comes_from_the_model_input_keyword_not_from_a_keyword_before_it():
+    """transformers models called with keywords in any order (position_ids first)."""
+    from dpclip.hooks import batch_of
+
+    ids, positions = torch.zeros(4, 6, dtype=torch.long), torch.arange(6)[None]
+    assert batch_of((), {"position_ids": positions, "input_ids": ids}) is ids
+    assert batch_of((), {"attention_mask": positions, "pixel_values": _x(4, 3)}).shape[0] == 4
+    assert batch_of((), {"position_ids": positions, "x": ids}) is positions  # unknown: in order
+    assert batch_of((ids,), {"input_ids": positions}) is ids  # positional first
+
+
 def test_a_sequence_first_model_input_is_refused_against_the_loader_batch():
     model = nn.Sequential(nn.Linear(D, 3)).double()
     data = torch.utils.data.TensorDataset(_x(100, T, D), torch.randint(0, 3, (100,)))

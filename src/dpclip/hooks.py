@@ -115,10 +115,21 @@ def positional_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
     return values + tuple(bound.arguments.get(star, ())) if star else values
 
 
+# the keyword inputs transformers models take their batch from, whatever the keywords' order
+_INPUT_KEYWORDS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
+
+
 def batch_of(args: tuple, kwargs: dict) -> Tensor | None:
-    """The tensor a model call takes its batch from: the first with a dim, positional first."""
+    """The tensor a model call takes its batch from: the first with a dim, positional first;
+    among keywords, a model input by its transformers name before the others (a batch-1
+    ``position_ids`` passed first is not the batch)."""
     if args and isinstance(args[0], Tensor) and args[0].dim():  # the usual call: no tree walk
         return args[0]
+    if not args:
+        for key in _INPUT_KEYWORDS:
+            t = kwargs.get(key)
+            if isinstance(t, Tensor) and t.dim():
+                return t
     return next((t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.dim()), None)
 
 
