@@ -108,6 +108,19 @@ def test_recurrent_dropout_between_layers_is_applied_in_training_only():
     assert torch.equal(mine.eval()(x)[0], mine(x)[0])
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_fixed_transformer_encoder_layer_gives_the_same_outputs_in_eval_mode(batch_first):
+    """torch's eval fast path reads the attention's packed projection, which the replacement
+    does not have: it must take the layer's ordinary path, with the same outputs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first).eval()
+    fixed = dpclip.fix(copy.deepcopy(layer)).eval()
+    assert isinstance(fixed.self_attn, DPMultiheadAttention)
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
 def test_fix_replaces_in_place_keeps_frozen_weights_frozen_and_the_model_trains():
     model = nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 4, batch_first=True))
     model[1].weight_hh_l0.requires_grad_(False)

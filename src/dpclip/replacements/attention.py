@@ -20,6 +20,11 @@ from torch import Tensor, nn
 class DPMultiheadAttention(nn.Module):
     """Drop-in for :class:`torch.nn.MultiheadAttention` (same forward signature and outputs)."""
 
+    # nn.TransformerEncoderLayer's eval fast path reads these and would call torch's fused
+    # kernel with them; with no packed input projection, it takes the module's own forward
+    in_proj_weight = None
+    in_proj_bias = None
+
     def __init__(self, source: nn.MultiheadAttention) -> None:
         super().__init__()
         e, h = source.embed_dim, source.num_heads
