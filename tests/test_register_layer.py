@@ -122,3 +122,21 @@ def test_a_rule_returning_the_wrong_shape_is_refused_naming_the_layer():
         ValueError, match=r"rule for Bad returned shape \(4,\).*expected .*\(2, 4\)"
     ):
         model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+
+
+def test_outer_factors_without_a_positions_dim_are_refused_with_the_fix():
+    """A classifier head's (b, d) input given as a side as it is: the engine says to add the
+    positions dim, instead of an IndexError deep in the norm."""
+
+    class FlatLogits(Logits):
+        pass
+
+    dpclip.register_layer(
+        FlatLogits, outer_factors=lambda m, inputs, s, names: {"weight": OuterFactors(s, inputs[0])}
+    )
+    model = nn.Sequential(nn.Linear(4, 3).double(), FlatLogits(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=0)
+    with pytest.raises(ValueError, match=r"rule for FlatLogits returned rows \(2, 5\).*unsqueeze"):
+        model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())

@@ -31,7 +31,7 @@ from dpclip.errors import IntegrityError, NonFiniteNormError
 from dpclip.hooks import Record
 from dpclip.layers import LayerRule
 from dpclip.layers._common import OuterFactors, outer_inner, sq_norms, weighted_sum
-from dpclip.layers._derive import factor_memo
+from dpclip.layers._derive import checked_factors, factor_memo
 
 _PACK_LIMIT = 8192  # per-example elements up to which per-sample gradients are packed (biases,
 # norm affines; copying larger ones into the pack would cost more than the ops it saves)
@@ -340,37 +340,10 @@ def _checked(
 def _outer_factors(
     rule: LayerRule, rec: Record, names: list[str], batch: int | None
 ) -> dict[str, OuterFactors]:
-    """A rule's outer factors, refused unless each side is (batch, positions, width) or token
-    ids (batch, positions) with the same positions on both sides: mismatched sides would
-    broadcast in the pairwise products into a wrong norm without an error."""
+    """A rule's outer factors, refused unless each side has the batch and the same positions
+    (see :func:`dpclip.layers._derive.checked_factors`)."""
     got = rule.outer_factors(rec.module, rec.inputs, rec.grad_output, names)  # type: ignore[misc]
-    for n in names:
-        f = got.get(n) if isinstance(got, Mapping) else None
-        if isinstance(f, OuterFactors):
-            rows = _positions(f.rows)
-            cols = rows if f.cols is None else _positions(f.cols)  # None: a side of ones
-            if rows is not None and rows == cols and rows[0] == batch:
-                continue
-            have = f"rows {_shape_or_type(f.rows)} and cols {_shape_or_type(f.cols)}"
-        else:
-            have = type(f).__name__
-        raise ValueError(
-            f"the layer rule for {type(rec.module).__name__} returned {have} from outer_factors "
-            f"for {n!r}; expected OuterFactors whose rows and cols are ({batch}, positions, "
-            f"width) or token ids ({batch}, positions), with the same positions"
-        )
-    return got
-
-
-def _positions(side: object) -> tuple[int, ...] | None:
-    """(batch, positions) of one side of outer factors; None if it is neither form."""
-    if isinstance(side, Tensor) and side.dim() == (3 if side.is_floating_point() else 2):
-        return tuple(side.shape[:2])
-    return None
-
-
-def _shape_or_type(x: object) -> str:
-    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+    return checked_factors(rec.module, got, names, batch)
 
 
 def _instantiated_names(rule: LayerRule, rec: Record, names: list[str], strategy: str) -> list[str]:

@@ -74,7 +74,7 @@ def register_layer(
         )
     extra = {**overrides, "check": check}
     if outer_factors is not None:
-        rule = _derive.from_outer_factors(outer_factors, **extra)
+        rule = _derive.from_outer_factors(_derive.checking(outer_factors), **extra)
     else:
         rule = _derive.from_per_sample(per_sample_grad, **extra)
     _REGISTRY.register(module_type, rule, replace=replace)

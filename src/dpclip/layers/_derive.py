@@ -159,6 +159,54 @@ def _same_call(key: tuple, module: nn.Module, inputs: tuple, grad_output: Tensor
     return key[0] is module and key[1] is inputs and key[2] is grad_output
 
 
+def checked_factors(
+    module: nn.Module, got: object, names: Sequence[str], batch: int | None
+) -> dict[str, OuterFactors]:
+    """``got``, refused unless it has OuterFactors for every name whose sides are (batch,
+    positions, width) or token ids (batch, positions), with the same positions: mismatched
+    sides would broadcast in the pairwise products into a wrong norm without an error."""
+    for n in names:
+        f = got.get(n) if isinstance(got, Mapping) else None
+        if isinstance(f, OuterFactors):
+            rows = _positions(f.rows)
+            cols = rows if f.cols is None else _positions(f.cols)  # None: a side of ones
+            if rows is not None and rows == cols and rows[0] == batch:
+                continue
+            have = f"rows {_shape_or_type(f.rows)} and cols {_shape_or_type(f.cols)}"
+        else:
+            have = type(f).__name__
+        raise ValueError(
+            f"the layer rule for {type(module).__name__} returned {have} from outer_factors "
+            f"for {n!r}; expected OuterFactors whose rows and cols are ({batch}, positions, "
+            f"width) or token ids ({batch}, positions), with the same positions (an input of "
+            "one position, (batch, width), is x.unsqueeze(1))"
+        )
+    return got  # type: ignore[return-value]
+
+
+def _positions(side: object) -> tuple[int, ...] | None:
+    """(batch, positions) of one side of outer factors; None if it is neither form."""
+    if isinstance(side, Tensor) and side.dim() == (3 if side.is_floating_point() else 2):
+        return tuple(side.shape[:2])
+    return None
+
+
+def _shape_or_type(x: object) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def checking(outer_factors: OuterFactorsFn) -> OuterFactorsFn:
+    """``outer_factors`` whose every result is checked (a user's rule: see checked_factors)."""
+
+    def checked(
+        module: nn.Module, inputs: tuple, grad_output: Tensor, names: Sequence[str]
+    ) -> dict[str, OuterFactors]:
+        got = outer_factors(module, inputs, grad_output, names)
+        return checked_factors(module, got, names, grad_output.shape[0])
+
+    return checked
+
+
 def from_outer_factors(outer_factors: OuterFactorsFn, **overrides: Any) -> LayerRule:
     """The rule of a layer whose per-example gradients are sums of outer products over
     positions; ``overrides`` replace any derived slot (e.g. ``norm_sq``, ``check``)."""
