@@ -331,6 +331,31 @@ def test_a_conv_subclass_computing_in_conv_forward_takes_the_fallback_and_is_exa
     assert "take the generic per-example fallback" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("container", ["list", "dict"])
+def test_parameters_in_a_parameter_list_or_dict_take_the_parents_fallback(container):
+    """The container has no call of its own: its parameters are read by the parent's forward,
+    whose fallback takes them (a ParameterUseError before, whose advice did not apply)."""
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            scales = [torch.linspace(0.5, 1.5, 3, dtype=torch.float64), torch.ones(3).double()]
+            self.scales = (
+                nn.ParameterList(scales)
+                if container == "list"
+                else nn.ParameterDict({"a": scales[0], "b": scales[1]})
+            )
+            self.lin = nn.Linear(3, 3).double()
+
+        def forward(self, x):
+            a, b = self.scales if container == "list" else (self.scales["a"], self.scales["b"])
+            return self.lin(x * a) + b
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    _assert_one_step_equals_naive_loop(Mixer(), x, y)
+
+
 class _AliasingHead(nn.Module):
     """Holds its decoder's bias a second time, as RoBERTa's LM head does; ``direct`` also uses
     it outside the decoder, and ``extra`` adds a parameter of its own."""

@@ -124,6 +124,9 @@ class Assignment:
     problems: tuple[Unsupported, ...]
 
 
+_PARAMETER_CONTAINERS = (nn.ParameterList, nn.ParameterDict)
+
+
 def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
     """A rule for every module that owns trainable parameters: its registered rule, else the
     generic fallback for the parameters no ruled layer also holds.
@@ -150,6 +153,12 @@ def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
             lifted[scope] += [f"{rel}.{n}" for n, _ in own_trainable(module)]
             continue
         patterns = registry.scope_for(module)
+        # parameters in an nn.ParameterList / ParameterDict child are read by this module's own
+        # forward (the container has no call of its own): this module's fallback takes them
+        containers = tuple(n for n, child in module.named_children()
+                           if isinstance(child, _PARAMETER_CONTAINERS) and own_trainable(child))  # fmt: skip
+        if containers:
+            patterns = (*(patterns or ()), *containers)
         if patterns is not None:
             lifted[module] = []
             scopes.append((path, module, patterns))

@@ -25,9 +25,6 @@ SCOPES = {
     "transformers.models.swin.modeling_swin.SwinLayer": ("*",),
     # each layer's feed-forward half runs on the batch flattened into tokens, (b·T, d); the
     # decoder, not the layer, takes them: the layers get the cache, which they change
-    # PEFT LoRA on an embedding: its A and B are ParameterDict entries, read transposed by the
-    # LoRA layer's own forward (no submodule call of theirs to record)
-    "peft.tuners.lora.layer.Embedding": ("lora_embedding_A", "lora_embedding_B"),
     "transformers.models.opt.modeling_opt.OPTDecoder": (
         "layers.*.final_layer_norm",
         "layers.*.fc1",
