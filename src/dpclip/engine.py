@@ -483,6 +483,7 @@ class PrivacyEngine:
                 "counts). Accumulate the physical batches and step once after the inner loop: "
                 "for x, y in logical_batch: loss(x, y).backward(); then optimizer.step()"
             )
+        self._check_no_foreign_grads()  # first: an unfrozen parameter also hides the backward
         if self._micro_batches == 0 and not self._empty_allowed:
             raise LoopOrderError(
                 "optimizer.step() was called without a backward pass since the last step; "
@@ -490,7 +491,6 @@ class PrivacyEngine:
             )
         if self._micro_batches == 0:  # an empty logical batch: the step is the noise alone,
             self._check_fresh_grads()  # not the last step's gradient again
-        self._check_no_foreign_grads()
         allowed = self._allowed_steps()
         if self.ledger.steps + 1 > allowed:
             raise PrivacyBudgetExceeded(
