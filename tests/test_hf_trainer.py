@@ -330,13 +330,20 @@ def test_bad_privacy_arguments_are_refused(kw, message):
         PrivacyArguments(**kw)
 
 
-def test_the_privacy_arguments_are_saved_with_the_model(tmp_path):
-    privacy = PrivacyArguments(noise_multiplier=1.0, clip_norm=2.0)
-    trainer = _trainer(tmp_path, privacy=privacy, max_steps=2)
+def test_the_saved_model_has_its_privacy_arguments_and_no_seed_or_noise_state(tmp_path):
+    """A model saved to publish must not reveal the noise or the batches: the engine state
+    (noise generator, sampling seed) and the seeds go into checkpoints only."""
+    privacy = PrivacyArguments(noise_multiplier=1.0, clip_norm=2.0, noise_seed=5, sampling_seed=6)
+    trainer = _trainer(tmp_path, privacy=privacy, max_steps=2, save_strategy="steps",
+                       save_steps=2)  # fmt: skip
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     saved = json.loads((tmp_path / "final" / ARGS_FILE).read_text())
-    assert saved == privacy.to_dict() and os.path.isfile(tmp_path / "final" / STATE_FILE)
+    public = {k: v for k, v in privacy.to_dict().items() if not k.endswith("_seed")}
+    assert saved == public and not os.path.exists(tmp_path / "final" / STATE_FILE)
+    assert "noise_seed" not in saved and "sampling_seed" not in saved
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert os.path.isfile(checkpoint / STATE_FILE)  # what resuming needs
     assert trainer.privacy_engine.steps_taken == 2
 
 

@@ -49,8 +49,8 @@ _ITERABLE = (
     "DPTrainer: the train set must be a map-style dataset with a length (N): Poisson sampling "
     "and the privacy accounting need N"
 )
-STATE_FILE = "dpclip_state.pt"  # in every checkpoint: the ledger, noise and sampling state
-ARGS_FILE = "dpclip_privacy_args.json"  # beside the model whenever it is saved
+STATE_FILE = "dpclip_state.pt"  # in checkpoints only: the ledger, noise and sampling state
+ARGS_FILE = "dpclip_privacy_args.json"  # beside the model whenever it is saved (no seeds)
 
 
 @dataclass
@@ -443,15 +443,26 @@ class DPTrainer(Trainer):
             logs = {**logs, "epsilon": self.privacy_engine.epsilon()}
         super().log(logs, *args, **kwargs)
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any, *args: Any, **kwargs: Any) -> None:
+        self._checkpointing = True  # save_model, called inside, adds the resume state
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self._checkpointing = False
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model and, beside it, the privacy arguments without their seeds. A checkpoint
+        also gets the ledger, noise and sampling state to resume from: those reveal the noise
+        and the batches, so a model saved to publish never has them (keep checkpoints private)."""
         super().save_model(output_dir, _internal_call=_internal_call)
         folder = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(folder, exist_ok=True)
+        public = {k: v for k, v in self.privacy_args.to_dict().items() if not k.endswith("_seed")}
         with open(os.path.join(folder, ARGS_FILE), "w") as f:
-            f.write(self.privacy_args.to_json_string())
-        if self.privacy_engine is not None:
+            f.write(json.dumps(public, indent=2, sort_keys=True) + "\n")
+        if self.privacy_engine is not None and getattr(self, "_checkpointing", False):
             torch.save({
                 "engine": self.privacy_engine.state_dict(),
                 "sampling_seed": self._sampling_seed,
