@@ -289,6 +289,7 @@ def test_poisson_batch_sampler_splits_each_logical_batch_and_replays_an_epoch():
         (dict(train_sampling_strategy="group_by_length"), "not Poisson sampling"),
         (dict(gradient_checkpointing=True), "gradient_checkpointing is not supported"),
         (dict(auto_find_batch_size=True), "auto_find_batch_size"),
+        (dict(ignore_data_skip=True), "draw its first Poisson samples again"),
     ],
 )
 def test_settings_that_break_dp_are_refused(tmp_path, settings, message):

@@ -224,6 +224,11 @@ class DPTrainer(Trainer):
             problems.append(
                 "auto_find_batch_size would change the batch the privacy is planned for"
             )
+        if args.ignore_data_skip:
+            problems.append(
+                "ignore_data_skip: a resumed epoch would draw its first Poisson samples again, "
+                "which the ledger counts as new ones"
+            )
         if args.n_gpu > 1:
             problems.append(
                 "DataParallel over several GPUs in one process is not supported: launch one "
