@@ -348,6 +348,32 @@ def test_the_saved_model_has_its_privacy_arguments_and_no_seed_or_noise_state(tm
     assert trainer.privacy_engine.steps_taken == 2
 
 
+def test_a_backward_outside_training_step_or_a_second_on_one_batch_is_refused(tmp_path):
+    """A callback's backward would join the next step's sums; a subclass running
+    training_step twice on a batch would clip its examples twice (2R for noise meant for R)."""
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            ids = torch.arange(T)[None] % VOCAB
+            model(input_ids=ids, labels=ids).loss.backward()
+
+    trainer = _trainer(tmp_path / "a", max_steps=2, privacy=PrivacyArguments(noise_multiplier=1.0))
+    trainer.add_callback(Probe())
+    with pytest.raises(dpclip.LoopOrderError, match="outside training_step"):
+        trainer.train()
+
+    class Twice(DPTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            super().training_step(model, inputs, num_items_in_batch)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    twice = Twice(model=_gpt2(), args=_args(tmp_path / "b", max_steps=1),
+                  train_dataset=_counting(256), data_collator=default_data_collator,
+                  privacy_args=PrivacyArguments(noise_multiplier=1.0))  # fmt: skip
+    with pytest.raises(dpclip.LoopOrderError, match="twice on the same batch"):
+        twice.train()
+
+
 def test_training_twice_with_one_trainer_is_refused(tmp_path):
     trainer = _trainer(tmp_path, max_steps=1, privacy=PrivacyArguments(noise_multiplier=1.0))
     trainer.train()

@@ -203,6 +203,8 @@ class PrivacyEngine:
         self._sample_cut = False  # a physical batch of the loader's logical batch had no backward
         self._draws = 0  # logical batches engine.data_loader has begun (compared across ranks)
         self._spans_draws = False  # this step's sums come from two of the loader's samples
+        # an integration's say on each backward (DPTrainer: only inside training_step)
+        self._backward_gate: Callable[[], str | None] | None = None
         self._check_pending = verify
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         # BatchNorm without trainable parameters (affine=False, or frozen), InstanceNorm with
@@ -348,6 +350,8 @@ class PrivacyEngine:
         if self._sink is not None:
             self._sink.update(accumulator.norms_sq())
             return
+        if self._backward_gate is not None and (refusal := self._backward_gate()):
+            raise LoopOrderError(refusal + "; its gradients were not added")
         if self._recorder.expected is not None and accumulator.batch:  # a loader's batch
             if self._clipped_this_batch:
                 raise LoopOrderError(

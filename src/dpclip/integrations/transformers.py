@@ -40,7 +40,7 @@ from dpclip import accounting, distributed
 from dpclip.config import PrivacyConfig
 from dpclip.data import poisson_sample
 from dpclip.engine import PrivacyEngine, _inner_optimizer
-from dpclip.errors import UnsupportedModuleError
+from dpclip.errors import LoopOrderError, UnsupportedModuleError
 from dpclip.validate import find_unsupported
 
 __all__ = ["DPTrainer", "PoissonBatchSampler", "PrivacyArguments"]
@@ -199,6 +199,8 @@ class DPTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the loss is ours: a mean over examples
         self._token_loss = _token_loss_kind(self.model)
         self._examples_in_step = 0
+        self._last_inputs: Any = None
+        self._in_backward = False
         self._grad_norm: Tensor | None = None
         self._resume_state: dict | None = None
         self._sampling_seed = privacy_args.sampling_seed
@@ -295,12 +297,36 @@ class DPTrainer(Trainer):
                 "DPTrainer: a training step ran before the privacy engine was attached"
             )
         model.train()
+        inputs_given = inputs
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
+        if self._last_inputs is inputs_given:
+            raise LoopOrderError(
+                "DPTrainer: training_step ran twice on the same batch (a subclass calling it "
+                "again, for a second view or loss term): its examples would be clipped twice "
+                "and both added. Compute every term in one loss, then one backward"
+            )
+        self._last_inputs = inputs_given  # held until the next training step
         self._examples_in_step += 1
-        self.accelerator.backward(loss)
+        self._in_backward = True
+        try:
+            self.accelerator.backward(loss)
+        finally:
+            self._in_backward = False
         return loss.detach() / self.args.gradient_accumulation_steps
+
+    def _backward_gate(self) -> str | None:
+        """Why the engine must refuse the backward pass that just ended: one outside
+        training_step (a callback's) would add its clipped sums to the next step."""
+        if self._in_backward:
+            return None
+        return (
+            "DPTrainer: a backward pass ran outside training_step (in a callback?): its clipped "
+            "sums would join the next step's, with examples the step's Poisson sample may "
+            "hold too. Run it under torch.no_grad(), or use torch.autograd.grad, which "
+            "writes no .grad"
+        )
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -386,6 +412,7 @@ class DPTrainer(Trainer):
         last = optimizer.register_step_pre_hook(self._after_noise)  # after the engine's
         self._handles = [first, last]
         self.privacy_engine = engine
+        engine._backward_gate = self._backward_gate
 
     def _before_private_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._examples_in_step == 0 and self.privacy_engine is not None:
@@ -425,6 +452,7 @@ class DPTrainer(Trainer):
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
+            self._last_inputs = None
             self._detach()
 
     def _load_state(self, folder: str) -> dict:
