@@ -78,6 +78,14 @@ def test_idx_loader_finds_files_in_the_dataset_subfolder(tmp_path):
     assert float(train.tensors[0].min()) >= 0.0 and float(train.tensors[0].max()) <= 1.0
 
 
+def test_train_and_test_images_of_different_sizes_are_refused_before_training(tmp_path):
+    """Same pixel count, other shape: the model would be scored on reshaped images."""
+    arrays = _idx_set(tmp_path)
+    _write_idx(tmp_path / IDX_STEMS["test_images"], arrays["test_images"].reshape(4, 14, 56), True)
+    with pytest.raises(CorruptDataset, match="train images are 28×28 but test images"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
 def test_read_idx_returns_the_stored_array(tmp_path):
     a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     _write_idx(tmp_path / "a", a, gz=False)

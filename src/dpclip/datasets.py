@@ -219,6 +219,12 @@ def _load_idx_set(
         _check_labels(name, labels, 10)
         splits.append(_tensors((images / np.float32(255.0))[:, None], labels.astype(np.int64)))
     height, width = splits[0].tensors[0].shape[2:]
+    if splits[1].tensors[0].shape[2:] != (height, width):
+        raise CorruptDataset(
+            f"{name}: train images are {height}×{width} but test images "
+            f"{tuple(splits[1].tensors[0].shape[2:])} ({found['train_images']}, "
+            f"{found['test_images']}): the files are not from one data set"
+        )
     info = DatasetInfo(name, (1, int(height), int(width)), 10, str(found["train_images"].parent))
     return splits[0], splits[1], info
 
