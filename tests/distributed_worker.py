@@ -206,6 +206,21 @@ def refusals(out: Path, rank: int, world: int) -> None:
     save(out, "refusals", rank, facts)
 
 
+def step_refused_everywhere(model, opt, engine, before) -> dict:
+    """Try the step: dpclip's DistributedStepError (if any), whether the parameters are still
+    ``before``, and the ledger's steps."""
+    facts = {}
+    try:
+        opt.step()
+    except dpclip.DistributedStepError as err:
+        facts["error"] = str(err)
+    facts["unchanged"] = all(
+        torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
+    )
+    facts["steps"] = engine.steps_taken
+    return facts
+
+
 def skipped_draw(out: Path, rank: int, world: int) -> None:
     """Rank 1 goes on to the next logical batch without stepping (a `continue` on an empty
     share): the step would sum shares of two samples; every rank refuses it."""
@@ -220,15 +235,7 @@ def skipped_draw(out: Path, rank: int, world: int) -> None:
         logical = next(logical_batches)  # the skipped one
     for xb, yb in logical:
         nn.CrossEntropyLoss()(model(xb), yb).backward()
-    before, facts = params_of(model), {}
-    try:
-        opt.step()
-    except dpclip.DistributedStepError as err:
-        facts["error"] = str(err)
-    facts["unchanged"] = all(
-        torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
-    )
-    facts["steps"] = engine.steps_taken
+    facts = step_refused_everywhere(model, opt, engine, params_of(model))
     engine.detach()
     save(out, "skipped", rank, facts)
 
@@ -244,16 +251,7 @@ def rank_dies(out: Path, rank: int, world: int) -> None:
     if rank == 1:
         sys.stdout.flush()
         os._exit(3)
-    facts = {}
-    try:
-        opt.step()
-    except dpclip.DistributedStepError as err:
-        facts["error"] = str(err)
-    facts["unchanged"] = all(
-        torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
-    )
-    facts["steps"] = engine.steps_taken
-    save(out, "dies", rank, facts)
+    save(out, "dies", rank, step_refused_everywhere(model, opt, engine, before))
 
 
 SCENARIOS = [

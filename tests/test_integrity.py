@@ -176,14 +176,20 @@ def test_a_sequence_first_model_input_is_refused_against_the_loader_batch():
     _assert_unchanged(model, engine, before)
 
 
+def _loader_setup():
+    """A linear model and 100 examples for engine.data_loader at an expected batch of 20."""
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
+    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    return model, data, engine, opt
+
+
 def test_a_step_before_the_logical_batch_is_done_is_refused_and_one_after_it_is_taken():
     """A step per physical batch of engine.data_loader would take several noisy steps per
     Poisson sample, each counted by the ledger as one independent step: refused, nothing
     changed. With one physical batch per logical batch, stepping inside the loop is the same
     step and is taken."""
-    model = nn.Sequential(nn.Linear(D, 3)).double()
-    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
-    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    model, data, engine, opt = _loader_setup()
     before = _snapshot(model)
     loader = engine.data_loader(data, physical_batch_size=6,
                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
@@ -212,9 +218,7 @@ def test_a_step_on_part_of_a_logical_batch_is_refused(how):
     """A break out of the physical batches, or one skipped (a ragged last batch, as drop_last
     would): the examples left out depend on which others were sampled, so the step's sample is
     not the Poisson sample the ledger counts."""
-    model = nn.Sequential(nn.Linear(D, 3)).double()
-    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
-    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    model, data, engine, opt = _loader_setup()
     before = _snapshot(model)
     loader = engine.data_loader(data, physical_batch_size=6,
                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
@@ -240,9 +244,7 @@ def test_a_step_on_part_of_a_logical_batch_is_refused(how):
 def test_one_step_over_two_logical_batches_is_refused_at_the_second():
     """Accumulating across logical batches (Accelerate's gradient_accumulation_steps=2 around
     the loader) would count examples drawn in both twice and the ledger one step."""
-    model = nn.Sequential(nn.Linear(D, 3)).double()
-    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
-    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    model, data, engine, opt = _loader_setup()
     before = _snapshot(model)
     loader = iter(engine.data_loader(data, generator=torch.Generator().manual_seed(0)))
     for _ in range(2):
@@ -261,9 +263,7 @@ def test_one_step_over_two_logical_batches_is_refused_at_the_second():
 def test_a_second_backward_over_one_physical_batch_of_the_loader_is_refused():
     """Two augmented views, or two heads, each with its own forward and backward: every example
     of the batch would be clipped twice and both sums added (2R for noise meant for R)."""
-    model = nn.Sequential(nn.Linear(D, 3)).double()
-    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
-    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    model, data, engine, opt = _loader_setup()
     logical = next(iter(engine.data_loader(data, generator=torch.Generator().manual_seed(0))))
     for x, y in logical:
         F.cross_entropy(model(x), y).backward()

@@ -251,9 +251,6 @@ class ParamUseGuard:
                 out[k] = recorder.broadcast_use(a)
         return tuple(out)
 
-    def pending_outputs(self) -> bool:
-        return self._recorder is not None and self._recorder.has_pending()
-
     def check_pending(self, args: Iterable[object], out: object, what: str) -> None:
         """Refuse a pending batch-1 layer output used other than by a broadcast over the batch
         (an op that returns it unchanged, such as ``.to`` its own device, is fine)."""

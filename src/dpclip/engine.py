@@ -209,7 +209,7 @@ class PrivacyEngine:
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         # BatchNorm without trainable parameters (affine=False, or frozen), InstanceNorm with
         # running statistics: no rule refuses them
-        self._batchnorms = [
+        self._batch_statistics = [
             (path, m) for path, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
             or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)
@@ -402,14 +402,14 @@ class PrivacyEngine:
     # ----------------------------------------------------------------------------- step
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._skipping = False  # left set by a skipped step whose optimizer raised
+        unscaled = None  # an optimizer whose loss-scaled sums the scaler must have unscaled
         if self._scaler is not None:
             fused = isinstance(getattr(optimizer, "grad_scale", None), Tensor)
             if self._scaler_inside_step(optimizer):
                 return  # an overflow the fused step will skip: no noise, no ledger entry
-        else:
-            fused = True  # no scaler: nothing to unscale
+            if not fused:  # a fused optimizer's sums were unscaled just above
+                unscaled = optimizer
         world = self._world
-        unscaled = None if fused else optimizer  # whose loss-scaled sums must be unscaled
         if world is None:
             self._may_step(unscaled)
         else:  # every rank steps, or none does
@@ -580,7 +580,7 @@ class PrivacyEngine:
     def _forward_begins(self, module: nn.Module, args: tuple) -> None:
         if self._recorder.is_paused:
             return
-        if self._batchnorms and self._recorder.enabled and torch.is_grad_enabled():
+        if self._batch_statistics and self._recorder.enabled and torch.is_grad_enabled():
             self._refuse_batch_statistics()
         self._first.forward_begins(grad=torch.is_grad_enabled())
         if not self._recorder.in_backward:
@@ -590,24 +590,28 @@ class PrivacyEngine:
         """A BatchNorm in training mode normalizes each example with the batch's statistics (the
         examples' outputs, and so their gradients, depend on each other) and writes them into
         its running buffers, private data without noise."""
-        for path, m in self._batchnorms:
-            if m.training and isinstance(m, nn.modules.instancenorm._InstanceNorm):
-                raise IntegrityError(
-                    f"{path} ({type(m).__name__}) is in training mode with "
-                    "track_running_stats=True: it records the batch's statistics in its running "
-                    "buffers, private data without noise. Build it with track_running_stats=False "
-                    f"(each example is normalized by its own statistics either way), or keep it in "
-                    f"eval mode (model.get_submodule({path!r}).eval() after each model.train())"
+        for path, m in self._batch_statistics:
+            if not m.training:
+                continue
+            if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+                why = (
+                    " with track_running_stats=True: it records the batch's statistics in its "
+                    "running buffers, private data without noise. Build it with "
+                    "track_running_stats=False (each example is normalized by its own "
+                    "statistics either way)"
                 )
-            if m.training:
-                raise IntegrityError(
-                    f"{path} ({type(m).__name__}) is in training mode: it normalizes with the "
-                    "batch's statistics, so each example's gradient depends on the others, and "
-                    "records them in its running buffers without noise. Replace it with "
-                    "GroupNorm (dpclip.fix(model), before creating the optimizer), or keep it "
-                    f"in eval mode with frozen statistics (model.get_submodule({path!r}).eval() "
-                    "after each model.train())"
+            else:
+                why = (
+                    ": it normalizes with the batch's statistics, so each example's gradient "
+                    "depends on the others, and records them in its running buffers without "
+                    "noise. Replace it with GroupNorm (dpclip.fix(model), before creating the "
+                    "optimizer)"
                 )
+            raise IntegrityError(
+                f"{path} ({type(m).__name__}) is in training mode{why}, or keep it in eval mode "
+                f"with frozen statistics (model.get_submodule({path!r}).eval() after each "
+                "model.train())"
+            )
 
     def _forward_ends(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """The first physical batch: keep its inputs and record its loss (a training forward
