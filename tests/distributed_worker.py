@@ -240,6 +240,29 @@ def skipped_draw(out: Path, rank: int, world: int) -> None:
     save(out, "skipped", rank, facts)
 
 
+def per_rank_batch_declared_global(out: Path, rank: int, world: int) -> None:
+    """Each rank trains on a batch of its own loader (a DistributedSampler's share) as large as
+    the global batch_size declared: the world samples at twice the ledger's rate. Each share
+    alone is plausible at q; the step's count over the ranks is not, and every rank refuses."""
+    model = ddp(build_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine = engine_for(model, opt, batch_size=4)
+    x, y = data()
+    mine = torch.arange(rank * 16, (rank + 1) * 16)
+    nn.CrossEntropyLoss()(model(x[mine]), y[mine]).backward()
+    before, facts = params_of(model), {}
+    try:
+        opt.step()
+    except dpclip.SampleRateError as err:
+        facts["error"] = str(err)
+    facts["unchanged"] = all(
+        torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
+    )
+    facts["steps"] = engine.steps_taken
+    engine.detach()
+    save(out, "per-rank-batch", rank, facts)
+
+
 def rank_dies(out: Path, rank: int, world: int) -> None:
     """Rank 1 dies before the step: rank 0 gets dpclip's error, not a hang."""
     model = ddp(build_model())
@@ -261,6 +284,7 @@ SCENARIOS = [
     resume,
     refusals,
     skipped_draw,
+    per_rank_batch_declared_global,
 ]
 
 

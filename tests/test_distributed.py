@@ -137,6 +137,14 @@ def test_a_rank_that_skips_a_logical_batch_makes_every_rank_refuse_the_step(ran)
         assert facts["unchanged"] and facts["steps"] == 0
 
 
+def test_a_per_rank_batch_declared_as_the_global_one_is_refused_on_every_rank(ran):
+    """The count is summed over the ranks: 16 per rank is plausible at q = 4/64 alone, the
+    world's 32 is not (the ledger would charge half the true sampling rate)."""
+    for facts in ran("per-rank-batch"):
+        assert "32 examples" in facts["error"] and "batch_size=4" in facts["error"]
+        assert facts["unchanged"] and facts["steps"] == 0
+
+
 def test_a_rank_that_dies_stops_the_other_with_dpclips_error(ran):
     (facts,) = ran("dies", ranks=1)
     assert "could not agree on the step" in facts["error"] and "not applied" in facts["error"]

@@ -11,6 +11,7 @@ def test_every_error_is_exported_from_dpclip_and_keeps_its_builtin_base():
         "NonFiniteNormError": FloatingPointError, "PhysicalBatchTooLarge": ValueError,
         "DoubleBackwardError": RuntimeError, "LoopOrderError": RuntimeError,
         "PrivacyBudgetExceeded": RuntimeError, "DistributedStepError": RuntimeError,
+        "SampleRateError": ValueError,
     }  # fmt: skip
     assert set(errors.__all__) == set(bases)
     for name, base in bases.items():

@@ -32,6 +32,7 @@ _LAZY = {
     "DoubleBackwardError": "dpclip.errors",
     "DistributedStepError": "dpclip.errors",
     "LoopOrderError": "dpclip.errors",
+    "SampleRateError": "dpclip.errors",
     "register_layer": "dpclip.engine",
     "accounting": "dpclip.accounting",
     "layers": "dpclip.layers",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ParameterUseError,
         PhysicalBatchTooLarge,
         PrivacyBudgetExceeded,
+        SampleRateError,
         SelfCheckError,
         UnsupportedModuleError,
     )

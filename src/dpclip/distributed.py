@@ -105,17 +105,20 @@ class World:
         _release()
 
     # ------------------------------------------------------------------------ per step
-    def agree(self, failure: str | None, steps: int, draws: int = 0) -> None:
+    def agree(self, failure: str | None, steps: int, draws: int = 0, examples: int = 0) -> int:
         """Raise on every rank unless every rank may take step ``steps + 1`` of logical batch
         ``draws`` (how many logical batches its engine.data_loader has begun: a rank that
-        skipped one would sum its share of another sample into this step).
+        skipped one would sum its share of another sample into this step); else return the
+        step's examples summed over the ranks (``examples``: this rank's).
 
         The failing rank's own error is raised by its caller; the others raise
         :class:`DistributedStepError` naming it. A peer that died (or left) makes the collective
         fail, which is reported the same way; nothing has changed at that point.
         """
+        counts = [0] * self.size  # each rank's count in its own slot: the maximum keeps them all
+        counts[self.rank] = examples
         status = torch.tensor(
-            [1 if failure else 0, steps, -steps, draws, -draws], dtype=torch.int64,
+            [1 if failure else 0, steps, -steps, draws, -draws, *counts], dtype=torch.int64,
             device=self.device,
         )  # fmt: skip
         try:
@@ -126,7 +129,7 @@ class World:
                 f"dpclip.distributed: rank {self.rank} could not agree on the step with the other "
                 f"ranks (a rank failed or left: {_first_line(err)}); the step was not applied"
             ) from err
-        failed, most, fewest, latest, earliest = (int(v) for v in status.tolist())
+        failed, most, fewest, latest, earliest, *counts = (int(v) for v in status.tolist())
         if failed:
             failures: list[Any] = [None] * self.size
             torch.distributed.all_gather_object(failures, failure)
@@ -136,7 +139,7 @@ class World:
                     f"dpclip.distributed: another rank refused the step, so no rank takes it "
                     f"({named})"
                 )
-            return
+            return 0
         if most != -fewest:
             raise DistributedStepError(
                 f"dpclip.distributed: the ranks have taken different numbers of steps "
@@ -151,6 +154,7 @@ class World:
                 "skipped), so this step would sum shares of different samples. Every rank steps "
                 "once per logical batch, an empty share included; the step was not applied"
             )
+        return sum(counts)
 
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
         """Sum ``tensors`` over the ranks in place, in flat buckets all in flight at once."""

@@ -30,6 +30,7 @@ from dpclip._loss_tape import LossTape
 from dpclip._param_guard import ParamUseGuard
 from dpclip._plan import Plan, make_plan
 from dpclip._selfcheck import CheckResult
+from dpclip.accounting import sampling
 from dpclip.config import PerformanceConfig, PrivacyConfig
 from dpclip.errors import (
     IntegrityError,
@@ -37,6 +38,7 @@ from dpclip.errors import (
     NonFiniteNormError,
     PhysicalBatchTooLarge,
     PrivacyBudgetExceeded,
+    SampleRateError,
     SelfCheckError,
 )
 from dpclip.hooks import Record, Recorder, batch_of
@@ -191,7 +193,10 @@ class PrivacyEngine:
                 self._world.broadcast_module(self.model)
 
         self._micro_batches = 0
-        self._examples_in_step = False  # a micro-batch of this step had examples
+        self._examples_in_step = 0  # in this step's backward passes, on this rank
+        self._sampled = (0, 0)  # (examples, steps) of the steps taken: Poisson at q?
+        self._step_sample = (0, 0)
+        self._few_warned = False
         self._empty_allowed = False
         self._poisoned: str | None = None
         self._unchecked: list[Tensor] = []  # finiteness of this step's norms, on the device
@@ -329,9 +334,10 @@ class PrivacyEngine:
                 )
             if self._overflowed and self._grads_cleared():  # the scaler skipped that step
                 self._micro_batches, self._overflowed, self._empty_allowed = 0, False, False
-                self._examples_in_step = False
+                self._examples_in_step = 0
             if self._micro_batches == 0:
                 self._check_fresh_grads()
+                self._examples_in_step = 0
             self._accumulator = Accumulator(self._plan, self._group_of, self._loss_scale())
         try:
             if self._plan.rules[record.module].whole_call:  # it runs the module again
@@ -374,13 +380,15 @@ class PrivacyEngine:
             self._overflowed = True
         if accumulator.finite is not None:  # an accelerator's backward: read at the step
             self._unchecked.append(accumulator.finite)
+        if all(p.grad is None for p in sums):  # zero_grad() dropped what came before
+            self._examples_in_step = 0
         for p, g in sums.items():
             if p.grad is None:
                 p.grad = g.to(p.dtype)
             else:
                 p.grad.add_(g.to(p.dtype))
         self._micro_batches += 1
-        self._examples_in_step = self._examples_in_step or bool(accumulator.batch)
+        self._examples_in_step += accumulator.batch
 
     def _loss_scale(self) -> Tensor | None:
         if self._scaler is None or not self._scaler.is_enabled():
@@ -412,13 +420,15 @@ class PrivacyEngine:
         world = self._world
         if world is None:
             self._may_step(unscaled)
+            examples = self._examples_in_step
         else:  # every rank steps, or none does
             try:
                 self._may_step(unscaled)
             except BaseException as err:
                 world.agree(f"{type(err).__name__}: {err}", self.ledger.steps, self._draws)
                 raise
-            world.agree(None, self.ledger.steps, self._draws)
+            examples = world.agree(None, self.ledger.steps, self._draws, self._examples_in_step)
+        self._check_sample_rate(examples)  # the same on every rank: all refuse, or none
         self._stepping = True
         for p in self._params:
             if p.grad is None:
@@ -452,7 +462,7 @@ class PrivacyEngine:
                 )
         if self._poisoned is not None:
             # the step ends here: the next backward starts a new one, from cleared gradients
-            self._micro_batches, self._examples_in_step = 0, False
+            self._micro_batches, self._examples_in_step = 0, 0
             self._first.clear()  # its batches cannot be the self-check's: the next one is
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
         if self._overflowed:
@@ -512,9 +522,40 @@ class PrivacyEngine:
             self._skipping = self._overflowed = False
         else:
             self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
+            self._sampled = self._step_sample
         self._micro_batches = 0
-        self._examples_in_step = False
+        self._examples_in_step = 0
         self._empty_allowed = False
+
+    def _check_sample_rate(self, examples: int) -> None:
+        """Refuse a step that, with the run's steps before it, holds far more examples than
+        Poisson sampling at q gives (the loop's own loader with larger batches than
+        ``batch_size``, or a per-rank batch declared as the global one): the ledger would
+        charge q and the true rate is higher."""
+        count, steps = self._sampled[0] + examples, self._sampled[1] + 1
+        trials, q = steps * self.privacy.sample_size, self.sample_rate
+        if sampling.too_many(count, trials, q):
+            raise SampleRateError(
+                f"refusing to step: this run's {steps} step(s) held {count} examples, "
+                f"{count / steps:.1f} per step, where batch_size={self.privacy.batch_size} of "
+                f"sample_size={self.privacy.sample_size} (Poisson sampling at q={q:.3g}) gives "
+                f"{self.privacy.batch_size} on average; the chance of so many is below "
+                f"{sampling.IMPLAUSIBLE:g}. The ledger would charge q while the loop samples at "
+                "a higher rate, so its ε would be too small. Give the engine the logical batch "
+                "your loop uses (over all processes) as batch_size, or iterate "
+                "engine.data_loader(...); the step was not taken"
+            )
+        if not self._few_warned and sampling.too_few(count, trials, q):
+            self._few_warned = True
+            warnings.warn(
+                f"dpclip: this run's {steps} step(s) held {count / steps:.1f} examples per step, "
+                f"far fewer than batch_size={self.privacy.batch_size}: the update is divided by "
+                "batch_size and the ε charged is for that rate (more than this loop spends). "
+                "Give the engine the logical batch your loop uses, or use engine.data_loader",
+                UserWarning,
+                stacklevel=4,
+            )
+        self._step_sample = (count, steps)
 
     def _check_unscaled(self, optimizer: torch.optim.Optimizer) -> None:
         """The clipped sums of a loss-scaled backward hold S times the gradients until the

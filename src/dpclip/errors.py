@@ -18,6 +18,7 @@ __all__ = [
     "ParameterUseError",
     "PhysicalBatchTooLarge",
     "PrivacyBudgetExceeded",
+    "SampleRateError",
     "SelfCheckError",
     "UnsupportedModuleError",
 ]
@@ -73,6 +74,11 @@ class LoopOrderError(RuntimeError):
 class DistributedStepError(RuntimeError):
     """The ranks could not take a step together (one refused it, failed, left, or has taken a
     different number of steps); no rank applied it."""
+
+
+class SampleRateError(ValueError):
+    """The steps hold far more examples than Poisson sampling at ``batch_size / sample_size``
+    gives (a loader of its own with larger batches): the ledger's ε would be too small."""
 
 
 class PrivacyBudgetExceeded(RuntimeError):
