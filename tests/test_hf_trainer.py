@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -372,6 +373,79 @@ def test_a_backward_outside_training_step_or_a_second_on_one_batch_is_refused(tm
                   privacy_args=PrivacyArguments(noise_multiplier=1.0))  # fmt: skip
     with pytest.raises(dpclip.LoopOrderError, match="twice on the same batch"):
         twice.train()
+
+    class TwoViews(DPTrainer):  # the second view a new dict: caught by the count per step
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            super().training_step(model, dict(inputs), num_items_in_batch)
+            return super().training_step(model, dict(inputs), num_items_in_batch)
+
+    views = TwoViews(model=_gpt2(), args=_args(tmp_path / "c", max_steps=1),
+                     train_dataset=_counting(256), data_collator=default_data_collator,
+                     privacy_args=PrivacyArguments(noise_multiplier=1.0))  # fmt: skip
+    with pytest.raises(dpclip.LoopOrderError, match="3 times in one logical batch of 2"):
+        views.train()
+    assert views.privacy_engine.steps_taken == 0
+
+
+def _padded_causal_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (3, 8), generator=g)
+    labels = ids.clone()
+    labels[0, 3:] = labels[1, 6:] = -100  # 3, 6 and 8 labelled tokens
+    return ids, labels
+
+
+def test_label_smoothing_applies_to_each_examples_own_loss(tmp_path):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = _gpt2(dropout=0.0)
+    trainer = _trainer(tmp_path, model=model, label_smoothing_factor=0.2,
+                       privacy=PrivacyArguments(noise_multiplier=1.0))  # fmt: skip
+    ids, labels = _padded_causal_batch()
+    got = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+    smooth = LabelSmoother(epsilon=0.2)
+    own = [
+        smooth(model(input_ids=ids[i : i + 1]), labels[i : i + 1], shift_labels=True)
+        for i in range(3)
+    ]
+    torch.testing.assert_close(got, torch.stack(own).mean(), rtol=1e-5, atol=1e-6)
+    plain = _trainer(tmp_path / "b", model=model, privacy=PrivacyArguments(noise_multiplier=1.0))
+    assert not torch.allclose(plain.compute_loss(model, {"input_ids": ids, "labels": labels}), got)
+
+
+def test_a_compute_loss_func_is_used_and_one_mixing_examples_is_refused(tmp_path):
+    def own_mean(outputs, labels, num_items_in_batch=None):
+        logits, labels = outputs["logits"][:, :-1], labels[:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        return (per_token.sum(1) / (labels != -100).sum(1)).mean()
+
+    def token_mean(outputs, labels, num_items_in_batch=None):  # mixes: weights by the others
+        logits, labels = outputs["logits"][:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.transpose(1, 2), labels)
+
+    model = _gpt2(dropout=0.0)
+    ids, labels = _padded_causal_batch()
+    trainer = _trainer(tmp_path, model=model, privacy=PrivacyArguments(noise_multiplier=1.0))
+    trainer.compute_loss_func = own_mean
+    got = trainer.compute_loss(model, {"input_ids": ids, "labels": labels.clone()})
+    torch.testing.assert_close(got, own_mean(model(input_ids=ids), labels))
+    trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: got * 0 + 7.0
+    assert trainer.compute_loss(model, {"input_ids": ids, "labels": labels.clone()}) == 7.0
+
+    g = torch.Generator().manual_seed(1)
+    data = [
+        {"input_ids": ids, "labels": ids.clone()}
+        for ids in torch.randint(1, VOCAB, (64, T), generator=g)
+    ]
+    for k, row in enumerate(data):
+        row["labels"][1 + k % 7 :] = -100  # different label counts in every batch
+    mixing = DPTrainer(model=_gpt2(dropout=0.0), args=_args(tmp_path / "m", max_steps=1),
+                       train_dataset=data, data_collator=default_data_collator,
+                       privacy_args=PrivacyArguments(noise_multiplier=1.0),
+                       compute_loss_func=token_mean)  # fmt: skip
+    with pytest.raises(dpclip.SelfCheckError):
+        mixing.train()
+    assert mixing.privacy_engine.steps_taken == 0
 
 
 def test_training_twice_with_one_trainer_is_refused(tmp_path):

@@ -164,7 +164,7 @@ class _StepBegins(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._attach(self.trainer.model_wrapped)
-        self.trainer._examples_in_step = 0
+        self.trainer._examples_in_step = self.trainer._batches_in_step = 0
 
 
 class DPTrainer(Trainer):
@@ -174,8 +174,9 @@ class DPTrainer(Trainer):
     is the :class:`dpclip.PrivacyEngine` once training has started (``.epsilon()``). What
     changes: the sampler (Poisson, at the logical batch), the loss of causal-LM, masked-LM,
     token-classification and encoder-decoder models (each example's mean over its own tokens,
-    then the mean over the batch: the models' own token mean mixes examples when sequences are
-    padded or masked), and
+    with ``label_smoothing_factor``, then the mean over the batch: the models' own token mean
+    mixes examples when sequences are padded or masked; a ``compute_loss_func`` of yours is
+    used as given, and must average each example's own loss), and
     ``max_grad_norm``, which clips the noisy update (post-processing) instead of the raw
     gradient. The logged ``grad_norm`` is the noisy update's norm.
     """
@@ -199,6 +200,7 @@ class DPTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the loss is ours: a mean over examples
         self._token_loss = _token_loss_kind(self.model)
         self._examples_in_step = 0
+        self._batches_in_step = 0  # training steps of this logical batch, empty ones included
         self._last_inputs: Any = None
         self._in_backward = False
         self._grad_norm: Tensor | None = None
@@ -290,6 +292,14 @@ class DPTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> Tensor:
+        self._batches_in_step += 1
+        if self._batches_in_step > self.args.gradient_accumulation_steps:
+            raise LoopOrderError(
+                f"DPTrainer: training_step ran {self._batches_in_step} times in one logical batch "
+                f"of {self.args.gradient_accumulation_steps} physical batch(es) (a subclass "
+                "running it again, on a second view of a batch): those examples would be "
+                "clipped twice and both added. Compute every term in one loss, then one backward"
+            )
         if isinstance(inputs, _Empty) or not inputs:
             return torch.zeros((), device=self.args.device)
         if self.privacy_engine is None or not self.privacy_engine.attached:
@@ -334,7 +344,12 @@ class DPTrainer(Trainer):
     ) -> Any:  # fmt: skip
         """The mean over the physical batch of each example's own loss."""
         labels = inputs.get("labels")
-        if self._token_loss is None or not isinstance(labels, Tensor) or labels.dim() != 2:
+        if (
+            self._token_loss is None
+            or self.compute_loss_func is not None  # the user's loss (the self-check sees it)
+            or not isinstance(labels, Tensor)
+            or labels.dim() != 2
+        ):
             return super().compute_loss(model, inputs, return_outputs=return_outputs)
         fed = {k: v for k, v in inputs.items() if k != "labels"}
         if self._token_loss == "seq2seq" and "decoder_input_ids" not in fed:
@@ -344,8 +359,9 @@ class DPTrainer(Trainer):
         if self._token_loss == "causal":  # token t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
         per_token = F.cross_entropy(
-            logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
-        )
+            logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none",
+            label_smoothing=self.args.label_smoothing_factor,
+        )  # fmt: skip
         counts = (labels != -100).sum(dim=1).clamp(min=1)
         loss = (per_token.sum(dim=1) / counts).mean()
         return (loss, outputs) if return_outputs else loss
