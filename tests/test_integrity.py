@@ -340,8 +340,46 @@ class _Flipped(_FcHead):
         return self.head(torch.tanh(self.fc(x)) + torch.tanh(self.fc(x.flip(0))).flip(0))
 
 
-def test_a_repeated_call_on_reordered_rows_is_refused_by_the_self_check():
-    _assert_refused_at_step(_Flipped().double(), _x(B, D), _y(), r"'fc\.(weight|bias)'")
+def test_a_repeated_call_on_reordered_rows_is_refused():
+    _assert_refused_at_forward(_Flipped().double(), _x(B, D), "flip moves rows along dim 0")
+
+
+_PERM = torch.tensor([2, 0, 3, 1])
+
+
+class _Reordered(_FcHead):
+    """The batch reordered between two layers, and (mostly) put back: row j of head is not
+    example j of fc, so all-layer clipping would mix two examples in one norm."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        order = _PERM
+        if self.how == "getitem":
+            return self.head(h[order])[order.argsort()]
+        if self.how == "list":
+            return self.head(h[order.tolist()])
+        if self.how == "setitem":
+            out = torch.zeros_like(h)
+            out[order] = h  # unsort by assignment
+            return self.head(out)
+        if self.how == "index_select":
+            return self.head(h.index_select(0, order))
+        if self.how == "gather":
+            return self.head(h.gather(0, order[:, None].expand_as(h)))
+        if self.how == "roll":
+            return self.head(h.roll(1, 0))
+        n = h.shape[0]  # each row picks from itself, as at its last token
+        return self.head(torch.stack([h, -h], 1)[torch.arange(n), torch.ones(n, dtype=int)])
+
+
+@pytest.mark.parametrize("how", ["getitem", "list", "setitem", "index_select", "gather", "roll"])
+def test_rows_moved_along_the_batch_inside_the_forward_are_refused(how):
+    _assert_refused_at_forward(_Reordered(how).double(), _x(B, D), "moves rows along dim 0")
+
+
+def test_each_row_picking_itself_equals_the_naive_loop():
+    """h[torch.arange(B), last] (the pooling of GPT-2's sequence classifier) moves no row."""
+    _assert_equals_naive_loop(_Reordered("pick").double(), _x(B, D), _y())
 
 
 def test_two_forwards_reaching_one_backward_are_refused():
@@ -815,3 +853,80 @@ def test_a_class_weighted_loss_averaged_per_example_equals_the_naive_loop():
 
 def _class_weighted_130(out, y):
     return F.cross_entropy(out, y, weight=torch.tensor([1.0, 5.0, 1.0], dtype=out.dtype))
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(D, 6).requires_grad_(False)  # frozen backbone
+        self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        return self.a(h), self.b(h)
+
+
+def test_a_second_backward_over_one_forward_is_refused_even_on_other_parameters():
+    """Multi-task heads, each loss with its own backward: each pass clips every example on its
+    own (√2·R per example), whether or not the passes share parameters."""
+    model = _TwoHeads().double()
+    engine, opt = _engine(model)
+    before = _snapshot(model)
+    out_a, out_b = model(_x(B, D))
+    F.cross_entropy(out_a, _y()).backward(retain_graph=True)
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    with pytest.raises(dpclip.LoopOrderError, match=r"second backward pass over the same forward"):
+        F.cross_entropy(out_b, _y()).backward()
+    assert all(
+        (p.grad is None and g is None) or torch.equal(p.grad, g)
+        for p, g in zip(model.parameters(), grads, strict=True)
+    )  # the second pass added nothing
+    out_a, out_b = model(_x(B, D))
+    (F.cross_entropy(out_a, _y()) + F.cross_entropy(out_b, _y())).backward()  # the fix
+    opt.zero_grad()
+    _assert_unchanged(model, engine, before)
+
+
+def _weighted_mean(out, y):  # a hand-written class-weighted mean: mixes when classes differ
+    w = torch.tensor([1.0, 20.0, 1.0], dtype=out.dtype)[y]
+    return (w * F.cross_entropy(out, y, reduction="none")).sum() / w.sum()
+
+
+@pytest.mark.parametrize("verify", [True, 1])
+def test_a_loss_mixing_only_on_a_later_batch_is_refused_by_a_periodic_check(verify):
+    """The first batch (one class) cannot show the weighting; verify=k checks every k-th step."""
+    model = nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    engine, opt = _engine(model, verify=verify)
+    x = _x(2 * B, D)
+    _weighted_mean(model(x[:B]), torch.zeros(B, dtype=torch.long)).backward()
+    opt.step()
+    opt.zero_grad()
+    _weighted_mean(model(x[B:]), torch.tensor([0, 1, 0, 0])).backward()
+    if verify is True:  # the default checks the first batch only
+        opt.step()
+        assert engine.steps_taken == 2
+        return
+    before = _snapshot(model)
+    with pytest.raises(dpclip.SelfCheckError):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert engine.steps_taken == 1
+
+
+class _BatchMean(_FcHead):
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.head(h + h.mean(0))  # mixes the examples
+
+
+def test_a_first_batch_of_one_example_leaves_the_check_to_the_next_batch():
+    model = _BatchMean().double()
+    engine, opt = _engine(model)
+    x = _x(1 + B, D)
+    F.cross_entropy(model(x[:1]), _y(1)).backward()  # alone, it cannot show any mixing
+    opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x[1:]), _y()).backward()
+    with pytest.raises(dpclip.SelfCheckError):
+        opt.step()
+    assert engine.steps_taken == 1

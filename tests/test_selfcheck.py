@@ -170,10 +170,10 @@ def test_verify_false_runs_no_check():
     assert engine.ledger.steps == 1
 
 
-@pytest.mark.parametrize("verify", [1, "yes", None])
-def test_verify_must_be_a_bool(verify):
+@pytest.mark.parametrize("verify", [0, -3, 1.5, "yes", None])
+def test_verify_must_be_a_bool_or_a_period(verify):
     model = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="expected verify to be True or False"):
+    with pytest.raises(ValueError, match="expected verify to be True, False or a period"):
         _engine(model, verify=verify)
     assert model.weight.requires_grad
 

@@ -21,6 +21,12 @@ and the clipping would bound nothing.
 3. Split a pending batch-1 layer output (see :mod:`dpclip.hooks`) where it is broadcast over the
 batch: the elementwise op gets the recorder's expanded copy instead (same values, same result),
 whose gradient keeps one row per example. Any other use of it is refused.
+
+4. Refuse reordering the rows of an activation whose dim 0 is the batch (``h[perm]``,
+``h.flip(0)``, ``index_select(0, ...)``, ``out[perm] = h``): dpclip clips row j of every layer
+as example j, so a layer after the reordering would add one example's gradient to another's
+(sorting by length around an RNN, then unsorting). Picking each row itself
+(``h[torch.arange(B), last]``) passes.
 """
 
 from __future__ import annotations
@@ -64,9 +70,16 @@ def _tensors(args: tuple, kwargs: Mapping) -> Iterator[object]:
             yield a
 
 
+# calls that can move rows along dim 0 (beside __getitem__), by where their dim and index are
+_ROW_MOVES = {
+    "index_select": (1, 2), "gather": (1, 2), "take_along_dim": (2, 1), "index_copy": (1, 2),
+    "index_copy_": (1, 2), "flip": (1, None), "roll": (2, None), "__setitem__": (None, 1),
+    "index_put": (None, 1), "index_put_": (None, 1),
+}  # fmt: skip  (position of the dim argument, of the index; None: the op's own)
+
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
-_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING = range(5)
+_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _ROWS = range(7)
 _KIND: dict[object, tuple[int, str]] = {}  # func -> (what to do, its name)
 
 
@@ -78,6 +91,10 @@ def _kind_of(func: object) -> tuple[int, str]:
         kind = _FREE
     elif name in _BROADCASTING:
         kind = _BROADCAST
+    elif name == "__getitem__":
+        kind = _GETITEM
+    elif name in _ROW_MOVES:
+        kind = _ROWS
     elif name in _NEW_LEADING_DIMS:
         kind = _LEADING
     else:
@@ -148,10 +165,12 @@ class _Mode(TorchFunctionMode):
                 args = guard.split_pending(args, name)
             if any(id(a) in outputs for a in args):  # only a layer output can be refused
                 guard.check_broadcast(args, name)
+        if kind == _ROWS or (kind == _GETITEM and len(args) > 1 and _advanced(args[1])):
+            guard.check_rows_kept(name, args, kwargs or {})
         out = func(*args, **kwargs) if kwargs else func(*args)
         if pending:
             guard.check_pending((*args, *(kwargs or {}).values()), out, name)
-        if kind == _LEADING and args and id(args[0]) in outputs:
+        if kind in (_LEADING, _GETITEM) and args and id(args[0]) in outputs:
             guard.check_new_leading_dims(args[0], out, name)
         return out
 
@@ -269,6 +288,27 @@ class ParamUseGuard:
                     "on chunks of the batch."
                 )
 
+    def check_rows_kept(self, name: str, args: tuple, kwargs: Mapping) -> None:
+        """Refuse ``name`` moving rows along dim 0 of a tensor on the gradient path whose dim 0
+        is this forward's batch (row j would no longer be example j for the layers after it)."""
+        recorder = self._recorder
+        batch = recorder.batch if recorder is not None else None
+        tensors = [a for a in _tensors(args, kwargs) if isinstance(a, torch.Tensor)]
+        if not batch or batch < 2 or not any(t.requires_grad for t in tensors):
+            return
+        t = args[0]
+        if not isinstance(t, torch.Tensor) or not t.dim() or t.shape[0] != batch:
+            return
+        if _moves_rows(name, args, kwargs, batch):
+            raise IntegrityError(
+                f"{name} moves rows along dim 0 of a tensor whose dim 0 is the batch ({batch}) "
+                "inside the model's forward: dpclip clips row j of every layer as example j, so "
+                "a layer after the move would add one example's gradient to another's (sorting "
+                "the batch by length around an RNN, then unsorting). Keep the batch's order "
+                "inside the forward (pad instead of sorting), or do the reordering in a module "
+                "that dpclip.register_layer gives a rule as a whole"
+            )
+
     def check_broadcast(self, args: tuple, what: str) -> None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if len(tensors) < 2 or not self._outputs:
@@ -320,3 +360,59 @@ class ParamUseGuard:
         self._active[module] -= 1
         if self._mode is not None and isinstance(output, torch.Tensor):
             self._outputs[id(output)] = (module, weakref.ref(output))
+
+
+def _advanced(key: object) -> bool:
+    """Whether an index (of ``t[key]``) indexes dim 0 with a tensor or a list."""
+    if type(key) is tuple:
+        key = key[0] if key else None
+    return isinstance(key, (torch.Tensor, list))
+
+
+def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int) -> bool:
+    """Whether the call takes or puts rows of dim 0 anywhere but in place."""
+    t = args[0]
+    if name in ("__getitem__", "__setitem__", "index_put", "index_put_"):
+        key = args[1] if len(args) > 1 else kwargs.get("indices")
+        index = key[0] if type(key) in (tuple, list) and key and not _is_index(key) else key
+        return not _is_identity(index, batch)
+    dim_at, index_at = _ROW_MOVES[name]
+    dim = _arg(args, kwargs, dim_at, "dims" if name in ("flip", "roll") else "dim")
+    if name == "flip":
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        return any(d % t.dim() == 0 for d in dims)
+    if name == "roll":
+        shifts = args[1] if len(args) > 1 else kwargs.get("shifts")
+        if dim is None:
+            return True  # a roll of the flattened tensor
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+        return any(d % t.dim() == 0 and s % batch for d, s in zip(dims, shifts, strict=False))
+    if dim is None or dim % t.dim() != 0:
+        return False
+    return not _is_identity(_arg(args, kwargs, index_at, "index"), batch)
+
+
+def _arg(args: tuple, kwargs: Mapping, at: int | None, name: str) -> object:
+    if at is not None and len(args) > at:
+        return args[at]
+    return kwargs.get(name, kwargs.get("indices"))
+
+
+def _is_index(key: list) -> bool:
+    """A list used as one index (``t[[2, 0, 1]]``), not as a list of per-dim indices."""
+    return type(key) is list and all(isinstance(k, int) for k in key)
+
+
+def _is_identity(index: object, batch: int) -> bool:
+    """Whether ``index`` along dim 0 picks row i for position i (or keeps every row)."""
+    if isinstance(index, list):
+        index = torch.tensor(index)
+    if not isinstance(index, torch.Tensor) or not index.dim():
+        return not isinstance(index, torch.Tensor)  # a slice or an int: no reordering
+    if index.shape[0] != batch:
+        return True  # other rows than the batch's: the layers' own checks see it
+    if index.dtype == torch.bool:
+        return bool(index.all())
+    rows = torch.arange(batch, device=index.device).view(-1, *([1] * (index.dim() - 1)))
+    return bool((index == rows).all())

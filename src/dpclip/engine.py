@@ -104,9 +104,12 @@ class PrivacyEngine:
         privacy, performance: a :class:`dpclip.PrivacyConfig` / :class:`dpclip.PerformanceConfig`
             in place of their keywords (sample_size to loss_reduction; norm_strategy,
             max_physical_batch_size).
-        verify: run the self-check (:meth:`verify`) on the first physical batch before the
-            first step: a few examples run alone must give the per-example gradient norms
-            dpclip computes, or the step is refused. ``False`` turns it off.
+        verify: run the self-check (:meth:`verify`) on the first physical batch (of two
+            examples or more) before its step: a few examples run alone must give the
+            per-example gradient norms dpclip computes, or the step is refused. An int k also
+            checks the first physical batch of every k-th step after it (a loss or model that
+            mixes examples only on some batches: padding, a class missing from the first);
+            each check costs about one to three steps. ``False`` turns it off.
         grad_scaler: the ``torch.amp.GradScaler`` of fp16 training. Its loss scale S multiplies
             every per-example gradient; dpclip clips the unscaled ones (automatic clipping's γ
             and Abadi's R would otherwise act at the wrong scale), and a step the scaler skips
@@ -135,14 +138,16 @@ class PrivacyEngine:
         max_physical_batch_size: int | None = None,
         seed: int | None = None,
         secure_rng: bool = False,
-        verify: bool = True,
+        verify: bool | int = True,
         registry: LayerRegistry | None = None,
         privacy: PrivacyConfig | None = None,
         performance: PerformanceConfig | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
-        if not isinstance(verify, bool):
-            raise ValueError(f"expected verify to be True or False, got {verify!r}")
+        if not isinstance(verify, (bool, int)) or (not isinstance(verify, bool) and verify < 1):
+            raise ValueError(
+                f"expected verify to be True, False or a period of steps >= 1, got {verify!r}"
+            )
         privacy_kw = dict(
             sample_size=sample_size, batch_size=batch_size, epochs=epochs, steps=steps,
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
@@ -205,12 +210,14 @@ class PrivacyEngine:
         self._stepping = False  # between the noise and the end of optimizer.step()
         self._physical_left = 0  # physical batches of the loader's logical batch still to come
         self._clipped_this_batch = False  # a backward added this physical batch's clipped sums
+        self._clipped_forward: int | None = None  # the forward the last added sums came from
         self._sample_cut = False  # a physical batch of the loader's logical batch had no backward
         self._draws = 0  # logical batches engine.data_loader has begun (compared across ranks)
         self._spans_draws = False  # this step's sums come from two of the loader's samples
         # an integration's say on each backward (DPTrainer: only inside training_step)
         self._backward_gate: Callable[[], str | None] | None = None
-        self._check_pending = verify
+        self._check_pending = bool(verify)
+        self._check_every = None if isinstance(verify, bool) else int(verify)
         self._first = FirstBatch()  # its inputs and loss, until the first step checks them
         # BatchNorm without trainable parameters (affine=False, or frozen), InstanceNorm with
         # running statistics: no rule refuses them
@@ -368,6 +375,14 @@ class PrivacyEngine:
                     "gradients of this backward were not added"
                 )
             self._clipped_this_batch = True
+        if accumulator.forward is not None and accumulator.forward == self._clipped_forward:
+            raise LoopOrderError(
+                "a second backward pass over the same forward (loss_a.backward(retain_graph="
+                "True), then loss_b.backward()): each would clip every example of the batch on "
+                "its own and both sums be added (√2·R per example, or 2R, while the noise is "
+                "for R). Sum the losses into one backward: (loss_a + loss_b).backward(); the "
+                "gradients of this backward were not added"
+            )
         try:
             sums = accumulator.finish()
         except NonFiniteNormError as err:
@@ -380,7 +395,8 @@ class PrivacyEngine:
             self._overflowed = True
         if accumulator.finite is not None:  # an accelerator's backward: read at the step
             self._unchecked.append(accumulator.finite)
-        if all(p.grad is None for p in sums):  # zero_grad() dropped what came before
+        self._clipped_forward = accumulator.forward
+        if all(p.grad is None for p in self._params):  # zero_grad() dropped what came before
             self._examples_in_step = 0
         for p, g in sums.items():
             if p.grad is None:
@@ -523,6 +539,8 @@ class PrivacyEngine:
         else:
             self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
             self._sampled = self._step_sample
+            if self._check_every and self.ledger.steps % self._check_every == 0:
+                self._check_pending = True  # the next step's first physical batch
         self._micro_batches = 0
         self._examples_in_step = 0
         self._empty_allowed = False
@@ -666,8 +684,9 @@ class PrivacyEngine:
 
     def _check_first_batch(self) -> None:
         args, kwargs, tape = self._first.get()
-        self._run_check(args, kwargs, tape)
-        self._check_pending = False
+        result = self._run_check(args, kwargs, tape)
+        # a batch of one cannot show examples mixing: the next batch is checked too
+        self._check_pending = len(result.examples) < 2
         self._first.clear()
 
     def _run_check(self, args: tuple, kwargs: dict, tape: LossTape) -> CheckResult:

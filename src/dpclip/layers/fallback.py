@@ -78,14 +78,19 @@ class Call:
     versions: tuple[int, ...] = ()  # their versions then: an in-place change later skips one
     modes: tuple = ()  # torch function modes active at the call that the rerun must enter too
     autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) if autocast was on
+    # the flattened arguments that hold one row per example; None: those with the batch on dim 0
+    split: tuple[int, ...] | None = None
 
     def expanded(self, batch: int) -> Call:
-        """This call with every batch-1 tensor argument (and output) expanded to ``batch``."""
+        """This call with every batch-1 tensor argument (and output) expanded to ``batch``: its
+        output is broadcast over the batch, so only those arguments are split per example (a
+        batch-less one whose length is the batch, as positions (T,) with T = B, is not)."""
         flat, spec = tree_flatten((self.args, self.kwargs))
+        split = tuple(k for k, x in enumerate(flat) if expand_rows(x, batch) is not x)
         flat = [expand_rows(x, batch) for x in flat]
         args, kwargs = tree_unflatten(flat, spec)
         expected = tuple(expand_rows(x, batch) for x in self.expected)
-        return dataclasses.replace(self, args=args, kwargs=kwargs, expected=expected)
+        return dataclasses.replace(self, args=args, kwargs=kwargs, expected=expected, split=split)
 
 
 def expand_rows(x: object, batch: int) -> object:
@@ -155,7 +160,11 @@ def per_sample_grad(
     batch = grad_output[0].shape[0]
     params = {n: module.get_parameter(n).detach() for n in names}
     flat, spec = tree_flatten((call.args, call.kwargs))
-    rows = [k for k, x in enumerate(flat) if _per_example(x, batch)]
+    rows = (
+        list(call.split)
+        if call.split is not None
+        else [k for k, x in enumerate(flat) if _per_example(x, batch)]
+    )
     grads = tuple(grad_output)
 
     def grad_of_example(p: dict, batched: list, cot: tuple) -> dict:
