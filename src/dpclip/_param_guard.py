@@ -70,12 +70,20 @@ def _tensors(args: tuple, kwargs: Mapping) -> Iterator[object]:
             yield a
 
 
-# calls that can move rows along dim 0 (beside __getitem__), by where their dim and index are
+# calls that can move rows along dim 0 (beside __getitem__): the positions of their dim and
+# index arguments (None: the op has no such argument)
 _ROW_MOVES = {
-    "index_select": (1, 2), "gather": (1, 2), "take_along_dim": (2, 1), "index_copy": (1, 2),
-    "index_copy_": (1, 2), "flip": (1, None), "roll": (2, None), "__setitem__": (None, 1),
-    "index_put": (None, 1), "index_put_": (None, 1),
-}  # fmt: skip  (position of the dim argument, of the index; None: the op's own)
+    "index_select": (1, 2),
+    "gather": (1, 2),
+    "take_along_dim": (2, 1),
+    "index_copy": (1, 2),
+    "index_copy_": (1, 2),
+    "flip": (1, None),
+    "roll": (2, None),
+    "__setitem__": (None, 1),
+    "index_put": (None, 1),
+    "index_put_": (None, 1),
+}
 
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
