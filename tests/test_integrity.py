@@ -260,6 +260,70 @@ def test_one_step_over_two_logical_batches_is_refused_at_the_second():
     assert engine.steps_taken == 1
 
 
+def _backward_on(model, logical):
+    for x, y in logical:
+        F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("how", ["iterated twice", "zip of two loaders", "next twice"])
+def test_a_step_over_examples_of_two_passes_or_two_draws_is_refused_as_it_iterates(how):
+    """Two passes over one logical batch (two views, or a second step on it) clip each example
+    twice or use one Poisson sample for two steps; a physical batch of an earlier draw joins a
+    step with another sample. Refused at the physical batch, before its forward."""
+    model, data, engine, opt = _loader_setup()
+    before = _snapshot(model)
+    draws = iter(engine.data_loader(data, physical_batch_size=6,
+                                    generator=torch.Generator().manual_seed(0)))  # fmt: skip
+    first = next(draws)
+    if how == "iterated twice":
+        _backward_on(model, first)
+        second = first
+        match = "iterated a second time"
+    elif how == "zip of two loaders":
+        other = engine.data_loader(data, generator=torch.Generator().manual_seed(1))
+        second, _ = next(zip(draws, other))  # the loader's draw, then the other's
+        match = "an earlier logical batch"
+    else:
+        second, first = first, next(draws)
+        match = "an earlier logical batch"
+    with pytest.raises(dpclip.LoopOrderError, match=match):
+        _backward_on(model, second)
+    opt.zero_grad()
+    _assert_unchanged(model, engine, before)
+
+
+def test_a_sampling_generator_seeded_again_each_epoch_is_refused_at_its_first_draw():
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
+    engine, opt = _engine(model, sample_size=100, batch_size=20, steps=10)
+    for epoch in range(2):
+        loader = engine.data_loader(data, generator=torch.Generator().manual_seed(0))
+        if epoch == 1:
+            with pytest.raises(dpclip.LoopOrderError, match="drawn from before"):
+                next(iter(loader))
+            break
+        for logical in loader:
+            _backward_on(model, logical)
+            opt.step()
+            opt.zero_grad()
+    assert engine.steps_taken == len(loader)
+
+
+def test_zero_grad_between_the_physical_batches_of_a_logical_batch_is_refused():
+    """It drops the batches before it: the step would hold a part of the sample that depends on
+    how many others were drawn."""
+    model, data, engine, opt = _loader_setup()
+    before = _snapshot(model)
+    logical = next(iter(engine.data_loader(data, physical_batch_size=6,
+                                           generator=torch.Generator().manual_seed(0))))  # fmt: skip
+    for x, y in logical:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(dpclip.LoopOrderError, match="zero_grad"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+
+
 def test_a_second_backward_over_one_physical_batch_of_the_loader_is_refused():
     """Two augmented views, or two heads, each with its own forward and backward: every example
     of the batch would be clipped twice and both sums added (2R for noise meant for R)."""

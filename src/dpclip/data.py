@@ -8,6 +8,7 @@ fits in memory. Examples are loaded lazily, one physical batch at a time.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -41,7 +42,9 @@ class LogicalBatch:
     """One Poisson-sampled logical batch: iterate over its collated physical batches.
 
     ``len(batch)`` is the number of examples (0 is possible); ``batch.indices`` are their dataset
-    indices in increasing order. Iterating an empty batch yields nothing.
+    indices in increasing order. Iterating an empty batch yields nothing. ``iterations`` counts
+    the passes over its physical batches begun; ``state`` is a digest of the random state it
+    was drawn from.
     """
 
     def __init__(
@@ -51,10 +54,14 @@ class LogicalBatch:
         physical_batch_size: int | None,
         collate_fn: Callable[[list], Any] | None,
         num_workers: int,
-        on_physical_batch: Callable[[int | None, int], None] | None = None,
+        on_physical_batch: Callable[[LogicalBatch, int | None, int], None] | None = None,
+        state: bytes = b"",
     ) -> None:
         self.dataset = dataset
         self._on_physical_batch = on_physical_batch
+        self.state = state
+        self.iterations = 0
+        self.draw: int | None = None  # set by whoever counts the draws (the engine)
         self.indices = indices
         self.physical_batch_size = physical_batch_size
         self._collate_fn = collate_fn
@@ -77,26 +84,27 @@ class LogicalBatch:
         chunks = self.chunks()
         if not chunks:
             return iter(())
+        self.iterations += 1
         batches = self._batches(chunks)
         if self._on_physical_batch is None:
             return batches
         return self._announced(batches, [len(c) for c in chunks], self._on_physical_batch)
 
-    @staticmethod
     def _announced(
-        batches: Iterator[Any], sizes: list[int], announce: Callable[[int | None, int], None]
-    ) -> Iterator[Any]:
+        self, batches: Iterator[Any], sizes: list[int],
+        announce: Callable[[LogicalBatch, int | None, int], None],
+    ) -> Iterator[Any]:  # fmt: skip
         """Tell ``announce`` each physical batch's size before it is used, with how many of
         this logical batch's physical batches come after it; and, when the loop over them ends,
         ``(None, k)`` with k the physical batches it never took (a ``break``: 0 when done)."""
         taken = 0
         try:
             for k, (size, batch) in enumerate(zip(sizes, batches, strict=False)):
-                announce(size, len(sizes) - 1 - k)
+                announce(self, size, len(sizes) - 1 - k)
                 taken += 1
                 yield batch
         finally:
-            announce(None, len(sizes) - taken)
+            announce(self, None, len(sizes) - taken)
 
     def _batches(self, chunks: list[torch.Tensor]) -> Iterator[Any]:
         if self._fast_path():
@@ -134,10 +142,10 @@ class PoissonLoader:
         num_workers: DataLoader worker processes used to load each logical batch.
         steps: logical batches per pass; default
             :func:`dpclip.accounting.steps_per_epoch` (round(1/q): one epoch in expectation).
-        on_logical_batch: called with the batch size each time a logical batch is yielded.
-        on_physical_batch: called with each physical batch's size before it is yielded and
-            how many of its logical batch's physical batches come after it, and with
-            ``(None, k)`` when the loop over them ends, k of them never taken.
+        on_logical_batch: called with each logical batch before it is yielded.
+        on_physical_batch: called with the logical batch, each physical batch's size before it
+            is yielded and how many of its logical batch's physical batches come after it, and
+            with ``(logical, None, k)`` when the loop over them ends, k of them never taken.
         shard: ``(rank, world_size)``: yield only this rank's share of each logical batch
             (every world_size-th sampled example, from ``rank``). Every rank must draw the
             same sample, so ``shared_seed`` is then required.
@@ -164,8 +172,8 @@ class PoissonLoader:
         collate_fn: Callable[[list], Any] | None = None,
         num_workers: int = 0,
         steps: int | None = None,
-        on_logical_batch: Callable[[int], None] | None = None,
-        on_physical_batch: Callable[[int | None, int], None] | None = None,
+        on_logical_batch: Callable[[LogicalBatch], None] | None = None,
+        on_physical_batch: Callable[[LogicalBatch, int | None, int], None] | None = None,
         shard: tuple[int, int] | None = None,
         shared_seed: Callable[[torch.Generator | None], int] | None = None,
     ) -> None:
@@ -214,16 +222,18 @@ class PoissonLoader:
         for _ in range(self.steps):
             batch = self._sample(generator)
             if self.on_logical_batch is not None:
-                self.on_logical_batch(len(batch))
+                self.on_logical_batch(batch)
             yield batch
 
     def _sample(self, generator: torch.Generator | None) -> LogicalBatch:
         """Draw one logical batch: each example independently with probability q (this
         rank's share of it, when sharded)."""
+        state = (generator if generator is not None else torch.default_generator).get_state()
+        digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
         indices = poisson_sample(self._size, self.sample_rate, generator, self.shard)
         return LogicalBatch(
             self.dataset, indices, self.physical_batch_size, self.collate_fn, self.num_workers,
-            on_physical_batch=self.on_physical_batch,
+            on_physical_batch=self.on_physical_batch, state=digest,
         )  # fmt: skip
 
 

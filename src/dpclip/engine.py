@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -213,6 +214,8 @@ class PrivacyEngine:
         self._clipped_forward: int | None = None  # the forward the last added sums came from
         self._sample_cut = False  # a physical batch of the loader's logical batch had no backward
         self._draws = 0  # logical batches engine.data_loader has begun (compared across ranks)
+        self._draw_states: set[bytes] = set()  # digests of the random states drawn from
+        self._sentinel: tuple[Tensor, weakref.ref, int] | None = None  # a .grad as dpclip left it
         self._spans_draws = False  # this step's sums come from two of the loader's samples
         # an integration's say on each backward (DPTrainer: only inside training_step)
         self._backward_gate: Callable[[], str | None] | None = None
@@ -396,15 +399,28 @@ class PrivacyEngine:
         if accumulator.finite is not None:  # an accelerator's backward: read at the step
             self._unchecked.append(accumulator.finite)
         self._clipped_forward = accumulator.forward
-        if all(p.grad is None for p in self._params):  # zero_grad() dropped what came before
+        if self._micro_batches and self._sums_dropped():  # zero_grad() since the last backward
             self._examples_in_step = 0
+            if self._recorder.expected is not None:  # inside a logical batch of the loader
+                self._sample_cut = True
         for p, g in sums.items():
             if p.grad is None:
                 p.grad = g.to(p.dtype)
             else:
                 p.grad.add_(g.to(p.dtype))
+        if sums:
+            p = next(iter(sums))
+            self._sentinel = (p, weakref.ref(p.grad), p.grad._version)
         self._micro_batches += 1
         self._examples_in_step += accumulator.batch
+
+    def _sums_dropped(self) -> bool:
+        """Whether the clipped sums added so far were dropped or overwritten since (one
+        parameter's gradient as dpclip left it: replaced, set to None or zeroed in place)."""
+        if self._sentinel is None:
+            return False
+        p, grad, version = self._sentinel
+        return p.grad is None or p.grad is not grad() or p.grad._version != version
 
     def _loss_scale(self) -> Tensor | None:
         if self._scaler is None or not self._scaler.is_enabled():
@@ -500,7 +516,8 @@ class PrivacyEngine:
         if self._sample_cut:
             raise LoopOrderError(
                 "optimizer.step() after a logical batch of engine.data_loader whose physical "
-                "batches did not all get a backward (a break, or a batch skipped): the examples "
+                "batches did not all get a backward (a break, a batch skipped, or "
+                "optimizer.zero_grad() between them, which drops the ones before): the examples "
                 "left out depend on which others were sampled, so the step's sample is not the "
                 "Poisson sample the ledger counts. Run every physical batch of the logical "
                 "batch, then step; call optimizer.zero_grad() to drop this one"
@@ -810,10 +827,26 @@ class PrivacyEngine:
         return PoissonLoader(
             dataset, sample_rate=self.sample_rate, physical_batch_size=physical_batch_size,
             generator=generator, collate_fn=collate_fn, num_workers=num_workers,
-            on_logical_batch=self._begin_logical_batch, on_physical_batch=self._expect_batch,
+            on_logical_batch=self._drawn, on_physical_batch=self._expect_batch,
             shard=None if world is None else (world.rank, world.size),
             shared_seed=None if world is None else world.shared_seed,
         )  # fmt: skip
+
+    def _drawn(self, logical: Any) -> None:
+        """engine.data_loader drew ``logical``: number it, and refuse a draw from a random
+        state drawn from before (the same Poisson sample again, which the ledger would count
+        as a new one)."""
+        if logical.state in self._draw_states:
+            raise LoopOrderError(
+                "engine.data_loader drew from a random state it had drawn from before: a "
+                "generator seeded again (torch.Generator().manual_seed(s) passed anew each "
+                "epoch, or torch.manual_seed in the loop) replays the same Poisson samples, "
+                "each of which the ledger would charge as a new one. Create the generator "
+                "once, before the loop, and pass that same one each time"
+            )
+        self._draw_states.add(logical.state)
+        self._begin_logical_batch(len(logical))
+        logical.draw = self._draws
 
     def _begin_logical_batch(self, size: int) -> None:
         # the last logical batch's clipped sums still wait for a step: refused at that step
@@ -825,10 +858,26 @@ class PrivacyEngine:
         self._empty_allowed = size == 0
         self._sample_cut = False
 
-    def _expect_batch(self, size: int | None, after: int) -> None:
-        """The loader's physical batch: the model's next forwards must have this batch, and
-        ``after`` more physical batches of this logical batch come before its step (or, with
-        ``size`` None, the loop over them ended with ``after`` never taken)."""
+    def _expect_batch(self, logical: Any, size: int | None, after: int) -> None:
+        """The loader's physical batch of ``logical``: the model's next forwards must have this
+        batch, and ``after`` more physical batches of this logical batch come before its step
+        (or, with ``size`` None, the loop over them ended with ``after`` never taken)."""
+        if size is not None and logical.draw != self._draws:
+            raise LoopOrderError(
+                "a physical batch of an earlier logical batch of engine.data_loader, after a "
+                "later one was drawn (zip of two loaders, or next() on the loader twice before "
+                "the step): one step would sum two Poisson samples, counting examples in both "
+                "twice, while the ledger charges one. Take one logical batch, run its physical "
+                "batches, step, then take the next"
+            )
+        if size is not None and logical.iterations > 1:
+            raise LoopOrderError(
+                "a logical batch of engine.data_loader iterated a second time (two passes or "
+                "views, each with its own backward, or a second step on it): each example "
+                "would be clipped and added twice (2R while the noise is for R), or used by "
+                "two steps the ledger charges as two Poisson samples. Compute every view's "
+                "loss in one backward per physical batch, and step once per logical batch"
+            )
         if self._recorder.expected is not None and not self._clipped_this_batch:
             self._sample_cut = True  # the previous physical batch got no backward
         if size is None and after:
