@@ -291,6 +291,8 @@ def test_poisson_batch_sampler_splits_each_logical_batch_and_replays_an_epoch():
         (dict(gradient_checkpointing=True), "gradient_checkpointing is not supported"),
         (dict(auto_find_batch_size=True), "auto_find_batch_size"),
         (dict(ignore_data_skip=True), "draw its first Poisson samples again"),
+        (dict(accelerator_config={"dispatch_batches": True}), "deal out batches of several"),
+        (dict(include_num_input_tokens_seen=True), "tells each Poisson sample's size"),
     ],
 )
 def test_settings_that_break_dp_are_refused(tmp_path, settings, message):
@@ -298,6 +300,29 @@ def test_settings_that_break_dp_are_refused(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         _trainer(tmp_path, model=model, **settings)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_train_dataloader_of_a_subclass_is_refused_before_any_step(tmp_path):
+    """A sampler of its own (class-balanced, shuffled) is not the sampling the ledger charges."""
+
+    class OwnLoader(DPTrainer):
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(
+                self.train_dataset, batch_size=16, shuffle=True, collate_fn=self.data_collator
+            )
+
+    trainer = OwnLoader(model=_gpt2(), args=_args(tmp_path, max_steps=2),
+                        train_dataset=_counting(64), data_collator=default_data_collator,
+                        privacy_args=PrivacyArguments(noise_multiplier=1.0))  # fmt: skip
+    with pytest.raises(ValueError, match="not the Poisson-sampled one"):
+        trainer.train()
+    assert trainer.privacy_engine is None and trainer.state.global_step == 0
+
+
+def test_the_logged_flos_tell_nothing_of_the_sample_sizes(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=2, privacy=PrivacyArguments(noise_multiplier=1.0))
+    trainer.train()
+    assert trainer.state.total_flos == 0
 
 
 def test_an_unsupported_model_is_refused_naming_the_module(tmp_path):

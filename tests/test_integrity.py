@@ -994,3 +994,18 @@ def test_a_first_batch_of_one_example_leaves_the_check_to_the_next_batch():
     with pytest.raises(dpclip.SelfCheckError):
         opt.step()
     assert engine.steps_taken == 1
+
+
+def test_another_optimizer_stepping_a_managed_parameter_before_the_noise_is_refused():
+    """Its .grad holds the clipped sum without noise until the engine's optimizer steps."""
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    engine, opt = _engine(model)
+    other = torch.optim.SGD(model[0].parameters(), lr=1.0)  # made after attach
+    before = _snapshot(model)
+    F.cross_entropy(model(_x(B, D)), _y()).backward()
+    with pytest.raises(dpclip.LoopOrderError, match="not the engine's"):
+        other.step()
+    _assert_unchanged(model, engine, before)
+    opt.step()  # the engine's own step adds the noise; after it, any optimizer may step
+    other.step()
+    assert engine.steps_taken == 1

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.amp.grad_scaler import OptState
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dpclip import _selfcheck, accounting, distributed
 from dpclip._bookkeeping import Accumulator
@@ -287,6 +288,7 @@ class PrivacyEngine:
             self.model.register_forward_hook(self._forward_ends, with_kwargs=True),
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
+            register_optimizer_step_pre_hook(self._other_optimizer_step),
         ]
         self.attached = True
 
@@ -474,6 +476,22 @@ class PrivacyEngine:
             self._noise.add_(grads)
         world.all_reduce_(grads)
         torch._foreach_mul_(grads, scale)
+
+    def _other_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Refuse another optimizer's step on a parameter this engine manages: its .grad
+        holds clipped sums without their noise until this engine's optimizer steps."""
+        if optimizer is self.optimizer or not self._micro_batches:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in self._managed and p.grad is not None:
+                    raise LoopOrderError(
+                        f"{type(optimizer).__name__}.step() on a parameter this PrivacyEngine "
+                        "manages, from an optimizer that is not the engine's: its gradient is "
+                        "the clipped sum without noise until the engine's optimizer steps, so "
+                        "this update would not be private. Give the engine the optimizer that "
+                        "steps these parameters (one optimizer, with param groups)"
+                    )
 
     def _may_step(self, unscaled: torch.optim.Optimizer | None = None) -> None:
         """Refuse the step (before anything changes) if it would not be private or allowed;

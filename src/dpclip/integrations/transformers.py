@@ -163,6 +163,7 @@ class _StepBegins(TrainerCallback):
         self.trainer = trainer
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._check_loader(kwargs.get("train_dataloader"))
         self.trainer._attach(self.trainer.model_wrapped)
         self.trainer._examples_in_step = self.trainer._batches_in_step = 0
 
@@ -209,6 +210,7 @@ class DPTrainer(Trainer):
         if self._sampling_seed is None:
             self._sampling_seed = secrets.randbits(62)
         self._handles: list[Any] = []
+        self._sampler: PoissonBatchSampler | None = None
         self.add_callback(_StepBegins(self))
 
     # ------------------------------------------------------------------------ refusals
@@ -240,6 +242,18 @@ class DPTrainer(Trainer):
             )
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             problems.append("DeepSpeed and FSDP (sharded parameters) are not supported")
+        config = getattr(args, "accelerator_config", None)
+        if getattr(config, "dispatch_batches", None) or getattr(config, "split_batches", None):
+            problems.append(
+                "accelerator_config dispatch_batches / split_batches: rank 0 would deal out "
+                "batches of several draws, not each rank's share of one Poisson sample; leave "
+                "them unset"
+            )
+        if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None):
+            problems.append(
+                "include_num_input_tokens_seen logs the tokens of every step, which tells "
+                "each Poisson sample's size without noise; turn it off"
+            )
         if problems:
             raise ValueError("DPTrainer: " + "; ".join(problems))
 
@@ -282,11 +296,28 @@ class DPTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )  # fmt: skip
+        self._sampler = sampler
         loader = self.accelerator.prepare(loader)
         shard = getattr(loader, "batch_sampler", None)  # accelerate's wrapper: a passthrough
         if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
             shard.num_processes, shard.process_index = 1, 0
         return loader
+
+    def _check_loader(self, loader: Any) -> None:
+        """The training loop's loader must be the one :meth:`get_train_dataloader` built: a
+        subclass's own (a weighted sampler, a shuffled one) is not the Poisson sampling the
+        ledger charges."""
+        sampler = getattr(loader, "batch_sampler", None)
+        if self._sampler is not None and self._sampler in (
+            sampler, getattr(sampler, "batch_sampler", None)
+        ):
+            return
+        raise ValueError(
+            "DPTrainer: the training loop's train dataloader is not the Poisson-sampled one "
+            "DPTrainer.get_train_dataloader builds (a subclass overriding it, with its own "
+            "sampler?): the ledger's ε holds only for that sampling. Transform examples in "
+            "the dataset or the data collator instead"
+        )
 
     # ------------------------------------------------------------------------ the step
     def training_step(
@@ -380,7 +411,7 @@ class DPTrainer(Trainer):
         return prepare(labels=labels)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        return 0 if isinstance(inputs, _Empty) else super().floating_point_ops(inputs)
+        return 0  # summed into total_flos, it would tell how many examples were sampled
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
         return None  # max_grad_norm clips the noisy update, in the optimizer's step (below)
