@@ -1127,3 +1127,33 @@ def test_a_compiled_model_trains_exactly_like_the_eager_one():
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.equal(run(compiled=True), run(compiled=False))
+
+
+def test_a_new_engine_on_a_model_an_earlier_one_trained_warns_unless_it_continues_its_ledger():
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+
+    def engine_step(state=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = dpclip.PrivacyEngine(
+            model, opt, sample_size=100, batch_size=4, steps=5, noise_multiplier=1.0
+        )
+        if state is not None:
+            engine.load_state_dict(state)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        engine.detach()
+        return engine
+
+    first = engine_step()
+    with pytest.warns(
+        UserWarning, match=r"already trained by 1 earlier PrivacyEngine\(s\) \(1 steps"
+    ):
+        engine_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        continued = engine_step(first.state_dict())
+    assert continued.steps_taken == 2

@@ -281,7 +281,7 @@ def test_a_step_over_examples_of_two_passes_or_two_draws_is_refused_as_it_iterat
         match = "iterated a second time"
     elif how == "zip of two loaders":
         other = engine.data_loader(data, generator=torch.Generator().manual_seed(1))
-        second, _ = next(zip(draws, other))  # the loader's draw, then the other's
+        second, _ = next(zip(draws, other, strict=True))  # the loader's draw, then the other's
         match = "an earlier logical batch"
     else:
         second, first = first, next(draws)

@@ -50,6 +50,11 @@ from dpclip.noise import GaussianNoise, release_buffers
 
 _REGISTRY = default_registry()
 _STATE_VERSION = 1
+# the ledgers of engines that trained a model, by model: a new engine on it warns that its
+# own ledger starts at 0 (the steps before stay spent)
+_TRAINED: weakref.WeakKeyDictionary[nn.Module, list[accounting.PrivacyLedger]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def register_layer(
@@ -231,7 +236,25 @@ class PrivacyEngine:
             or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)
         ]  # fmt: skip
         self._sink: dict[nn.Parameter, Tensor] | None = None  # norms, while self-checking
+        self._earlier = [ledger for ledger in _TRAINED.get(self.model, []) if ledger.steps]
+        _TRAINED.setdefault(self.model, []).append(self.ledger)
         self._attach()
+
+    def _warn_if_trained_before(self) -> None:
+        """At the first step of a fresh ledger (not one loaded from a state)."""
+        earlier, self._earlier = self._earlier, []
+        if earlier:
+            steps = sum(ledger.steps for ledger in earlier)
+            eps = ", ".join(f"{ledger.epsilon(self.target_delta):.3g}" for ledger in earlier)
+            warnings.warn(
+                f"dpclip: this model was already trained by {len(earlier)} earlier "
+                f"PrivacyEngine(s) ({steps} steps, ε={eps} at δ={self.target_delta:g}); this "
+                "engine's ledger starts at 0, so on the same data the privacy spent is both "
+                "together. To continue a run, give this engine the earlier one's state "
+                "(engine.load_state_dict(old.state_dict()))",
+                UserWarning,
+                stacklevel=5,
+            )
 
     # ----------------------------------------------------------------------------- wiring
     def _calibrate(self) -> float:
@@ -288,7 +311,7 @@ class PrivacyEngine:
             self.model.register_forward_hook(self._forward_ends, with_kwargs=True),
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
-            register_optimizer_step_pre_hook(self._other_optimizer_step),
+            _weak_global_step_hook(self),
         ]
         self.attached = True
 
@@ -556,12 +579,16 @@ class PrivacyEngine:
             )
         if self._micro_batches == 0:  # an empty logical batch: the step is the noise alone,
             self._check_fresh_grads()  # not the last step's gradient again
+        if self._earlier and not self.ledger.steps:
+            self._warn_if_trained_before()
         allowed = self._allowed_steps()
         if self.ledger.steps + 1 > allowed:
             raise PrivacyBudgetExceeded(
                 f"step {self.ledger.steps + 1} would exceed the privacy budget "
                 f"({self._budget_text()}, {allowed} steps); the parameters are unchanged. "
-                "Create a new PrivacyEngine with a larger plan to train longer."
+                "What was spent stays spent: a new PrivacyEngine's ledger would start at 0, "
+                "and the two runs' ε add up on the same data. Plan the whole run's budget "
+                "(epochs or steps) from the start."
             )
         if self._check_pending and self._examples_in_step:  # none: nothing to check yet
             self._check_first_batch()
@@ -944,6 +971,21 @@ class PrivacyEngine:
         self.ledger.load_state_dict(state["ledger"])
         self._noise.load_state_dict(state["noise"])
         self._budget_steps = None
+
+
+def _weak_global_step_hook(engine: PrivacyEngine) -> Any:
+    """Every optimizer's step pre-hook, holding ``engine`` weakly (an engine dropped without
+    detach() is collected, and its hook removed, as before)."""
+    ref = weakref.ref(engine)
+
+    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+        alive = ref()
+        if alive is not None:
+            alive._other_optimizer_step(optimizer, args, kwargs)
+
+    handle = register_optimizer_step_pre_hook(hook)
+    weakref.finalize(engine, handle.remove)
+    return handle
 
 
 def _checked_scaler(scaler: Any, world: distributed.World | None) -> Any:

@@ -309,7 +309,8 @@ class DPTrainer(Trainer):
         ledger charges."""
         sampler = getattr(loader, "batch_sampler", None)
         if self._sampler is not None and self._sampler in (
-            sampler, getattr(sampler, "batch_sampler", None)
+            sampler,
+            getattr(sampler, "batch_sampler", None),
         ):
             return
         raise ValueError(
