@@ -331,6 +331,32 @@ def test_a_conv_subclass_computing_in_conv_forward_takes_the_fallback_and_is_exa
     assert "take the generic per-example fallback" in capsys.readouterr().err
 
 
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass with a parameter of its own, used in the forward it inherits through
+    a hook: the Linear rule would give ``gain`` the bias's gradient."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_features, dtype=torch.float64))
+        self.register_forward_hook(lambda m, a, out: out * m.gain)
+
+
+def test_a_layer_subclass_with_a_parameter_of_its_own_takes_the_fallback_and_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ScaledLinear(4, 3).double(), nn.Tanh(), nn.Linear(3, 3).double())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    _assert_one_step_equals_naive_loop(model, x, y)
+
+
+def test_complex_parameters_of_a_ruled_layer_are_refused_at_attach():
+    model = nn.Sequential(nn.Linear(3, 2, dtype=torch.complex64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(dpclip.UnsupportedModuleError, match="complex parameters"):
+        dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1,
+                             noise_multiplier=1.0)  # fmt: skip
+    assert all(p.requires_grad for p in model.parameters())
+
+
 @pytest.mark.parametrize("container", ["list", "dict"])
 def test_parameters_in_a_parameter_list_or_dict_take_the_parents_fallback(container):
     """The container has no call of its own: its parameters are read by the parent's forward,

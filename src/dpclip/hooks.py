@@ -209,7 +209,9 @@ class Recorder:
                 module.register_forward_pre_hook(self._capture_start, with_kwargs=True)
             )
         for module in modules:
-            self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
+            self._handles.append(  # first: the layer's own output, before any hook of the user
+                module.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
+            )
         # after the layers' hooks: the root may be a recorded layer itself
         self._handles.append(root.register_forward_hook(self._exit_root, always_call=True))
 

@@ -49,6 +49,17 @@ def _fallback_refusal(module: nn.Module) -> str | None:
     return None
 
 
+_COMPLEX = (
+    "it has complex parameters, and its layer rule computes real per-example gradients (the "
+    "imaginary part would be dropped); train it with real parameters"
+)
+
+
+def _rule_names(own: list[tuple[str, nn.Parameter]]) -> bool:
+    """Whether a subclass of a ruled layer owns only the parameters such layers have."""
+    return all(n in ("weight", "bias") for n, _ in own)
+
+
 def _attach_refusal(module: nn.Module) -> str | None:
     """Why a module whose weights no rule can follow is refused at attach, with the fix: weights
     computed from other parameters, or a PEFT adapter without a per-example form. None if it
@@ -170,8 +181,12 @@ def assign_rules(model: nn.Module, registry: LayerRegistry) -> Assignment:
         if not own and module not in lifted:
             continue
         rule = registry.rule_for(module) if own and module not in lifted else None
+        if rule is not None and registry.inherited(module) and not _rule_names(own):
+            rule = None  # a subclass with parameters of its own: its rule knows only the base's
         if rule is None:
             unruled.append((path, module))
+        elif any(p.is_complex() for _, p in own):
+            problems.append(Unsupported(path, type(module).__name__, _COMPLEX))
         elif rule.check is not None and (reason := rule.check(module)):
             problems.append(Unsupported(path, type(module).__name__, reason))
         else:

@@ -124,6 +124,11 @@ class LayerRegistry:
                 return rule if cls is own or same else None
         return None
 
+    def inherited(self, module: nn.Module) -> bool:
+        """Whether ``module``'s rule (if any) was registered for a base class of its type."""
+        own = type(module)
+        return own not in self._rules and f"{own.__module__}.{own.__qualname__}" not in self._rules
+
     def __contains__(self, module_type: type | str) -> bool:
         if isinstance(module_type, type):
             return module_type in self._rules or (
