@@ -348,6 +348,17 @@ def test_a_layer_subclass_with_a_parameter_of_its_own_takes_the_fallback_and_is_
     _assert_one_step_equals_naive_loop(model, x, y)
 
 
+def test_a_users_forward_hook_on_a_layer_equals_the_naive_loop():
+    """A pruning mask applied by a hook registered before attach: dpclip records the layer's
+    own output, and the mask acts downstream of it (pruned rows get no gradient)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    model[0].register_forward_hook(lambda m, a, out: out * mask)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    _assert_one_step_equals_naive_loop(model, x, y)
+
+
 def test_complex_parameters_of_a_ruled_layer_are_refused_at_attach():
     model = nn.Sequential(nn.Linear(3, 2, dtype=torch.complex64))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
