@@ -1194,3 +1194,17 @@ def test_a_new_engine_on_a_model_an_earlier_one_trained_warns_unless_it_continue
         warnings.simplefilter("error")
         continued = engine_step(first.state_dict())
     assert continued.steps_taken == 2
+
+
+def test_deep_copying_an_attached_model_is_refused_with_the_fix():
+    import copy
+
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1.0
+    )
+    with pytest.raises(TypeError, match="before creating the engine .* or after engine.detach"):
+        copy.deepcopy(model)
+    engine.detach()
+    assert isinstance(copy.deepcopy(model), nn.Linear)

@@ -557,8 +557,9 @@ class PrivacyEngine:
         if self._sample_cut:
             raise LoopOrderError(
                 "optimizer.step() after a logical batch of engine.data_loader whose physical "
-                "batches did not all get a backward (a break, a batch skipped, or "
-                "optimizer.zero_grad() between them, which drops the ones before): the examples "
+                "batches did not all get a backward (a break, a batch skipped, "
+                "optimizer.zero_grad() between them, which drops the ones before, or batches "
+                "taken ahead of their backward, as list(logical_batch) does): the examples "
                 "left out depend on which others were sampled, so the step's sample is not the "
                 "Poisson sample the ledger counts. Run every physical batch of the logical "
                 "batch, then step; call optimizer.zero_grad() to drop this one"

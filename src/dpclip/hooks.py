@@ -215,6 +215,13 @@ class Recorder:
         # after the layers' hooks: the root may be a recorded layer itself
         self._handles.append(root.register_forward_hook(self._exit_root, always_call=True))
 
+    def __deepcopy__(self, memo: dict) -> Recorder:
+        raise TypeError(
+            "dpclip: a model with a PrivacyEngine attached cannot be deep-copied (its hooks "
+            "belong to the engine). Copy it before creating the engine (an EMA or SWA "
+            "AveragedModel too), or after engine.detach()"
+        )
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
