@@ -101,6 +101,9 @@ def test_read_idx_returns_the_stored_array(tmp_path):
         (bytes([0, 0, 0x0D, 1, 0, 0, 0, 1]) + bytes(4), "unsupported IDX data type 0x0d"),
         (bytes([0, 0, 8, 3, 0, 0]), "truncated IDX header"),
         (bytes([0, 0, 8, 1, 0, 0, 0, 5, 1, 2]), r"says \(5,\) = 5 values, file holds 2"),
+        # 2⁶⁴ values: the product wrapped to 0 in int64 and matched the empty payload
+        (bytes([0, 0, 8, 4]) + bytes([0, 1, 0, 0]) * 4, r"= 18446744073709551616 values, file"),
+        (bytes([0, 0, 8, 200]) + bytes(800), "IDX header gives 200 dimensions, at most 32"),
     ],
 )
 def test_corrupt_idx_file_raises_with_the_reason(tmp_path, payload, message):
@@ -116,6 +119,22 @@ def test_broken_gzip_is_reported_as_corrupt(tmp_path):
     path.write_bytes(b"this is not gzip")
     with pytest.raises(CorruptDataset, match="cannot read IDX file"):
         read_idx(path)
+
+
+def test_damaged_deflate_stream_is_reported_as_corrupt(tmp_path):
+    """zlib.error is no OSError: it used to escape as a raw traceback."""
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    packed = gzip.compress(bytes([0, 0, 8, 1, 0, 0, 1, 0]) + bytes(256))
+    path.write_bytes(packed[:10] + b"\xff" * 10 + packed[20:])
+    with pytest.raises(CorruptDataset, match="cannot read IDX file"):
+        read_idx(path)
+
+
+def test_images_without_pixels_are_corrupt(tmp_path):
+    _idx_set(tmp_path, gz=False)
+    _write_idx(tmp_path / IDX_STEMS["train_images"], np.zeros((6, 0, 0), np.uint8), gz=False)
+    with pytest.raises(CorruptDataset, match="train images of 0×0 pixels"):
+        load_dataset("mnist", data_dir=tmp_path)
 
 
 def test_image_label_count_mismatch_is_corrupt(tmp_path):
@@ -149,6 +168,75 @@ def test_missing_idx_files_say_where_to_put_them_and_how_to_download(tmp_path):
     assert str(tmp_path / "mnist") in message and "--download" in message
     assert "\n" not in message
     assert isinstance(err.value, FileNotFoundError)
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_idx_files_split_between_two_folders_are_refused_not_mixed(tmp_path):
+    """Three files in ROOT/mnist, the fourth in ROOT: they may be of two data sets."""
+    _idx_set(tmp_path / "mnist")
+    (tmp_path / "mnist" / f"{IDX_STEMS['test_labels']}.gz").rename(
+        tmp_path / f"{IDX_STEMS['test_labels']}.gz"
+    )
+    before = _listing(tmp_path)
+    with pytest.raises(DatasetNotFound) as err:
+        load_dataset("mnist", data_dir=tmp_path)
+    message = str(err.value)
+    assert f"the four files are split between {tmp_path / 'mnist'} (train-images" in message
+    assert f"and {tmp_path} (t10k-labels-idx1-ubyte)" in message
+    assert "put them all in" in message and "--download" in message and "\n" not in message
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("complete", ["root", "subfolder"])
+def test_all_four_idx_files_come_from_the_one_complete_folder(tmp_path, complete):
+    """A stray file in the other folder used to replace the complete folder's own."""
+    full, stray = (tmp_path, tmp_path / "mnist")
+    if complete == "subfolder":
+        full, stray = stray, full
+    arrays = _idx_set(full, seed=0)
+    stray.mkdir(exist_ok=True)
+    _write_idx(stray / IDX_STEMS["train_images"], np.zeros((6, 28, 28), np.uint8), gz=False)
+    train, _, info = load_dataset("mnist", data_dir=tmp_path)
+    expected = torch.from_numpy(arrays["train_images"].astype(np.float32) / 255)[:, None]
+    assert torch.equal(train.tensors[0], expected) and info.source == str(full)
+
+
+def test_fashion_mnist_refuses_the_published_mnist_files_and_mnist_the_fashion_ones(
+    tmp_path, monkeypatch
+):
+    """The two sets share names and shapes; the published .gz files differ in MD5. Our tiny files
+    stand in for the published ones by taking their place among the known checksums."""
+    from dpclip import datasets
+
+    _idx_set(tmp_path)
+    ours = {key: datasets._md5(tmp_path / f"{stem}.gz") for key, stem in IDX_STEMS.items()}
+    sources = datasets._IDX_SOURCES
+    monkeypatch.setitem(sources, "mnist", (sources["mnist"][0], ours))
+    load_dataset("mnist", data_dir=tmp_path)  # its own files
+    before = _listing(tmp_path)
+    with pytest.raises(DatasetError) as err:
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    assert str(err.value).startswith(
+        f"{tmp_path / 'train-images-idx3-ubyte.gz'} is the mnist file, not fashion-mnist's"
+    )
+    assert "--download" in str(err.value) and _listing(tmp_path) == before
+
+    monkeypatch.setitem(sources, "mnist", (sources["mnist"][0], dict.fromkeys(ours, "0" * 32)))
+    monkeypatch.setitem(sources, "fashion-mnist", (sources["fashion-mnist"][0], ours))
+    load_dataset("fashion-mnist", data_dir=tmp_path)
+    with pytest.raises(DatasetError, match="is the fashion-mnist file, not mnist's"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_the_published_mnist_and_fashion_mnist_checksums_differ_file_by_file():
+    from dpclip.datasets import _IDX_SOURCES
+
+    mnist, fashion = _IDX_SOURCES["mnist"][1], _IDX_SOURCES["fashion-mnist"][1]
+    assert mnist.keys() == fashion.keys() == IDX_STEMS.keys()
+    assert not set(mnist.values()) & set(fashion.values())
 
 
 # --------------------------------------------------------------------------------------- CIFAR
@@ -218,6 +306,15 @@ def test_cifar_pickle_cannot_run_code(tmp_path):
         (
             pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]}),
             "2 integer labels",
+        ),
+        (
+            pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[1], [1, 2]]}),
+            "labels are not a list of integers",
+        ),
+        # codecs.encode with an unknown encoding raises LookupError, which used to escape
+        (
+            b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00nopex\x86R.",
+            "unknown encoding",
         ),
     ],
 )

@@ -2,7 +2,9 @@
 
 - ``digits``: scikit-learn's embedded 8×8 handwritten digits (no download; needs the ``examples``
   extra), split 80/20 stratified with a fixed seed.
-- ``mnist`` / ``fashion-mnist``: the IDX files ``train-images-idx3-ubyte(.gz)`` etc.
+- ``mnist`` / ``fashion-mnist``: the IDX files ``train-images-idx3-ubyte(.gz)`` etc., all four
+  from one folder. The two sets share file names and shapes: the published ``.gz`` files of the
+  other set are refused (by MD5); uncompressed or recompressed ones cannot be told apart.
 - ``cifar10``: the python pickle batches in ``cifar-10-batches-py/``.
 
 Images become float32 tensors of shape (N, C, H, W) scaled to [0, 1] with a fixed (data
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,13 +76,16 @@ def load_dataset(
 ) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
     """Load ``name`` as (train, test, info); images (N, C, H, W) float32 in [0, 1].
 
-    Files are looked for in ``data_dir`` and in ``data_dir/<name>``; with ``download=True`` missing
-    files are fetched from the standard public URLs into ``data_dir/<name>`` first.
+    Files are looked for in ``data_dir/<name>``, then ``data_dir`` (MNIST-format sets: all four
+    in one of them, never mixed); with ``download=True`` missing files are fetched from the
+    standard public URLs into ``data_dir/<name>`` first.
 
     Raises:
         ValueError: unknown name.
-        DatasetNotFound: files missing (the message names the folder and the ``--download`` fix).
+        DatasetNotFound: files missing, or split between two folders (the message names the
+            folders and the ``--download`` fix).
         CorruptDataset: a file is not valid in its format.
+        DatasetError: a published file of the other MNIST-format set.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
@@ -146,6 +153,7 @@ _IDX_SOURCES = {
     ),
 }
 _IDX_DTYPES = {0x08: np.uint8}  # the only type the MNIST-family files use
+_IDX_MAX_DIMS = 32  # numpy's least limit (numpy 1)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -159,18 +167,22 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise CorruptDataset(f"{path}: cannot read IDX file ({err})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise CorruptDataset(f"{path}: not an IDX file (bad magic number)")
     type_code, ndim = raw[2], raw[3]
     if type_code not in _IDX_DTYPES:
         raise CorruptDataset(f"{path}: unsupported IDX data type 0x{type_code:02x}")
+    if ndim > _IDX_MAX_DIMS:
+        raise CorruptDataset(
+            f"{path}: IDX header gives {ndim} dimensions, at most {_IDX_MAX_DIMS} supported"
+        )
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
         raise CorruptDataset(f"{path}: truncated IDX header")
     dims = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)
     if len(raw) - header != expected:
         raise CorruptDataset(
             f"{path}: IDX header says {dims} = {expected} values, file holds {len(raw) - header}"
@@ -178,33 +190,65 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=_IDX_DTYPES[type_code], offset=header).reshape(dims)
 
 
-def _find_idx(stem: str, folders: list[Path]) -> Path | None:
-    for folder in folders:
-        for candidate in (folder / stem, folder / f"{stem}.gz"):
-            if candidate.is_file():
-                return candidate
+def _find_idx(stem: str, folder: Path) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
     return None
+
+
+def _idx_folder(name: str, root: Path, download: bool) -> dict[str, Path]:
+    """The four files, all from one folder: ``root/name`` or ``root``, fetched into the first
+    with ``download``. Files of two folders are never mixed: they may be of two data sets."""
+    folders = [root / name, root]
+    found = {f: {key: _find_idx(stem, f) for key, stem in _IDX_FILES.items()} for f in folders}
+    complete = next((f for f in folders if all(found[f].values())), None)
+    if complete is not None:
+        return found[complete]
+    if download:
+        mirrors, md5s = _IDX_SOURCES[name]
+        paths = found[folders[0]]
+        for key, stem in _IDX_FILES.items():
+            if paths[key] is None:
+                paths[key] = root / name / f"{stem}.gz"
+                _download([m + f"{stem}.gz" for m in mirrors], paths[key], md5s[key])
+        return paths
+    held = {f: [_IDX_FILES[k] for k, p in found[f].items() if p] for f in folders}
+    if all(held.values()) and all(found[folders[0]][k] or found[folders[1]][k] for k in _IDX_FILES):
+        raise DatasetNotFound(
+            f"{name}: the four files are split between {folders[0]} ({', '.join(held[folders[0]])})"
+            f" and {folders[1]} ({', '.join(held[folders[1]])}); files of two folders may be of two "
+            f"data sets, so all four must come from one: put them all in {folders[0]}, or fetch "
+            "the missing ones there with download=True (dpclip train --download)"
+        )
+    base = next((f for f in folders if held[f]), folders[0])
+    missing = [stem for key, stem in _IDX_FILES.items() if found[base][key] is None]
+    raise DatasetNotFound(
+        f"{name}: missing {', '.join(missing)} (.gz or not) in {base}; all four files must be in "
+        f"{folders[0]} or all in {folders[1]}: put them there, or fetch them with download=True "
+        "(dpclip train --download)"
+    )
+
+
+def _refuse_the_other_set(name: str, paths: dict[str, Path]) -> None:
+    """MNIST and Fashion-MNIST files have the same names and shapes; the published .gz files are
+    told apart by their MD5. Uncompressed or recompressed files cannot be, and are taken as they
+    are."""
+    other = next(n for n in _IDX_SOURCES if n != name)
+    for key, path in paths.items():
+        if path.suffix == ".gz" and _md5(path) == _IDX_SOURCES[other][1][key]:
+            raise CorruptDataset(
+                f"{path} is the {other} file, not {name}'s: put the {name} files in "
+                f"{path.parent}, or remove the {other} files there and fetch {name}'s with "
+                "download=True (dpclip train --download)"
+            )
 
 
 def _load_idx_set(
     name: str, root: Path, download: bool
 ) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
-    folders = [root / name, root]
-    paths = {key: _find_idx(stem, folders) for key, stem in _IDX_FILES.items()}
-    if any(p is None for p in paths.values()) and download:
-        mirrors, md5s = _IDX_SOURCES[name]
-        for key, stem in _IDX_FILES.items():
-            if paths[key] is None:
-                target = root / name / f"{stem}.gz"
-                _download([m + f"{stem}.gz" for m in mirrors], target, md5s[key])
-                paths[key] = target
-    missing = [stem for key, stem in _IDX_FILES.items() if paths[key] is None]
-    if missing:
-        raise DatasetNotFound(
-            f"{name}: missing {', '.join(missing)} (.gz or not) in {root / name} or {root}; "
-            "put the files there, or fetch them with download=True (dpclip train --download)"
-        )
-    found = {key: p for key, p in paths.items() if p is not None}
+    found = _idx_folder(name, root, download)
+    _refuse_the_other_set(name, found)
     splits = []
     for split in ("train", "test"):
         images = read_idx(found[f"{split}_images"])
@@ -213,6 +257,11 @@ def _load_idx_set(
             raise CorruptDataset(
                 f"{name}: expected 3-d images and 1-d labels, got shapes {images.shape} and "
                 f"{labels.shape} ({found[f'{split}_images']}, {found[f'{split}_labels']})"
+            )
+        if 0 in images.shape[1:]:
+            raise CorruptDataset(
+                f"{name}: {split} images of {images.shape[1]}×{images.shape[2]} pixels "
+                f"({found[f'{split}_images']})"
             )
         if len(images) != len(labels):
             raise CorruptDataset(f"{name}: {len(images)} {split} images but {len(labels)} labels")
@@ -268,15 +317,20 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
             batch = _ArrayUnpickler(fh, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+    except OSError as err:
+        raise CorruptDataset(f"{path}: cannot read ({err.strerror or err})") from err
+    except Exception as err:  # a damaged pickle fails in many ways, all of them "not a batch"
         raise CorruptDataset(f"{path}: not a CIFAR-10 python batch ({err})") from err
     if not isinstance(batch, dict):
         raise CorruptDataset(f"{path}: not a CIFAR-10 python batch (no dictionary)")
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    batch = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or labels is None:
         raise CorruptDataset(f"{path}: CIFAR-10 batch lacks 'data' array or 'labels'")
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError, OverflowError) as err:  # e.g. lists of unequal lengths
+        raise CorruptDataset(f"{path}: CIFAR-10 labels are not a list of integers") from err
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise CorruptDataset(
             f"{path}: expected uint8 data of shape (n, 3072), got {data.dtype} {data.shape}"

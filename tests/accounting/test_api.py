@@ -36,6 +36,18 @@ def test_no_noise_means_infinite_epsilon_and_no_steps_mean_zero(accountant):
     assert get_epsilon(**{**GOOD, "steps": 0}, accountant=accountant) == 0.0
 
 
+@pytest.mark.parametrize("accountant", ["pld", "rdp", "gdp"])
+def test_noise_too_small_to_account_for_is_refused_or_infinite_never_zero(accountant):
+    """dp_accounting's RDP overflowed to ε = 0 from σ ≈ 1e-152 on: such σ is refused. The PLD's
+    grid would need intervals it cannot compute below σ ≈ 2e-4: ∞, a valid bound, there."""
+    with pytest.raises(ValueError, match="expected noise_multiplier = 0 or >= 1e-100, got 1e-153"):
+        get_epsilon(**{**GOOD, "noise_multiplier": 1e-153}, accountant=accountant)
+    tiny = get_epsilon(**{**GOOD, "noise_multiplier": 1e-4}, accountant=accountant)
+    assert tiny == math.inf if accountant != "rdp" else 1e8 < tiny < math.inf
+    if accountant == "pld":  # the smallest σ it computes: one step's loss spans 10⁶
+        assert 1e6 < get_epsilon(**{**GOOD, "noise_multiplier": 1e-3}) < math.inf
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

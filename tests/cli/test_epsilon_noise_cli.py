@@ -68,6 +68,9 @@ def test_noise_plain_text_names_gdp_an_approximation(capsys):
          "expected --sigma > 0 and finite, got 0.0"),
         (["epsilon", "--sigma", "-2", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5"],
          "expected --sigma > 0 and finite, got -2.0"),
+        (["epsilon", "--sigma", "1e-300", "--sample-rate", "0.1", "--steps", "10", "--delta",
+          "1e-5"], "--sigma 1e-300 is below 1e-100, where the accountants overflow and the noise "
+                   "protects nothing; use a larger --sigma"),
         (["epsilon", "--sigma", "1", "--sample-rate", "0", "--steps", "10", "--delta", "1e-5"],
          "expected --sample-rate in (0, 1], got 0.0"),
         (["epsilon", "--sigma", "1", "--sample-rate", "0.1", "--steps", "0", "--delta", "1e-5"],
@@ -141,3 +144,38 @@ def test_the_calculator_plans_the_steps_and_sigma_the_engine_plans(capsys):
 def test_steps_for_epochs_refuses_a_bad_number_of_epochs(epochs):
     with pytest.raises(ValueError, match="epochs"):
         steps_for_epochs(epochs, 0.1)
+
+
+def test_noise_for_ten_million_steps_finishes_within_the_target(capsys):
+    """It used to run for minutes (dp_accounting's self-composition of a small grid)."""
+    assert main(["noise", "--epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.01",
+                 "--steps", "10000000", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    sigma, spent = report["noise_multiplier"]["pld"], report["epsilon"]["pld"]
+    assert 0.99 * 3 <= spent <= 3
+    # RDP, a looser bound computed without any grid, must not be below it
+    rdp = get_epsilon(noise_multiplier=sigma, sample_rate=0.01, steps=10**7, delta=1e-5,
+                      accountant="rdp")  # fmt: skip
+    assert spent <= rdp <= 1.2 * spent
+
+
+def test_epsilon_of_a_tiny_sigma_is_computed_not_out_of_memory(capsys):
+    """σ = 1e-3 used to build a grid of 10⁸ points per step."""
+    argv = ["epsilon", "--sigma", "1e-3", "--sample-rate", "1", "--steps", "100",
+            "--delta", "1e-5", "--accountant", "all", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    eps = json.loads(capsys.readouterr().out)["epsilon"]
+    # 100 steps of σ = 1e-3 at q = 1 are one Gaussian at σ = 1e-4: ε ≈ 1/(2σ²) = 5e7, and a bit
+    assert 5e7 < eps["pld"] < 1.001 * 5e7 < eps["rdp"]
+    assert eps["gdp"] == float("inf")  # the approximation overflows; the other two are shown
+
+
+def test_epsilon_too_large_to_compute_is_refused_with_the_reason(capsys):
+    argv = ["epsilon", "--sigma", "1e-4", "--sample-rate", "0.01", "--steps", "10",
+            "--delta", "1e-5", "--json"]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("dpclip epsilon: error: ε is infinite or beyond what the pld "
+                                   "accountant can compute for σ = 0.0001")  # fmt: skip
+    assert "use a larger --sigma" in captured.err

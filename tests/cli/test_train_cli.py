@@ -6,6 +6,7 @@ import csv
 import gzip
 import io
 import json
+import pickle
 import subprocess
 import sys
 
@@ -95,13 +96,11 @@ def test_run_writes_metrics_csv_checkpoint_and_curves(finished_run):
     assert "test accuracy" in proc.stdout and "ε = " in proc.stdout
 
 
-def test_interrupted_run_resumes_to_the_same_epsilon_and_model(finished_run, tmp_path):
-    out_full, _ = finished_run
-    out = tmp_path / "out"
+def _interrupted_in_second_epoch(monkeypatch, *args):
+    """``dpclip train *args`` stopped by Ctrl-C in its second epoch: one checkpoint written."""
     from dpclip.cli import _train_loop
 
-    calls = []
-    evaluate = _train_loop.evaluate
+    calls, evaluate = [], _train_loop.evaluate
 
     def interrupt_in_second_epoch(*args, **kwargs):
         calls.append(1)
@@ -109,12 +108,16 @@ def test_interrupted_run_resumes_to_the_same_epsilon_and_model(finished_run, tmp
             raise KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
-    _train_loop.evaluate = interrupt_in_second_epoch
-    try:
-        with torch.random.fork_rng():
-            assert main(["train", *FAST, "--output", str(out)]) == 130
-    finally:
-        _train_loop.evaluate = evaluate
+    with monkeypatch.context() as patch:
+        patch.setattr(_train_loop, "evaluate", interrupt_in_second_epoch)
+        proc = _train(*args)
+    assert proc.returncode == 130, proc.stderr
+
+
+def test_interrupted_run_resumes_to_the_same_epsilon_and_model(finished_run, tmp_path, monkeypatch):
+    out_full, _ = finished_run
+    out = tmp_path / "out"
+    _interrupted_in_second_epoch(monkeypatch, *FAST, "--output", str(out))
     # An interrupted run leaves a resumable checkpoint but nothing that looks complete.
     assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
     assert len(_read_csv(out / "metrics.csv")) == 1
@@ -182,19 +185,26 @@ def test_nonpositive_epsilon_exits_2_without_output(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_mnist_idx_files_train_a_cnn_with_progress_bar(tmp_path):
-    rng = np.random.default_rng(0)
+def _write_mnist(folder, seed=0, n_train=64, n_test=16, side=28):
+    """MNIST-format files (gzipped IDX) of random images and labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
     for stem, shape in [
-        ("train-images-idx3-ubyte", (64, 28, 28)),
-        ("train-labels-idx1-ubyte", (64,)),
-        ("t10k-images-idx3-ubyte", (16, 28, 28)),
-        ("t10k-labels-idx1-ubyte", (16,)),
+        ("train-images-idx3-ubyte", (n_train, side, side)),
+        ("train-labels-idx1-ubyte", (n_train,)),
+        ("t10k-images-idx3-ubyte", (n_test, side, side)),
+        ("t10k-labels-idx1-ubyte", (n_test,)),
     ]:
         high = 10 if len(shape) == 1 else 256
         array = rng.integers(0, high, shape, dtype=np.uint8)
         header = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
-        with gzip.open(tmp_path / f"{stem}.gz", "wb") as fh:
+        with gzip.open(folder / f"{stem}.gz", "wb") as fh:
             fh.write(header + array.tobytes())
+    return folder
+
+
+def test_mnist_idx_files_train_a_cnn_with_progress_bar(tmp_path):
+    _write_mnist(tmp_path)
     args = ("--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "cnn", "--epochs", "1")
     proc = _train(*args, "--batch-size", "16", "--physical-batch-size", "5", "--seed", "1")
     assert proc.returncode == 0, proc.stderr
@@ -218,6 +228,8 @@ def test_mnist_idx_files_train_a_cnn_with_progress_bar(tmp_path):
         (["--output", "{tmp}/file"], ["is a file; give a folder"]),
         (["--output", "/proc/version/run"], ["--output /proc/version/run: cannot create"]),
         (["--resume"], ["--resume needs --output"]),
+        (["--seed", str(2**70)], ["--seed must be an integer from -2**63 to 2**64 - 1, got 1180"]),
+        (["--seed", str(-(2**63) - 1)], ["--seed must be an integer from -2**63 to 2**64 - 1"]),
         (["--dataset", "mnist", "--data-dir", "{tmp}"], ["missing", "--download"]),
         (["--dataset", "cifar10", "--data-dir", "{tmp}"], ["cifar-10-batches-py", "--download"]),
     ],
@@ -323,3 +335,157 @@ def test_the_progress_bar_epsilon_is_current_from_the_first_step_and_not_recompu
     _train_loop._train_epoch(model, optimizer, Counting(), loader, Bar, "epoch 1")
     assert shown and shown[0] > 0  # not the 0.00 of before the epoch
     assert len(calls) == 1  # steps well within the refresh interval: computed once
+
+
+def _files(folder):
+    """Every file under ``folder`` with its bytes: what a refused command must leave as it was."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_on_other_data_of_the_same_size_is_refused_naming_both(tmp_path, monkeypatch):
+    """Same sizes, other images: the ledger and the model are of the first data set."""
+    first, other = _write_mnist(tmp_path / "a", seed=0), _write_mnist(tmp_path / "b", seed=1)
+    out = tmp_path / "out"
+    _interrupted_in_second_epoch(monkeypatch, *FAST, "--dataset", "mnist", "--data-dir",
+                                 str(first), "--batch-size", "16", "--output", str(out))  # fmt: skip
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["data"]
+    assert saved["source"] == str(first) and len(saved["fingerprint"]) == 16
+    before = _files(out)
+
+    proc = _train("--output", str(out), "--resume", "--no-progress", "--data-dir", str(other))
+    _assert_one_line_error(proc, "cannot resume: the saved run trained on other data",
+                           f"({first}, fingerprint {saved['fingerprint']}) than {other} "
+                           "(fingerprint ", "--data-dir")  # fmt: skip
+    assert _files(out) == before
+
+    proc = _train("--output", str(out), "--resume", "--no-progress", "--data-dir", str(first))
+    assert proc.returncode == 0, proc.stderr  # its own data resumes
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"]["fingerprint"] == saved["fingerprint"]
+
+
+def test_an_empty_test_set_is_refused_before_training(tmp_path):
+    """It used to end the whole run in a ZeroDivisionError when first scoring the model."""
+    data = _write_mnist(tmp_path / "data", n_test=0)
+    out = tmp_path / "out"
+    proc = _train(*FAST, "--dataset", "mnist", "--data-dir", str(data), "--output", str(out))
+    _assert_one_line_error(
+        proc, f"the test set of mnist in {data} is empty", "give files with both"
+    )
+    assert "epoch 1" not in proc.stdout and not any(out.iterdir())
+
+
+def test_a_run_that_died_before_writing_its_results_is_finished_by_resume(finished_run, tmp_path):
+    """Killed after the last checkpoint, before metrics.json: neither --resume ("already
+    complete") nor a fresh run ("already holds a run") used to work in that folder."""
+    full, _ = finished_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((full / "checkpoint.pt").read_bytes())
+    rows = (full / "metrics.csv").read_text().splitlines()
+    (out / "metrics.csv").write_text("\n".join(rows[:2]) + "\n")  # died before the last row, too
+    proc = _train("--output", str(out), "--resume", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "finished training; writing its results" in proc.stdout and "epoch 1/" not in proc.stdout
+    finished = json.loads((out / "metrics.json").read_text())
+    expected = json.loads((full / "metrics.json").read_text())
+    assert finished == {**expected, "dataset": finished["dataset"]}
+    assert (out / "metrics.csv").read_text() == (full / "metrics.csv").read_text()
+    assert (out / "curves.png").is_file()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2  # not retrained
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"epoch": "2"}, "its epoch '2' is not a whole number in 1..2"),
+        ({"epoch": 2.0}, "its epoch 2.0 is not a whole number in 1..2"),
+        ({"epoch": True}, "its epoch True is not a whole number in 1..2"),
+        ({"epoch": 0}, "its epoch 0 is not a whole number in 1..2"),
+        ({"epoch": -5}, "its epoch -5 is not a whole number in 1..2"),
+        ({"epoch": 7}, "its epoch 7 is not a whole number in 1..2"),
+        ({"epoch": 1}, "its history does not match its 1 epochs"),
+        ({"history": "x"}, "its history does not match its 2 epochs"),
+        ({"elapsed": None}, "its history does not match its 2 epochs"),
+        ({"config": [1]}, "is damaged (its config is not a table)"),
+    ],
+)
+def test_a_tampered_checkpoint_is_a_one_line_error_and_left_alone(finished_run, tmp_path, change,
+                                                                  fragment):  # fmt: skip
+    full, _ = finished_run
+    state = torch.load(full / "checkpoint.pt", weights_only=True)
+    state.update(change)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    before = _files(tmp_path)
+    proc = _train("--output", str(tmp_path), "--resume", "--no-progress")
+    _assert_one_line_error(proc, f"{tmp_path / 'checkpoint.pt'} is damaged", fragment,
+                           "start a fresh run with another --output")  # fmt: skip
+    assert _files(tmp_path) == before
+
+
+def test_a_checkpoint_whose_epoch_disagrees_with_its_ledger_is_refused(finished_run, tmp_path):
+    full, _ = finished_run
+    state = torch.load(full / "checkpoint.pt", weights_only=True)
+    state.update(epoch=1, history=state["history"][:1])  # one epoch, but the ledger holds two
+    torch.save(state, tmp_path / "checkpoint.pt")
+    before = _files(tmp_path)
+    proc = _train("--output", str(tmp_path), "--resume", "--no-progress")
+    _assert_one_line_error(proc, "it says 1 epochs but its privacy ledger holds 12 steps, not 6",
+                           "another --output")  # fmt: skip
+    assert _files(tmp_path) == before
+
+
+def _cifar_with_ragged_labels(root):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]:
+        labels = [[1], [1, 2]] if name == "test_batch" else [1, 2]
+        batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def _idx_header(*dims):
+    return bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragments"),
+    [
+        ("bad magic", ["not an IDX file (bad magic number)"]),
+        ("truncated header", ["truncated IDX header"]),
+        ("overflowing dims", ["= 18446744073709551616 values, file holds 0"]),
+        ("bad deflate", ["cannot read IDX file"]),
+        ("0x0 images", ["train images of 0×0 pixels"]),
+    ],
+)
+def test_odd_idx_files_are_a_one_line_error_with_the_fix(tmp_path, damage, fragments):
+    data = _write_mnist(tmp_path / "data")
+    target = data / "train-images-idx3-ubyte.gz"
+    raw = {
+        "bad magic": b"\x01\x02\x08\x03" + bytes(16),
+        "truncated header": _idx_header(64, 28)[:9],
+        "overflowing dims": _idx_header(65536, 65536, 65536, 65536),  # 2⁶⁴ wrapped to 0 in int64
+        "0x0 images": _idx_header(64, 0, 0),
+        "bad deflate": _idx_header(64, 28, 28) + bytes(64 * 28 * 28),
+    }[damage]
+    packed = gzip.compress(raw)
+    if damage == "bad deflate":  # the gzip header is intact, the compressed stream is not
+        packed = packed[:10] + b"\xff" * 10 + packed[20:]  # zlib.error, which is no OSError
+    target.write_bytes(packed)
+    proc = _train(*FAST, "--dataset", "mnist", "--data-dir", str(data))
+    _assert_one_line_error(proc, *fragments, str(target), "replace the file", "--download")
+
+
+def test_odd_cifar_batch_is_a_one_line_error_with_the_fix(tmp_path):
+    _cifar_with_ragged_labels(tmp_path)
+    proc = _train(*FAST, "--dataset", "cifar10", "--data-dir", str(tmp_path))
+    _assert_one_line_error(proc, "test_batch: CIFAR-10 labels are not a list of integers",
+                           "replace the file", "--download")  # fmt: skip
+
+
+def test_images_too_small_for_the_model_are_a_one_line_error(tmp_path):
+    data = _write_mnist(tmp_path / "data", side=4)
+    proc = _train(*FAST, "--dataset", "mnist", "--data-dir", str(data), "--model", "cnn",
+                  "--batch-size", "16")  # fmt: skip
+    _assert_one_line_error(proc, "--model cnn: cnn needs images of at least 8×8, got 4×4",
+                           "choose another --model")  # fmt: skip

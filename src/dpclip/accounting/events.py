@@ -12,11 +12,21 @@ from dataclasses import dataclass
 __all__ = ["GaussianStep", "History"]
 
 
+# Below this σ (but above 0) the accountants overflow: dp_accounting's RDP returned ε = 0 from
+# about 1e-152 on. Such noise protects nothing; σ = 0 says so exactly (ε = ∞).
+MIN_NOISE_MULTIPLIER = 1e-100
+
+
 def check_noise_multiplier(value: float, name: str = "noise_multiplier") -> float:
-    """σ: a finite float >= 0 (0 means no noise, so ε = ∞)."""
+    """σ: a finite float, 0 (no noise, so ε = ∞) or at least 1e-100."""
     value = _real(value, name)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"expected {name} >= 0, got {value!r}")
+    if 0 < value < MIN_NOISE_MULTIPLIER:
+        raise ValueError(
+            f"expected {name} = 0 or >= {MIN_NOISE_MULTIPLIER:g}, got {value!r}: smaller noise "
+            "protects nothing and overflows the accountants; pass 0 for no noise"
+        )
     return value
 
 

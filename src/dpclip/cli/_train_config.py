@@ -12,6 +12,7 @@ MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 CLIPPINGS = ("automatic", "automatic-v", "abadi", "global", "psac")
 DEFAULT_LR = {"sgd": 0.15, "adam": 1e-2, "adamw": 1e-2}
+CHOICES = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "clipping": CLIPPINGS}
 
 # Options that define the run (and its privacy guarantee); a resumed run must agree on all of them.
 # None in DEFAULTS means "no default" (lr: per optimizer; seed: drawn at random and recorded).
@@ -78,5 +79,13 @@ def _validate(config: dict[str, Any]) -> None:
         positive(key, integer=True)
     if config["physical_batch_size"] is not None:
         positive("physical_batch_size", integer=True)
-    if not 0 < config["delta"] < 1:
+    if not isinstance(config["delta"], (int, float)) or not 0 < config["delta"] < 1:
         raise CliError(f"--delta must be in (0, 1), got {config['delta']}")
+    seed = config["seed"]  # torch's generators take a 64-bit seed, signed or not
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64
+    ):
+        raise CliError(f"--seed must be an integer from -2**63 to 2**64 - 1, got {seed}")
+    for key, choices in CHOICES.items():  # argparse checks given ones; these may come from a file
+        if config[key] not in choices:
+            raise CliError(f"--{key} must be one of {', '.join(choices)}, got {config[key]!r}")

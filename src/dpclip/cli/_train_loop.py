@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import math
 import os
@@ -20,7 +21,7 @@ import dpclip
 from dpclip.cli import CliError
 from dpclip.cli import _train_output as output
 from dpclip.cli._train_config import resolve_config
-from dpclip.datasets import DatasetError, load_dataset
+from dpclip.datasets import CorruptDataset, DatasetError, load_dataset
 from dpclip.models import build_model
 
 _FORMAT = "dpclip-train-checkpoint"
@@ -36,19 +37,17 @@ def main(args: argparse.Namespace) -> int:
     if out is not None and not args.resume:
         _refuse_existing_run(out)
     config = resolve_config(args, saved["config"] if saved else None)
+    if saved is not None:
+        _check_progress(saved, config["epochs"], out / output.CHECKPOINT)
     if out is not None:
         _check_writable(out)  # before any training (and only for a valid configuration)
-    if saved is not None and saved["epoch"] >= config["epochs"]:
-        raise CliError(f"the run in {out} is already complete ({saved['epoch']} epochs)")
+    if saved is not None and saved["epoch"] == config["epochs"]:
+        if (out / output.METRICS_JSON).exists():
+            raise CliError(f"the run in {out} is already complete ({saved['epoch']} epochs)")
+        print(f"the run in {out} finished training; writing its results", flush=True)
     _require_extras(progress=not args.no_progress, curves=out is not None)
-    train_set, test_set, info = _load_data(config["dataset"], args.data_dir, args.download)
+    train_set, test_set, info, fingerprint = _data(config, args, saved)
     n = len(train_set)
-    if config["batch_size"] > n:
-        raise CliError(f"--batch-size {config['batch_size']} exceeds the {n} training examples")
-    if saved is not None and saved["sample_size"] != n:
-        raise CliError(
-            f"the saved run trained on {saved['sample_size']} examples, the data has {n}"
-        )
     if config["seed"] is None:
         config["seed"] = secrets.randbelow(2**31)
     # Independent streams for model init, batch sampling and noise, all from the one seed.
@@ -57,7 +56,10 @@ def main(args: argparse.Namespace) -> int:
     ).tolist()
 
     torch.manual_seed(init_seed)
-    model = build_model(config["model"], info.input_shape, info.num_classes)
+    try:
+        model = build_model(config["model"], info.input_shape, info.num_classes)
+    except ValueError as err:  # e.g. images too small for the cnn
+        raise CliError(f"--model {config['model']}: {err}; choose another --model") from err
     optimizer = _make_optimizer(config["optimizer"], model, config["lr"])
     if saved is not None:
         try:
@@ -94,6 +96,12 @@ def main(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError, KeyError, TypeError) as err:
             raise CliError(f"cannot resume from {out / output.CHECKPOINT}: {err}") from err
         history, elapsed, start_epoch = saved["history"], saved["elapsed"], saved["epoch"]
+        if engine.steps_taken != start_epoch * engine.steps_per_epoch:
+            raise CliError(
+                f"{out / output.CHECKPOINT} is damaged: it says {start_epoch} epochs but its "
+                f"privacy ledger holds {engine.steps_taken} steps, not "
+                f"{start_epoch * engine.steps_per_epoch}; start a fresh run with another --output"
+            )
 
     progress = None if args.no_progress else _tqdm()
     for epoch in range(start_epoch + 1, config["epochs"] + 1):
@@ -109,11 +117,13 @@ def main(args: argparse.Namespace) -> int:
         history.append(row)
         _report(row, label, progress)
         if out is not None:
-            _save_checkpoint(out, config, model, optimizer, engine, generator, history, n)
+            data = {"fingerprint": fingerprint, "source": info.source}
+            _save_checkpoint(out, config, model, optimizer, engine, generator, history, n, data)
             output.write_csv(out / output.METRICS_CSV, history)
 
-    result = _result(config, model, engine, history, info)
+    result = _result(config, model, engine, history, info, fingerprint)
     if out is not None:
+        output.write_csv(out / output.METRICS_CSV, history)  # again: a run may have died before
         title = f"dpclip: {config['dataset']} / {config['model']}, ε = {result['epsilon']:.2f}"
         output.write_curves(out / output.CURVES, history, title, config["epsilon"])
         output.write_json(out / output.METRICS_JSON, result)
@@ -168,7 +178,7 @@ def _report(row: dict[str, Any], label: str, progress) -> None:
     (progress.write if progress is not None else print)(line)
 
 
-def _result(config, model, engine, history, info) -> dict[str, Any]:
+def _result(config, model, engine, history, info, fingerprint: str) -> dict[str, Any]:
     last = history[-1]
     return {
         "test_accuracy": last["test_accuracy"],
@@ -186,6 +196,7 @@ def _result(config, model, engine, history, info) -> dict[str, Any]:
             "input_shape": list(info.input_shape),
             "num_classes": info.num_classes,
             "source": info.source,
+            "fingerprint": fingerprint,
         },
         "config": dict(config),
         "versions": {"dpclip": dpclip.__version__, "torch": torch.__version__},
@@ -201,11 +212,45 @@ def _make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=lr)
 
 
+def _data(config: dict[str, Any], args: argparse.Namespace, saved: dict[str, Any] | None):
+    """(train, test, info, fingerprint), refused before any training when a split is empty, the
+    batch exceeds the data, or (resuming) the data is not the saved run's."""
+    train_set, test_set, info = _load_data(config["dataset"], args.data_dir, args.download)
+    for split, data in (("training", train_set), ("test", test_set)):
+        if len(data) == 0:
+            raise CliError(
+                f"the {split} set of {info.name} in {info.source} is empty: dpclip train needs "
+                "training examples and scores the model on test examples; give files with both"
+            )
+    n = len(train_set)
+    if config["batch_size"] > n:
+        raise CliError(f"--batch-size {config['batch_size']} exceeds the {n} training examples")
+    fingerprint = _fingerprint(train_set)
+    if saved is not None:
+        _check_same_data(saved, n, fingerprint, info.source)
+    return train_set, test_set, info, fingerprint
+
+
 def _load_data(name: str, data_dir: str | None, download: bool):
     try:
         return load_dataset(name, data_dir=data_dir, download=download)
+    except CorruptDataset as err:
+        raise CliError(
+            f"{err}; replace the file with a good copy, or delete it and pass --download"
+        ) from err
     except DatasetError as err:
         raise CliError(str(err)) from err
+
+
+def _fingerprint(dataset: TensorDataset) -> str:
+    """SHA-256 of the training tensors (dtype, shape, values), 16 hex digits: under a second for
+    CIFAR-10's 600 MB."""
+    digest = hashlib.sha256()
+    for tensor in dataset.tensors:
+        array = tensor.contiguous().numpy()
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:16]
 
 
 def _require_extras(*, progress: bool, curves: bool) -> None:
@@ -247,10 +292,11 @@ def _refuse_existing_run(out: Path) -> None:
         )
 
 
-def _save_checkpoint(out, config, model, optimizer, engine, generator, history, n) -> None:
+def _save_checkpoint(out, config, model, optimizer, engine, generator, history, n, data) -> None:
     state = {
         "format": _FORMAT, "version": _VERSION, "config": config, "epoch": history[-1]["epoch"],
-        "sample_size": n, "history": history, "elapsed": history[-1]["wall_time_s"],
+        "sample_size": n, "data": data, "history": history,
+        "elapsed": history[-1]["wall_time_s"],
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "engine": engine.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
@@ -279,4 +325,47 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise CliError(f"{path} is not a dpclip train checkpoint")
     if state.get("version") != _VERSION:
         raise CliError(f"{path} has checkpoint version {state.get('version')}, need {_VERSION}")
+    if not isinstance(state["config"], dict):
+        raise CliError(f"{path} is damaged (its config is not a table); {_FRESH}")
     return state
+
+
+_FRESH = "start a fresh run with another --output"
+
+
+def _check_progress(state: dict[str, Any], epochs: int, path: Path) -> None:
+    """Refuse a checkpoint whose epoch, history or times are not what dpclip train writes."""
+    epoch, history = state["epoch"], state["history"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= epochs:
+        raise CliError(
+            f"{path} is damaged: its epoch {epoch!r} is not a whole number in 1..{epochs}; {_FRESH}"
+        )
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    rows_ok = isinstance(history, list) and len(history) == epoch and all(
+        isinstance(row, dict) and all(number(row.get(key)) for key in output.CSV_FIELDS)
+        for row in history
+    )  # fmt: skip
+    if not rows_ok or not number(state["elapsed"]) or not number(state["sample_size"]):
+        raise CliError(
+            f"{path} is damaged: its history does not match its {epoch} epochs; {_FRESH}"
+        )
+
+
+def _check_same_data(state: dict[str, Any], n: int, fingerprint: str, source: str) -> None:
+    """Refuse to resume on other training data: the privacy ledger and the model are of the
+    saved data. Checkpoints from before fingerprints are checked by size only."""
+    if state["sample_size"] != n:
+        raise CliError(
+            f"cannot resume: the saved run trained on {state['sample_size']} examples, the data "
+            f"in {source} has {n}; resume with the run's own data (--data-dir)"
+        )
+    saved = state.get("data")
+    if isinstance(saved, dict) and saved.get("fingerprint") != fingerprint:
+        raise CliError(
+            f"cannot resume: the saved run trained on other data ({saved.get('source')}, "
+            f"fingerprint {saved.get('fingerprint')}) than {source} (fingerprint {fingerprint}); "
+            "resume with the run's own data (--data-dir), or start a fresh run with another --output"
+        )

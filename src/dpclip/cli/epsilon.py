@@ -63,10 +63,20 @@ def quiet_dp_accounting() -> None:
 def run(args: argparse.Namespace) -> int:
     """Print ε for each requested accountant."""
     from dpclip.accounting import get_epsilon
-    from dpclip.accounting.events import check_delta, check_sample_rate, check_steps
+    from dpclip.accounting.events import (
+        MIN_NOISE_MULTIPLIER,
+        check_delta,
+        check_sample_rate,
+        check_steps,
+    )
 
     if not args.sigma > 0 or args.sigma == float("inf"):
         raise CliError(f"expected --sigma > 0 and finite, got {args.sigma!r}")
+    if args.sigma < MIN_NOISE_MULTIPLIER:
+        raise CliError(
+            f"--sigma {args.sigma:g} is below {MIN_NOISE_MULTIPLIER:g}, where the accountants "
+            "overflow and the noise protects nothing; use a larger --sigma"
+        )
     checked(check_sample_rate, args.sample_rate, "--sample-rate")
     checked(lambda v, n: check_steps(v, n, minimum=1), args.steps, "--steps")
     checked(check_delta, args.delta, "--delta")
@@ -77,6 +87,14 @@ def run(args: argparse.Namespace) -> int:
                           steps=args.steps, delta=args.delta, accountant=name)
         for name in names
     }  # fmt: skip
+    if all(eps[name] == float("inf") for name in names):  # with --accountant all: show the rest
+        which = " and ".join(names) + (" accountants" if len(names) > 1 else " accountant")
+        raise CliError(
+            f"ε is infinite or beyond what the {which} can compute for σ = {args.sigma:g}, "
+            f"q = {args.sample_rate:g} and {args.steps} steps: σ is far too small for any "
+            "meaningful privacy (one step's privacy loss is about 1/(2σ²)); use a larger --sigma "
+            "(DP-SGD uses about 0.5 or more)"
+        )
     if args.json:
         print(json.dumps({"noise_multiplier": args.sigma, "sample_rate": args.sample_rate,
                           "steps": args.steps, "delta": args.delta, "epsilon": eps}))  # fmt: skip
