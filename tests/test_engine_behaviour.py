@@ -620,6 +620,7 @@ def test_stale_gradients_without_zero_grad_are_an_error():
     [
         (dict(batch_size=200), r"expected 1 <= batch_size <= sample_size \(100\), got 200"),
         (dict(noise_multiplier=-1.0), "expected noise_multiplier >= 0, got -1.0"),
+        (dict(noise_multiplier=1e-200), "expected noise_multiplier = 0 or >= 1e-100"),
         (dict(clipping="nope"), "unknown clipping 'nope'"),
         (dict(clipping_style="rows"), "unknown clipping_style 'rows'"),
         (dict(loss_reduction="avg"), "unknown loss_reduction 'avg'"),

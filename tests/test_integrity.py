@@ -816,6 +816,15 @@ def test_a_loss_weighting_examples_by_the_others_labels_is_refused(loss):
     _assert_refused_at_step(_mlp(), _x(B, D), labels, match, loss=loss)
 
 
+def test_a_token_mean_is_refused_even_when_the_first_middle_and_last_examples_have_no_label():
+    """The check looks at examples the loss uses: rows without a labelled token show nothing."""
+    labels = _y(B * T).view(B, T)
+    labels[0] = labels[B // 2] = labels[B - 1] = -100
+    labels[1, 1:] = -100
+    _assert_refused_at_step(_mlp(), _x(B, D), labels, "only the other examples' labels",
+                            loss=_padded_token_mean)  # fmt: skip
+
+
 def test_a_token_mean_over_unpadded_examples_equals_their_mean_and_passes():
     model = _mlp()
     engine, opt = _engine(model)

@@ -78,6 +78,7 @@ class PrivacyConfig:
                 self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
                 f"expected noise_multiplier >= 0, got {self.noise_multiplier}",
             )
+            accounting.events.check_noise_multiplier(self.noise_multiplier)  # not below 1e-100
         if self.target_epsilon is not None:
             _require(
                 self.target_epsilon > 0, f"expected target_epsilon > 0, got {self.target_epsilon}"

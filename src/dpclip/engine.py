@@ -13,6 +13,7 @@ watched for that (:mod:`dpclip._param_guard`) and refuses it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import sys
 import warnings
@@ -311,7 +312,7 @@ class PrivacyEngine:
             self.model.register_forward_hook(self._forward_ends, with_kwargs=True),
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
-            _weak_global_step_hook(self),
+            _watch_other_optimizers(self),
         ]
         self.attached = True
 
@@ -974,19 +975,33 @@ class PrivacyEngine:
         self._budget_steps = None
 
 
-def _weak_global_step_hook(engine: PrivacyEngine) -> Any:
-    """Every optimizer's step pre-hook, holding ``engine`` weakly (an engine dropped without
-    detach() is collected, and its hook removed, as before)."""
-    ref = weakref.ref(engine)
+_ATTACHED: weakref.WeakSet[PrivacyEngine] = weakref.WeakSet()  # seen by the hook below
+_GLOBAL_HOOK: list[Any] = []  # its handle, once registered
 
-    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
-        alive = ref()
-        if alive is not None:
-            alive._other_optimizer_step(optimizer, args, kwargs)
 
-    handle = register_optimizer_step_pre_hook(hook)
-    weakref.finalize(engine, handle.remove)
-    return handle
+def _watch_other_optimizers(engine: PrivacyEngine) -> Any:
+    """Let ``engine`` see every optimizer's step (one global pre-hook for all engines, which
+    holds them weakly: an engine dropped without detach() is collected as before). Returns the
+    handle that stops it watching."""
+    _ATTACHED.add(engine)
+    if not _GLOBAL_HOOK:
+        _GLOBAL_HOOK.append(register_optimizer_step_pre_hook(_every_optimizer_step))
+    return _Unwatch(weakref.ref(engine))
+
+
+def _every_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    for engine in list(_ATTACHED):
+        engine._other_optimizer_step(optimizer, args, kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unwatch:
+    engine: weakref.ref
+
+    def remove(self) -> None:
+        engine = self.engine()
+        if engine is not None:
+            _ATTACHED.discard(engine)
 
 
 def _checked_scaler(scaler: Any, world: distributed.World | None) -> Any:
