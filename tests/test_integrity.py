@@ -1018,3 +1018,16 @@ def test_another_optimizer_stepping_a_managed_parameter_before_the_noise_is_refu
     opt.step()  # the engine's own step adds the noise; after it, any optimizer may step
     other.step()
     assert engine.steps_taken == 1
+
+
+def test_a_backward_from_a_tensor_made_to_require_grad_inside_the_forward_names_the_cause():
+    """PEFT's enable_input_require_grads makes the frozen embedding's output a leaf that
+    requires grad: the backward starts there, not from the model's inputs, and clips nothing."""
+    model = nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model[0].requires_grad_(False)
+    model[0].register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    engine, opt = _engine(model)
+    F.cross_entropy(model(_x(B, D)), _y()).backward()
+    with pytest.raises(dpclip.LoopOrderError, match="disable_input_require_grads"):
+        opt.step()
+    assert engine.steps_taken == 0

@@ -575,9 +575,18 @@ class PrivacyEngine:
             )
         self._check_no_foreign_grads()  # first: an unfrozen parameter also hides the backward
         if self._micro_batches == 0 and not self._empty_allowed:
+            side = self._recorder.side_pass
             raise LoopOrderError(
                 "optimizer.step() was called without a backward pass since the last step; "
                 "dpclip takes exactly one noisy step per logical batch"
+                + (
+                    ". A backward did run, but as one that writes no .grad (torch.autograd.grad, "
+                    "backward(inputs=...)), or from a tensor made to require grad inside the "
+                    "forward rather than from the model's inputs (PEFT's "
+                    "enable_input_require_grads: call model.disable_input_require_grads())"
+                    if side
+                    else ""
+                )
             )
         if self._micro_batches == 0:  # an empty logical batch: the step is the noise alone,
             self._check_fresh_grads()  # not the last step's gradient again
@@ -597,6 +606,7 @@ class PrivacyEngine:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._stepping = False
+        self._recorder.side_pass = False
         self._sample_cut = self._spans_draws = False
         if self._skipping:
             self._skipping = self._overflowed = False

@@ -169,6 +169,7 @@ class Recorder:
     on_backward_end: Callable[[], None]
     enabled: bool = True
     expected: int | None = None  # the batch the engine's loader yielded, if it is in use
+    side_pass: bool = False  # a backward reached recorded calls but wrote no .grad
     _handles: list[RemovableHandle] = field(default_factory=list)
     _paths: dict[nn.Module, str] = field(default_factory=dict)
     _in_backward: bool = False
@@ -496,6 +497,7 @@ class Recorder:
     # ----------------------------------------------------------------------------- backward
     def _on_grad(self, record: Record, grad: Tensor) -> None:
         if not self.every_pass and not self.accumulates():
+            self.side_pass = True  # the engine's message, if no backward is clipped before a step
             return  # a pass that writes no .grad: nothing to clip, and the record stays unused
         if record.done:
             raise DoubleBackwardError(
