@@ -123,3 +123,11 @@ def test_the_tail_bound_says_nothing_at_the_mean_or_for_degenerate_rates():
     assert sampling.log_tail_bound(5, 0, 0.5) == 0.0
     assert sampling.log_tail_bound(5, 10, 1.0) == 0.0
     assert not sampling.too_many(10, 10, 1.0)  # q = 1: every example, every step
+
+
+def test_a_loop_without_engine_data_loader_is_warned_once_that_the_epsilon_assumes_poisson():
+    model, opt, engine, data = _run(batch_size=10)
+    with pytest.warns(UserWarning, match="assumes each step's examples are a Poisson sample") as w:
+        for x, y in torch.utils.data.DataLoader(data, batch_size=10, shuffle=True):
+            _step(model, opt, x, y)
+    assert sum("Poisson sample at" in str(m.message) for m in w) == 1

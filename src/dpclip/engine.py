@@ -222,6 +222,8 @@ class PrivacyEngine:
         self._sample_cut = False  # a physical batch of the loader's logical batch had no backward
         self._draws = 0  # logical batches engine.data_loader has begun (compared across ranks)
         self._draw_states: set[bytes] = set()  # digests of the random states drawn from
+        # an integration that Poisson-samples itself (DPTrainer) sets this: no loader warning
+        self.samples_elsewhere = False
         self._sentinel: tuple[Tensor, weakref.ref, int] | None = None  # a .grad as dpclip left it
         self._spans_draws = False  # this step's sums come from two of the loader's samples
         # an integration's say on each backward (DPTrainer: only inside training_step)
@@ -624,6 +626,16 @@ class PrivacyEngine:
         Poisson sampling at q gives (the loop's own loader with larger batches than
         ``batch_size``, or a per-rank batch declared as the global one): the ledger would
         charge q and the true rate is higher."""
+        if not self._draws and not self.samples_elsewhere and not self._sampled[1]:
+            warnings.warn(
+                "dpclip: the ε reported assumes each step's examples are a Poisson sample at "
+                f"q={self.sample_rate:.3g} (batch_size / sample_size); this loop's batches do "
+                "not come from engine.data_loader. A shuffled loader of fixed-size batches "
+                "(DataLoader(shuffle=True), DistributedSampler) is not Poisson sampling, and "
+                "its true ε can be larger; iterate engine.data_loader(...) for the guarantee",
+                UserWarning,
+                stacklevel=4,
+            )
         count, steps = self._sampled[0] + examples, self._sampled[1] + 1
         trials, q = steps * self.privacy.sample_size, self.sample_rate
         if sampling.too_many(count, trials, q):

@@ -461,6 +461,7 @@ class DPTrainer(Trainer):
         self._handles = [first, last]
         self.privacy_engine = engine
         engine._backward_gate = self._backward_gate
+        engine.samples_elsewhere = True  # PoissonBatchSampler
 
     def _before_private_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._examples_in_step == 0 and self.privacy_engine is not None:
