@@ -247,11 +247,13 @@ def test_one_step_over_two_logical_batches_is_refused_at_the_second():
     model, data, engine, opt = _loader_setup()
     before = _snapshot(model)
     loader = iter(engine.data_loader(data, generator=torch.Generator().manual_seed(0)))
-    for _ in range(2):
-        for x, y in next(loader):
+    for x, y in next(loader):
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(dpclip.LoopOrderError, match="another logical batch"):
+        for x, y in next(loader):  # refused before its first forward
             F.cross_entropy(model(x), y).backward()
     with pytest.raises(dpclip.LoopOrderError, match="over two logical batches"):
-        opt.step()
+        opt.step()  # and a step over what the first left is refused too
     _assert_unchanged(model, engine, before)
     opt.zero_grad()  # drop them: the next logical batch is a step of its own
     for x, y in next(loader):
@@ -268,28 +270,57 @@ def _backward_on(model, logical):
 @pytest.mark.parametrize("how", ["iterated twice", "zip of two loaders", "next twice"])
 def test_a_step_over_examples_of_two_passes_or_two_draws_is_refused_as_it_iterates(how):
     """Two passes over one logical batch (two views, or a second step on it) clip each example
-    twice or use one Poisson sample for two steps; a physical batch of an earlier draw joins a
-    step with another sample. Refused at the physical batch, before its forward."""
+    twice or use one Poisson sample for two steps; physical batches of two draws in one step
+    sum two samples. Refused at the physical batch, before its forward."""
     model, data, engine, opt = _loader_setup()
     before = _snapshot(model)
     draws = iter(engine.data_loader(data, physical_batch_size=6,
                                     generator=torch.Generator().manual_seed(0)))  # fmt: skip
     first = next(draws)
     if how == "iterated twice":
-        _backward_on(model, first)
         second = first
         match = "iterated a second time"
     elif how == "zip of two loaders":
         other = engine.data_loader(data, generator=torch.Generator().manual_seed(1))
-        second, _ = next(zip(draws, other, strict=True))  # the loader's draw, then the other's
-        match = "an earlier logical batch"
+        first, second = next(zip(draws, other, strict=True))
+        match = "another logical batch"
     else:
-        second, first = first, next(draws)
-        match = "an earlier logical batch"
+        second = next(draws)
+        match = "another logical batch"
+    _backward_on(model, first)
     with pytest.raises(dpclip.LoopOrderError, match=match):
         _backward_on(model, second)
     opt.zero_grad()
     _assert_unchanged(model, engine, before)
+
+
+def test_logical_batches_drawn_ahead_each_make_their_own_step():
+    """Looking ahead (list(loader), or peeking at the next one) draws before stepping, but each
+    step still holds one Poisson sample."""
+    model, data, engine, opt = _loader_setup()
+    engine_draws = list(engine.data_loader(data, physical_batch_size=6,
+                                           generator=torch.Generator().manual_seed(0)))  # fmt: skip
+    for logical in engine_draws[:3]:
+        _backward_on(model, logical)
+        opt.step()
+        opt.zero_grad()
+    assert engine.steps_taken == 3
+
+
+def test_a_resumed_engine_refuses_the_draws_of_the_run_it_continues():
+    """A script that seeds torch's generator at start and resumes would replay its samples."""
+    model, data, engine, opt = _loader_setup()
+    torch.manual_seed(0)
+    _backward_on(model, next(iter(engine.data_loader(data))))
+    opt.step()
+    opt.zero_grad()
+    state = engine.state_dict()
+    engine.detach()
+    resumed, opt = _engine(model, sample_size=100, batch_size=20)
+    resumed.load_state_dict(state)
+    torch.manual_seed(0)
+    with pytest.raises(dpclip.LoopOrderError, match="drawn from before"):
+        next(iter(resumed.data_loader(data)))
 
 
 def test_a_sampling_generator_seeded_again_each_epoch_is_refused_at_its_first_draw():
@@ -432,13 +463,47 @@ class _Reordered(_FcHead):
             return self.head(h.gather(0, order[:, None].expand_as(h)))
         if self.how == "roll":
             return self.head(h.roll(1, 0))
+        if self.how == "numpy":
+            return self.head(h[order.numpy()])
+        if self.how == "index_add":
+            return self.head(torch.zeros_like(h).index_add(0, order, h))
         n = h.shape[0]  # each row picks from itself, as at its last token
         return self.head(torch.stack([h, -h], 1)[torch.arange(n), torch.ones(n, dtype=int)])
 
 
-@pytest.mark.parametrize("how", ["getitem", "list", "setitem", "index_select", "gather", "roll"])
+@pytest.mark.parametrize(
+    "how", ["getitem", "list", "setitem", "index_select", "gather", "roll", "numpy", "index_add"]
+)
 def test_rows_moved_along_the_batch_inside_the_forward_are_refused(how):
     _assert_refused_at_forward(_Reordered(how).double(), _x(B, D), "moves rows along dim 0")
+
+
+class _InPlace(_FcHead):
+    """Indexing that keeps every row in its place (BART's pooling at its eos tokens, padding
+    zeroed by a mask as in wav2vec2, a loop over examples by 0-d index, a time-major flip)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))  # (n, width)
+        n = h.shape[0]
+        tokens = torch.stack([h, 2 * h, -h], 1)  # (n, 3, width)
+        if self.how == "bool pool":
+            eos = torch.zeros(n, 3, dtype=torch.bool)
+            eos[:, 1] = True
+            return self.head(tokens[eos, :].view(n, -1, tokens.shape[-1])[:, -1, :])
+        if self.how == "mask setitem":
+            pad = torch.zeros(n, 3, dtype=torch.bool)
+            pad[:, 2] = True
+            tokens[pad] = 0
+            return self.head(tokens.sum(1))
+        if self.how == "0-d index":
+            return self.head(torch.stack([h[b] for b in torch.arange(n)]))
+        time_major = tokens.transpose(0, 1)  # (3, n, width): dim 0 is time, even when 3 == n
+        return self.head(time_major.flip(0).sum(0))
+
+
+@pytest.mark.parametrize("how", ["bool pool", "mask setitem", "0-d index", "time-major flip"])
+def test_indexing_that_keeps_rows_in_place_equals_the_naive_loop(how):
+    _assert_equals_naive_loop(_InPlace(how).double(), _x(3, D), _y(3))
 
 
 def test_each_row_picking_itself_equals_the_naive_loop():
@@ -1031,3 +1096,21 @@ def test_a_backward_from_a_tensor_made_to_require_grad_inside_the_forward_names_
     with pytest.raises(dpclip.LoopOrderError, match="disable_input_require_grads"):
         opt.step()
     assert engine.steps_taken == 0
+
+
+def test_with_physical_batches_of_one_example_the_self_check_runs_three_times_not_every_step(
+    monkeypatch,
+):
+    from dpclip import _selfcheck
+
+    calls = []
+    check = _selfcheck.check
+    monkeypatch.setattr(_selfcheck, "check", lambda *a: calls.append(1) or check(*a))
+    model = nn.Sequential(nn.Linear(D, 3)).double()
+    engine, opt = _engine(model, steps=10)
+    x, y = _x(8, D), _y(8)
+    for i in range(8):
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(calls) == 3 and engine.steps_taken == 8

@@ -83,7 +83,18 @@ _ROW_MOVES = {
     "__setitem__": (None, 1),
     "index_put": (None, 1),
     "index_put_": (None, 1),
+    "index_add": (1, 2),
+    "index_add_": (1, 2),
+    "index_reduce": (1, 2),
+    "index_reduce_": (1, 2),
+    "scatter": (1, 2),
+    "scatter_": (1, 2),
+    "scatter_add": (1, 2),
+    "scatter_add_": (1, 2),
+    "scatter_reduce": (1, 2),
+    "scatter_reduce_": (1, 2),
 }
+_PUTS = {"__setitem__", "index_put", "index_put_"}  # rows moved only if a tensor value is put
 
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
@@ -371,17 +382,30 @@ class ParamUseGuard:
 
 
 def _advanced(key: object) -> bool:
-    """Whether an index (of ``t[key]``) indexes dim 0 with a tensor or a list."""
+    """Whether an index (of ``t[key]``) indexes dim 0 with a tensor, a list or an array."""
     if type(key) is tuple:
         key = key[0] if key else None
-    return isinstance(key, (torch.Tensor, list))
+    return isinstance(key, (torch.Tensor, list)) or hasattr(key, "__array__")
+
+
+def _batch_major(t: torch.Tensor) -> bool:
+    """Whether dim 0 is laid out outermost (a (T, B, ...) view of a batch-first tensor is not:
+    its dim 0 is time, whatever its length)."""
+    outer = [st for size, st in zip(t.shape[1:], t.stride()[1:], strict=True) if size > 1]
+    return t.shape[0] < 2 or not outer or t.stride(0) >= max(outer)
 
 
 def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int) -> bool:
     """Whether the call takes or puts rows of dim 0 anywhere but in place."""
     t = args[0]
-    if name in ("__getitem__", "__setitem__", "index_put", "index_put_"):
+    if not _batch_major(t):
+        return False
+    if name == "__getitem__" or name in _PUTS:
         key = args[1] if len(args) > 1 else kwargs.get("indices")
+        if name in _PUTS:  # a value put at the rows: only a tensor of rows moves any
+            value = args[2] if len(args) > 2 else kwargs.get("values", kwargs.get("value"))
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                return False
         index = key[0] if type(key) in (tuple, list) and key and not _is_index(key) else key
         return not _is_identity(index, batch)
     dim_at, index_at = _ROW_MOVES[name]
@@ -413,14 +437,16 @@ def _is_index(key: list) -> bool:
 
 
 def _is_identity(index: object, batch: int) -> bool:
-    """Whether ``index`` along dim 0 picks row i for position i (or keeps every row)."""
-    if isinstance(index, list):
-        index = torch.tensor(index)
-    if not isinstance(index, torch.Tensor) or not index.dim():
-        return not isinstance(index, torch.Tensor)  # a slice or an int: no reordering
+    """Whether ``index`` along dim 0 keeps each row's place: a slice, an int, a boolean mask
+    (it keeps the rows' order), or ``arange(batch)`` (other row counts than the batch's are the
+    layers' own checks to make)."""
+    if not isinstance(index, torch.Tensor) and (
+        isinstance(index, list) or hasattr(index, "__array__")
+    ):
+        index = torch.as_tensor(index)
+    if not isinstance(index, torch.Tensor) or not index.dim() or index.dtype == torch.bool:
+        return True
     if index.shape[0] != batch:
-        return True  # other rows than the batch's: the layers' own checks see it
-    if index.dtype == torch.bool:
-        return bool(index.all())
+        return True
     rows = torch.arange(batch, device=index.device).view(-1, *([1] * (index.dim() - 1)))
     return bool((index == rows).all())

@@ -222,6 +222,8 @@ class PrivacyEngine:
         self._sample_cut = False  # a physical batch of the loader's logical batch had no backward
         self._draws = 0  # logical batches engine.data_loader has begun (compared across ranks)
         self._draw_states: set[bytes] = set()  # digests of the random states drawn from
+        self._step_draw: int | None = None  # the logical batch this step's sums come from
+        self._lone_checks = 0  # self-checks that saw a batch of one example
         # an integration that Poisson-samples itself (DPTrainer) sets this: no loader warning
         self.samples_elsewhere = False
         self._sentinel: tuple[Tensor, weakref.ref, int] | None = None  # a .grad as dpclip left it
@@ -608,6 +610,7 @@ class PrivacyEngine:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._stepping = False
+        self._step_draw = None
         self._recorder.side_pass = False
         self._sample_cut = self._spans_draws = False
         if self._skipping:
@@ -771,8 +774,10 @@ class PrivacyEngine:
     def _check_first_batch(self) -> None:
         args, kwargs, tape = self._first.get()
         result = self._run_check(args, kwargs, tape)
-        # a batch of one cannot show examples mixing: the next batch is checked too
-        self._check_pending = len(result.examples) < 2
+        # a batch of one cannot show examples mixing: the next is checked too, up to 3 times
+        # (with physical batches of one example every check would see one)
+        self._lone_checks += len(result.examples) < 2
+        self._check_pending = len(result.examples) < 2 and self._lone_checks < 3
         self._first.clear()
 
     def _run_check(self, args: tuple, kwargs: dict, tape: LossTape) -> CheckResult:
@@ -931,14 +936,21 @@ class PrivacyEngine:
         """The loader's physical batch of ``logical``: the model's next forwards must have this
         batch, and ``after`` more physical batches of this logical batch come before its step
         (or, with ``size`` None, the loop over them ended with ``after`` never taken)."""
-        if size is not None and logical.draw != self._draws:
+        if (
+            size is not None
+            and self._micro_batches
+            and logical.draw != self._step_draw
+            and not self._sums_dropped()
+        ):
             raise LoopOrderError(
-                "a physical batch of an earlier logical batch of engine.data_loader, after a "
-                "later one was drawn (zip of two loaders, or next() on the loader twice before "
-                "the step): one step would sum two Poisson samples, counting examples in both "
-                "twice, while the ledger charges one. Take one logical batch, run its physical "
-                "batches, step, then take the next"
+                "a physical batch of another logical batch of engine.data_loader joins a step "
+                "that holds clipped sums of an earlier one (zip of two loaders, both run before "
+                "one step): one step would sum two Poisson samples, counting examples in both "
+                "twice, while the ledger charges one. Run one logical batch's physical batches, "
+                "step, then the next's"
             )
+        if size is not None:
+            self._step_draw = logical.draw
         if size is not None and logical.iterations > 1:
             raise LoopOrderError(
                 "a logical batch of engine.data_loader iterated a second time (two passes or "
@@ -964,6 +976,7 @@ class PrivacyEngine:
             "sample_rate": self.sample_rate,
             "ledger": self.ledger.state_dict(),
             "noise": self._noise.state_dict(),
+            "draw_states": sorted(self._draw_states),  # a resumed run may not draw them again
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -994,6 +1007,7 @@ class PrivacyEngine:
                 )
         self.ledger.load_state_dict(state["ledger"])
         self._noise.load_state_dict(state["noise"])
+        self._draw_states.update(bytes(d) for d in state.get("draw_states", ()))
         self._budget_steps = None
 
 
