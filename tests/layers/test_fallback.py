@@ -42,10 +42,20 @@ def _oracle(module, x, shift, grads, names):
     return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
 
 
+@pytest.mark.parametrize("looped", [False, True], ids=["vmapped", "looped"])
 @pytest.mark.parametrize("p", [0.0, 0.5])
-def test_fallback_equals_autograd_per_example_with_the_same_dropout_masks(p):
+def test_fallback_equals_autograd_per_example_with_the_same_dropout_masks(p, looped):
+    """Looped (a module vmap cannot batch), each example gets its rows of the masks the
+    batched forward drew, not masks drawn for it alone."""
     torch.manual_seed(0)
-    module = Tokens(p).train()
+
+    class Looped(Tokens):  # two dropout calls: drawn per example they would not line up
+        def forward(self, x, *, shift):
+            return super().forward(F.dropout(x, self.p, self.training), shift=shift)
+
+    module = (Looped if looped else Tokens)(p).train()
+    if looped:
+        fallback._LOOPED.add(Looped)
     x, shift = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 1, 3, dtype=torch.float64)
     grads = (torch.randn(4, 3, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
     rng = RngState.capture(x.device)

@@ -152,6 +152,40 @@ class _SharedRandomness(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_SCALED = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}  # x · mask / (1 − p)
+
+
+class _DropoutMasks(TorchFunctionMode):
+    """Dropout for the loop over examples, which draws differently from the batched forward:
+    without ``row``, record which elements each dropout call kept (run the batched forward
+    from its random state); with ``row``, apply that example's rows of them, call by call."""
+
+    def __init__(self, masks: list[Tensor] | None = None, row: int | None = None) -> None:
+        super().__init__()
+        self.masks, self.row, self.calls = ([] if masks is None else masks), row, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func not in _SCALED:
+            return func(*args, **kwargs)
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+        if not training or not p:
+            return func(*args, **kwargs)
+        if self.row is None:
+            out = func(*args, **kwargs)
+            self.masks.append(out != 0)  # where the input is 0 the mask does not matter
+            return out
+        if self.calls >= len(self.masks):
+            raise RuntimeError("more dropout calls than the batched forward made")
+        keep, self.calls = self.masks[self.calls], self.calls + 1
+        x = args[0]
+        mine = keep[self.row : self.row + 1]
+        if mine.shape != x.shape:
+            raise RuntimeError(f"a dropout mask of shape {tuple(mine.shape)} for {tuple(x.shape)}")
+        return x * mine / (1 - p)
+
+
 def per_sample_grad(
     module: nn.Module, inputs: tuple, grad_output: Sequence[Tensor], names: Sequence[str]
 ) -> dict[str, Tensor]:
@@ -211,12 +245,15 @@ def per_sample_grad(
                     "per-example gradients are computed in a loop over examples (slower)",
                     stacklevel=2,
                 )
+    with replay(), torch.no_grad(), _DropoutMasks() as drawn:  # the forward's masks, again
+        functional_call(module, params, call.args, call.kwargs)
     with replay():  # from the call's random state again
         try:
-            per_example = [
-                grad_of_example(params, [flat[k][i] for k in rows], tuple(g[i] for g in grads))
-                for i in range(batch)
-            ]
+            per_example = []
+            for i in range(batch):  # each example with its own rows of those masks
+                with _DropoutMasks(drawn.masks, row=i):
+                    cot = tuple(g[i] for g in grads)
+                    per_example.append(grad_of_example(params, [flat[k][i] for k in rows], cot))
         except Exception as err:
             raise IntegrityError(
                 f"dpclip's fallback could not run {type(module).__name__} on one example at a "
