@@ -317,6 +317,10 @@ def test_a_resumed_engine_refuses_the_draws_of_the_run_it_continues():
     state = engine.state_dict()
     engine.detach()
     resumed, opt = _engine(model, sample_size=100, batch_size=20)
+    for bad in ([5], "abc", [b"short"]):
+        with pytest.raises(ValueError, match="draw_states"):
+            resumed.load_state_dict({**state, "draw_states": bad})
+    assert resumed.steps_taken == 0
     resumed.load_state_dict(state)
     torch.manual_seed(0)
     with pytest.raises(dpclip.LoopOrderError, match="drawn from before"):

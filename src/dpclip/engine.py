@@ -1005,9 +1005,14 @@ class PrivacyEngine:
                 raise ValueError(
                     f"saved {key}={state[key]} differs from this engine's {getattr(self, key)}"
                 )
+        drawn = state.get("draw_states", [])
+        if not isinstance(drawn, list) or not all(
+            isinstance(d, bytes) and len(d) == 16 for d in drawn
+        ):
+            raise ValueError("the state's draw_states are not a list of 16-byte digests")
         self.ledger.load_state_dict(state["ledger"])
         self._noise.load_state_dict(state["noise"])
-        self._draw_states.update(bytes(d) for d in state.get("draw_states", ()))
+        self._draw_states.update(drawn)
         self._budget_steps = None
 
 
