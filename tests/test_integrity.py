@@ -471,20 +471,25 @@ class _Reordered(_FcHead):
             return self.head(h[order.numpy()])
         if self.how == "index_add":
             return self.head(torch.zeros_like(h).index_add(0, order, h))
+        if self.how == "transposed layout":  # batch on dim 0, laid out inner (seq-first RNN out)
+            return self.head(h.t().contiguous().t()[order])
         n = h.shape[0]  # each row picks from itself, as at its last token
         return self.head(torch.stack([h, -h], 1)[torch.arange(n), torch.ones(n, dtype=int)])
 
 
 @pytest.mark.parametrize(
-    "how", ["getitem", "list", "setitem", "index_select", "gather", "roll", "numpy", "index_add"]
-)
+    "how",
+    ["getitem", "list", "setitem", "index_select", "gather", "roll", "numpy", "index_add",
+     "transposed layout"],
+)  # fmt: skip
 def test_rows_moved_along_the_batch_inside_the_forward_are_refused(how):
     _assert_refused_at_forward(_Reordered(how).double(), _x(B, D), "moves rows along dim 0")
 
 
 class _InPlace(_FcHead):
     """Indexing that keeps every row in its place (BART's pooling at its eos tokens, padding
-    zeroed by a mask as in wav2vec2, a loop over examples by 0-d index, a time-major flip)."""
+    zeroed by a mask as in wav2vec2, a loop over examples by 0-d index, a time-major flip of
+    another length than the batch)."""
 
     def forward(self, x):
         h = torch.tanh(self.fc(x))  # (n, width)
@@ -501,7 +506,7 @@ class _InPlace(_FcHead):
             return self.head(tokens.sum(1))
         if self.how == "0-d index":
             return self.head(torch.stack([h[b] for b in torch.arange(n)]))
-        time_major = tokens.transpose(0, 1)  # (3, n, width): dim 0 is time, even when 3 == n
+        time_major = torch.cat([tokens, tokens], 1).transpose(0, 1)  # (6, n, width): time first
         return self.head(time_major.flip(0).sum(0))
 
 

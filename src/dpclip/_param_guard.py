@@ -325,7 +325,9 @@ class ParamUseGuard:
                 "a layer after the move would add one example's gradient to another's (sorting "
                 "the batch by length around an RNN, then unsorting). Keep the batch's order "
                 "inside the forward (pad instead of sorting), or do the reordering in a module "
-                "that dpclip.register_layer gives a rule as a whole"
+                "that dpclip.register_layer gives a rule as a whole. (A time-major (T, B, ...) "
+                "view whose T happens to equal the batch looks the same: move along the time "
+                "dim of the batch-first tensor instead, e.g. h.flip(1) before transposing)"
             )
 
     def check_broadcast(self, args: tuple, what: str) -> None:
@@ -388,18 +390,9 @@ def _advanced(key: object) -> bool:
     return isinstance(key, (torch.Tensor, list)) or hasattr(key, "__array__")
 
 
-def _batch_major(t: torch.Tensor) -> bool:
-    """Whether dim 0 is laid out outermost (a (T, B, ...) view of a batch-first tensor is not:
-    its dim 0 is time, whatever its length)."""
-    outer = [st for size, st in zip(t.shape[1:], t.stride()[1:], strict=True) if size > 1]
-    return t.shape[0] < 2 or not outer or t.stride(0) >= max(outer)
-
-
 def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int) -> bool:
     """Whether the call takes or puts rows of dim 0 anywhere but in place."""
     t = args[0]
-    if not _batch_major(t):
-        return False
     if name == "__getitem__" or name in _PUTS:
         key = args[1] if len(args) > 1 else kwargs.get("indices")
         if name in _PUTS:  # a value put at the rows: only a tensor of rows moves any

@@ -172,14 +172,14 @@ class _DropoutMasks(TorchFunctionMode):
         training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
         if not training or not p:
             return func(*args, **kwargs)
-        if self.row is None:
-            out = func(*args, **kwargs)
-            self.masks.append(out != 0)  # where the input is 0 the mask does not matter
-            return out
+        x = args[0]
+        if self.row is None:  # the same draws as on x (they depend on the shape only)
+            keep = func(torch.ones_like(x), *args[1:], **kwargs) != 0  # in place on ones: ours
+            self.masks.append(keep)
+            return x * keep / (1 - p)
         if self.calls >= len(self.masks):
             raise RuntimeError("more dropout calls than the batched forward made")
         keep, self.calls = self.masks[self.calls], self.calls + 1
-        x = args[0]
         mine = keep[self.row : self.row + 1]
         if mine.shape != x.shape:
             raise RuntimeError(f"a dropout mask of shape {tuple(mine.shape)} for {tuple(x.shape)}")
