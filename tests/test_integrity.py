@@ -1123,3 +1123,18 @@ def test_with_physical_batches_of_one_example_the_self_check_runs_three_times_no
         opt.step()
         opt.zero_grad()
     assert len(calls) == 3 and engine.steps_taken == 8
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_zero_grad_of_one_layer_between_physical_batches_is_refused(layer):
+    model = nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    data = torch.utils.data.TensorDataset(_x(100, D), torch.randint(0, 3, (100,)))
+    engine, opt = _engine(model, sample_size=100, batch_size=20)
+    logical = next(iter(engine.data_loader(data, physical_batch_size=6,
+                                           generator=torch.Generator().manual_seed(0))))  # fmt: skip
+    for x, y in logical:
+        model[layer].zero_grad()
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(dpclip.LoopOrderError, match="zero_grad"):
+        opt.step()
+    assert engine.steps_taken == 0

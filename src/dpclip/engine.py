@@ -226,7 +226,7 @@ class PrivacyEngine:
         self._lone_checks = 0  # self-checks that saw a batch of one example
         # an integration that Poisson-samples itself (DPTrainer) sets this: no loader warning
         self.samples_elsewhere = False
-        self._sentinel: tuple[Tensor, weakref.ref, int] | None = None  # a .grad as dpclip left it
+        self._sentinels: list[tuple[Tensor, weakref.ref, int]] = []  # .grads as dpclip left them
         self._spans_draws = False  # this step's sums come from two of the loader's samples
         # an integration's say on each backward (DPTrainer: only inside training_step)
         self._backward_gate: Callable[[], str | None] | None = None
@@ -438,19 +438,20 @@ class PrivacyEngine:
                 p.grad = g.to(p.dtype)
             else:
                 p.grad.add_(g.to(p.dtype))
-        if sums:
-            p = next(iter(sums))
-            self._sentinel = (p, weakref.ref(p.grad), p.grad._version)
+        if sums:  # first, middle and last: zero_grad of only some layers shows too
+            held = list(sums)
+            picks = {id(q): q for q in (held[0], held[len(held) // 2], held[-1])}.values()
+            self._sentinels = [(q, weakref.ref(q.grad), q.grad._version) for q in picks]
         self._micro_batches += 1
         self._examples_in_step += accumulator.batch
 
     def _sums_dropped(self) -> bool:
-        """Whether the clipped sums added so far were dropped or overwritten since (one
-        parameter's gradient as dpclip left it: replaced, set to None or zeroed in place)."""
-        if self._sentinel is None:
-            return False
-        p, grad, version = self._sentinel
-        return p.grad is None or p.grad is not grad() or p.grad._version != version
+        """Whether the clipped sums added so far were dropped or overwritten since (a few
+        parameters' gradients as dpclip left them: replaced, set to None or zeroed in place)."""
+        return any(
+            p.grad is None or p.grad is not grad() or p.grad._version != version
+            for p, grad, version in self._sentinels
+        )
 
     def _loss_scale(self) -> Tensor | None:
         if self._scaler is None or not self._scaler.is_enabled():
