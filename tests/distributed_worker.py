@@ -206,13 +206,13 @@ def refusals(out: Path, rank: int, world: int) -> None:
     save(out, "refusals", rank, facts)
 
 
-def step_refused_everywhere(model, opt, engine, before) -> dict:
-    """Try the step: dpclip's DistributedStepError (if any), whether the parameters are still
+def step_refused_everywhere(model, opt, engine, before, error=dpclip.DistributedStepError) -> dict:
+    """Try the step: dpclip's ``error`` (if raised), whether the parameters are still
     ``before``, and the ledger's steps."""
     facts = {}
     try:
         opt.step()
-    except dpclip.DistributedStepError as err:
+    except error as err:
         facts["error"] = str(err)
     facts["unchanged"] = all(
         torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
@@ -250,15 +250,7 @@ def per_rank_batch_declared_global(out: Path, rank: int, world: int) -> None:
     x, y = data()
     mine = torch.arange(rank * 16, (rank + 1) * 16)
     nn.CrossEntropyLoss()(model(x[mine]), y[mine]).backward()
-    before, facts = params_of(model), {}
-    try:
-        opt.step()
-    except dpclip.SampleRateError as err:
-        facts["error"] = str(err)
-    facts["unchanged"] = all(
-        torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)
-    )
-    facts["steps"] = engine.steps_taken
+    facts = step_refused_everywhere(model, opt, engine, params_of(model), dpclip.SampleRateError)
     engine.detach()
     save(out, "per-rank-batch", rank, facts)
 
