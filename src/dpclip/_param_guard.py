@@ -80,9 +80,6 @@ _ROW_MOVES = {
     "index_copy_": (1, 2),
     "flip": (1, None),
     "roll": (2, None),
-    "__setitem__": (None, 1),
-    "index_put": (None, 1),
-    "index_put_": (None, 1),
     "index_add": (1, 2),
     "index_add_": (1, 2),
     "index_reduce": (1, 2),
@@ -94,11 +91,12 @@ _ROW_MOVES = {
     "scatter_reduce": (1, 2),
     "scatter_reduce_": (1, 2),
 }
-_PUTS = {"__setitem__", "index_put", "index_put_"}  # rows moved only if a tensor value is put
+# calls that put a value at the rows a key indexes (rows move only if a tensor value is put)
+_PUTS = {"__setitem__", "index_put", "index_put_"}
 
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
-_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _ROWS = range(7)
+_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS = range(8)
 _KIND: dict[object, tuple[int, str]] = {}  # func -> (what to do, its name)
 
 
@@ -112,6 +110,8 @@ def _kind_of(func: object) -> tuple[int, str]:
         kind = _BROADCAST
     elif name == "__getitem__":
         kind = _GETITEM
+    elif name in _PUTS:
+        kind = _PUT
     elif name in _ROW_MOVES:
         kind = _ROWS
     elif name in _NEW_LEADING_DIMS:
@@ -184,7 +184,7 @@ class _Mode(TorchFunctionMode):
                 args = guard.split_pending(args, name)
             if any(id(a) in outputs for a in args):  # only a layer output can be refused
                 guard.check_broadcast(args, name)
-        if kind == _ROWS or (kind == _GETITEM and len(args) > 1 and _advanced(args[1])):
+        if kind == _ROWS or (kind in (_GETITEM, _PUT) and _advanced(_key(args, kwargs))):
             guard.check_rows_kept(name, args, kwargs or {})
         out = func(*args, **kwargs) if kwargs else func(*args)
         if pending:
@@ -383,6 +383,11 @@ class ParamUseGuard:
             self._outputs[id(output)] = (module, weakref.ref(output))
 
 
+def _key(args: tuple, kwargs: Mapping | None) -> object:
+    """The index of ``t[key]``, ``t[key] = v`` or ``index_put(t, indices, v)``."""
+    return args[1] if len(args) > 1 else (kwargs or {}).get("indices")
+
+
 def _advanced(key: object) -> bool:
     """Whether an index (of ``t[key]``) indexes dim 0 with a tensor, a list or an array."""
     if type(key) is tuple:
@@ -394,7 +399,7 @@ def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int) -> bool:
     """Whether the call takes or puts rows of dim 0 anywhere but in place."""
     t = args[0]
     if name == "__getitem__" or name in _PUTS:
-        key = args[1] if len(args) > 1 else kwargs.get("indices")
+        key = _key(args, kwargs)
         if name in _PUTS:  # a value put at the rows: only a tensor of rows moves any
             value = args[2] if len(args) > 2 else kwargs.get("values", kwargs.get("value"))
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
