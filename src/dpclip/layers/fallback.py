@@ -126,6 +126,15 @@ def _is_batched(t: object) -> bool:
     return False
 
 
+def _dropout_args(func: object, args: tuple, kwargs: dict) -> tuple[float, bool]:
+    """(p, whether it draws) of a call in :data:`_DROPOUTS`."""
+    flag = _DROPOUTS[func]
+    training = True if flag is None else kwargs.get("training", kwargs.get("train"))
+    if training is None:
+        training = args[flag] if len(args) > flag else True
+    return kwargs.get("p", args[1] if len(args) > 1 else 0.5), bool(training)
+
+
 class _SharedRandomness(TorchFunctionMode):
     """Refuses dropout on a tensor without the batch inside the vmapped rerun."""
 
@@ -136,12 +145,8 @@ class _SharedRandomness(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func in _DROPOUTS and args and not _is_batched(args[0]):
-            flag = _DROPOUTS[func]
-            training = True if flag is None else kwargs.get("training", kwargs.get("train"))
-            if training is None:
-                training = args[flag] if len(args) > flag else True
-            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-            if training and (flag is None or p):
+            p, drops = _dropout_args(func, args, kwargs)
+            if drops and (_DROPOUTS[func] is None or p):
                 raise IntegrityError(
                     f"{type(self.module).__name__} applies {getattr(func, '__name__', func)} to a "
                     "tensor without the batch (DropConnect on a weight, dropout on a table): the "
@@ -168,8 +173,7 @@ class _DropoutMasks(TorchFunctionMode):
         kwargs = kwargs or {}
         if func not in _SCALED:
             return func(*args, **kwargs)
-        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-        training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+        p, training = _dropout_args(func, args, kwargs)
         if not training or not p:
             return func(*args, **kwargs)
         x = args[0]
