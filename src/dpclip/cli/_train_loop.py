@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
             raise CliError(
                 f"{out / output.CHECKPOINT} is damaged: it says {start_epoch} epochs but its "
                 f"privacy ledger holds {engine.steps_taken} steps, not "
-                f"{start_epoch * engine.steps_per_epoch}; start a fresh run with another --output"
+                f"{start_epoch * engine.steps_per_epoch}; {_FRESH}"
             )
 
     progress = None if args.no_progress else _tqdm()
@@ -367,5 +367,5 @@ def _check_same_data(state: dict[str, Any], n: int, fingerprint: str, source: st
         raise CliError(
             f"cannot resume: the saved run trained on other data ({saved.get('source')}, "
             f"fingerprint {saved.get('fingerprint')}) than {source} (fingerprint {fingerprint}); "
-            "resume with the run's own data (--data-dir), or start a fresh run with another --output"
+            f"resume with the run's own data (--data-dir), or {_FRESH}"
         )
