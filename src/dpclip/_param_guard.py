@@ -27,6 +27,11 @@ whose gradient keeps one row per example. Any other use of it is refused.
 as example j, so a layer after the reordering would add one example's gradient to another's
 (sorting by length around an RNN, then unsorting). Picking each row itself
 (``h[torch.arange(B), last]``) passes.
+
+5. Inside a module that takes the generic fallback, compute attention with dropout
+(``F.scaled_dot_product_attention`` with ``dropout_p``) from its parts, so that the fallback's
+rerun can draw its masks again (:mod:`dpclip.layers._attention_dropout`). The mode sees every
+call already; a mode of its own would cost each call of such a module's forward a second one.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from dpclip.errors import IntegrityError, ParameterUseError
 from dpclip.hooks import Recorder
+from dpclip.layers._attention_dropout import attention_by_parts, by_parts_args
 
 # calls that read a parameter without putting it on a gradient path
 _NO_GRADIENT = {
@@ -96,7 +103,7 @@ _PUTS = {"__setitem__", "index_put", "index_put_"}
 
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
-_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS = range(8)
+_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS, _ATTENTION = range(9)
 _KIND: dict[object, tuple[int, str]] = {}  # func -> (what to do, its name)
 
 
@@ -116,6 +123,8 @@ def _kind_of(func: object) -> tuple[int, str]:
         kind = _ROWS
     elif name in _NEW_LEADING_DIMS:
         kind = _LEADING
+    elif func is F.scaled_dot_product_attention:
+        kind = _ATTENTION
     else:
         kind = _PLAIN
     if kind != _ATTRIBUTE:  # an attribute read's func is a new bound wrapper each time
@@ -137,6 +146,7 @@ class _Mode(TorchFunctionMode):
         # the guard's and the recorder's live tables, read on every call without a method call
         self.active, self.outputs = guard._active, guard._outputs
         self.pending = guard._recorder.pending_by_id if guard._recorder is not None else {}
+        self.recorder = guard._recorder
 
     def _check_args(self, args: tuple, func: object) -> None:
         """Refuse a managed parameter among ``args`` (or in a list or tuple argument) outside
@@ -186,7 +196,14 @@ class _Mode(TorchFunctionMode):
                 guard.check_broadcast(args, name)
         if kind == _ROWS or (kind in (_GETITEM, _PUT) and _advanced(_key(args, kwargs))):
             guard.check_rows_kept(name, args, kwargs or {})
-        out = func(*args, **kwargs) if kwargs else func(*args)
+        parts = None
+        if kind == _ATTENTION and self.recorder is not None and self.recorder.in_whole_call:
+            parts = by_parts_args(args, kwargs or {})
+        if parts is not None:  # its dropout, drawn again in the fallback's rerun
+            self.recorder.ran_by_parts()
+            out = attention_by_parts(**parts)
+        else:
+            out = func(*args, **kwargs) if kwargs else func(*args)
         if pending:
             guard.check_pending((*args, *(kwargs or {}).values()), out, name)
         if kind in (_LEADING, _GETITEM) and args and id(args[0]) in outputs:

@@ -182,6 +182,9 @@ class Recorder:
     _whole: set[nn.Module] = field(default_factory=set)
     # per whole-call module, the (random state, autocast state) each unfinished call began with
     _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
+    # the whole-call modules running, outermost first, each with whether attention with dropout
+    # ran by parts inside it (the rerun must do the same)
+    _open: list[list] = field(default_factory=list)
     _paused: int = 0
     _task: int = -1  # the backward pass (graph task) accumulates() last answered for
     # the anchor's gradient accumulator, held so that every graph uses this one node
@@ -209,6 +212,7 @@ class Recorder:
             self._handles.append(
                 module.register_forward_pre_hook(self._capture_start, with_kwargs=True)
             )
+            self._handles.append(module.register_forward_hook(self._end_call, always_call=True))
         for module in modules:
             self._handles.append(  # first: the layer's own output, before any hook of the user
                 module.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
@@ -227,6 +231,7 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._open.clear()
         self._in_backward = False
 
     def name(self, module: nn.Module) -> str:
@@ -252,6 +257,24 @@ class Recorder:
         device = source.device if source is not None else None
         start = (RngState.capture(device), autocast_state(device))
         self._starts.setdefault(module, []).append(start)
+        self._open.append([module, False])
+
+    def _end_call(self, module: nn.Module, args: tuple, output: object) -> None:
+        """After a whole-call module's forward, also one that raised (the pre-hook's pair)."""
+        if self._open and self._open[-1][0] is module:
+            self._open.pop()
+
+    @property
+    def in_whole_call(self) -> bool:
+        """Whether a recorded call of a whole-call module (one the fallback reruns) is running:
+        its attention dropout must be computed by parts, so that the rerun can draw it again
+        (:mod:`dpclip.layers._attention_dropout`; the parameter guard's mode does it)."""
+        return bool(self._open)
+
+    def ran_by_parts(self) -> None:
+        """Attention with dropout ran by parts: the running whole calls' reruns must too."""
+        for entry in self._open:
+            entry[1] = True
 
     # ----------------------------------------------------------------------------- forward
     def _enter_root(
@@ -265,6 +288,7 @@ class Recorder:
         self._forward += 1
         self._pending.clear()
         self._starts.clear()  # left by a forward that raised
+        self._open.clear()
         source = batch_of(args, kwargs)
         self.batch = None if source is None else int(source.shape[0])
         self._root_shape = None if source is None else tuple(source.shape)
@@ -442,6 +466,7 @@ class Recorder:
                 if getattr(m, "replay_in_rerun", False)
             ),
             autocast=autocast,
+            by_parts=bool(self._open) and self._open[-1][0] is module and self._open[-1][1],
         )
         if pending:
             return self._hold_pending(module, (call,), output)

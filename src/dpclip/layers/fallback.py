@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from dpclip.errors import IntegrityError
+from dpclip.layers._attention_dropout import AttentionByParts
 from dpclip.layers._derive import from_per_sample
 
 
@@ -80,6 +81,7 @@ class Call:
     autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) if autocast was on
     # the flattened arguments that hold one row per example; None: those with the batch on dim 0
     split: tuple[int, ...] | None = None
+    by_parts: bool = False  # attention with dropout ran by parts in it: the rerun must too
 
     def expanded(self, batch: int) -> Call:
         """This call with every batch-1 tensor argument (and output) expanded to ``batch``: its
@@ -162,8 +164,10 @@ _SCALED = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}  # x
 
 class _DropoutMasks(TorchFunctionMode):
     """Dropout for the loop over examples, which draws differently from the batched forward:
-    without ``row``, record which elements each dropout call kept (run the batched forward
-    from its random state); with ``row``, apply that example's rows of them, call by call."""
+    without ``row``, record each dropout call's multiplier (the call applied to ones: 0 or
+    1/(1 − p) where it draws, ones under the self-check's no-dropout mode below it) by running
+    the batched forward from its random state; with ``row``, apply that example's rows of
+    them, call by call."""
 
     def __init__(self, masks: list[Tensor] | None = None, row: int | None = None) -> None:
         super().__init__()
@@ -178,16 +182,16 @@ class _DropoutMasks(TorchFunctionMode):
             return func(*args, **kwargs)
         x = args[0]
         if self.row is None:  # the same draws as on x (they depend on the shape only)
-            keep = func(torch.ones_like(x), *args[1:], **kwargs) != 0  # in place on ones: ours
-            self.masks.append(keep)
-            return x * keep / (1 - p)
+            noise = func(torch.ones_like(x), *args[1:], **kwargs)  # in place on ones: ours
+            self.masks.append(noise)
+            return x * noise
         if self.calls >= len(self.masks):
             raise RuntimeError("more dropout calls than the batched forward made")
-        keep, self.calls = self.masks[self.calls], self.calls + 1
-        mine = keep[self.row : self.row + 1]
+        noise, self.calls = self.masks[self.calls], self.calls + 1
+        mine = noise[self.row : self.row + 1]
         if mine.shape != x.shape:
             raise RuntimeError(f"a dropout mask of shape {tuple(mine.shape)} for {tuple(x.shape)}")
-        return x * mine / (1 - p)
+        return x * mine
 
 
 def per_sample_grad(
@@ -218,7 +222,12 @@ def per_sample_grad(
         out, pull = vjp(outputs, p)
         return pull(tuple(c.unsqueeze(0) for c in cot))[0], tuple(o.squeeze(0) for o in out)
 
-    def replay() -> contextlib.AbstractContextManager:
+    def parts() -> tuple[TorchFunctionMode, ...]:
+        return (AttentionByParts(),) if call.by_parts else ()
+
+    def replay(*above: TorchFunctionMode) -> contextlib.AbstractContextManager:
+        """The call's random state, modes and autocast; then ``above``, and attention
+        computed by parts as in the forward (on top: its dropout reaches the modes below)."""
         stack = contextlib.ExitStack()
         if call.rng is not None:
             stack.enter_context(call.rng.replayed())
@@ -229,6 +238,8 @@ def per_sample_grad(
         stack.enter_context(warnings.catch_warnings())
         # torch notes each op it vmaps by a slow path (SDPA on CPU); the attach line said so
         warnings.filterwarnings("ignore", message="There is a performance drop because")
+        for mode in (*above, *parts()):
+            stack.enter_context(mode)
         return stack
 
     with replay():
@@ -249,13 +260,16 @@ def per_sample_grad(
                     "per-example gradients are computed in a loop over examples (slower)",
                     stacklevel=2,
                 )
-    with replay(), torch.no_grad(), _DropoutMasks() as drawn:  # the forward's masks, again
+    drawn = _DropoutMasks()
+    with replay(drawn), torch.no_grad():  # the forward's masks, again
         functional_call(module, params, call.args, call.kwargs)
     with replay():  # from the call's random state again
         try:
             per_example = []
             for i in range(batch):  # each example with its own rows of those masks
-                with _DropoutMasks(drawn.masks, row=i):
+                with _DropoutMasks(drawn.masks, row=i), contextlib.ExitStack() as stack:
+                    for mode in parts():
+                        stack.enter_context(mode)
                     cot = tuple(g[i] for g in grads)
                     per_example.append(grad_of_example(params, [flat[k][i] for k in rows], cot))
         except Exception as err:
