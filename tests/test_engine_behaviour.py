@@ -337,7 +337,8 @@ class _ScaledLinear(nn.Linear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.gain = nn.Parameter(torch.ones(self.out_features, dtype=torch.float64))
+        gain = torch.linspace(0.5, 2.0, self.out_features, dtype=torch.float64)
+        self.gain = nn.Parameter(gain)  # not ones: the gain must really act in the rerun
         self.register_forward_hook(lambda m, a, out: out * m.gain)
 
 
@@ -346,6 +347,38 @@ def test_a_layer_subclass_with_a_parameter_of_its_own_takes_the_fallback_and_is_
     model = nn.Sequential(_ScaledLinear(4, 3).double(), nn.Tanh(), nn.Linear(3, 3).double())
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     _assert_one_step_equals_naive_loop(model, x, y)
+
+
+class _Shifted(nn.Module):
+    """A module without a rule (a bare parameter) with a forward pre-hook that changes its
+    input, and a forward hook with dropout: its rerun must run them once each, as the call did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+        self.register_forward_pre_hook(lambda m, args: (args[0] * 2 + 1,))
+        self.register_forward_hook(lambda m, a, out: F.dropout(out, 0.5, m.training))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w)
+
+
+def test_a_fallback_modules_own_hooks_run_once_in_its_rerun_and_it_equals_the_naive_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Shifted(), nn.Linear(4, 3).double()).eval()  # hooks' dropout off
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    _assert_one_step_equals_naive_loop(model, x, y)
+    torch.manual_seed(0)
+    model = nn.Sequential(_Shifted(), nn.Linear(4, 3).double()).train()  # the hook draws
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dpclip.PrivacyEngine(
+        model, opt, sample_size=50, batch_size=5, steps=2, noise_multiplier=1.0
+    )
+    for _ in range(2):  # the rerun's outputs are checked against the forward's on every step
+        _loss(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert engine.steps_taken == 2
 
 
 def test_a_users_forward_hook_on_a_layer_equals_the_naive_loop():

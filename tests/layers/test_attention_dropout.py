@@ -11,7 +11,7 @@ from torch import nn
 import dpclip
 from dpclip.layers import fallback
 from dpclip.layers._attention_dropout import AttentionByParts, attention_by_parts
-from dpclip.layers.fallback import Call, RngState
+from dpclip.layers.fallback import Call, Fingerprint, RngState
 
 B, T, H, E = 4, 5, 2, 3
 P = 0.3
@@ -74,6 +74,14 @@ def test_the_mode_computes_dropout_by_parts_and_leaves_other_calls_to_the_kernel
         F.scaled_dot_product_attention(q, k, v, mask, 0.5, is_causal=True)
 
 
+def test_attention_by_parts_scales_before_the_product_so_half_precision_does_not_overflow():
+    q = torch.full((1, 1, 2, 64), 48.0, dtype=torch.float16)  # q·k = 147456 > fp16's max
+    got = attention_by_parts(q, q, q, dropout_p=0.1)
+    assert torch.isfinite(got).all()
+    negative = attention_by_parts(*_qkv(), scale=-0.5)
+    torch.testing.assert_close(negative, F.scaled_dot_product_attention(*_qkv(), scale=-0.5))
+
+
 class Attention(nn.Module):
     """Self-attention with its projections as bare parameters, SDPA's dropout between two
     ordinary ones: the whole module takes the fallback."""
@@ -128,7 +136,8 @@ def test_the_fallback_replays_attention_dropout_exactly(looped, causal):
     with torch.no_grad(), AttentionByParts():
         torch.set_rng_state(rng.cpu)
         expected = module(x, mask)
-    call = Call((x, mask), {}, rng, outputs=(0,), expected=(expected,), by_parts=True)
+    expected = (Fingerprint.of(expected),)
+    call = Call((x, mask), {}, rng, outputs=(0,), expected=expected, by_parts=True)
     got = fallback.per_sample_grad(module, (call,), (grads,), names)
     for n in names:
         torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)

@@ -70,6 +70,35 @@ def test_fallback_equals_autograd_per_example_with_the_same_dropout_masks(p, loo
         torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)
 
 
+class _FlatTokens(nn.Module):
+    """Dropout on the batch flattened into tokens (B·T, d), then dropout in place with its
+    result ignored (``inplace=True``): the loop over examples must apply each example's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        h = F.dropout((x * self.w).reshape(-1, x.shape[-1]), 0.5, self.training)
+        F.dropout(h, 0.5, self.training, True)
+        return h.view(x.shape).tanh()
+
+
+def test_the_loop_over_examples_applies_flattened_and_in_place_dropout_exactly():
+    torch.manual_seed(0)
+    module = _FlatTokens().train()
+    fallback._LOOPED.add(_FlatTokens)
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    grads = torch.randn(4, 5, 3, dtype=torch.float64)
+    rng = RngState.capture(x.device)
+    out = module(x)
+    want = torch.stack([torch.autograd.grad((out[i] * grads[i]).sum(), module.w,
+                                            retain_graph=True)[0] for i in range(4)])  # fmt: skip
+    call = Call((x,), {}, rng, outputs=(0,), expected=(fallback.Fingerprint.of(out),))
+    got = fallback.per_sample_grad(module, (call,), (grads,), ["w"])
+    torch.testing.assert_close(got["w"], want, rtol=1e-10, atol=1e-12)
+
+
 class NotVmappable(nn.Module):
     """Reads a Python number from its input (``.item()``): vmap cannot batch it."""
 
@@ -210,14 +239,41 @@ class _Uses(nn.Module):
         return self.head(torch.tanh(self.inner(*args)))
 
 
+class _InPlaceAfter(_Uses):
+    """Changes the fallback module's output in place after the call (a residual ``h += x``):
+    the rerun must still be checked against what the call returned."""
+
+    def forward(self, x):
+        extra = (torch.arange(x.shape[0] * 3, dtype=x.dtype).view(-1, 3),)
+        args = (x, *extra) if isinstance(self.inner, _SharedTable) else (x,)
+        h = self.inner(*args)
+        h += x
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["as-is", "changed-in-place-after"])
 @pytest.mark.parametrize("inner", [_Stateful, _SharedTable])
-def test_a_rerun_that_does_not_reproduce_the_forward_is_refused(inner):
-    model = _Uses(inner())
+def test_a_rerun_that_does_not_reproduce_the_forward_is_refused(inner, in_place):
+    model = (_InPlaceAfter if in_place else _Uses)(inner())
     opt = torch.optim.SGD(model.parameters(), lr=1)
     dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=4, steps=1, noise_multiplier=0)
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     with pytest.raises(dpclip.IntegrityError, match="ran each example of .* alone and got output"):
         F.cross_entropy(model(x), y).backward()
+
+
+def test_the_rerun_check_sees_a_difference_in_one_element_of_a_long_row():
+    """The fingerprint (row norms and two projections, tiled past 4096 elements) catches a
+    change of one element in 10⁴, and not float32 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5000)
+    want = fallback.Fingerprint.of(x)
+    assert want.difference(x.clone()) == 0.0
+    assert want.difference(x * (1 + 1e-7 * torch.randn_like(x))) < 1e-5
+    changed = x.clone()
+    changed[1, 1, 4500] += 0.1 * float(x[1].norm())
+    assert want.difference(changed) > 1e-2
+    assert want.difference(x[:, :, :4999]) == float("inf")
 
 
 class _DropoutTokens(nn.Module):
@@ -305,14 +361,19 @@ def test_a_module_that_cannot_run_one_example_at_a_time_is_refused_in_dpclip_wor
             F.cross_entropy(model(x), y).backward()
 
 
-def test_dropout_on_a_tensor_without_the_batch_inside_a_fallback_module_is_refused():
+@pytest.mark.parametrize("by", ["dropout", "attention"])
+def test_dropout_on_a_tensor_without_the_batch_inside_a_fallback_module_is_refused(by):
     class DropConnect(nn.Module):
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))  # outputs hide masks
 
         def forward(self, x):
-            return x @ F.dropout(self.w, 0.5, self.training)
+            if by == "dropout":
+                return x @ F.dropout(self.w, 0.5, self.training)
+            table = self.w[None, None]  # attention of a batch-less table: one mask for all
+            mixed = F.scaled_dot_product_attention(table, table, table, dropout_p=0.5)
+            return x @ mixed[0, 0]
 
     model = _Uses(DropConnect()).train()
     opt = torch.optim.SGD(model.parameters(), lr=1)

@@ -40,8 +40,11 @@ def attention_by_parts(
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)
         value = value.repeat_interleave(repeat, dim=-3)
+    # each side scaled by the square root before the product, as torch's own math path does
+    # (in half precision the product alone can overflow)
     factor = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = (query @ key.transpose(-2, -1)) * factor
+    root = math.sqrt(abs(factor))
+    scores = (query * math.copysign(root, factor)) @ (key.transpose(-2, -1) * root)
     if is_causal:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device)
         scores = scores.masked_fill(~causal.tril(), float("-inf"))

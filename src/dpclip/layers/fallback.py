@@ -66,6 +66,61 @@ def autocast_state(device: torch.device | None) -> tuple[str, torch.dtype] | Non
     return None
 
 
+_PROBE = 4096  # elements of the fixed random directions, tiled along longer rows
+_PROBES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _probe(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(_PROBE, 2) fixed random directions (the same at the call and at the rerun)."""
+    probe = _PROBES.get((dtype, device))
+    if probe is None:
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(_PROBE, 2, generator=gen, dtype=torch.float64).to(device, dtype)
+        _PROBES[(dtype, device)] = probe
+    return probe
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What the rerun checks a module's output against, without holding the output: it may be
+    changed in place after the call (``h += x``, an in-place ReLU), and the check must hold
+    then too. Per row (example): its norm and its projections on two fixed random directions,
+    so that any difference of a row beyond rounding shows; no host sync (kept as tensors)."""
+
+    rows: Tensor  # (rows, 3)
+    shape: tuple[int, ...]  # the output's shape after dim 0
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(t: Tensor) -> Fingerprint:
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        rows = t.detach().reshape(t.shape[0], -1).to(dtype)
+        whole, rest = divmod(rows.shape[1], _PROBE)
+        probe = _probe(dtype, t.device)
+        projected = rows[:, rows.shape[1] - rest :] @ probe[:rest]
+        if whole:  # a view of the rows as (rows, whole, _PROBE), each part projected alike
+            tiled = rows[:, : whole * _PROBE].reshape(rows.shape[0], whole, _PROBE)
+            projected = projected + (tiled @ probe).sum(dim=1)
+        norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        return Fingerprint(torch.cat([norms, projected], dim=1), tuple(t.shape[1:]), t.dtype)
+
+    def expanded(self, batch: int) -> Fingerprint:
+        rows = expand_rows(self.rows, batch)
+        assert isinstance(rows, Tensor)
+        return dataclasses.replace(self, rows=rows)
+
+    def difference(self, t: Tensor) -> float:
+        """How far ``t`` (the rerun's rows) is from the recorded rows, relative to the largest
+        row norm (inf if the shapes differ)."""
+        if tuple(t.shape[1:]) != self.shape or t.shape[0] != self.rows.shape[0]:
+            return float("inf")
+        if not t.numel():
+            return 0.0
+        got = Fingerprint.of(t).rows
+        scale = float(self.rows[:, 0].max())
+        return float((self.rows - got).abs().max()) / (scale + 1e-30)
+
+
 @dataclass(frozen=True)
 class Call:
     """One recorded call of a module: its arguments (detached), the random state it started
@@ -75,8 +130,7 @@ class Call:
     kwargs: dict
     rng: RngState | None
     outputs: tuple[int, ...]
-    expected: tuple[Tensor, ...] = ()  # what the forward returned there (detached), to check
-    versions: tuple[int, ...] = ()  # their versions then: an in-place change later skips one
+    expected: tuple[Fingerprint, ...] = ()  # of what the forward returned there, to check
     modes: tuple = ()  # torch function modes active at the call that the rerun must enter too
     autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) if autocast was on
     # the flattened arguments that hold one row per example; None: those with the batch on dim 0
@@ -91,7 +145,7 @@ class Call:
         split = tuple(k for k, x in enumerate(flat) if expand_rows(x, batch) is not x)
         flat = [expand_rows(x, batch) for x in flat]
         args, kwargs = tree_unflatten(flat, spec)
-        expected = tuple(expand_rows(x, batch) for x in self.expected)
+        expected = tuple(f.expanded(batch) for f in self.expected)
         return dataclasses.replace(self, args=args, kwargs=kwargs, expected=expected, split=split)
 
 
@@ -181,17 +235,22 @@ class _DropoutMasks(TorchFunctionMode):
         if not training or not p:
             return func(*args, **kwargs)
         x = args[0]
+        inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
         if self.row is None:  # the same draws as on x (they depend on the shape only)
             noise = func(torch.ones_like(x), *args[1:], **kwargs)  # in place on ones: ours
             self.masks.append(noise)
-            return x * noise
+            return x.mul_(noise) if inplace else x * noise
         if self.calls >= len(self.masks):
             raise RuntimeError("more dropout calls than the batched forward made")
         noise, self.calls = self.masks[self.calls], self.calls + 1
-        mine = noise[self.row : self.row + 1]
+        # the example's rows: one, or k where the forward flattened the batch into rows
+        # batch-major ((B·T, d) tokens, (B·H, T, T) heads); a wrong guess shows in the rerun's
+        # output, which is checked
+        k = x.shape[0] if x.dim() and x.shape[1:] == noise.shape[1:] else 1
+        mine = noise[self.row * k : (self.row + 1) * k]
         if mine.shape != x.shape:
             raise RuntimeError(f"a dropout mask of shape {tuple(mine.shape)} for {tuple(x.shape)}")
-        return x * mine
+        return x.mul_(mine) if inplace else x * mine
 
 
 def per_sample_grad(
@@ -209,6 +268,11 @@ def per_sample_grad(
     )
     grads = tuple(grad_output)
 
+    def forward(q: dict, args: tuple, kwargs: dict) -> object:
+        """The call again, whole: its forward pre-hooks, forward and forward hooks (it was
+        recorded with the arguments they were given and the output after them)."""
+        return functional_call(module, q, args, kwargs)
+
     def grad_of_example(p: dict, batched: list, cot: tuple) -> dict:
         leaves = list(flat)
         for k, x in zip(rows, batched, strict=True):
@@ -216,7 +280,7 @@ def per_sample_grad(
         args, kwargs = tree_unflatten(leaves, spec)
 
         def outputs(q: dict) -> tuple:
-            out = tree_leaves(functional_call(module, q, args, kwargs))
+            out = tree_leaves(forward(q, args, kwargs))
             return tuple(out[k] for k in call.outputs)
 
         out, pull = vjp(outputs, p)
@@ -242,13 +306,12 @@ def per_sample_grad(
             stack.enter_context(mode)
         return stack
 
-    with replay():
+    with replay(_SharedRandomness(module)):  # below attention by parts: sees its dropout
         if type(module) not in _LOOPED:
             try:
-                with _SharedRandomness(module):
-                    got, again = vmap(
-                        grad_of_example, in_dims=(None, 0, 0), randomness="different"
-                    )(params, [flat[k] for k in rows], grads)
+                got, again = vmap(grad_of_example, in_dims=(None, 0, 0), randomness="different")(
+                    params, [flat[k] for k in rows], grads
+                )
                 _check_recomputed(module, call, again)
                 return got
             except IntegrityError:
@@ -262,7 +325,7 @@ def per_sample_grad(
                 )
     drawn = _DropoutMasks()
     with replay(drawn), torch.no_grad():  # the forward's masks, again
-        functional_call(module, params, call.args, call.kwargs)
+        forward(params, call.args, call.kwargs)
     with replay():  # from the call's random state again
         try:
             per_example = []
@@ -284,26 +347,15 @@ def per_sample_grad(
     return {n: torch.stack([g[n] for g, _ in per_example]) for n in names}
 
 
-_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}  # relative to the output's scale
+_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}  # relative to the largest row norm
 
 
 def _check_recomputed(module: nn.Module, call: Call, again: tuple[Tensor, ...]) -> None:
     """Each example run alone must give its rows of the forward's output: else g_i would not
     be that example's gradient (rows that depend on other examples, an argument with the batch
     on dim 0 that is not per example, a forward that keeps state between calls)."""
-    versions = call.versions or (None,) * len(call.expected)
-    for k, (want, got, version) in enumerate(zip(call.expected, again, versions, strict=False)):
-        if version is not None and want._version != version:
-            continue  # changed in place after the call (the self-check still compares norms)
-        if want.shape != got.shape:
-            diff = float("inf")
-        else:
-            scale = float(want.abs().max()) if want.numel() else 0.0
-            diff = (
-                float((want - got.to(want.dtype)).abs().max()) / (scale + 1e-30)
-                if want.numel()
-                else 0.0
-            )
+    for k, (want, got) in enumerate(zip(call.expected, again, strict=False)):
+        diff = want.difference(got)
         # under autocast the rows were computed at its precision, whatever their dtype now
         dtype = want.dtype if call.autocast is None else call.autocast[1]
         if diff > _TOLERANCE.get(dtype, 3e-2):
