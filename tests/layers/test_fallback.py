@@ -11,6 +11,7 @@ from torch import nn
 
 import dpclip
 from dpclip.layers import fallback
+from dpclip.layers._attention_dropout import AttentionByParts
 from dpclip.layers.fallback import Call, RngState
 from dpclip.validate import assign_rules
 
@@ -361,25 +362,52 @@ def test_a_module_that_cannot_run_one_example_at_a_time_is_refused_in_dpclip_wor
             F.cross_entropy(model(x), y).backward()
 
 
+class _DropConnect(nn.Module):
+    """Dropout on its weight (a tensor without the batch): one mask for all examples."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+        self.by = by
+
+    def forward(self, x):
+        if self.by == "dropout":
+            return x @ F.dropout(self.w, 0.5, self.training)
+        if self.by == "bernoulli":
+            return x @ (self.w * torch.bernoulli(torch.full_like(self.w, 0.5)))
+        table = self.w[None, None]  # attention over a batch-less table
+        return x @ F.scaled_dot_product_attention(table, table, table, dropout_p=0.5)[0, 0]
+
+
 @pytest.mark.parametrize("by", ["dropout", "attention"])
-def test_dropout_on_a_tensor_without_the_batch_inside_a_fallback_module_is_refused(by):
-    class DropConnect(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))  # outputs hide masks
+def test_dropout_on_a_tensor_without_the_batch_gives_each_example_the_forwards_one_mask(by):
+    """vmap would draw a mask per example: the loop over examples takes over, with a warning,
+    and applies the one mask the forward drew to each."""
+    torch.manual_seed(0)
+    module = _DropConnect(by).train()
+    fallback._LOOPED.discard(_DropConnect)
+    x, grads = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    rng = RngState.capture(x.device)
+    with AttentionByParts():
+        out = module(x)
+    want = torch.stack(
+        [torch.autograd.grad((out[i] * grads[i]).sum(), module.w, retain_graph=True)[0]
+         for i in range(4)]
+    )  # fmt: skip
+    call = Call((x,), {}, rng, outputs=(0,), expected=(fallback.Fingerprint.of(out),),
+                by_parts=by == "attention")  # fmt: skip
+    with pytest.warns(UserWarning, match="draws one mask for all examples"):
+        got = fallback.per_sample_grad(module, (call,), (grads,), ["w"])
+    torch.testing.assert_close(got["w"], want, rtol=1e-10, atol=1e-12)
+    fallback._LOOPED.discard(_DropConnect)
 
-        def forward(self, x):
-            if by == "dropout":
-                return x @ F.dropout(self.w, 0.5, self.training)
-            table = self.w[None, None]  # attention of a batch-less table: one mask for all
-            mixed = F.scaled_dot_product_attention(table, table, table, dropout_p=0.5)
-            return x @ mixed[0, 0]
 
-    model = _Uses(DropConnect()).train()
+def test_other_random_calls_on_a_tensor_without_the_batch_are_refused():
+    model = _Uses(_DropConnect("bernoulli")).train()
     opt = torch.optim.SGD(model.parameters(), lr=1)
     dpclip.PrivacyEngine(
         model, opt, sample_size=10, batch_size=4, steps=1, noise_multiplier=0, verify=False
     )
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    with pytest.raises(dpclip.IntegrityError, match="DropConnect applies dropout to a tensor"):
+    with pytest.raises(dpclip.IntegrityError, match="applies bernoulli to a tensor without"):
         F.cross_entropy(model(x), y).backward()

@@ -171,6 +171,7 @@ _DROPOUTS = {
     torch.bernoulli: None,
     Tensor.bernoulli_: None,
 }  # fmt: skip  (position of the ``training`` flag, None: always random)
+_SCALED = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}  # x · mask / (1 − p)
 
 
 def _is_batched(t: object) -> bool:
@@ -191,8 +192,14 @@ def _dropout_args(func: object, args: tuple, kwargs: dict) -> tuple[float, bool]
     return kwargs.get("p", args[1] if len(args) > 1 else 0.5), bool(training)
 
 
+class _OneMask(RuntimeError):
+    """Dropout on a tensor without the batch in the vmapped rerun: the loop takes over."""
+
+
 class _SharedRandomness(TorchFunctionMode):
-    """Refuses dropout on a tensor without the batch inside the vmapped rerun."""
+    """Dropout on a tensor without the batch inside the vmapped rerun: vmap would draw a mask
+    per example where the forward drew one for all, so the loop over examples takes over (it
+    applies the forward's one mask to each); other random calls there are refused."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -202,18 +209,21 @@ class _SharedRandomness(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _DROPOUTS and args and not _is_batched(args[0]):
             p, drops = _dropout_args(func, args, kwargs)
+            if drops and func in _SCALED and p:
+                raise _OneMask(
+                    f"{getattr(func, '__name__', func)} of a tensor without the batch, such as "
+                    "dropout on a table or a weight, draws one mask for all examples"
+                )
             if drops and (_DROPOUTS[func] is None or p):
                 raise IntegrityError(
                     f"{type(self.module).__name__} applies {getattr(func, '__name__', func)} to a "
-                    "tensor without the batch (DropConnect on a weight, dropout on a table): the "
+                    "tensor without the batch (a random mask on a weight or a table): the "
                     "forward drew one mask for all examples, and dpclip's fallback cannot draw "
-                    "that mask again for each example alone. Apply dropout to the activations, "
-                    "or give the module a rule with dpclip.register_layer"
+                    "that mask again for each example alone. Use F.dropout for it (its one mask "
+                    "is applied to each example), or give the module a rule with "
+                    "dpclip.register_layer"
                 )
         return func(*args, **kwargs)
-
-
-_SCALED = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}  # x · mask / (1 − p)
 
 
 class _DropoutMasks(TorchFunctionMode):
@@ -247,7 +257,8 @@ class _DropoutMasks(TorchFunctionMode):
         # batch-major ((B·T, d) tokens, (B·H, T, T) heads); a wrong guess shows in the rerun's
         # output, which is checked
         k = x.shape[0] if x.dim() and x.shape[1:] == noise.shape[1:] else 1
-        mine = noise[self.row * k : (self.row + 1) * k]
+        # a tensor without the batch (a table): the one mask the forward drew, for each example
+        mine = noise if noise.shape == x.shape else noise[self.row * k : (self.row + 1) * k]
         if mine.shape != x.shape:
             raise RuntimeError(f"a dropout mask of shape {tuple(mine.shape)} for {tuple(x.shape)}")
         return x.mul_(mine) if inplace else x * mine
@@ -314,15 +325,15 @@ def per_sample_grad(
                 )
                 _check_recomputed(module, call, again)
                 return got
-            except IntegrityError:
-                raise
+            except IntegrityError as err:
+                if not isinstance(err, _Mismatch):
+                    raise
+                # vmap draws a dropout mask in the logical order of its batch, the forward in
+                # its tensor's memory order: the loop applies the forward's masks (and checks
+                # the rows again, so rows that truly depend on other examples are refused)
+                _loop_from_now(module, "its rerun did not reproduce the forward's rows")
             except Exception as err:  # an op without a batching rule: loop instead, exactly
-                _LOOPED.add(type(module))
-                warnings.warn(
-                    f"dpclip's fallback could not vmap {type(module).__name__} ({err}); its "
-                    "per-example gradients are computed in a loop over examples (slower)",
-                    stacklevel=2,
-                )
+                _loop_from_now(module, str(err))
     drawn = _DropoutMasks()
     with replay(drawn), torch.no_grad():  # the forward's masks, again
         forward(params, call.args, call.kwargs)
@@ -347,6 +358,19 @@ def per_sample_grad(
     return {n: torch.stack([g[n] for g, _ in per_example]) for n in names}
 
 
+def _loop_from_now(module: nn.Module, why: str) -> None:
+    _LOOPED.add(type(module))
+    warnings.warn(
+        f"dpclip's fallback could not vmap {type(module).__name__} ({why}); its per-example "
+        "gradients are computed in a loop over examples (slower)",
+        stacklevel=3,
+    )
+
+
+class _Mismatch(IntegrityError):
+    """The rerun's rows differ from the forward's."""
+
+
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}  # relative to the largest row norm
 
 
@@ -359,7 +383,7 @@ def _check_recomputed(module: nn.Module, call: Call, again: tuple[Tensor, ...]) 
         # under autocast the rows were computed at its precision, whatever their dtype now
         dtype = want.dtype if call.autocast is None else call.autocast[1]
         if diff > _TOLERANCE.get(dtype, 3e-2):
-            raise IntegrityError(
+            raise _Mismatch(
                 f"dpclip's fallback ran each example of {type(module).__name__} alone and got "
                 f"output tensor {k} different from the forward's rows (relative difference "
                 f"{diff:.2g}): its rows do not depend on their own example only, an argument "
