@@ -100,6 +100,60 @@ def test_the_loop_over_examples_applies_flattened_and_in_place_dropout_exactly()
     torch.testing.assert_close(got["w"], want, rtol=1e-10, atol=1e-12)
 
 
+class _Branches(nn.Module):
+    """Control flow on its mask, as transformers' mask code has: skip an all-ones mask
+    (``.all()``, or a sum against numel), add a bias if any position is masked."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+        self.how = how
+
+    def forward(self, x, mask):
+        h = x * self.w
+        if self.how == "all" and not mask.all():
+            h = h * mask[..., None]
+        if self.how == "sum" and not mask.sum() == mask.numel():
+            h = h * mask[..., None]
+        if self.how == "any" and (mask == 0).any():
+            h = h + 1.0
+        if self.how == "per-batch" and x.sum() > 0:  # depends on the other examples
+            h = h * 2
+        return h.tanh()
+
+
+@pytest.mark.parametrize("how", ["all", "sum", "any"])
+def test_branches_on_a_mask_are_vmapped_as_the_forward_took_them(how):
+    torch.manual_seed(0)
+    module = _Branches(how)
+    x, grads = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 5, 3, dtype=torch.float64)
+    mask = torch.ones(4, 5, dtype=torch.float64)
+    mask[1, 3:] = 0  # one example padded, the others not: per example the answers differ
+    out = module(x, mask)
+    want = torch.stack([torch.autograd.grad((out[i] * grads[i]).sum(), module.w,
+                                            retain_graph=True)[0] for i in range(4)])  # fmt: skip
+    call = Call((x, mask), {}, None, outputs=(0,), expected=(fallback.Fingerprint.of(out),))
+    fallback._LOOPED.discard(_Branches)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*could not vmap")
+        got = fallback.per_sample_grad(module, (call,), (grads,), ["w"])
+    torch.testing.assert_close(got["w"], want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_branch_on_the_whole_batch_that_changes_the_rows_is_refused():
+    """The forward branched on a sum over every example: no example alone gives its rows."""
+    module = _Branches("per-batch")
+    x = torch.tensor([[[2.0, 2.0, 2.0]], [[-1.0, -1.0, -1.0]]], dtype=torch.float64)
+    out = module(x, torch.ones(2, 1, dtype=torch.float64))
+    call = Call((x, torch.ones(2, 1, dtype=torch.float64)), {}, None, outputs=(0,),
+                expected=(fallback.Fingerprint.of(out),))  # fmt: skip
+    fallback._LOOPED.discard(_Branches)
+    with pytest.warns(UserWarning, match="did not reproduce the forward's rows"):
+        with pytest.raises(dpclip.IntegrityError, match="different from the forward's rows"):
+            fallback.per_sample_grad(module, (call,), (torch.ones_like(out),), ["w"])
+    fallback._LOOPED.discard(_Branches)
+
+
 class NotVmappable(nn.Module):
     """Reads a Python number from its input (``.item()``): vmap cannot batch it."""
 

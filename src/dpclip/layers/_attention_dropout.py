@@ -54,15 +54,17 @@ def attention_by_parts(
         else:
             scores = scores + attn_mask
     weights = torch._safe_softmax(scores, -1)
-    return F.dropout(weights, dropout_p, training=True) @ value
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p, training=True)
+    return weights @ value
 
 
-def by_parts_args(args: tuple, kwargs: dict) -> dict | None:
-    """An SDPA call's arguments by name if it draws dropout (so it must run by parts); None if
-    not, or if the kernel refuses the call (it then raises its own error) or takes an argument
-    this module does not know."""
+def by_parts_args(args: tuple, kwargs: dict, every: bool = False) -> dict | None:
+    """An SDPA call's arguments by name if it draws dropout (or, with ``every``, whatever it
+    draws), so that it runs by parts; None if not, or if the kernel refuses the call (it then
+    raises its own error) or takes an argument this module does not know."""
     given = {**_DEFAULTS, **dict(zip(_PARAMS, args, strict=False)), **kwargs}
-    if not given["dropout_p"] or (given["is_causal"] and given["attn_mask"] is not None):
+    if not (every or given["dropout_p"]) or (given["is_causal"] and given["attn_mask"] is not None):
         return None
     return None if set(given) - set(_PARAMS) else given
 
@@ -70,9 +72,15 @@ def by_parts_args(args: tuple, kwargs: dict) -> dict | None:
 class AttentionByParts(TorchFunctionMode):
     """SDPA calls with dropout computed by :func:`attention_by_parts`: the fallback's rerun. (In
     the forward, dpclip's parameter-use guard, a mode already, does the same inside modules
-    that take the fallback.)"""
+    that take the fallback.) With ``every``, all SDPA calls: the vmapped rerun's, where SDPA
+    would run one example at a time through a kernel that takes no gradient for a mask (T5's
+    position bias is one)."""
+
+    def __init__(self, every: bool = False) -> None:
+        super().__init__()
+        self.every = every
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        parts = by_parts_args(args, kwargs) if func is _SDPA else None
+        parts = by_parts_args(args, kwargs, self.every) if func is _SDPA else None
         return func(*args, **kwargs) if parts is None else attention_by_parts(**parts)

@@ -192,6 +192,35 @@ def _dropout_args(func: object, args: tuple, kwargs: dict) -> tuple[float, bool]
     return kwargs.get("p", args[1] if len(args) > 1 else 0.5), bool(training)
 
 
+_WHOLE_TENSOR = {Tensor.all, torch.all, Tensor.any, torch.any}
+
+
+def _physical(t: Tensor) -> Tensor:
+    """Inside the vmapped rerun: the batch's own tensor, every example in it."""
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+class _AsTheForward(TorchFunctionMode):
+    """Control flow on tensor values inside the vmapped rerun, which vmap cannot branch on one
+    answer per example: transformers skips an all-ones padding mask (``mask.all()``,
+    ``mask.sum() == mask.numel()``). ``x.all()`` / ``x.any()`` over a whole tensor are answered
+    for the whole batch, as the batched forward answered them (it reduced over every example
+    too); any other condition holds when it holds for every example. A branch that differs from
+    the forward's shows in the rerun's rows, which are checked after (then the loop over
+    examples takes over)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        wrapped = len(args) == 1 and isinstance(args[0], Tensor) and not kwargs
+        if wrapped and functorch.is_functorch_wrapped_tensor(args[0]):
+            if func in _WHOLE_TENSOR:
+                return func(_physical(args[0]))
+            if func is Tensor.__bool__:
+                return bool(_physical(args[0]).all())
+        return func(*args, **(kwargs or {}))
+
+
 class _OneMask(RuntimeError):
     """Dropout on a tensor without the batch in the vmapped rerun: the loop takes over."""
 
@@ -297,12 +326,15 @@ def per_sample_grad(
         out, pull = vjp(outputs, p)
         return pull(tuple(c.unsqueeze(0) for c in cot))[0], tuple(o.squeeze(0) for o in out)
 
-    def parts() -> tuple[TorchFunctionMode, ...]:
-        return (AttentionByParts(),) if call.by_parts else ()
+    def parts(vmapped: bool = False) -> tuple[TorchFunctionMode, ...]:
+        return (AttentionByParts(every=vmapped),) if call.by_parts or vmapped else ()
 
-    def replay(*above: TorchFunctionMode) -> contextlib.AbstractContextManager:
+    def replay(
+        *above: TorchFunctionMode, vmapped: bool = False
+    ) -> contextlib.AbstractContextManager:
         """The call's random state, modes and autocast; then ``above``, and attention
-        computed by parts as in the forward (on top: its dropout reaches the modes below)."""
+        computed by parts as in the forward (on top: its dropout reaches the modes below;
+        under vmap every attention call)."""
         stack = contextlib.ExitStack()
         if call.rng is not None:
             stack.enter_context(call.rng.replayed())
@@ -313,11 +345,12 @@ def per_sample_grad(
         stack.enter_context(warnings.catch_warnings())
         # torch notes each op it vmaps by a slow path (SDPA on CPU); the attach line said so
         warnings.filterwarnings("ignore", message="There is a performance drop because")
-        for mode in (*above, *parts()):
+        for mode in (*above, *parts(vmapped)):
             stack.enter_context(mode)
         return stack
 
-    with replay(_SharedRandomness(module)):  # below attention by parts: sees its dropout
+    # below attention by parts: the mode refusing shared masks sees its dropout
+    with replay(_SharedRandomness(module), _AsTheForward(), vmapped=True):
         if type(module) not in _LOOPED:
             try:
                 got, again = vmap(grad_of_example, in_dims=(None, 0, 0), randomness="different")(
