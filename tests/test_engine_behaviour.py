@@ -332,14 +332,27 @@ def test_a_conv_subclass_computing_in_conv_forward_takes_the_fallback_and_is_exa
 
 
 class _ScaledLinear(nn.Linear):
-    """A Linear subclass with a parameter of its own, used in the forward it inherits through
-    a hook: the Linear rule would give ``gain`` the bias's gradient."""
+    """A Linear subclass with a parameter of its own: the Linear rule would give ``gain`` the
+    bias's gradient."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         gain = torch.linspace(0.5, 2.0, self.out_features, dtype=torch.float64)
         self.gain = nn.Parameter(gain)  # not ones: the gain must really act in the rerun
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+class _HookedGain(_ScaledLinear):
+    """The same gain applied by a forward hook of its own: outside its forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.register_forward_hook(lambda m, a, out: out * m.gain)
+
+    def forward(self, x):
+        return nn.Linear.forward(self, x)
 
 
 def test_a_layer_subclass_with_a_parameter_of_its_own_takes_the_fallback_and_is_exact():
@@ -349,9 +362,49 @@ def test_a_layer_subclass_with_a_parameter_of_its_own_takes_the_fallback_and_is_
     _assert_one_step_equals_naive_loop(model, x, y)
 
 
+def test_a_parameter_used_by_a_hook_of_its_own_layer_is_refused_with_the_fix():
+    model = nn.Sequential(_HookedGain(4, 3).double(), nn.Tanh(), nn.Linear(3, 3).double())
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(model, opt, sample_size=50, batch_size=5, steps=1, noise_multiplier=0)
+    with pytest.raises(dpclip.ParameterUseError, match="'0.gain' .* in a hook of that layer"):
+        model(torch.randn(5, 4, dtype=torch.float64))
+
+
+class _Stage(nn.Module):
+    """A block that takes the fallback (a bare parameter), whose output a hook registered
+    before attach also keeps for the head (timm's feature hooks, feature distillation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w)
+
+
+class _Features(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage, self.head = _Stage(), nn.Linear(8, 3).double()
+        self.kept: list = []
+        self.stage.register_forward_hook(lambda m, a, out: self.kept.append(out))
+
+    def forward(self, x):
+        self.kept.clear()
+        h = self.stage(x) * 2
+        return self.head(torch.cat([h, self.kept[0]], dim=1))
+
+
+def test_a_hook_that_keeps_a_fallback_modules_output_for_later_equals_the_naive_loop():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    _assert_one_step_equals_naive_loop(_Features(), x, y)
+
+
 class _Shifted(nn.Module):
     """A module without a rule (a bare parameter) with a forward pre-hook that changes its
-    input, and a forward hook with dropout: its rerun must run them once each, as the call did."""
+    input, and a forward hook with dropout: recorded after the one and before the other, so its
+    rerun runs neither again."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -363,7 +416,7 @@ class _Shifted(nn.Module):
         return torch.tanh(x * self.w)
 
 
-def test_a_fallback_modules_own_hooks_run_once_in_its_rerun_and_it_equals_the_naive_loop():
+def test_a_fallback_modules_own_hooks_act_once_and_it_equals_the_naive_loop():
     torch.manual_seed(0)
     model = nn.Sequential(_Shifted(), nn.Linear(4, 3).double()).eval()  # hooks' dropout off
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])

@@ -244,7 +244,12 @@ class ParamUseGuard:
         self._handles.append(root.register_forward_hook(self._exit_root, always_call=True))
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._enter))
-            self._handles.append(module.register_forward_hook(self._exit, always_call=True))
+            # its forward ends before any forward hook of the user's: dpclip clips a layer's
+            # parameters by their uses in its forward, so a use in a hook is refused
+            self._handles.append(
+                module.register_forward_hook(self._leave, always_call=True, prepend=True)
+            )
+            self._handles.append(module.register_forward_hook(self._exit))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -280,8 +285,10 @@ class ParamUseGuard:
             )
         raise ParameterUseError(
             f"parameter {self._names[id(p)]!r} was used by {what} outside the forward of the "
-            f"layer that owns it ({type(owners[0]).__name__}). dpclip computes its gradient from "
-            "that layer's calls only, so this use would get none. Tie weights by assigning the "
+            f"layer that owns it ({type(owners[0]).__name__}), elsewhere in the model or in a "
+            "hook of that layer. dpclip computes its gradient from that layer's forward only, "
+            "so this use would get none. Use it inside forward (a hook's work can move there), "
+            "tie weights by assigning the "
             "same Parameter to both layers (head.weight = embedding.weight), put weight decay "
             "in the optimizer (weight_decay=...) rather than in the loss, or use .detach() "
             "where no gradient is meant." + also
@@ -394,8 +401,10 @@ class ParamUseGuard:
     def _enter(self, module: nn.Module, inputs: tuple) -> None:
         self._active[module] += 1
 
-    def _exit(self, module: nn.Module, inputs: tuple, output: object) -> None:
+    def _leave(self, module: nn.Module, inputs: tuple, output: object) -> None:
         self._active[module] -= 1
+
+    def _exit(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if self._mode is not None and isinstance(output, torch.Tensor):
             self._outputs[id(output)] = (module, weakref.ref(output))
 

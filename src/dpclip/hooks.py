@@ -41,7 +41,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 from torch.utils.hooks import RemovableHandle
 
 from dpclip.errors import DoubleBackwardError, IntegrityError
-from dpclip.layers.fallback import Call, Fingerprint, RngState, autocast_state, expand_rows
+from dpclip.layers._fingerprint import Fingerprint
+from dpclip.layers.fallback import Call, RngState, autocast_state, expand_rows
 
 
 @dataclass(eq=False)
@@ -181,8 +182,7 @@ class Recorder:
     _pending: dict[int, _Pending] = field(default_factory=dict)
     _whole: set[nn.Module] = field(default_factory=set)
     # per whole-call module, the (random state, autocast state) each unfinished call began with
-    # (and the arguments before any forward pre-hook: the rerun runs the module's hooks too)
-    _starts: dict[nn.Module, list[tuple]] = field(default_factory=dict)
+    _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
     # the whole-call modules running, outermost first, each with whether attention with dropout
     # ran by parts inside it (the rerun must do the same)
     _open: list[list] = field(default_factory=list)
@@ -209,20 +209,13 @@ class Recorder:
             self._accumulator = self._anchor.view_as(self._anchor).grad_fn.next_functions[0][0]
         self._whole = set(whole_call)
         self._handles.append(root.register_forward_pre_hook(self._enter_root, with_kwargs=True))
-        for module in self._whole:  # first: the arguments before any pre-hook of the user
+        for module in self._whole:
             self._handles.append(
-                module.register_forward_pre_hook(
-                    self._capture_start, with_kwargs=True, prepend=True
-                )
+                module.register_forward_pre_hook(self._capture_start, with_kwargs=True)
             )
         for module in modules:
-            # a rule's layer: its own output, before any hook of the user (which acts after
-            # it); a whole call: the output after the hooks it had at attach, all of which its
-            # rerun runs too (they may use its parameters)
-            self._handles.append(
-                module.register_forward_hook(
-                    self._forward_hook, with_kwargs=True, prepend=module not in self._whole
-                )
+            self._handles.append(  # first: the layer's own output, before any hook of the user
+                module.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
             )
         for module in self._whole:  # after the recording hook, which reads what it closes
             self._handles.append(module.register_forward_hook(self._end_call, always_call=True))
@@ -264,7 +257,7 @@ class Recorder:
             return
         source = batch_of(args, kwargs)
         device = source.device if source is not None else None
-        start = (RngState.capture(device), autocast_state(device), args, kwargs)
+        start = (RngState.capture(device), autocast_state(device))
         self._starts.setdefault(module, []).append(start)
         self._open.append([module, False])
 
@@ -367,7 +360,7 @@ class Recorder:
         if self._paused:
             return None
         starts = self._starts.get(module) if module in self._whole else None
-        start = starts.pop() if starts else (None, None, args, kwargs)
+        start = starts.pop() if starts else (None, None)
         if not self.enabled or not torch.is_grad_enabled():
             return None
         if self._depth == 0:
@@ -433,13 +426,11 @@ class Recorder:
         output: object,
         rng: RngState | None,
         autocast: tuple | None,
-        given: tuple,
-        given_kwargs: dict,
     ) -> object:
         """A whole-call module: every floating-point output tensor gets its gradient into one
-        record (a batch-1 single tensor is pending, as for any layer). The call is recorded
-        with the arguments it was given (``given``: before its forward pre-hooks), as its rerun
-        runs it whole, hooks and all."""
+        record (a batch-1 single tensor is pending, as for any layer). Recorded as its forward
+        ran: the arguments after its forward pre-hooks, its own output before any forward hook
+        of the user's (which acts on it downstream; the rerun runs the forward alone)."""
         assert self.batch is not None
         leaves, spec = tree_flatten(output)
         outs = [k for k, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
@@ -467,8 +458,8 @@ class Recorder:
                     )
         expected = tuple(Fingerprint.of(leaves[k]) for k in outs)
         call = Call(
-            tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, given),
-            tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, given_kwargs),
+            tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, args),
+            tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, kwargs),
             rng,
             tuple(outs),
             expected=expected,

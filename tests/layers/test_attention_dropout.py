@@ -13,7 +13,8 @@ from torch import nn
 import dpclip
 from dpclip.layers import fallback
 from dpclip.layers._attention_dropout import AttentionByParts, attention_by_parts
-from dpclip.layers.fallback import Call, Fingerprint, RngState
+from dpclip.layers._fingerprint import Fingerprint
+from dpclip.layers.fallback import Call, RngState
 
 B, T, H, E = 4, 5, 2, 3
 P = 0.3

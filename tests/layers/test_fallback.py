@@ -12,6 +12,7 @@ from torch import nn
 import dpclip
 from dpclip.layers import fallback
 from dpclip.layers._attention_dropout import AttentionByParts
+from dpclip.layers._fingerprint import Fingerprint
 from dpclip.layers.fallback import Call, RngState
 from dpclip.validate import assign_rules
 
@@ -95,7 +96,7 @@ def test_the_loop_over_examples_applies_flattened_and_in_place_dropout_exactly()
     out = module(x)
     want = torch.stack([torch.autograd.grad((out[i] * grads[i]).sum(), module.w,
                                             retain_graph=True)[0] for i in range(4)])  # fmt: skip
-    call = Call((x,), {}, rng, outputs=(0,), expected=(fallback.Fingerprint.of(out),))
+    call = Call((x,), {}, rng, outputs=(0,), expected=(Fingerprint.of(out),))
     got = fallback.per_sample_grad(module, (call,), (grads,), ["w"])
     torch.testing.assert_close(got["w"], want, rtol=1e-10, atol=1e-12)
 
@@ -132,7 +133,7 @@ def test_branches_on_a_mask_are_vmapped_as_the_forward_took_them(how):
     out = module(x, mask)
     want = torch.stack([torch.autograd.grad((out[i] * grads[i]).sum(), module.w,
                                             retain_graph=True)[0] for i in range(4)])  # fmt: skip
-    call = Call((x, mask), {}, None, outputs=(0,), expected=(fallback.Fingerprint.of(out),))
+    call = Call((x, mask), {}, None, outputs=(0,), expected=(Fingerprint.of(out),))
     fallback._LOOPED.discard(_Branches)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*could not vmap")
@@ -146,7 +147,7 @@ def test_a_branch_on_the_whole_batch_that_changes_the_rows_is_refused():
     x = torch.tensor([[[2.0, 2.0, 2.0]], [[-1.0, -1.0, -1.0]]], dtype=torch.float64)
     out = module(x, torch.ones(2, 1, dtype=torch.float64))
     call = Call((x, torch.ones(2, 1, dtype=torch.float64)), {}, None, outputs=(0,),
-                expected=(fallback.Fingerprint.of(out),))  # fmt: skip
+                expected=(Fingerprint.of(out),))  # fmt: skip
     fallback._LOOPED.discard(_Branches)
     with pytest.warns(UserWarning, match="did not reproduce the forward's rows"):
         with pytest.raises(dpclip.IntegrityError, match="different from the forward's rows"):
@@ -317,18 +318,44 @@ def test_a_rerun_that_does_not_reproduce_the_forward_is_refused(inner, in_place)
         F.cross_entropy(model(x), y).backward()
 
 
-def test_the_rerun_check_sees_a_difference_in_one_element_of_a_long_row():
-    """The fingerprint (row norms and two projections, tiled past 4096 elements) catches a
-    change of one element in 10⁴, and not float32 rounding."""
+def test_the_rerun_check_sees_small_and_moved_differences_and_not_rounding():
+    """The fingerprint (per token: its norm and two projections, long tokens' chunks weighted)
+    catches one element changed, two tokens swapped, two elements a chunk apart swapped, a
+    wrong row beside a huge one and a NaN; float32 rounding and NaN kept in place pass."""
     torch.manual_seed(0)
-    x = torch.randn(3, 2, 5000)
-    want = fallback.Fingerprint.of(x)
+    x = torch.randn(3, 6, 5000)
+    want = Fingerprint.of(x)
     assert want.difference(x.clone()) == 0.0
     assert want.difference(x * (1 + 1e-7 * torch.randn_like(x))) < 1e-5
     changed = x.clone()
-    changed[1, 1, 4500] += 0.1 * float(x[1].norm())
+    changed[1, 2, 4500] += 0.05 * float(x[1, 2].norm())
     assert want.difference(changed) > 1e-2
+    swapped = x.clone()
+    swapped[2, [1, 4]] = x[2, [4, 1]]
+    assert want.difference(swapped) > 1e-2
+    moved = x.clone()
+    moved[0, 0, [10, 10 + 4096]] = x[0, 0, [10 + 4096, 10]]
+    assert want.difference(moved) > 1e-4
+    huge = x.clone()
+    huge[0] *= 1e4
+    wrong = huge.clone()
+    wrong[2] = torch.randn(6, 5000)
+    assert Fingerprint.of(huge).difference(wrong) > 1e-2
+    nan = x.clone()
+    nan[1, 3, 7] = float("nan")
+    assert want.difference(nan) == float("inf")
+    assert Fingerprint.of(nan).difference(nan.clone()) == 0.0
     assert want.difference(x[:, :, :4999]) == float("inf")
+
+
+def test_the_fingerprint_is_taken_in_float32_outside_half_precision_autocast():
+    x = torch.full((2, 512, 768), 200.0)  # projections past fp16's range
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = Fingerprint.of(x)
+    assert want.tokens.dtype == torch.float32 and torch.isfinite(want.tokens).all()
+    wrong = x.clone()
+    wrong[1, 3] = 0.0
+    assert want.difference(wrong) > 0.5
 
 
 class _DropoutTokens(nn.Module):
@@ -448,7 +475,7 @@ def test_dropout_on_a_tensor_without_the_batch_gives_each_example_the_forwards_o
         [torch.autograd.grad((out[i] * grads[i]).sum(), module.w, retain_graph=True)[0]
          for i in range(4)]
     )  # fmt: skip
-    call = Call((x,), {}, rng, outputs=(0,), expected=(fallback.Fingerprint.of(out),),
+    call = Call((x,), {}, rng, outputs=(0,), expected=(Fingerprint.of(out),),
                 by_parts=by == "attention")  # fmt: skip
     with pytest.warns(UserWarning, match="draws one mask for all examples"):
         got = fallback.per_sample_grad(module, (call,), (grads,), ["w"])
