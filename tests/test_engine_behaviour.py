@@ -1296,3 +1296,45 @@ def test_deep_copying_an_attached_model_is_refused_with_the_fix():
         copy.deepcopy(model)
     engine.detach()
     assert isinstance(copy.deepcopy(model), nn.Linear)
+
+
+class _TakesScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+
+    def forward(self, x, scale):
+        return torch.tanh(x * scale)
+
+
+def test_a_fallback_module_given_its_own_parameter_as_an_argument_is_refused():
+    """Its rerun would hold that argument fixed: the parameter's use there gets no gradient."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.head = _TakesScale(), nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return self.head(self.inner(x, scale=self.inner.a))
+
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=20, batch_size=2, steps=1, noise_multiplier=0)
+    with pytest.raises(dpclip.IntegrityError, match=r"inner \(_TakesScale\) was given one of its"):
+        model(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_a_forward_pre_hook_that_raised_leaves_its_layer_outside_its_forward():
+    """A pre-hook that raises runs before dpclip's own, whose pair runs anyway: the layer must
+    not count as inside its forward afterwards (a later use outside it would pass)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    failing = model[0].register_forward_pre_hook(lambda m, a: 1 / 0)
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=20, batch_size=2, steps=1, noise_multiplier=0)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ZeroDivisionError):
+        model(x)
+    failing.remove()
+    model(x).sum().backward()  # no refusal inside the layer's own forward
+    opt.step()

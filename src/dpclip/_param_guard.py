@@ -30,8 +30,10 @@ as example j, so a layer after the reordering would add one example's gradient t
 
 5. Inside a module that takes the generic fallback, compute attention with dropout
 (``F.scaled_dot_product_attention`` with ``dropout_p``) from its parts, so that the fallback's
-rerun can draw its masks again (:mod:`dpclip.layers._attention_dropout`). The mode sees every
-call already; a mode of its own would cost each call of such a module's forward a second one.
+rerun can draw its masks again (:mod:`dpclip.layers._attention_dropout`), and note the answers
+of its branches on tensor values (``bool(t)``), which its vmapped rerun takes again. The mode
+sees every call already; a mode of its own would cost each call of such a module's forward a
+second one.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ _PUTS = {"__setitem__", "index_put", "index_put_"}
 
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
-_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS, _ATTENTION = range(9)
+_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS, _ATTENTION, _BOOL = range(
+    10
+)
 _KIND: dict[object, tuple[int, str]] = {}  # func -> (what to do, its name)
 
 
@@ -111,6 +115,8 @@ def _kind_of(func: object) -> tuple[int, str]:
     name = getattr(func, "__name__", "")
     if name == "__get__":
         kind = _ATTRIBUTE
+    elif func is torch.Tensor.__bool__:
+        kind = _BOOL
     elif name in _NO_GRADIENT:
         kind = _FREE
     elif name in _BROADCASTING:
@@ -171,6 +177,11 @@ class _Mode(TorchFunctionMode):
         except TypeError:  # unhashable
             known = None
         kind, name = known if known is not None else _kind_of(func)
+        if kind == _BOOL:  # a branch on a tensor's value: its fallback rerun takes it too
+            answer = func(*args, **kwargs) if kwargs else func(*args)
+            if self.recorder is not None and self.recorder.in_whole_call:
+                self.recorder.branched(answer)
+            return answer
         if kind == _FREE or not torch.is_grad_enabled():
             return func(*args, **kwargs) if kwargs else func(*args)
         guard = self.guard
@@ -396,13 +407,15 @@ class ParamUseGuard:
         if self._depth == 0:
             mode, self._mode = self._mode, None
             self._outputs.clear()
+            self._active.clear()  # a forward that raised leaves none inside
             mode.__exit__(None, None, None)
 
     def _enter(self, module: nn.Module, inputs: tuple) -> None:
         self._active[module] += 1
 
     def _leave(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        self._active[module] -= 1
+        if self._active[module] > 0:  # not if a pre-hook raised before _enter ran
+            self._active[module] -= 1
 
     def _exit(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if self._mode is not None and isinstance(output, torch.Tensor):

@@ -156,6 +156,16 @@ def _expand(x: object, batch: int) -> object:
 
 
 @dataclass(eq=False)
+class _Running:
+    """A whole-call module's call in progress: whether attention with dropout ran by parts in
+    it, and the answers of the branches on tensor values it took (its rerun does the same)."""
+
+    module: nn.Module
+    by_parts: bool = False
+    answers: list[bool] = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class _Pending:
     module: nn.Module
     inputs: tuple
@@ -183,9 +193,8 @@ class Recorder:
     _whole: set[nn.Module] = field(default_factory=set)
     # per whole-call module, the (random state, autocast state) each unfinished call began with
     _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
-    # the whole-call modules running, outermost first, each with whether attention with dropout
-    # ran by parts inside it (the rerun must do the same)
-    _open: list[list] = field(default_factory=list)
+    _open: list[_Running] = field(default_factory=list)  # whole calls running, outermost first
+    _owns: dict[nn.Module, set[int]] = field(default_factory=dict)  # see _own_parameters
     _paused: int = 0
     _task: int = -1  # the backward pass (graph task) accumulates() last answered for
     # the anchor's gradient accumulator, held so that every graph uses this one node
@@ -259,11 +268,11 @@ class Recorder:
         device = source.device if source is not None else None
         start = (RngState.capture(device), autocast_state(device))
         self._starts.setdefault(module, []).append(start)
-        self._open.append([module, False])
+        self._open.append(_Running(module))
 
     def _end_call(self, module: nn.Module, args: tuple, output: object) -> None:
         """After a whole-call module's forward, also one that raised (the pre-hook's pair)."""
-        if self._open and self._open[-1][0] is module:
+        if self._open and self._open[-1].module is module:
             self._open.pop()
 
     @property
@@ -275,8 +284,14 @@ class Recorder:
 
     def ran_by_parts(self) -> None:
         """Attention with dropout ran by parts: the running whole calls' reruns must too."""
-        for entry in self._open:
-            entry[1] = True
+        for running in self._open:
+            running.by_parts = True
+
+    def branched(self, answer: bool) -> None:
+        """The forward branched on a tensor's value (``bool(t)``): the running whole calls'
+        vmapped reruns take the same branches (vmap cannot branch per example)."""
+        for running in self._open:
+            running.answers.append(answer)
 
     # ----------------------------------------------------------------------------- forward
     def _enter_root(
@@ -456,7 +471,16 @@ class Recorder:
                         f"on dim 0 (read from the model's first tensor argument, of shape "
                         f"{self._root_shape}). {_FIXES}."
                     )
+        own = self._own_parameters(module)
+        for x in tree_leaves((args, kwargs)):
+            if isinstance(x, Tensor) and id(x) in own:
+                raise IntegrityError(
+                    f"{self.name(module)} was given one of its own parameters as an argument: "
+                    "dpclip reruns its forward per example with its parameters in place, so "
+                    "that use would get no gradient. Read it inside forward (self.<name>)"
+                )
         expected = tuple(Fingerprint.of(leaves[k]) for k in outs)
+        running = self._open[-1] if self._open and self._open[-1].module is module else None
         call = Call(
             tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, args),
             tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, kwargs),
@@ -469,7 +493,8 @@ class Recorder:
                 if getattr(m, "replay_in_rerun", False)
             ),
             autocast=autocast,
-            by_parts=bool(self._open) and self._open[-1][0] is module and self._open[-1][1],
+            by_parts=running is not None and running.by_parts,
+            answers=tuple(running.answers) if running is not None else (),
         )
         if pending:
             return self._hold_pending(module, (call,), output)
@@ -478,6 +503,13 @@ class Recorder:
         for k, x in zip(outs, gathered, strict=True):
             leaves[k] = x
         return tree_unflatten(leaves, spec)
+
+    def _own_parameters(self, module: nn.Module) -> set[int]:
+        """The ids of a whole-call module's parameters (its children's too), made once."""
+        own = self._owns.get(module)
+        if own is None:
+            own = self._owns[module] = {id(p) for p in module.parameters()}
+        return own
 
     def _hold_pending(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         """A batch-1 output: returned as it is, but refused if a gradient reaches it directly."""

@@ -133,7 +133,13 @@ def test_branches_on_a_mask_are_vmapped_as_the_forward_took_them(how):
     out = module(x, mask)
     want = torch.stack([torch.autograd.grad((out[i] * grads[i]).sum(), module.w,
                                             retain_graph=True)[0] for i in range(4)])  # fmt: skip
-    call = Call((x, mask), {}, None, outputs=(0,), expected=(Fingerprint.of(out),))
+    answers = {
+        "all": (bool(mask.all()),),
+        "sum": (bool(mask.sum() == mask.numel()),),
+        "any": (bool((mask == 0).any()),),
+    }[how]  # fmt: skip  (what the guard notes)
+    call = Call((x, mask), {}, None, outputs=(0,), expected=(Fingerprint.of(out),),
+                answers=answers)  # fmt: skip
     fallback._LOOPED.discard(_Branches)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*could not vmap")
@@ -141,18 +147,57 @@ def test_branches_on_a_mask_are_vmapped_as_the_forward_took_them(how):
     torch.testing.assert_close(got["w"], want, rtol=1e-10, atol=1e-12)
 
 
-def test_a_branch_on_the_whole_batch_that_changes_the_rows_is_refused():
-    """The forward branched on a sum over every example: no example alone gives its rows."""
-    module = _Branches("per-batch")
+def test_a_branch_on_the_whole_batch_is_replayed_and_the_self_check_refuses_it():
+    """The forward branched on a sum over every example: the vmapped rerun takes the forward's
+    branch (as it must, to give the forward's rows), so the forward mixes examples, which the
+    self-check of the first batch refuses; a loop over the examples inside the module (more
+    branches in the forward than in one example's rerun) is not vmapped."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.head = _Branches("per-batch"), nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            return self.head(self.inner(x, torch.ones(x.shape[:2], dtype=x.dtype)).mean(1))
+
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=0)
     x = torch.tensor([[[2.0, 2.0, 2.0]], [[-1.0, -1.0, -1.0]]], dtype=torch.float64)
-    out = module(x, torch.ones(2, 1, dtype=torch.float64))
-    call = Call((x, torch.ones(2, 1, dtype=torch.float64)), {}, None, outputs=(0,),
-                expected=(Fingerprint.of(out),))  # fmt: skip
-    fallback._LOOPED.discard(_Branches)
-    with pytest.warns(UserWarning, match="did not reproduce the forward's rows"):
-        with pytest.raises(dpclip.IntegrityError, match="different from the forward's rows"):
-            fallback.per_sample_grad(module, (call,), (torch.ones_like(out),), ["w"])
-    fallback._LOOPED.discard(_Branches)
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    with pytest.raises(dpclip.SelfCheckError):
+        opt.step()
+
+
+class _PerExample(nn.Module):
+    """A loop over the examples inside the module, each with its own branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        rows = [x[i] * self.w if x[i].sum() > 0 else x[i] for i in range(x.shape[0])]
+        return torch.stack(rows).tanh()
+
+
+def test_a_loop_over_examples_with_its_own_branches_is_computed_exactly():
+    torch.manual_seed(0)
+    module = _PerExample()
+    x, grads = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    x[1] = -x[1].abs()
+    x[2] = x[2].abs()
+    out = module(x)
+    want = torch.stack([torch.autograd.grad((out[i] * grads[i]).sum(), module.w,
+                                            retain_graph=True)[0] for i in range(4)])  # fmt: skip
+    answers = tuple(bool(x[i].sum() > 0) for i in range(4))  # what the guard notes
+    call = Call((x,), {}, None, outputs=(0,), expected=(Fingerprint.of(out),), answers=answers)
+    fallback._LOOPED.discard(_PerExample)
+    with pytest.warns(UserWarning, match="less often than its forward"):
+        got = fallback.per_sample_grad(module, (call,), (grads,), ["w"])
+    torch.testing.assert_close(got["w"], want, rtol=1e-10, atol=1e-12)
+    fallback._LOOPED.discard(_PerExample)
 
 
 class NotVmappable(nn.Module):

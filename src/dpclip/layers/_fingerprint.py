@@ -20,7 +20,7 @@ from torch import Tensor
 
 _PROBE = 4096  # elements of the random directions; longer tokens weight each chunk randomly
 _MIN_TOKEN = 256  # elements per token at least: its trailing dims, as many as that takes
-_FLOOR = 1e-3  # differences are relative to the token's norm plus this share of the largest
+_FLOOR = 1e-3  # differences are relative to a token's norm plus this share of its example's largest
 _PROBES: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
 
@@ -42,7 +42,7 @@ def _token_size(shape: tuple[int, ...]) -> int:
         if size >= _MIN_TOKEN:
             break
         size *= n
-    return size
+    return max(size, 1)  # an empty output: one empty token per row
 
 
 def _project(tokens: Tensor) -> Tensor:
@@ -96,6 +96,6 @@ class Fingerprint:
         same = (want == got) | (want.isnan() & got.isnan())
         delta = torch.where(same, 0.0, (want - got).abs())
         norms = torch.where(want[..., :1].isfinite(), want[..., :1], 0.0)
-        floor = _FLOOR * float(norms.max()) + 1e-30
+        floor = _FLOOR * norms.amax(dim=1, keepdim=True) + 1e-30  # per example
         worst = float((delta / (norms + floor)).max())
         return worst if not math.isnan(worst) else float("inf")

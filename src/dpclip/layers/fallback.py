@@ -82,6 +82,7 @@ class Call:
     # the flattened arguments that hold one row per example; None: those with the batch on dim 0
     split: tuple[int, ...] | None = None
     by_parts: bool = False  # attention with dropout ran by parts in it: the rerun must too
+    answers: tuple[bool, ...] = ()  # its branches on tensor values (bool(t)), in order
 
     def expanded(self, batch: int) -> Call:
         """This call with every batch-1 tensor argument (and output) expanded to ``batch``: its
@@ -138,33 +139,36 @@ def _dropout_args(func: object, args: tuple, kwargs: dict) -> tuple[float, bool]
     return kwargs.get("p", args[1] if len(args) > 1 else 0.5), bool(training)
 
 
-_WHOLE_TENSOR = {Tensor.all, torch.all, Tensor.any, torch.any}
-
-
-def _physical(t: Tensor) -> Tensor:
-    """Inside the vmapped rerun: the batch's own tensor, every example in it."""
-    while functorch.is_functorch_wrapped_tensor(t):
-        t = functorch.get_unwrapped(t)
-    return t
+class _Diverged(RuntimeError):
+    """The vmapped rerun branched otherwise than the forward: the loop takes over."""
 
 
 class _AsTheForward(TorchFunctionMode):
-    """Control flow on tensor values inside the vmapped rerun, which vmap cannot branch on one
-    answer per example: transformers skips an all-ones padding mask (``mask.all()``,
-    ``mask.sum() == mask.numel()``). ``x.all()`` / ``x.any()`` over a whole tensor are answered
-    for the whole batch, as the batched forward answered them (it reduced over every example
-    too); any other condition holds when it holds for every example. A branch that differs from
-    the forward's shows in the rerun's rows, which are checked after (then the loop over
-    examples takes over)."""
+    """Branches on tensor values (``bool(t)``) inside the vmapped rerun, which vmap cannot take
+    per example: each gets the answer the forward's call got, in order (transformers skips an
+    all-ones padding mask: ``mask.all()``, ``mask.sum() == mask.numel()``). A branch on a
+    tensor without the batch must get the same answer again; a rerun that branches more or
+    less often than the forward (a loop over the examples inside the module) is not vmapped."""
+
+    def __init__(self, answers: tuple[bool, ...]) -> None:
+        super().__init__()
+        self.answers, self.used = answers, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        wrapped = len(args) == 1 and isinstance(args[0], Tensor) and not kwargs
-        if wrapped and functorch.is_functorch_wrapped_tensor(args[0]):
-            if func in _WHOLE_TENSOR:
-                return func(_physical(args[0]))
-            if func is Tensor.__bool__:
-                return bool(_physical(args[0]).all())
-        return func(*args, **(kwargs or {}))
+        if func is not Tensor.__bool__ or len(args) != 1:
+            return func(*args, **(kwargs or {}))
+        if self.used >= len(self.answers):
+            raise _Diverged("it branches on tensor values more often than its forward did")
+        answer, self.used = self.answers[self.used], self.used + 1
+        if _is_batched(args[0]):
+            return answer
+        if func(*args) != answer:
+            raise _Diverged("a branch on a tensor without the batch went the other way")
+        return answer
+
+    def finished(self) -> None:
+        if self.used != len(self.answers):
+            raise _Diverged("it branches on tensor values less often than its forward did")
 
 
 class _OneMask(RuntimeError):
@@ -309,12 +313,14 @@ def per_sample_grad(
         return stack
 
     # below attention by parts: the mode refusing shared masks sees its dropout
-    with replay(_SharedRandomness(module), _AsTheForward(), vmapped=True):
+    branches = _AsTheForward(call.answers)
+    with replay(_SharedRandomness(module), branches, vmapped=True):
         if type(module) not in _LOOPED:
             try:
                 got, again = vmap(grad_of_example, in_dims=(None, 0, 0), randomness="different")(
                     params, [flat[k] for k in rows], grads
                 )
+                branches.finished()
                 _check_recomputed(module, call, again)
                 return got
             except IntegrityError as err:
