@@ -1338,3 +1338,33 @@ def test_a_forward_pre_hook_that_raised_leaves_its_layer_outside_its_forward():
     failing.remove()
     model(x).sum().backward()  # no refusal inside the layer's own forward
     opt.step()
+
+
+class _InPlaceOnOutput(nn.Module):
+    """A Linear's output on 3-D input changed in place: that output is a view when its input
+    needs a gradient, and autograd drops a view's hooks when it is changed in place."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.inp, self.fc, self.head = nn.Linear(3, 3), nn.Linear(3, 4), nn.Linear(4, 3)
+        self.how = how
+
+    def forward(self, x):
+        h = self.fc(torch.tanh(self.inp(x)))
+        if self.how == "add":
+            h += 1.0
+        elif self.how == "relu_":
+            torch.relu_(h)
+        elif self.how == "mask":
+            h[x[..., 0] > 0] = 0.0  # wav2vec2 zeroes its padding this way
+        else:
+            h[:, 0] = 0.0
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("how", ["add", "relu_", "mask", "slice"])
+def test_a_layer_output_changed_in_place_keeps_its_gradient_and_equals_the_naive_loop(how):
+    torch.manual_seed(0)
+    model = _InPlaceOnOutput(how).double()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    _assert_one_step_equals_naive_loop(model, x, y)

@@ -73,7 +73,8 @@ class _Gather(torch.autograd.Function):
 
 
 class _Attach(torch.autograd.Function):
-    """Identity that links an output which needs no gradient into the graph, via a dummy leaf."""
+    """Identity that links an output into the graph via a dummy leaf (one that needs no
+    gradient), as a tensor of its own (not a view: an in-place change keeps its hooks)."""
 
     @staticmethod
     def forward(ctx, anchor: Tensor, output: Tensor) -> Tensor:  # type: ignore[override]
@@ -409,7 +410,10 @@ class Recorder:
         if rows == self.batch:
             versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
             record = Record(module, inputs, self.batch, self._forward, versions=versions)
-            if not output.requires_grad:
+            # a view (nn.Linear's output for 3-D input when that input needs a gradient) would
+            # lose the hook if the model changed it in place (h[pad] = 0, relu_, +=): autograd
+            # rebases a view's history then; the attached alias is no view, and keeps it
+            if not output.requires_grad or output._is_view():
                 output = _Attach.apply(self._anchor, output)
             output.register_hook(lambda grad: self._on_grad(record, grad))
             return output
