@@ -1,5 +1,5 @@
-"""transformers' scaled word embeddings (Gemma, BART): ``y = E[ids] · c`` for a constant c
-(√width, or 1).
+"""transformers' scaled word embeddings (Gemma, BART and the families that copy them):
+``y = E[ids] · c`` for a constant c (√width, or 1).
 
 The weight gradient is the embedding's for the output gradient c · s, so every function of the
 nn.Embedding rule is reused on c · s. Registered by name (see ``gpt2_conv1d``).
@@ -15,10 +15,22 @@ from torch import Tensor, nn
 from dpclip.layers import embedding
 from dpclip.layers._registry import LayerRegistry, LayerRule
 
-NAMES = (
-    "transformers.models.gemma.modeling_gemma.GemmaTextScaledWordEmbedding",
-    "transformers.models.bart.modeling_bart.BartScaledWordEmbedding",
+# the classes whose forward and __init__ are Gemma's or BART's, word for word (transformers
+# 5.25; a test checks it for every one installed)
+_GEMMA = ("gemma.GemmaText", "gemma2.Gemma2Text", "gemma3.Gemma3Text", "gemma3n.Gemma3nText",
+          "vaultgemma.VaultGemmaText", "minicpm3.MiniCPM3")  # fmt: skip
+_BART = ("bart.Bart", "mbart.MBart", "m2m_100.M2M100", "nllb_moe.NllbMoe", "plbart.PLBart",
+         "blenderbot.Blenderbot", "bigbird_pegasus.BigBirdPegasus", "pegasus_x.PegasusX",
+         "biogpt.BioGpt", "xglm.XGLM", "trocr.TrOCR")  # fmt: skip
+GEMMA_NAMES = tuple(
+    f"transformers.models.{m}.modeling_{m}.{c}ScaledWordEmbedding"
+    for m, c in (n.split(".") for n in _GEMMA)
 )
+BART_NAMES = tuple(
+    f"transformers.models.{m}.modeling_{m}.{c}ScaledWordEmbedding"
+    for m, c in (n.split(".") for n in _BART)
+)
+NAMES = GEMMA_NAMES + BART_NAMES
 
 
 def _on_scaled_grad(fn: Callable | None) -> Callable | None:

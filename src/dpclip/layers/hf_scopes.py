@@ -15,6 +15,9 @@ SCOPES = {
     "transformers.models.t5.modeling_t5.T5Stack": (
         "block.0.layer.0.SelfAttention.relative_attention_bias",
     ),
+    "transformers.models.mt5.modeling_mt5.MT5Stack": (
+        "block.0.layer.0.SelfAttention.relative_attention_bias",
+    ),
     # the relative-position tables have no batch dim; they become the attention mask
     "transformers.models.beit.modeling_beit.BeitLayer": ("relative_position_bias",),
     "transformers.models.beit.modeling_beit.BeitModel": ("shared_position_bias",),
@@ -23,6 +26,7 @@ SCOPES = {
     "transformers.models.deberta_v2.modeling_deberta_v2.DebertaV2Encoder": ("*",),
     # windows fold the batch into dim 0 (b × windows) inside the block
     "transformers.models.swin.modeling_swin.SwinLayer": ("*",),
+    "transformers.models.swinv2.modeling_swinv2.Swinv2Layer": ("*",),
     # each layer's feed-forward half runs on the batch flattened into tokens, (b·T, d); the
     # decoder, not the layer, takes them: the layers get the cache, which they change
     "transformers.models.opt.modeling_opt.OPTDecoder": (
