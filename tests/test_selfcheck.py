@@ -266,3 +266,42 @@ def test_verify_leaves_no_mode_behind_and_dropout_still_drops_in_training():
     assert engine._first.tape is None
     with torch.no_grad():
         assert not torch.equal(model(x), model(x))  # two different dropout masks
+
+
+class ToyDropPath(nn.Module):
+    """Stochastic depth as transformers and timm write it: whole examples dropped at random."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.drop_prob = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], 1, dtype=x.dtype) > self.drop_prob).to(x.dtype)
+        return x * keep / (1 - self.drop_prob)
+
+
+def test_stochastic_depth_layers_are_in_eval_mode_during_the_check_and_after_it_train():
+    """They draw per example, which the check's runs cannot repeat: it refused at random (6
+    of 10 seeds here)."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop, self.head = nn.Linear(4, 4), ToyDropPath(0.5), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x + self.drop(torch.tanh(self.fc(x))))
+
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = Model().double().train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        dpclip.PrivacyEngine(
+            model, opt, sample_size=100, batch_size=8, steps=1, noise_multiplier=1.0
+        )
+        x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+        F.cross_entropy(model(x), y).backward()
+        opt.step()  # the self-check of this batch passes
+        assert model.drop.training

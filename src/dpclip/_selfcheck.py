@@ -121,13 +121,24 @@ class _NoDropout(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _stochastic_depth(module: nn.Module) -> bool:
+    """transformers' and timm's ``*DropPath``, torchvision's ``StochasticDepth``: each drops
+    whole examples at random in training and is the identity outside it (no statistics)."""
+    name = type(module).__name__
+    return name.endswith("DropPath") or name == "StochasticDepth"
+
+
 @contextlib.contextmanager
 def unchanged(model: nn.Module) -> Iterator[None]:
-    """No dropout, gradients on, RNG streams and training flags restored afterwards."""
+    """No dropout (stochastic depth layers in eval mode: they draw per example, which the check
+    cannot repeat), gradients on, RNG streams and training flags restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     no_dropout = _NoDropout()
     try:
+        for m, _ in flags:
+            if _stochastic_depth(m):
+                m.training = False
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             no_dropout.__enter__()
             yield
