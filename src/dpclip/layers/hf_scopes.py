@@ -18,6 +18,8 @@ SCOPES = {
     "transformers.models.mt5.modeling_mt5.MT5Stack": (
         "block.0.layer.0.SelfAttention.relative_attention_bias",
     ),
+    # the same for MPNet's encoder (its bias embedding is the encoder's own)
+    "transformers.models.mpnet.modeling_mpnet.MPNetEncoder": ("relative_attention_bias",),
     # the relative-position tables have no batch dim; they become the attention mask
     "transformers.models.beit.modeling_beit.BeitLayer": ("relative_position_bias",),
     "transformers.models.beit.modeling_beit.BeitModel": ("shared_position_bias",),
