@@ -459,6 +459,7 @@ class Recorder:
             and output.shape[0] == 1 != self.batch
             and not output.requires_grad
         )
+        unbatched: dict[int, str] = {}
         if not pending:
             if not outs:
                 raise IntegrityError(
@@ -468,13 +469,17 @@ class Recorder:
             for k in outs:
                 x = leaves[k]
                 if not (x.dim() and x.shape[0] == self.batch):
-                    raise IntegrityError(
+                    unbatched[k] = (
                         f"{self.name(module)} returned a tensor of shape {tuple(x.shape)} (output "
                         f"tensor {outs.index(k)}) in a forward whose batch is {self.batch}: dpclip "
                         "computes this module's per-example gradients from outputs with the batch "
                         f"on dim 0 (read from the model's first tensor argument, of shape "
                         f"{self._root_shape}). {_FIXES}."
                     )
+            if len(unbatched) == len(outs):
+                raise IntegrityError(next(iter(unbatched.values())))
+            # the others (Swin's attention weights, windows on dim 0) are fine while unused
+            outs = [k for k in outs if k not in unbatched]
         own = self._own_parameters(module)
         for x in tree_leaves((args, kwargs)):
             if isinstance(x, Tensor) and id(x) in own:
@@ -506,7 +511,22 @@ class Recorder:
         gathered = _Gather.apply(self._anchor, record, self._on_grad, *(leaves[k] for k in outs))
         for k, x in zip(outs, gathered, strict=True):
             leaves[k] = x
+        for k, message in unbatched.items():
+            leaves[k] = self._unusable(leaves[k], message)
         return tree_unflatten(leaves, spec)
+
+    def _unusable(self, output: Tensor, message: str) -> Tensor:
+        """A whole call's output without the batch on dim 0, returned as it is but refused if
+        a gradient reaches it (its per-example part cannot be told; one that needs none may
+        still carry the module's parameters, which need no gradient while attached)."""
+        held = _Attach.apply(self._anchor, output)
+
+        def used(grad: Tensor) -> None:
+            self._in_backward = False  # this backward is abandoned
+            raise IntegrityError(message)
+
+        held.register_hook(used)
+        return held
 
     def _own_parameters(self, module: nn.Module) -> set[int]:
         """The ids of a whole-call module's parameters (its children's too), made once."""

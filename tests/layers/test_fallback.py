@@ -227,20 +227,39 @@ def test_a_module_vmap_cannot_batch_is_computed_in_a_loop_with_a_warning_and_is_
         fallback.per_sample_grad(module, (Call((x,), {}, None, (0,)),), (g,), ["w"])
 
 
-def test_a_whole_call_output_without_the_batch_is_refused_at_forward():
-    class Table(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.t = nn.Parameter(torch.randn(5, 3))
+class _Table(nn.Module):
+    def __init__(self, both: bool) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.randn(5, 3))
+        self.both = both
 
-        def forward(self, x):
-            return x + self.t[:1], self.t * 2  # the second has no batch dim
+    def forward(self, x):
+        if not self.both:
+            return self.t * 2  # no batch dim
+        return x + self.t[:1], self.t * 2  # the second has no batch dim
 
-    model = nn.Sequential(nn.Linear(3, 3), Table())
+
+def test_a_whole_call_output_without_the_batch_is_refused_once_a_gradient_reaches_it():
+    """Unused (Swin's attention weights, windows on dim 0) it is fine; used, refused."""
+    model = nn.Sequential(nn.Linear(3, 3), _Table(both=True))
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1)
+    out, table = model(torch.randn(2, 3))
+    out.sum().backward()  # the batch-less output unused
+    opt.zero_grad()
+    out, table = model(torch.randn(2, 3))
+    with pytest.raises(
+        dpclip.IntegrityError, match=r"1 \(_Table\) returned a tensor of shape \(5, 3\)"
+    ):
+        (out.sum() + table.sum()).backward()
+
+
+def test_a_whole_call_with_no_output_with_the_batch_is_refused_at_forward():
+    model = nn.Sequential(nn.Linear(3, 3), _Table(both=False))
     opt = torch.optim.SGD(model.parameters(), lr=1)
     dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=2, steps=1, noise_multiplier=1)
     with pytest.raises(
-        dpclip.IntegrityError, match=r"1 \(Table\) returned a tensor of shape \(5, 3\)"
+        dpclip.IntegrityError, match=r"1 \(_Table\) returned a tensor of shape \(5, 3\)"
     ):
         model(torch.randn(2, 3))
 
