@@ -280,7 +280,8 @@ class Recorder:
     def in_whole_call(self) -> bool:
         """Whether a recorded call of a whole-call module (one the fallback reruns) is running:
         its attention dropout must be computed by parts, so that the rerun can draw it again
-        (:mod:`dpclip.layers._attention_dropout`; the parameter guard's mode does it)."""
+        (:mod:`dpclip.layers._attention_dropout`), and its branches on tensor values noted
+        (:meth:`branched`); the parameter guard's mode does both."""
         return bool(self._open)
 
     def ran_by_parts(self) -> None:
