@@ -513,13 +513,14 @@ class Recorder:
         for k, x in zip(outs, gathered, strict=True):
             leaves[k] = x
         for k, message in unbatched.items():
-            leaves[k] = self._unusable(leaves[k], message)
+            leaves[k] = self._refused_if_used(leaves[k], message)
         return tree_unflatten(leaves, spec)
 
-    def _unusable(self, output: Tensor, message: str) -> Tensor:
-        """A whole call's output without the batch on dim 0, returned as it is but refused if
-        a gradient reaches it (its per-example part cannot be told; one that needs none may
-        still carry the module's parameters, which need no gradient while attached)."""
+    def _refused_if_used(self, output: Tensor, message: str) -> Tensor:
+        """``output`` returned as it is, but refused with ``message`` if a gradient reaches it
+        directly: its per-example part cannot be told (a batch-1 output used other than by a
+        broadcast, a whole call's output without the batch on dim 0). Attached even when it
+        needs no gradient: it may carry managed parameters, which need none while attached."""
         held = _Attach.apply(self._anchor, output)
 
         def used(grad: Tensor) -> None:
@@ -538,19 +539,14 @@ class Recorder:
 
     def _hold_pending(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         """A batch-1 output: returned as it is, but refused if a gradient reaches it directly."""
-        held = _Attach.apply(self._anchor, output)
-        name = self.name(module)
-
-        def direct_use(grad: Tensor) -> None:
-            self._in_backward = False  # this backward is abandoned
-            raise IntegrityError(
-                f"the output of {name} has batch 1 in a forward whose batch is {self.batch}, and "
-                "it was used other than by broadcasting it over the batch (x + layer(pos)); its "
-                "gradient then sums over examples and cannot be split per example. Give the "
-                "layer a batched input (e.g. torch.arange(T).repeat(B, 1)). " + _FIXES + "."
-            )
-
-        held.register_hook(direct_use)
+        held = self._refused_if_used(
+            output,
+            f"the output of {self.name(module)} has batch 1 in a forward whose batch is "
+            f"{self.batch}, and it was used other than by broadcasting it over the batch "
+            "(x + layer(pos)); its gradient then sums over examples and cannot be split per "
+            "example. Give the layer a batched input (e.g. torch.arange(T).repeat(B, 1)). "
+            + _FIXES + ".",
+        )  # fmt: skip
         self._pending[id(held)] = _Pending(module, inputs, weakref.ref(held))
         return held
 

@@ -293,11 +293,11 @@ def per_sample_grad(
         return (AttentionByParts(every=vmapped),) if call.by_parts or vmapped else ()
 
     def replay(
-        *above: TorchFunctionMode, vmapped: bool = False
+        *above: TorchFunctionMode, vmapped: bool = False, attention: bool = True
     ) -> contextlib.AbstractContextManager:
-        """The call's random state, modes and autocast; then ``above``, and attention
-        computed by parts as in the forward (on top: its dropout reaches the modes below;
-        under vmap every attention call)."""
+        """The call's random state, modes and autocast; then ``above``, and (unless the caller
+        enters it above modes of its own) attention computed by parts as in the forward (on
+        top: its dropout reaches the modes below; under vmap every attention call)."""
         stack = contextlib.ExitStack()
         if call.rng is not None:
             stack.enter_context(call.rng.replayed())
@@ -308,7 +308,7 @@ def per_sample_grad(
         stack.enter_context(warnings.catch_warnings())
         # torch notes each op it vmaps by a slow path (SDPA on CPU); the attach line said so
         warnings.filterwarnings("ignore", message="There is a performance drop because")
-        for mode in (*above, *parts(vmapped)):
+        for mode in (*above, *(parts(vmapped) if attention else ())):
             stack.enter_context(mode)
         return stack
 
@@ -335,12 +335,12 @@ def per_sample_grad(
     drawn = _DropoutMasks()
     with replay(drawn), torch.no_grad():  # the forward's masks, again
         forward(params, call.args, call.kwargs)
-    with replay():  # from the call's random state again
+    with replay(attention=False):  # from the call's random state again
         try:
             per_example = []
             for i in range(batch):  # each example with its own rows of those masks
                 with _DropoutMasks(drawn.masks, row=i), contextlib.ExitStack() as stack:
-                    for mode in parts():
+                    for mode in parts():  # above the masks: its dropout takes them
                         stack.enter_context(mode)
                     cot = tuple(g[i] for g in grads)
                     per_example.append(grad_of_example(params, [flat[k][i] for k in rows], cot))
