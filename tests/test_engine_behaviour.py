@@ -874,28 +874,41 @@ def test_a_parameter_tied_to_a_layer_without_a_rule_is_refused_naming_both():
 
 class _Positions(nn.Module):
     """Token plus position embeddings; ``batched`` feeds the positions as (B, T), else as (T,)
-    broadcast over the batch."""
+    broadcast over the batch; ``held`` takes them from a plain tensor attribute (not a buffer)
+    made outside the forward, which dpclip cannot tell from data."""
 
-    def __init__(self, batched, unsqueeze=False):
+    def __init__(self, batched, unsqueeze=False, held=False):
         super().__init__()
         self.tok, self.pos = nn.Embedding(10, 4).double(), nn.Embedding(4, 4).double()
         self.head, self.batched, self.unsqueeze = nn.Linear(4, 3).double(), batched, unsqueeze
+        self.held = torch.arange(4) if held else None
 
     def forward(self, ids):
-        pos = torch.arange(ids.shape[1])
+        pos = self.held[: ids.shape[1]] if self.held is not None else torch.arange(ids.shape[1])
         pos = self.pos(pos.repeat(ids.shape[0], 1) if self.batched else pos)
         return self.head((self.tok(ids) + (pos[None] if self.unsqueeze else pos)).mean(1))
+
+
+@pytest.mark.parametrize("unsqueeze", [False, True])
+@pytest.mark.parametrize("batch", [4, 3], ids=["T=B", "T!=B"])
+def test_positions_without_a_batch_dim_are_clipped_like_the_naive_loop(batch, unsqueeze):
+    """nanoGPT's pos(torch.arange(T)), (T, d) broadcast over the batch: made from a constant in
+    forward, so its rows are positions even when T equals the batch."""
+    torch.manual_seed(0)
+    model = _Positions(batched=False, unsqueeze=unsqueeze)
+    x, y = torch.randint(10, (batch, 4)), torch.tensor([0, 1, 2, 0])[:batch]
+    _assert_one_step_equals_naive_loop(model, x, y)
 
 
 @pytest.mark.parametrize(
     "unsqueeze, how", [(False, "is broadcast by add"), (True, "gets new leading dims from")]
 )
-def test_a_layer_output_without_a_batch_dim_is_refused_even_when_its_length_is_the_batch(
+def test_positions_held_outside_the_forward_are_refused_when_their_length_is_the_batch(
     unsqueeze, how
 ):
-    """(T, d) positions broadcast over a batch of B = T: no shape check can tell them from
-    samples, and clipping 'per position' would bound nothing."""
-    model = _Positions(batched=False, unsqueeze=unsqueeze)
+    """(T, d) positions from a tensor made outside the forward, of B = T rows: no shape check
+    can tell them from samples, and clipping 'per position' would bound nothing."""
+    model = _Positions(batched=False, unsqueeze=unsqueeze, held=True)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     dpclip.PrivacyEngine(model, opt, sample_size=40, batch_size=4, steps=1, noise_multiplier=1.0)
     before = _snapshot(model)
@@ -907,10 +920,8 @@ def test_a_layer_output_without_a_batch_dim_is_refused_even_when_its_length_is_t
     _assert_unchanged(model, before)
 
 
-def test_positions_without_a_batch_dim_of_another_length_are_refused_with_the_fix():
-    """nanoGPT's pos(torch.arange(T)) with T != B: its rows are positions; the message says how
-    to give them a batch dim (it gave the advice for flattened tokens before)."""
-    model = _Positions(batched=False)
+def test_positions_held_outside_the_forward_of_another_length_are_refused_with_the_fix():
+    model = _Positions(batched=False, held=True)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     dpclip.PrivacyEngine(model, opt, sample_size=40, batch_size=3, steps=1, noise_multiplier=1.0)
     before = _snapshot(model)

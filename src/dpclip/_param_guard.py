@@ -18,9 +18,13 @@ or given new leading dims (``pos(arange(T))[None]``): its dim 0 is not the batch
 happens to equal the batch size no shape check can tell, so each "sample" would be a position
 and the clipping would bound nothing.
 
-3. Split a pending batch-1 layer output (see :mod:`dpclip.hooks`) where it is broadcast over the
-batch: the elementwise op gets the recorder's expanded copy instead (same values, same result),
-whose gradient keeps one row per example. Any other use of it is refused.
+3. Follow the pending layer outputs (batch 1, or no batch dim: see :mod:`dpclip.hooks`) and the
+tensors computed from them and constants only, and split one where it is broadcast over the
+batch (an elementwise op, an attention mask): the op gets the recorder's copy with one row per
+example instead (same values, same result), whose gradient is taken back to the layer per
+example. Using one with a tensor that carries the batch otherwise, or with a layer's parameter,
+is refused. Mark the tensors computed from constants only (factories such as ``torch.arange``,
+the model's buffers): a layer called on those has no batch dim, whatever its shape.
 
 4. Refuse reordering the rows of an activation whose dim 0 is the batch (``h[perm]``,
 ``h.flip(0)``, ``index_select(0, ...)``, ``out[perm] = h``): dpclip clips row j of every layer
@@ -65,6 +69,13 @@ _BROADCASTING = {
     "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
     "__truediv__", "__rtruediv__", "__itruediv__", "where", "addcmul", "lerp",
 }  # fmt: skip
+# calls that make a tensor from constants (their values carry no example)
+_FACTORIES = {
+    "arange", "zeros", "ones", "full", "empty", "eye", "linspace", "logspace", "tensor",
+    "as_tensor", "scalar_tensor", "zeros_like", "ones_like", "full_like", "empty_like",
+    "tril_indices", "triu_indices", "new_zeros", "new_ones", "new_full", "new_empty",
+    "new_tensor",
+}  # fmt: skip
 # calls that can put new dims in front (x[None], x.unsqueeze(0), x.expand(B, ...))
 _NEW_LEADING_DIMS = {
     "__getitem__", "unsqueeze", "view", "reshape", "expand", "expand_as", "broadcast_to",
@@ -105,9 +116,8 @@ _PUTS = {"__setitem__", "index_put", "index_put_"}
 
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
-_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS, _ATTENTION, _BOOL = range(
-    10
-)
+(_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS, _ATTENTION, _BOOL,
+ _FACTORY) = range(11)  # fmt: skip
 _KIND: dict[object, tuple[int, str]] = {}  # func -> (what to do, its name)
 
 
@@ -131,6 +141,8 @@ def _kind_of(func: object) -> tuple[int, str]:
         kind = _LEADING
     elif func is F.scaled_dot_product_attention:
         kind = _ATTENTION
+    elif name in _FACTORIES:
+        kind = _FACTORY
     else:
         kind = _PLAIN
     if kind != _ATTRIBUTE:  # an attribute read's func is a new bound wrapper each time
@@ -152,7 +164,47 @@ class _Mode(TorchFunctionMode):
         # the guard's and the recorder's live tables, read on every call without a method call
         self.active, self.outputs = guard._active, guard._outputs
         self.pending = guard._recorder.pending_by_id if guard._recorder is not None else {}
+        self.consts = guard._recorder.consts_by_id if guard._recorder is not None else {}
         self.recorder = guard._recorder
+
+    def _mark_constant(self, kind: int, args: tuple, kwargs: Mapping | None, out: object) -> None:
+        """``out`` made from constants only (a factory, or a call whose tensors are all
+        constants): a constant too (see :attr:`Recorder.consts_by_id`)."""
+        consts = self.consts
+        if kind != _FACTORY:
+            seen = False
+            for a in (*args, *kwargs.values()) if kwargs else args:
+                if isinstance(a, torch.Tensor):
+                    entry = consts.get(id(a))
+                    if entry is None or entry() is not a:
+                        break
+                    seen = True
+                elif isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
+                    if not all(
+                        not isinstance(x, torch.Tensor) or self.recorder.is_constant(x)  # type: ignore[union-attr]
+                        for x in a
+                    ):
+                        break
+                    seen = True
+            else:
+                if seen:
+                    self._mark(out)
+                return
+            # not all constants: a constant changed in place by them (t[1:] = ids) is no more
+            if kind == _PUT or (args and out is args[0]):
+                first = args[0] if args else None
+                if isinstance(first, torch.Tensor):
+                    consts.pop(id(first), None)
+                    if first._base is not None:  # a view's change is its base's
+                        consts.pop(id(first._base), None)
+            return
+        self._mark(out)
+
+    def _mark(self, out: object) -> None:
+        consts = self.consts
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, torch.Tensor):
+                consts[id(t)] = weakref.ref(t)
 
     def _check_args(self, args: tuple, func: object) -> None:
         """Refuse a managed parameter among ``args`` (or in a list or tuple argument) outside
@@ -194,7 +246,10 @@ class _Mode(TorchFunctionMode):
                 for a in args:
                     if id(a) in self.managed:
                         guard.check(a, f".{attribute}")
-                guard.check_pending(args, out, f".{attribute}")
+                if self.pending:
+                    guard.follow_pending(args, None, out, f".{attribute}")
+            if self.consts:
+                self._mark_constant(kind, args, None, out)
             return out
         self._check_args(args, func)
         if kwargs:
@@ -208,6 +263,8 @@ class _Mode(TorchFunctionMode):
         if kind == _ROWS or (kind in (_GETITEM, _PUT) and _advanced(_key(args, kwargs))):
             guard.check_rows_kept(name, args, kwargs or {})
         parts = None
+        if kind == _ATTENTION and pending:
+            args, kwargs = guard.split_pending_mask(args, kwargs or {})
         if kind == _ATTENTION and self.recorder is not None and self.recorder.in_whole_call:
             parts = by_parts_args(args, kwargs or {})
         if parts is not None:  # its dropout, drawn again in the fallback's rerun
@@ -216,9 +273,11 @@ class _Mode(TorchFunctionMode):
         else:
             out = func(*args, **kwargs) if kwargs else func(*args)
         if pending:
-            guard.check_pending((*args, *(kwargs or {}).values()), out, name)
+            guard.follow_pending(args, kwargs, out, name)
         if kind in (_LEADING, _GETITEM) and args and id(args[0]) in outputs:
             guard.check_new_leading_dims(args[0], out, name)
+        if kind == _FACTORY or self.consts:
+            self._mark_constant(kind, args, kwargs, out)
         return out
 
 
@@ -305,42 +364,101 @@ class ParamUseGuard:
             "where no gradient is meant." + also
         )
 
+    def _batch_rank(self, a: torch.Tensor, others: Iterable[object]) -> int | None:
+        """The rank of the operand that broadcasts pending ``a`` over the batch, if one does:
+        a tensor of this forward's batch on dim 0 (not a pending one, not a constant) with
+        a's dims or more, against which a's dim 0 is 1, or the batch itself (row by row), or
+        dims it lacks."""
+        recorder = self._recorder
+        assert recorder is not None
+        batch, rank = recorder.batch, None
+        for t in others:
+            if (
+                isinstance(t, torch.Tensor)
+                and t is not a
+                and t.dim() >= a.dim()
+                and t.dim()
+                and t.shape[0] == batch
+                and (t.dim() > a.dim() or a.shape[0] in (1, batch))
+                and recorder.pending(t) is None
+                and not recorder.is_constant(t)
+            ):
+                rank = max(rank or 0, t.dim())
+        return rank
+
     def split_pending(self, args: tuple, what: str) -> tuple:
-        """``args`` with each pending batch-1 layer output broadcast over the batch replaced by
-        the recorder's expanded, recorded copy (the op computes the same values)."""
+        """``args`` with each pending tensor broadcast over the batch replaced by the
+        recorder's copy with one row per example (the op computes the same values)."""
         recorder = self._recorder
         if recorder is None or not recorder.has_pending():
             return args
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
         out = list(args)
         for k, a in enumerate(args):
             if recorder.pending(a) is None:
                 continue
-            batched = any(
-                t.dim() == a.dim() and t.shape[0] == recorder.batch and recorder.pending(t) is None
-                for t in tensors
-            )
-            if batched:
-                out[k] = recorder.broadcast_use(a)
+            rank = self._batch_rank(a, args)
+            if rank is not None:
+                out[k] = recorder.broadcast_use(a, rank)
         return tuple(out)
 
-    def check_pending(self, args: Iterable[object], out: object, what: str) -> None:
-        """Refuse a pending batch-1 layer output used other than by a broadcast over the batch
-        (an op that returns it unchanged, such as ``.to`` its own device, is fine)."""
+    def split_pending_mask(self, args: tuple, kwargs: Mapping) -> tuple[tuple, dict]:
+        """Attention's arguments with a pending mask (T5's relative-position bias) replaced by
+        its copy per example, when the query carries the batch."""
+        recorder = self._recorder
+        kwargs = dict(kwargs)
+        query = args[0] if args else kwargs.get("query")
+        at_args = len(args) > 3
+        mask = args[3] if at_args else kwargs.get("attn_mask")
+        if recorder is None or recorder.pending(mask) is None:
+            return args, kwargs
+        assert isinstance(mask, torch.Tensor)
+        rank = self._batch_rank(mask, (query,))
+        if rank is None:
+            return args, kwargs
+        used = recorder.broadcast_use(mask, rank)
+        if at_args:
+            return (*args[:3], used, *args[4:]), kwargs
+        kwargs["attn_mask"] = used
+        return args, kwargs
+
+    def follow_pending(self, args: tuple, kwargs: Mapping | None, out: object, what: str) -> None:
+        """A call on pending tensors (see :mod:`dpclip.hooks`): its output is pending too when
+        the others are constants (a mask, a scale); refused with a tensor that carries the
+        batch (beside a broadcast, which :meth:`split_pending` split) or a layer's parameter."""
         recorder = self._recorder
         if recorder is None or not recorder.has_pending():
             return
-        for a in _tensors(tuple(args), {}):
-            module = recorder.pending(a)
-            if module is not None and out is not a:
+        found, other = [], None
+        for a in _tensors(args, kwargs or {}):
+            if not isinstance(a, torch.Tensor):
+                continue
+            entry = recorder.pending(a)
+            if entry is not None:
+                found.append(entry)
+            elif id(a) in self._owners:
+                if not all(recorder.is_whole_call(m) for m in self._owners[id(a)]):
+                    other = other or f"the parameter {self._names[id(a)]!r} of a layer with a rule"
+            elif a.requires_grad:
+                other = other or "a tensor that carries the batch"
+        if not found:
+            return
+        if other is not None:
+            raise IntegrityError(
+                f"{found[0].what}, and {what} uses it (or a tensor computed from it) with "
+                f"{other}, other than by broadcasting it over the batch (x + layer(pos)): its "
+                "gradient would sum over examples and could not be split per example. Give the "
+                "layer a batched input (e.g. torch.arange(T).repeat(B, 1)); do not run layers "
+                "per example (x[i:i+1]) or on chunks of the batch."
+            )
+        for entry in found:
+            changed = recorder.changed_base(entry)
+            if changed is not None:
                 raise IntegrityError(
-                    f"the output of {recorder.name(module)} has batch 1 in a forward whose batch "
-                    f"is {recorder.batch}, and {what} uses it other than by broadcasting it over "
-                    "the batch (x + layer(pos)): its gradient would sum over examples and could "
-                    "not be split per example. Give the layer a batched input (e.g. "
-                    "torch.arange(T).repeat(B, 1)); do not run layers per example (x[i:i+1]) or "
-                    "on chunks of the batch."
+                    f"{changed.what}, and {what} changed it in place: dpclip takes its "
+                    "per-example gradients back to the layer's output as the layer returned it. "
+                    "Make that operation out of place"
                 )
+        recorder.derive(out, found)
 
     def check_rows_kept(self, name: str, args: tuple, kwargs: Mapping) -> None:
         """Refuse ``name`` moving rows along dim 0 of a tensor on the gradient path whose dim 0
@@ -372,7 +490,7 @@ class ParamUseGuard:
         top = max(t.dim() for t in tensors)
         for t in tensors:
             hit = self._outputs.get(id(t))
-            if hit is not None and hit[1]() is t and t.dim() < top:
+            if hit is not None and hit[1]() is t and t.dim() < top and not self._pending(t):
                 self._refuse(hit[0], t, f"is broadcast by {what} against a tensor of {top} dims")
 
     def check_new_leading_dims(self, t: object, out: object, what: str) -> None:
@@ -381,9 +499,14 @@ class ParamUseGuard:
         hit = self._outputs.get(id(t))
         if hit is None or hit[1]() is not t or not isinstance(out, torch.Tensor):
             return
+        if self._pending(t):
+            return  # no batch dim: the recorder splits it where it meets the batch
         assert isinstance(t, torch.Tensor)
         if t.shape[0] > 1 and out.dim() > t.dim() and out.shape[out.dim() - t.dim() :] == t.shape:
             self._refuse(hit[0], t, f"gets new leading dims from {what}")
+
+    def _pending(self, t: torch.Tensor) -> bool:
+        return self._recorder is not None and self._recorder.pending(t) is not None
 
     def _refuse(self, module: nn.Module, t: torch.Tensor, how: str) -> None:
         raise IntegrityError(

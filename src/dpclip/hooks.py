@@ -13,11 +13,18 @@ gradient lands in the same record during backward. Each record is handed to ``on
 as its gradient arrives; ``on_backward_end`` is called once when that backward pass ends. Records
 are owned by the autograd graph, so a forward that never sees a backward leaks nothing.
 
-A layer output of batch 1 inside a forward of batch B > 1 (GPT-2's position embedding of
-``position_ids`` (1, T)) is *pending*: the model gets it unchanged, and each place it is broadcast
-over the batch (``h + wpe(pos)``) uses an expanded copy of it, recorded as one call whose output
-gradient keeps the per-example split (:meth:`Recorder.broadcast_use`, called by the forward
-guard). Any other use of it (concatenated, returned) would merge examples, and is refused.
+A layer output without the batch is *pending*: one of batch 1 inside a forward of batch B > 1
+(GPT-2's position embedding of ``position_ids`` (1, T)), or the output of a layer whose inputs
+are all constants, made inside the forward from factories (``torch.arange``) or read from the
+model's buffers, whatever its shape (``pos(torch.arange(T))`` (T, d), T5's relative-position
+bias on (T, T) buckets, also when T happens to equal B). The model gets it unchanged; the forward
+guard follows the tensors computed from pending outputs and constants only (a permute, a dropout,
+a mask put on), and each place one of them is broadcast over the batch (``h + wpe(pos)``, scores
+``+ bias[None]``, an attention mask) uses a copy of it with one row per example
+(:meth:`Recorder.broadcast_use`), whose gradient is taken back, per example, to the layer's
+output: one recorded call per broadcast. Any other use (concatenated with the batch, returned,
+fed to a layer with parameters) would merge examples, and is refused; so is a gradient that
+reaches the output another way.
 
 Modules whose rule reads the whole call (the generic fallback) are recorded with all their
 arguments, positional and keyword, and the random state they started with, and may return any
@@ -167,10 +174,39 @@ class _Running:
 
 
 @dataclass(eq=False)
-class _Pending:
+class _Base:
+    """A pending layer output: batch 1 (its dim 0 is the batch's, expanded per example), or no
+    batch dim at all (each example's copy gets a new dim 0)."""
+
     module: nn.Module
     inputs: tuple
+    held: Tensor  # the output the model got (its gradient comes back to this tensor)
+    version: int  # held's version then: changed in place, it is no longer the layer's output
+    batchless: bool
+    forward: int
+    what: str  # how refusals name it
+    record: Record | None = None  # its one call, made at the first broadcast's gradient
+    sum: Tensor | None = None  # the broadcasts' per-example gradients so far in this backward
+
+    def per_example_inputs(self, batch: int) -> tuple:
+        if not self.batchless:
+            return tuple(_expand(x, batch) for x in self.inputs)
+        return tuple(
+            x.unsqueeze(0).expand(batch, *x.shape) if isinstance(x, Tensor) else x
+            for x in self.inputs
+        )
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A pending output, or a tensor computed from pending outputs (``bases``) and constants."""
+
     ref: weakref.ref
+    bases: tuple[_Base, ...]
+
+    @property
+    def what(self) -> str:
+        return self.bases[0].what
 
 
 @dataclass(eq=False)
@@ -191,6 +227,13 @@ class Recorder:
     batch: int | None = None  # this forward's batch
     _root_shape: tuple[int, ...] | None = None
     _pending: dict[int, _Pending] = field(default_factory=dict)
+    # tensors of this forward computed from constants only (the guard marks them), and the
+    # model's buffers, which count as such in every forward
+    _consts: dict[int, weakref.ref] = field(default_factory=dict)
+    _buffers: dict[int, weakref.ref] = field(default_factory=dict)
+    _uses: dict[tuple[int, int], tuple[weakref.ref, Tensor]] = field(default_factory=dict)
+    _vjp: int = 0  # inside broadcast_use's backward to the pending outputs
+    _summed: list[_Base] = field(default_factory=list)  # pending outputs with gradients to hand on
     _whole: set[nn.Module] = field(default_factory=set)
     # per whole-call module, the (random state, autocast state) each unfinished call began with
     _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
@@ -205,9 +248,15 @@ class Recorder:
 
     @property
     def pending_by_id(self) -> dict[int, _Pending]:
-        """This forward's pending batch-1 outputs by id: one dict for the recorder's lifetime
+        """This forward's pending tensors by id: one dict for the recorder's lifetime
         (cleared, never replaced), which the forward guard reads on every torch call."""
         return self._pending
+
+    @property
+    def consts_by_id(self) -> dict[int, weakref.ref]:
+        """This forward's tensors computed from constants only, by id (the guard adds them;
+        one dict for the recorder's lifetime)."""
+        return self._consts
 
     def attach(
         self, modules: Iterable[nn.Module], root: nn.Module, whole_call: Iterable[nn.Module] = ()
@@ -215,6 +264,7 @@ class Recorder:
         """Record ``modules``' calls inside ``root``'s forwards; ``whole_call``, among them,
         with all their arguments and outputs (see the module docstring)."""
         self._paths = {m: path or "<model>" for path, m in root.named_modules()}
+        self._buffers = {id(b): weakref.ref(b) for b in root.buffers()}
         with torch.enable_grad():
             self._accumulator = self._anchor.view_as(self._anchor).grad_fn.next_functions[0][0]
         self._whole = set(whole_call)
@@ -276,6 +326,10 @@ class Recorder:
         if self._open and self._open[-1].module is module:
             self._open.pop()
 
+    def is_whole_call(self, module: nn.Module) -> bool:
+        """Whether the fallback reruns ``module``'s calls whole."""
+        return module in self._whole
+
     @property
     def in_whole_call(self) -> bool:
         """Whether a recorded call of a whole-call module (one the fallback reruns) is running:
@@ -305,7 +359,7 @@ class Recorder:
         if self._depth > 1:
             return
         self._forward += 1
-        self._pending.clear()
+        self._clear_forward()
         source = batch_of(args, kwargs)
         self.batch = None if source is None else int(source.shape[0])
         self._root_shape = None if source is None else tuple(source.shape)
@@ -339,6 +393,13 @@ class Recorder:
 
         return tuple(map(through, args)), {k: through(v) for k, v in kwargs.items()}
 
+    def _clear_forward(self) -> None:
+        self._drop_sums()
+        self._pending.clear()
+        self._uses.clear()
+        self._consts.clear()
+        self._consts.update(self._buffers)
+
     def accumulates(self) -> bool:
         """Whether the running backward pass accumulates into ``.grad`` (``loss.backward()``),
         not one that returns gradients or reaches chosen inputs only (``torch.autograd.grad``,
@@ -358,7 +419,8 @@ class Recorder:
             return
         self._depth -= 1
         if self._depth == 0:  # also after a forward that raised (its unfinished calls' entries)
-            self._pending.clear()
+            self._clear_forward()
+            self._consts.clear()  # the buffers' entries: no torch call of dpclip's looks them up
             self._starts.clear()
             self._open.clear()
 
@@ -406,9 +468,10 @@ class Recorder:
                 f"{self.name(module)}."
             )
         inputs = positional_inputs(module, args, kwargs)
-        inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
         rows = output.shape[0] if output.dim() else None
-        if rows == self.batch:
+        constant = not output.requires_grad and rows is not None and self._constant(inputs)
+        inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
+        if rows == self.batch and not constant:
             versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
             record = Record(module, inputs, self.batch, self._forward, versions=versions)
             # a view (nn.Linear's output for 3-D input when that input needs a gradient) would
@@ -419,7 +482,9 @@ class Recorder:
             output.register_hook(lambda grad: self._on_grad(record, grad))
             return output
         if rows == 1 and not output.requires_grad:
-            return self._hold_pending(module, inputs, output)
+            return self._hold_pending(module, inputs, output, batchless=False)
+        if constant:  # positions, relative-position buckets: no batch dim, whatever its rows
+            return self._hold_pending(module, inputs, output, batchless=True)
         shape = "a scalar" if rows is None else f"{rows} row{'' if rows == 1 else 's'} on dim 0"
         first = inputs[0] if inputs else None
         positions = (  # pos(torch.arange(T)): ids without a batch dim
@@ -507,7 +572,7 @@ class Recorder:
             answers=tuple(running.answers) if running is not None else (),
         )
         if pending:
-            return self._hold_pending(module, (call,), output)
+            return self._hold_pending(module, (call,), output, batchless=False)
         record = Record(module, (call,), self.batch, self._forward)
         gathered = _Gather.apply(self._anchor, record, self._on_grad, *(leaves[k] for k in outs))
         for k, x in zip(outs, gathered, strict=True):
@@ -524,6 +589,8 @@ class Recorder:
         held = _Attach.apply(self._anchor, output)
 
         def used(grad: Tensor) -> None:
+            if self._vjp:  # broadcast_use taking a broadcast's gradient back to it
+                return
             self._in_backward = False  # this backward is abandoned
             raise IntegrityError(message)
 
@@ -537,17 +604,43 @@ class Recorder:
             own = self._owns[module] = {id(p) for p in module.parameters()}
         return own
 
-    def _hold_pending(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        """A batch-1 output: returned as it is, but refused if a gradient reaches it directly."""
+    def _constant(self, inputs: tuple) -> bool:
+        """Whether a layer call's tensor inputs are all constants of this forward (see
+        :attr:`consts_by_id`): its output then has no batch dim, whatever its shape."""
+        consts, seen = self._consts, False
+        for x in inputs:
+            if isinstance(x, Tensor):
+                entry = consts.get(id(x))
+                if entry is None or entry() is not x:
+                    return False
+                seen = True
+            elif isinstance(x, (list, tuple, dict)):
+                return False
+        return seen
+
+    def _hold_pending(
+        self, module: nn.Module, inputs: tuple, output: Tensor, batchless: bool
+    ) -> Tensor:
+        """A layer output without the batch: returned as it is, but refused if a gradient
+        reaches it other than through :meth:`broadcast_use`."""
+        name = self.name(module)
+        if batchless:
+            what = (
+                f"the output of {name} (shape {tuple(output.shape)}) has no batch dim in a "
+                f"forward whose batch is {self.batch} (its inputs are constants, such as "
+                "positions)"
+            )
+        else:
+            what = f"the output of {name} has batch 1 in a forward whose batch is {self.batch}"
         held = self._refused_if_used(
             output,
-            f"the output of {self.name(module)} has batch 1 in a forward whose batch is "
-            f"{self.batch}, and it was used other than by broadcasting it over the batch "
+            f"{what}, and it was used other than by broadcasting it over the batch "
             "(x + layer(pos)); its gradient then sums over examples and cannot be split per "
             "example. Give the layer a batched input (e.g. torch.arange(T).repeat(B, 1)). "
             + _FIXES + ".",
         )  # fmt: skip
-        self._pending[id(held)] = _Pending(module, inputs, weakref.ref(held))
+        base = _Base(module, inputs, held, held._version, batchless, self._forward, what)
+        self._pending[id(held)] = _Pending(weakref.ref(held), (base,))
         return held
 
     @property
@@ -557,41 +650,138 @@ class Recorder:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
-    def pending(self, t: object) -> nn.Module | None:
-        """The layer whose pending batch-1 output ``t`` is, if it is one."""
+    def pending(self, t: object) -> _Pending | None:
+        """The pending entry of ``t``, if it is a pending output or computed from some."""
         entry = self._pending.get(id(t))
-        return entry.module if entry is not None and entry.ref() is t else None
+        return entry if entry is not None and entry.ref() is t else None
 
-    def broadcast_use(self, t: Tensor) -> Tensor:
-        """A pending output expanded to the batch for one broadcasting use, recorded as a call."""
-        entry = self._pending[id(t)]
-        assert self.batch is not None
-        inputs = tuple(_expand(x, self.batch) for x in entry.inputs)
-        record = Record(entry.module, inputs, self.batch, self._forward)
-        used = _Attach.apply(self._anchor, t.detach().expand(self.batch, *t.shape[1:]))
-        if entry.module in self._whole:
-            used.register_hook(lambda grad: self._on_grad(record, (grad,)))
-        else:
+    def is_constant(self, t: object) -> bool:
+        entry = self._consts.get(id(t))
+        return entry is not None and entry() is t
+
+    def derive(self, out: object, entries: list[_Pending]) -> None:
+        """``out`` was computed from the pending ``entries`` and constants only: pending too."""
+        bases: list[_Base] = []
+        for entry in entries:
+            bases.extend(b for b in entry.bases if all(b is not c for c in bases))
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, Tensor) and t.requires_grad and self.pending(t) is None:
+                self._pending[id(t)] = _Pending(weakref.ref(t), tuple(bases))
+
+    def changed_base(self, entry: _Pending) -> _Base | None:
+        """A base of ``entry`` changed in place since its layer returned it."""
+        return next((b for b in entry.bases if b.held._version != b.version), None)
+
+    def broadcast_use(self, t: Tensor, dims: int) -> Tensor:
+        """Pending ``t`` for one use broadcast over the batch against a tensor of ``dims``
+        dims: a copy per example (dim 0 of size 1, or dims it lacks, made the batch), or, for
+        a layer output of B rows used row by row (a layer on constants, T = B), itself; its
+        gradient is taken back to the layer's output per example and recorded as one call."""
+        entry = self.pending(t)
+        assert entry is not None and self.batch is not None
+        batch = self.batch
+        key = (id(t), dims)
+        hit = self._uses.get(key)
+        if hit is not None and hit[0]() is t:
+            return hit[1]
+        direct = len(entry.bases) == 1 and entry.bases[0].held is t
+        if t.dim() == dims and t.shape[0] == batch != 1:  # row b is example b's
+            if not direct:
+                raise IntegrityError(
+                    f"{entry.what}; a tensor computed from it with {batch} rows on dim 0 is "
+                    "broadcast row by row against the batch: dpclip splits such a tensor per "
+                    "example only where it is the layer's output itself. Give the layer a "
+                    "batched input, or broadcast its output before changing it"
+                )
+            base = entry.bases[0]
+            record = Record(base.module, base.inputs, batch, base.forward)
+            used = _Attach.apply(self._anchor, t.detach())
             used.register_hook(lambda grad: self._on_grad(record, grad))
+            self._uses[key] = (weakref.ref(t), used)
+            return used
+        copies = t.detach()  # dim 0 of size 1 made the batch, or the dims it lacks put in front
+        if t.dim() < dims:
+            copies = copies.reshape(1, *(1,) * (dims - 1 - t.dim()), *t.shape)
+        used = _Attach.apply(self._anchor, copies.expand(batch, *copies.shape[1:]))
+
+        def on_grad(grad: Tensor) -> None:
+            per = grad.reshape(batch, *t.shape)  # example b's gradient of t
+            changed = self.changed_base(entry)
+            if changed is not None:
+                self._in_backward = False  # this backward is abandoned
+                raise IntegrityError(
+                    f"{changed.what}, and it was changed in place after the layer returned it: "
+                    "its per-example gradients would be those of the new values. Make that "
+                    "operation out of place"
+                )
+            if direct:
+                grads: tuple = (per,)
+            else:
+                self._vjp += 1
+                try:
+                    grads = torch.autograd.grad(
+                        t, [b.held for b in entry.bases], per,
+                        retain_graph=True, allow_unused=True, is_grads_batched=True,
+                    )  # fmt: skip
+                finally:
+                    self._vjp -= 1
+            for base, g in zip(entry.bases, grads, strict=True):
+                if g is not None:
+                    self._add_to(base, g if base.batchless else g[:, 0])
+
+        used.register_hook(on_grad)
+        self._uses[key] = (weakref.ref(t), used)
         return used
 
     # ----------------------------------------------------------------------------- backward
-    def _on_grad(self, record: Record, grad: Tensor) -> None:
+    def _clipped_pass(self, record: Record) -> bool:
+        """Whether this backward pass is one dpclip clips (see :meth:`accumulates`); refuses a
+        second one through ``record``'s graph."""
         if not self.every_pass and not self.accumulates():
             self.side_pass = True  # the engine's message, if no backward is clipped before a step
-            return  # a pass that writes no .grad: nothing to clip, and the record stays unused
+            return False  # a pass that writes no .grad: nothing to clip, the record stays unused
         if record.done:
             raise DoubleBackwardError(
                 f"a second backward pass reached {type(record.module).__name__} through the same "
                 "graph; dpclip needs exactly one backward per forward (do not use retain_graph "
                 "to backpropagate twice)"
             )
+        if not self._in_backward:  # a new pass: sums left by an abandoned one are dropped
+            self._drop_sums()
+            self._in_backward = True
+            Variable._execution_engine.queue_callback(self._flush)
+        return True
+
+    def _drop_sums(self) -> None:
+        for base in self._summed:
+            base.sum = None
+        self._summed.clear()
+
+    def _add_to(self, base: _Base, grad: Tensor) -> None:
+        """One broadcast's per-example gradient of a pending output, summed over its
+        broadcasts: handed on as one call when the backward pass ends (a call per broadcast
+        would pay the cross terms between them, T² × T² per example for T5's bias)."""
+        if base.record is None:
+            assert self.batch is not None
+            inputs = base.per_example_inputs(grad.shape[0])
+            base.record = Record(base.module, inputs, grad.shape[0], base.forward)
+        if not self._clipped_pass(base.record):
+            return
+        if base.sum is None:
+            base.sum = grad
+            self._summed.append(base)
+        else:
+            base.sum = base.sum + grad
+
+    def _on_grad(self, record: Record, grad: Tensor) -> None:
+        if not self._clipped_pass(record):
+            return
+        self._deliver(record, grad)
+
+    def _deliver(self, record: Record, grad: Tensor | tuple[Tensor, ...]) -> None:
         record.grad_output, record.done = grad, True
         if record.versions:
             self._check_unchanged(record)
-        if not self._in_backward:
-            self._in_backward = True
-            Variable._execution_engine.queue_callback(self._flush)
         try:
             with full_precision():
                 self.on_grad(record)
@@ -614,6 +804,15 @@ class Recorder:
                 )
 
     def _flush(self) -> None:
+        summed, self._summed = self._summed, []
+        try:
+            for base in summed:
+                assert base.record is not None and base.sum is not None
+                grad, base.sum = base.sum, None
+                self._deliver(base.record, (grad,) if base.module in self._whole else grad)
+        except BaseException:
+            self._in_backward = False
+            raise
         self._in_backward = False
         with full_precision():
             self.on_backward_end()

@@ -1,15 +1,17 @@
 """Rules registered for transformers classes by name cover classes that compute what the rule
-assumes: each listed scaled word embedding's forward and __init__ are Gemma's or BART's."""
+assumes: each listed scaled word embedding's forward and __init__ are Gemma's or BART's, each
+listed T5-style layer norm's are T5's (statement for statement: docstrings and comments aside)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
-import re
+import textwrap
 
 import pytest
 
-from dpclip.layers import hf_scaled_embedding
+from dpclip.layers import hf_rmsnorm, hf_scaled_embedding
 
 pytest.importorskip("transformers")
 
@@ -23,8 +25,12 @@ def _class(qualified: str) -> type | None:
 
 
 def _source(fn: object) -> str:
-    body = inspect.getsource(fn).split(":", 1)[1]  # past the signature's first colon
-    return re.sub(r"\s+", " ", body).strip()
+    """The function's body as syntax: its docstring and comments dropped."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return "\n".join(ast.dump(statement) for statement in body)
 
 
 @pytest.mark.parametrize(
@@ -32,12 +38,11 @@ def _source(fn: object) -> str:
     [
         (hf_scaled_embedding.GEMMA_NAMES, hf_scaled_embedding.GEMMA_NAMES[0]),
         (hf_scaled_embedding.BART_NAMES, hf_scaled_embedding.BART_NAMES[0]),
+        (hf_rmsnorm.T5_NAMES, hf_rmsnorm.T5_NAMES[0]),
     ],
-    ids=["gemma", "bart"],
+    ids=["gemma", "bart", "t5-layer-norm"],
 )
-def test_each_scaled_embedding_registered_by_name_computes_what_its_reference_does(
-    names, reference
-):
+def test_each_class_registered_by_name_computes_what_its_reference_does(names, reference):
     want = _class(reference)
     assert want is not None
     checked = 0

@@ -49,3 +49,28 @@ def test_rmsnorm_default_eps_matches_kernel_for_bfloat16():
 @given(batch=st.integers(1, 4), T=st.integers(1, 5), d=st.integers(1, 6))
 def test_rmsnorm_rule_equals_naive_loop_any_shape(batch, T, d):
     assert_rule_matches_oracle(*_case(batch, (T,), (d,)))
+
+
+@pytest.mark.parametrize("lead", [(), (7,), (2, 3)])
+def test_t5_layer_norm_rule_equals_naive_loop(lead):
+    """transformers' T5LayerNorm (and its copies, registered by name): x̂ from a float32 mean."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    layer = transformers.models.t5.modeling_t5.T5LayerNorm(5, eps=1e-3).double()
+    nn.init.normal_(layer.weight)
+    x = torch.randn(4, *lead, 5, dtype=torch.float64)
+    assert_rule_matches_oracle(layer, (x,), torch.randn_like(x))
+
+
+def test_t5_layer_norm_rule_casts_to_a_half_weight_as_the_layer_does():
+    transformers = pytest.importorskip("transformers")
+    from dpclip.layers import hf_rmsnorm
+
+    torch.manual_seed(0)
+    layer = transformers.models.t5.modeling_t5.T5LayerNorm(8).to(torch.bfloat16)
+    x, s = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    got = hf_rmsnorm.t5_per_sample_grad(layer, (x,), s, ["weight"])["weight"]
+    for i in range(3):  # autograd's, per example, in float32 from the layer's bf16 x̂
+        layer.zero_grad()
+        layer(x[i : i + 1]).float().backward(s[i : i + 1])
+        torch.testing.assert_close(got[i], layer.weight.grad.float(), rtol=1e-2, atol=1e-2)

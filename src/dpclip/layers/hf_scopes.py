@@ -11,14 +11,7 @@ from dpclip.layers._registry import LayerRegistry
 
 SCOPES = {
     # the relative-attention bias embedding is looked up on (query, key) buckets, no batch dim,
-    # and its output is handed from block to block inside the stack
-    "transformers.models.t5.modeling_t5.T5Stack": (
-        "block.0.layer.0.SelfAttention.relative_attention_bias",
-    ),
-    "transformers.models.mt5.modeling_mt5.MT5Stack": (
-        "block.0.layer.0.SelfAttention.relative_attention_bias",
-    ),
-    # the same for MPNet's encoder (its bias embedding is the encoder's own)
+    # then expanded to the batch and copied (T5's, broadcast, needs no scope)
     "transformers.models.mpnet.modeling_mpnet.MPNetEncoder": ("relative_attention_bias",),
     # the relative-position tables have no batch dim; they become the attention mask
     "transformers.models.beit.modeling_beit.BeitLayer": ("relative_position_bias",),
