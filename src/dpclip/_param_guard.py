@@ -69,6 +69,7 @@ _BROADCASTING = {
     "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
     "__truediv__", "__rtruediv__", "__itruediv__", "where", "addcmul", "lerp",
 }  # fmt: skip
+_TENSORS = (torch.Tensor, nn.Parameter)
 # calls that make a tensor from constants (their values carry no example)
 _FACTORIES = {
     "arange", "zeros", "ones", "full", "empty", "eye", "linspace", "logspace", "tensor",
@@ -276,7 +277,10 @@ class _Mode(TorchFunctionMode):
             guard.follow_pending(args, kwargs, out, name)
         if kind in (_LEADING, _GETITEM) and args and id(args[0]) in outputs:
             guard.check_new_leading_dims(args[0], out, name)
-        if kind == _FACTORY or self.consts:
+        consts = self.consts
+        if kind == _FACTORY or (  # a call on a tensor that is not a constant makes none
+            consts and (not args or type(args[0]) not in _TENSORS or id(args[0]) in consts)
+        ):
             self._mark_constant(kind, args, kwargs, out)
         return out
 
