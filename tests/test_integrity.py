@@ -68,15 +68,16 @@ def _assert_refused_at_step(model, x, y, match, loss=F.cross_entropy):
 
 
 def _assert_equals_naive_loop(model, x, y):
+    trained = [p for p in model.parameters() if p.requires_grad]
     expected = clipped_sum(
-        per_sample_grads(copy.deepcopy(model), x, y), [list(range(len(list(model.parameters()))))],
+        per_sample_grads(copy.deepcopy(model), x, y), [list(range(len(trained)))],
         clipping="automatic", clip_norm=1.0, gamma=0.01,
     )  # fmt: skip
     engine, opt = _engine(model)
-    before = _snapshot(model)
+    before = [p.detach().clone() for p in trained]
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    for p, old, want in zip(model.parameters(), before, expected, strict=True):
+    for p, old, want in zip(trained, before, expected, strict=True):
         torch.testing.assert_close(old - p.detach(), want / B, rtol=1e-6, atol=1e-12)
 
 
@@ -685,6 +686,45 @@ def test_a_bias_without_a_batch_dim_taken_to_the_batch_equals_the_naive_loop(use
     _assert_equals_naive_loop(_BiasUses(use).double(), _x(B, length, D), _y())
 
 
+class _PositionsMadeSo(nn.Module):
+    """Token embeddings plus positions made as ``how`` says, each a way models write them."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.tok, self.pos = nn.Embedding(7, D), nn.Embedding(8, D)
+        self.frozen = nn.Parameter(torch.randn(8, D), requires_grad=False)  # a fixed table
+        self.fc, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        h = self.tok(ids)
+        if self.how == "type_as":  # cast like the ids: still made in the forward
+            p = self.pos(torch.arange(t).type_as(ids)) * 1.0
+        elif self.how == "frozen-table":  # a parameter dpclip does not train is a constant
+            p = self.frozen[:t] * 1.0
+            return self.head(torch.tanh(self.fc(h + p)).mean(1))
+        elif self.how == "repeat":  # the refusals' own advice: a batch dim, then a layer on it
+            p = self.fc(self.pos(torch.arange(t).repeat(b, 1)))
+        elif self.how == "expand-scaled":  # BERT-style ids expanded to (B, T), then scaled
+            p = self.pos(torch.arange(t)[None].expand(b, t)) * 0.5
+        elif self.how == "as_tensor":  # the ids wrapped again inside the forward
+            h = self.tok(torch.as_tensor(ids))
+            p = self.pos(torch.arange(t))
+        else:  # a position table reversed along its positions
+            p = self.pos(torch.arange(t)).flip(0)
+        return self.head(torch.tanh(h + p).mean(1))
+
+
+@pytest.mark.parametrize(
+    "how", ["type_as", "frozen-table", "repeat", "expand-scaled", "as_tensor", "flip"]
+)
+@pytest.mark.parametrize("length", [B, T], ids=["T=B", "T!=B"])
+def test_positions_made_in_the_usual_ways_equal_the_naive_loop(how, length):
+    ids = torch.randint(0, 7, (B, length), generator=torch.Generator().manual_seed(0))
+    _assert_equals_naive_loop(_PositionsMadeSo(how).double(), ids, _y())
+
+
 class _BiasMisuse(nn.Module):
     """A (T, d) position table from constants, misused as ``how`` says."""
 
@@ -705,6 +745,8 @@ class _BiasMisuse(nn.Module):
         elif self.how == "in-place":
             p.mul_(2)
             h = x + p
+        elif self.how == "time-major":  # (T, 1, d) on (T, B, d) states: its dim 0 is time
+            h = (self.fc(x).transpose(0, 1) + p[:, None]).transpose(0, 1)
         elif self.how == "rows":  # B rows made from it, broadcast row by row
             h = x + p.sum(0).expand(x.shape[0], x.shape[1], -1).contiguous()
         else:  # kept and added to the loss: its gradient sums over the batch
@@ -721,10 +763,58 @@ class _BiasMisuse(nn.Module):
         ("layer", r"has no batch dim .* linear uses it .* parameter 'fc.weight'"),
         ("in-place", r"has no batch dim .* mul_ changed it in place"),
         ("rows", r"has no batch dim .* 4 rows on dim 0 is broadcast row by row"),
+        ("time-major", r"has no batch dim .* add uses it .*carries the batch"),
     ],
 )  # fmt: skip
 def test_a_tensor_without_a_batch_dim_used_otherwise_is_refused_at_forward(how, match):
     _assert_refused_at_forward(_BiasMisuse(how).double(), _x(B, T, D), match)
+
+
+def test_a_convolution_on_constants_needs_the_batch_on_dim_0_as_before():
+    """Only layers whose rules take any leading dims (embeddings, linear, norms) get each
+    example's copy of constant inputs; a convolution's rule needs its batch on dim 0."""
+
+    class ConvOnConstants(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv1d(2, D, 3, padding=1), nn.Linear(D, 3)
+
+        def forward(self, x):
+            c = self.conv(torch.ones(B + 1, 2, x.shape[1], dtype=x.dtype)).mean((0, 2))
+            return self.head(x.mean(1) + c)
+
+    match = rf"conv \(Conv1d\) returned {B + 1} rows on dim 0"
+    _assert_refused_at_forward(ConvOnConstants().double(), _x(B, T, D), match)
+
+
+@pytest.mark.parametrize("how", ["mul_", "setitem"])
+def test_a_tensor_without_a_batch_dim_changed_in_place_after_a_broadcast_is_refused(how):
+    """Each broadcast's gradient goes back through the tensor as it was at that broadcast."""
+
+    class Changed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos, self.fc, self.head = nn.Embedding(T, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+        def forward(self, x):
+            p = self.pos(torch.arange(x.shape[1])) * 1.0
+            h = self.fc(x) + p
+            if how == "mul_":
+                p.mul_(3)
+            else:
+                p[0] = 0
+            return self.head(torch.tanh(h + p).mean(1))
+
+    model = Changed().double()
+    engine, opt = _engine(model, verify=False)
+    before = _snapshot(model)
+    loss = F.cross_entropy(model(_x(B, T, D)), _y())
+    with pytest.raises(dpclip.IntegrityError, match=r"changed in place after .* broadcast"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+    engine.detach()
 
 
 def test_a_gradient_reaching_a_tensor_without_a_batch_dim_otherwise_is_refused():

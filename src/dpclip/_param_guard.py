@@ -72,11 +72,18 @@ _BROADCASTING = {
 _TENSORS = (torch.Tensor, nn.Parameter)
 # calls that make a tensor from constants (their values carry no example)
 _FACTORIES = {
-    "arange", "zeros", "ones", "full", "empty", "eye", "linspace", "logspace", "tensor",
-    "as_tensor", "scalar_tensor", "zeros_like", "ones_like", "full_like", "empty_like",
-    "tril_indices", "triu_indices", "new_zeros", "new_ones", "new_full", "new_empty",
-    "new_tensor",
+    "arange", "zeros", "ones", "full", "empty", "eye", "linspace", "logspace", "scalar_tensor",
+    "zeros_like", "ones_like", "full_like", "empty_like", "tril_indices", "triu_indices",
+    "new_zeros", "new_ones", "new_full", "new_empty", "rand", "randn", "randint", "randperm",
+    "from_numpy",
 }  # fmt: skip
+# factories that may wrap a tensor argument: a constant only if that one is
+_WRAPPERS = {"tensor", "as_tensor", "asarray", "new_tensor"}
+# calls whose tensor arguments after the first give a dtype or device only
+_CASTS = {"to", "type_as"}
+# calls that can copy a tensor over a new or size-1 dim 0 (position ids to (B, T)): a constant
+# made so is taken for one with the batch on dim 0, as BERT's token types are
+_REPLICATING = {"expand", "expand_as", "broadcast_to", "repeat"}
 # calls that can put new dims in front (x[None], x.unsqueeze(0), x.expand(B, ...))
 _NEW_LEADING_DIMS = {
     "__getitem__", "unsqueeze", "view", "reshape", "expand", "expand_as", "broadcast_to",
@@ -118,7 +125,7 @@ _PUTS = {"__setitem__", "index_put", "index_put_"}
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
 (_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS, _ATTENTION, _BOOL,
- _FACTORY) = range(11)  # fmt: skip
+ _FACTORY, _CAST) = range(12)  # fmt: skip
 _KIND: dict[object, tuple[int, str]] = {}  # func -> (what to do, its name)
 
 
@@ -144,6 +151,8 @@ def _kind_of(func: object) -> tuple[int, str]:
         kind = _ATTENTION
     elif name in _FACTORIES:
         kind = _FACTORY
+    elif name in _CASTS:
+        kind = _CAST
     else:
         kind = _PLAIN
     if kind != _ATTRIBUTE:  # an attribute read's func is a new bound wrapper each time
@@ -168,13 +177,22 @@ class _Mode(TorchFunctionMode):
         self.consts = guard._recorder.consts_by_id if guard._recorder is not None else {}
         self.recorder = guard._recorder
 
-    def _mark_constant(self, kind: int, args: tuple, kwargs: Mapping | None, out: object) -> None:
+    def _mark_constant(
+        self, kind: int, name: str, args: tuple, kwargs: Mapping | None, out: object
+    ) -> None:
         """``out`` made from constants only (a factory, or a call whose tensors are all
         constants): a constant too (see :attr:`Recorder.consts_by_id`)."""
         consts = self.consts
+        if (
+            kind == _PLAIN
+            and name in _WRAPPERS
+            and not any(isinstance(a, torch.Tensor) for a in _tensors(args, kwargs or {}))
+        ):
+            kind = _FACTORY  # made from Python values
         if kind != _FACTORY:
             seen = False
-            for a in (*args, *kwargs.values()) if kwargs else args:
+            operands = args[:1] if kind == _CAST else args
+            for a in (*operands, *kwargs.values()) if kwargs and kind != _CAST else operands:
                 if isinstance(a, torch.Tensor):
                     entry = consts.get(id(a))
                     if entry is None or entry() is not a:
@@ -188,7 +206,7 @@ class _Mode(TorchFunctionMode):
                         break
                     seen = True
             else:
-                if seen:
+                if seen and not (name in _REPLICATING and self._replicates(args[0], out)):
                     self._mark(out)
                 return
             # not all constants: a constant changed in place by them (t[1:] = ids) is no more
@@ -200,6 +218,17 @@ class _Mode(TorchFunctionMode):
                         consts.pop(id(first._base), None)
             return
         self._mark(out)
+
+    def _replicates(self, t: object, out: object) -> bool:
+        """Whether ``out`` copies ``t`` over a new or size-1 dim 0 of this forward's batch."""
+        batch = self.recorder.batch if self.recorder is not None else None
+        return (
+            isinstance(t, torch.Tensor)
+            and isinstance(out, torch.Tensor)
+            and out.dim() > 0
+            and out.shape[0] == batch
+            and (t.dim() < out.dim() or t.shape[0] == 1)
+        )
 
     def _mark(self, out: object) -> None:
         consts = self.consts
@@ -250,7 +279,7 @@ class _Mode(TorchFunctionMode):
                 if self.pending:
                     guard.follow_pending(args, None, out, f".{attribute}")
             if self.consts:
-                self._mark_constant(kind, args, None, out)
+                self._mark_constant(kind, attribute, args, None, out)
             return out
         self._check_args(args, func)
         if kwargs:
@@ -281,7 +310,7 @@ class _Mode(TorchFunctionMode):
         if kind == _FACTORY or (  # a call on a tensor that is not a constant makes none
             consts and (not args or type(args[0]) not in _TENSORS or id(args[0]) in consts)
         ):
-            self._mark_constant(kind, args, kwargs, out)
+            self._mark_constant(kind, name, args, kwargs, out)
         return out
 
 
@@ -383,7 +412,7 @@ class ParamUseGuard:
                 and t.dim() >= a.dim()
                 and t.dim()
                 and t.shape[0] == batch
-                and (t.dim() > a.dim() or a.shape[0] in (1, batch))
+                and (t.dim() > a.dim() or a.shape[0] == 1 or _row_by_row(a, t))
                 and recorder.pending(t) is None
                 and not recorder.is_constant(t)
             ):
@@ -475,6 +504,8 @@ class ParamUseGuard:
         t = args[0]
         if not isinstance(t, torch.Tensor) or not t.dim() or t.shape[0] != batch:
             return
+        if recorder is not None and recorder.pending(t) is not None:
+            return  # no batch dim: its rows are positions
         if _moves_rows(name, args, kwargs, batch):
             raise IntegrityError(
                 f"{name} moves rows along dim 0 of a tensor whose dim 0 is the batch ({batch}) "
@@ -547,6 +578,14 @@ class ParamUseGuard:
     def _exit(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if self._mode is not None and isinstance(output, torch.Tensor):
             self._outputs[id(output)] = (module, weakref.ref(output))
+
+
+def _row_by_row(a: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``a`` meets ``t`` row by row, with no dim of ``a`` broadcast: its dim 0 is then
+    the batch's (a (T, 1, d) table against time-major (T, B, d) states is not)."""
+    return a.shape[0] == t.shape[0] and all(
+        x == y or y == 1 for x, y in zip(a.shape[1:], t.shape[1:], strict=True)
+    )
 
 
 def _key(args: tuple, kwargs: Mapping | None) -> object:

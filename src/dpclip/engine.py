@@ -294,7 +294,9 @@ class PrivacyEngine:
         self._accumulator: Accumulator | None = None
         self._recorder = Recorder(self._on_grad, self._on_backward_end)
         whole = [m for m, rule in self._plan.rules.items() if rule.whole_call]
-        self._recorder.attach(self._plan.rules, root=self.model, whole_call=whole)
+        managed = {id(p) for p in self._params}
+        frozen = [p for p in self.model.parameters() if id(p) not in managed]
+        self._recorder.attach(self._plan.rules, root=self.model, whole_call=whole, frozen=frozen)
         self._param_names = {id(p): n for n, p in self.model.named_parameters()}
         owners: dict[nn.Parameter, list[nn.Module]] = {}
         for module, own in self._plan.names.items():

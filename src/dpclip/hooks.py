@@ -92,6 +92,10 @@ class _Attach(torch.autograd.Function):
         return None, grad
 
 
+# layers whose rules take inputs with any leading dims: one on constants gets each example's
+# copy of its inputs as one more leading dim (a convolution's or a group norm's would not)
+_ANY_LEADING_DIMS = (nn.Embedding, nn.Linear, nn.LayerNorm, nn.RMSNorm)
+
 _FIXES = (
     "dpclip clips one example per row of dim 0, so every layer must see the model's batch "
     "there: keep the batch as the leading dim instead of flattening it into tokens "
@@ -231,7 +235,7 @@ class Recorder:
     # model's buffers, which count as such in every forward
     _consts: dict[int, weakref.ref] = field(default_factory=dict)
     _buffers: dict[int, weakref.ref] = field(default_factory=dict)
-    _uses: dict[tuple[int, int], tuple[weakref.ref, Tensor]] = field(default_factory=dict)
+    _uses: dict[tuple[int, int], tuple[weakref.ref, Tensor, int]] = field(default_factory=dict)
     _vjp: int = 0  # inside broadcast_use's backward to the pending outputs
     _summed: list[_Base] = field(default_factory=list)  # pending outputs with gradients to hand on
     _whole: set[nn.Module] = field(default_factory=set)
@@ -259,12 +263,17 @@ class Recorder:
         return self._consts
 
     def attach(
-        self, modules: Iterable[nn.Module], root: nn.Module, whole_call: Iterable[nn.Module] = ()
+        self,
+        modules: Iterable[nn.Module],
+        root: nn.Module,
+        whole_call: Iterable[nn.Module] = (),
+        frozen: Iterable[Tensor] = (),
     ) -> None:
         """Record ``modules``' calls inside ``root``'s forwards; ``whole_call``, among them,
-        with all their arguments and outputs (see the module docstring)."""
+        with all their arguments and outputs (see the module docstring). ``frozen``: the
+        parameters dpclip does not train, constants like the buffers."""
         self._paths = {m: path or "<model>" for path, m in root.named_modules()}
-        self._buffers = {id(b): weakref.ref(b) for b in root.buffers()}
+        self._buffers = {id(b): weakref.ref(b) for b in (*root.buffers(), *frozen)}
         with torch.enable_grad():
             self._accumulator = self._anchor.view_as(self._anchor).grad_fn.next_functions[0][0]
         self._whole = set(whole_call)
@@ -469,7 +478,12 @@ class Recorder:
             )
         inputs = positional_inputs(module, args, kwargs)
         rows = output.shape[0] if output.dim() else None
-        constant = not output.requires_grad and rows is not None and self._constant(inputs)
+        constant = (
+            isinstance(module, _ANY_LEADING_DIMS)
+            and not output.requires_grad
+            and rows is not None
+            and self._constant(inputs)
+        )
         inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
         if rows == self.batch and not constant:
             versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
@@ -682,7 +696,7 @@ class Recorder:
         batch = self.batch
         key = (id(t), dims)
         hit = self._uses.get(key)
-        if hit is not None and hit[0]() is t:
+        if hit is not None and hit[0]() is t and hit[2] == t._version:
             return hit[1]
         direct = len(entry.bases) == 1 and entry.bases[0].held is t
         if t.dim() == dims and t.shape[0] == batch != 1:  # row b is example b's
@@ -697,8 +711,9 @@ class Recorder:
             record = Record(base.module, base.inputs, batch, base.forward)
             used = _Attach.apply(self._anchor, t.detach())
             used.register_hook(lambda grad: self._on_grad(record, grad))
-            self._uses[key] = (weakref.ref(t), used)
+            self._uses[key] = (weakref.ref(t), used, t._version)
             return used
+        version = t._version
         copies = t.detach()  # dim 0 of size 1 made the batch, or the dims it lacks put in front
         if t.dim() < dims:
             copies = copies.reshape(1, *(1,) * (dims - 1 - t.dim()), *t.shape)
@@ -707,11 +722,12 @@ class Recorder:
         def on_grad(grad: Tensor) -> None:
             per = grad.reshape(batch, *t.shape)  # example b's gradient of t
             changed = self.changed_base(entry)
-            if changed is not None:
+            if changed is not None or t._version != version:
                 self._in_backward = False  # this backward is abandoned
                 raise IntegrityError(
-                    f"{changed.what}, and it was changed in place after the layer returned it: "
-                    "its per-example gradients would be those of the new values. Make that "
+                    f"{entry.what}, and it (or a tensor computed from it) was changed in place "
+                    "after the layer returned it or after a use broadcast over the batch: the "
+                    "per-example gradients would be those of the new values. Make that "
                     "operation out of place"
                 )
             if direct:
@@ -730,7 +746,7 @@ class Recorder:
                     self._add_to(base, g if base.batchless else g[:, 0])
 
         used.register_hook(on_grad)
-        self._uses[key] = (weakref.ref(t), used)
+        self._uses[key] = (weakref.ref(t), used, version)
         return used
 
     # ----------------------------------------------------------------------------- backward
