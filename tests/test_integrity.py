@@ -787,6 +787,56 @@ def test_a_convolution_on_constants_needs_the_batch_on_dim_0_as_before():
     _assert_refused_at_forward(ConvOnConstants().double(), _x(B, T, D), match)
 
 
+def test_a_constant_input_changed_in_place_after_its_layer_is_refused():
+    """As for any layer input: its per-example gradients would come from the new values."""
+
+    class Shifted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos, self.fc, self.head = nn.Embedding(T + 2, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+        def forward(self, x):
+            ids = torch.arange(x.shape[1])
+            p = self.pos(ids)
+            ids.add_(2)
+            return self.head(torch.tanh(self.fc(x) + p).mean(1))
+
+    model = Shifted().double()
+    engine, opt = _engine(model, verify=False)
+    before = _snapshot(model)
+    loss = F.cross_entropy(model(_x(B, T, D)), _y())
+    with pytest.raises(dpclip.IntegrityError, match=r"input 0 of pos \(Embedding\) was modified"):
+        loss.backward()
+    _assert_unchanged(model, engine, before)
+    engine.detach()
+
+
+def test_features_made_with_torch_tensor_from_the_batch_are_batched():
+    """torch.tensor(...) of Python values may hold the batch's own values: not a constant."""
+
+    class Refeatured(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+            self.register_buffer("unused", torch.ones(1))  # constants exist in this forward
+
+        def forward(self, x):
+            f = torch.tensor((x**2).tolist(), dtype=x.dtype)
+            return self.head(torch.tanh(self.fc(f)))
+
+    _assert_equals_naive_loop(Refeatured().double(), _x(B, D), _y())
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5], ids=["direct", "computed"])
+def test_an_empty_batch_with_positions_takes_its_step(scale):
+    model = _BiasMisuse("kept").double() if scale == 1.0 else _PositionsMadeSo("type_as").double()
+    engine, opt = _engine(model, verify=False)
+    x = _x(0, T, D) if scale == 1.0 else torch.zeros(0, T, dtype=torch.long)
+    F.cross_entropy(model(x), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    opt.step()
+    assert engine.ledger.steps == 1
+
+
 @pytest.mark.parametrize("how", ["mul_", "setitem"])
 def test_a_tensor_without_a_batch_dim_changed_in_place_after_a_broadcast_is_refused(how):
     """Each broadcast's gradient goes back through the tensor as it was at that broadcast."""

@@ -13,10 +13,11 @@ dtype), anything under ``torch.no_grad()``.
 A read that returns a tensor (``emb.weight.T``) is a use like any other; ``.data`` and
 ``.grad`` carry no gradient and pass.
 
-2. Refuse a recorded layer output broadcast against a tensor of more dims (``x + pos(arange(T))``)
-or given new leading dims (``pos(arange(T))[None]``): its dim 0 is not the batch, and when it
-happens to equal the batch size no shape check can tell, so each "sample" would be a position
-and the clipping would bound nothing.
+2. Refuse a recorded layer output broadcast against a tensor of more dims (``x + pos(ids)``)
+or given new leading dims (``pos(ids)[None]``), with ids (T,) made outside the forward (made
+inside, they are constants: see 3): its dim 0 is not the batch, and when it happens to equal the
+batch size no shape check can tell, so each "sample" would be a position and the clipping would
+bound nothing.
 
 3. Follow the pending layer outputs (batch 1, or no batch dim: see :mod:`dpclip.hooks`) and the
 tensors computed from them and constants only, and split one where it is broadcast over the
@@ -53,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from dpclip.errors import IntegrityError, ParameterUseError
-from dpclip.hooks import Recorder
+from dpclip.hooks import PLAIN_TENSORS, Recorder
 from dpclip.layers._attention_dropout import attention_by_parts, by_parts_args
 
 # calls that read a parameter without putting it on a gradient path
@@ -69,16 +70,32 @@ _BROADCASTING = {
     "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
     "__truediv__", "__rtruediv__", "__itruediv__", "where", "addcmul", "lerp",
 }  # fmt: skip
-_TENSORS = (torch.Tensor, nn.Parameter)
 # calls that make a tensor from constants (their values carry no example)
 _FACTORIES = {
-    "arange", "zeros", "ones", "full", "empty", "eye", "linspace", "logspace", "scalar_tensor",
-    "zeros_like", "ones_like", "full_like", "empty_like", "tril_indices", "triu_indices",
-    "new_zeros", "new_ones", "new_full", "new_empty", "rand", "randn", "randint", "randperm",
-    "from_numpy",
-}  # fmt: skip
-# factories that may wrap a tensor argument: a constant only if that one is
-_WRAPPERS = {"tensor", "as_tensor", "asarray", "new_tensor"}
+    "arange",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "eye",
+    "linspace",
+    "logspace",
+    "scalar_tensor",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_like",
+    "tril_indices",
+    "triu_indices",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+}  # fmt: skip  (not torch.tensor: its Python values may come from the batch)
 # calls whose tensor arguments after the first give a dtype or device only
 _CASTS = {"to", "type_as"}
 # calls that can copy a tensor over a new or size-1 dim 0 (position ids to (B, T)): a constant
@@ -182,42 +199,27 @@ class _Mode(TorchFunctionMode):
     ) -> None:
         """``out`` made from constants only (a factory, or a call whose tensors are all
         constants): a constant too (see :attr:`Recorder.consts_by_id`)."""
-        consts = self.consts
-        if (
-            kind == _PLAIN
-            and name in _WRAPPERS
-            and not any(isinstance(a, torch.Tensor) for a in _tensors(args, kwargs or {}))
-        ):
-            kind = _FACTORY  # made from Python values
         if kind != _FACTORY:
-            seen = False
-            operands = args[:1] if kind == _CAST else args
-            for a in (*operands, *kwargs.values()) if kwargs and kind != _CAST else operands:
-                if isinstance(a, torch.Tensor):
-                    entry = consts.get(id(a))
-                    if entry is None or entry() is not a:
-                        break
-                    seen = True
-                elif isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
-                    if not all(
-                        not isinstance(x, torch.Tensor) or self.recorder.is_constant(x)  # type: ignore[union-attr]
-                        for x in a
-                    ):
-                        break
-                    seen = True
-            else:
-                if seen and not (name in _REPLICATING and self._replicates(args[0], out)):
-                    self._mark(out)
+            assert self.recorder is not None
+            operands = args[:1] if kind == _CAST else (*args, *(kwargs or {}).values())
+            constant = self.recorder.all_constant(operands)
+            if constant is None:
                 return
-            # not all constants: a constant changed in place by them (t[1:] = ids) is no more
-            if kind == _PUT or (args and out is args[0]):
-                first = args[0] if args else None
-                if isinstance(first, torch.Tensor):
-                    consts.pop(id(first), None)
-                    if first._base is not None:  # a view's change is its base's
-                        consts.pop(id(first._base), None)
-            return
-        self._mark(out)
+            if not constant:  # a constant changed in place by others (t[1:] = ids) is none
+                self._unmark(kind, args, out)
+                return
+            if name in _REPLICATING and self._replicates(args[0], out):
+                return  # copied over the batch: batched, as BERT's token types
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.consts[id(t)] = weakref.ref(t)
+
+    def _unmark(self, kind: int, args: tuple, out: object) -> None:
+        first = args[0] if args else None
+        if (kind == _PUT or out is first) and isinstance(first, torch.Tensor):
+            self.consts.pop(id(first), None)
+            if first._base is not None:  # a view's change is its base's
+                self.consts.pop(id(first._base), None)
 
     def _replicates(self, t: object, out: object) -> bool:
         """Whether ``out`` copies ``t`` over a new or size-1 dim 0 of this forward's batch."""
@@ -229,12 +231,6 @@ class _Mode(TorchFunctionMode):
             and out.shape[0] == batch
             and (t.dim() < out.dim() or t.shape[0] == 1)
         )
-
-    def _mark(self, out: object) -> None:
-        consts = self.consts
-        for t in out if isinstance(out, (list, tuple)) else (out,):
-            if isinstance(t, torch.Tensor):
-                consts[id(t)] = weakref.ref(t)
 
     def _check_args(self, args: tuple, func: object) -> None:
         """Refuse a managed parameter among ``args`` (or in a list or tuple argument) outside
@@ -278,8 +274,8 @@ class _Mode(TorchFunctionMode):
                         guard.check(a, f".{attribute}")
                 if self.pending:
                     guard.follow_pending(args, None, out, f".{attribute}")
-            if self.consts:
-                self._mark_constant(kind, attribute, args, None, out)
+                if self.consts:
+                    self._mark_constant(kind, attribute, args, None, out)
             return out
         self._check_args(args, func)
         if kwargs:
@@ -287,7 +283,7 @@ class _Mode(TorchFunctionMode):
         pending, outputs = self.pending, self.outputs
         if kind == _BROADCAST:
             if pending:
-                args = guard.split_pending(args, name)
+                args = guard.split_pending(args)
             if any(id(a) in outputs for a in args):  # only a layer output can be refused
                 guard.check_broadcast(args, name)
         if kind == _ROWS or (kind in (_GETITEM, _PUT) and _advanced(_key(args, kwargs))):
@@ -308,7 +304,7 @@ class _Mode(TorchFunctionMode):
             guard.check_new_leading_dims(args[0], out, name)
         consts = self.consts
         if kind == _FACTORY or (  # a call on a tensor that is not a constant makes none
-            consts and (not args or type(args[0]) not in _TENSORS or id(args[0]) in consts)
+            consts and (not args or type(args[0]) not in PLAIN_TENSORS or id(args[0]) in consts)
         ):
             self._mark_constant(kind, name, args, kwargs, out)
         return out
@@ -419,7 +415,7 @@ class ParamUseGuard:
                 rank = max(rank or 0, t.dim())
         return rank
 
-    def split_pending(self, args: tuple, what: str) -> tuple:
+    def split_pending(self, args: tuple) -> tuple:
         """``args`` with each pending tensor broadcast over the batch replaced by the
         recorder's copy with one row per example (the op computes the same values)."""
         recorder = self._recorder
@@ -459,12 +455,14 @@ class ParamUseGuard:
         the others are constants (a mask, a scale); refused with a tensor that carries the
         batch (beside a broadcast, which :meth:`split_pending` split) or a layer's parameter."""
         recorder = self._recorder
-        if recorder is None or not recorder.has_pending():
+        if recorder is None:
+            return
+        pending = recorder.pending_by_id
+        operands = [a for a in _tensors(args, kwargs or {}) if isinstance(a, torch.Tensor)]
+        if not any(id(a) in pending for a in operands):  # most calls: done in one pass
             return
         found, other = [], None
-        for a in _tensors(args, kwargs or {}):
-            if not isinstance(a, torch.Tensor):
-                continue
+        for a in operands:
             entry = recorder.pending(a)
             if entry is not None:
                 found.append(entry)
@@ -529,8 +527,8 @@ class ParamUseGuard:
                 self._refuse(hit[0], t, f"is broadcast by {what} against a tensor of {top} dims")
 
     def check_new_leading_dims(self, t: object, out: object, what: str) -> None:
-        """``pos(arange(T))[None]`` and the like: the same mistake, one call before the
-        broadcast (a layer output of batch 1 is left alone: the recorder expands those)."""
+        """``pos(ids)[None]`` and the like: the same mistake, one call before the broadcast
+        (a pending layer output is left alone: the recorder splits those)."""
         hit = self._outputs.get(id(t))
         if hit is None or hit[1]() is not t or not isinstance(out, torch.Tensor):
             return

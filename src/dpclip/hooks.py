@@ -10,8 +10,9 @@ refused too (their batch is unknown).
 A forward hook stores the call's (detached) inputs, bound to the layer's positional parameters
 so keyword calls (``fc(input=x)``) work, in a :class:`Record`, and hooks the output tensor so its
 gradient lands in the same record during backward. Each record is handed to ``on_grad`` as soon
-as its gradient arrives; ``on_backward_end`` is called once when that backward pass ends. Records
-are owned by the autograd graph, so a forward that never sees a backward leaks nothing.
+as its gradient arrives (a pending output's, below, when the pass ends); ``on_backward_end`` is
+called once when that backward pass ends. Records are owned by the autograd graph, so a forward
+that never sees a backward leaks nothing.
 
 A layer output without the batch is *pending*: one of batch 1 inside a forward of batch B > 1
 (GPT-2's position embedding of ``position_ids`` (1, T)), or the output of a layer whose inputs
@@ -22,9 +23,11 @@ guard follows the tensors computed from pending outputs and constants only (a pe
 a mask put on), and each place one of them is broadcast over the batch (``h + wpe(pos)``, scores
 ``+ bias[None]``, an attention mask) uses a copy of it with one row per example
 (:meth:`Recorder.broadcast_use`), whose gradient is taken back, per example, to the layer's
-output: one recorded call per broadcast. Any other use (concatenated with the batch, returned,
-fed to a layer with parameters) would merge examples, and is refused; so is a gradient that
-reaches the output another way.
+output; the broadcasts' gradients of one output are summed into one recorded call, handed on
+when the backward pass ends. Any other use (concatenated with the batch, returned, fed to a
+layer with parameters, changed in place after a broadcast) would merge examples, and is refused;
+so is a gradient that reaches the output another way, and a change in place to the layer's
+constant inputs after the call.
 
 Modules whose rule reads the whole call (the generic fallback) are recorded with all their
 arguments, positional and keyword, and the random state they started with, and may return any
@@ -146,7 +149,7 @@ def batch_of(args: tuple, kwargs: dict) -> Tensor | None:
     return next((t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.dim()), None)
 
 
-_PLAIN_TENSORS = (Tensor, nn.Parameter)
+PLAIN_TENSORS = (Tensor, nn.Parameter)  # tensor types no torch function handling changes
 _NESTED = (list, tuple, dict)
 
 
@@ -154,10 +157,10 @@ def _plain(x: object) -> bool:
     """No tensor subclass in ``x`` (a tensor, or a list or tuple of tensors and non-containers):
     nothing that torch function handling would change. Deeper containers count as not plain."""
     if isinstance(x, Tensor):
-        return type(x) in _PLAIN_TENSORS
+        return type(x) in PLAIN_TENSORS
     if isinstance(x, (list, tuple)):
         return all(
-            type(t) in _PLAIN_TENSORS if isinstance(t, Tensor) else not isinstance(t, _NESTED)
+            type(t) in PLAIN_TENSORS if isinstance(t, Tensor) else not isinstance(t, _NESTED)
             for t in x
         )
     return not isinstance(x, dict)
@@ -189,6 +192,7 @@ class _Base:
     batchless: bool
     forward: int
     what: str  # how refusals name it
+    versions: tuple  # its inputs' versions at the call (None for a non-tensor)
     record: Record | None = None  # its one call, made at the first broadcast's gradient
     sum: Tensor | None = None  # the broadcasts' per-example gradients so far in this backward
 
@@ -238,6 +242,7 @@ class Recorder:
     _uses: dict[tuple[int, int], tuple[weakref.ref, Tensor, int]] = field(default_factory=dict)
     _vjp: int = 0  # inside broadcast_use's backward to the pending outputs
     _summed: list[_Base] = field(default_factory=list)  # pending outputs with gradients to hand on
+    _flush_task: int = -1  # the backward pass whose end will hand them on
     _whole: set[nn.Module] = field(default_factory=set)
     # per whole-call module, the (random state, autocast state) each unfinished call began with
     _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
@@ -621,16 +626,22 @@ class Recorder:
     def _constant(self, inputs: tuple) -> bool:
         """Whether a layer call's tensor inputs are all constants of this forward (see
         :attr:`consts_by_id`): its output then has no batch dim, whatever its shape."""
+        return self.all_constant(inputs) is True
+
+    def all_constant(self, values: Iterable[object]) -> bool | None:
+        """Whether every tensor among ``values`` (and in their lists and tuples) is a constant
+        of this forward; None when there is no tensor."""
         consts, seen = self._consts, False
-        for x in inputs:
-            if isinstance(x, Tensor):
-                entry = consts.get(id(x))
-                if entry is None or entry() is not x:
+        for x in values:
+            for t in x if isinstance(x, (list, tuple)) else (x,):
+                if isinstance(t, Tensor):
+                    entry = consts.get(id(t))
+                    if entry is None or entry() is not t:
+                        return False
+                    seen = True
+                elif isinstance(t, dict):
                     return False
-                seen = True
-            elif isinstance(x, (list, tuple, dict)):
-                return False
-        return seen
+        return True if seen else None
 
     def _hold_pending(
         self, module: nn.Module, inputs: tuple, output: Tensor, batchless: bool
@@ -653,7 +664,8 @@ class Recorder:
             "example. Give the layer a batched input (e.g. torch.arange(T).repeat(B, 1)). "
             + _FIXES + ".",
         )  # fmt: skip
-        base = _Base(module, inputs, held, held._version, batchless, self._forward, what)
+        versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
+        base = _Base(module, inputs, held, held._version, batchless, self._forward, what, versions)
         self._pending[id(held)] = _Pending(weakref.ref(held), (base,))
         return held
 
@@ -708,7 +720,7 @@ class Recorder:
                     "batched input, or broadcast its output before changing it"
                 )
             base = entry.bases[0]
-            record = Record(base.module, base.inputs, batch, base.forward)
+            record = Record(base.module, base.inputs, batch, base.forward, versions=base.versions)
             used = _Attach.apply(self._anchor, t.detach())
             used.register_hook(lambda grad: self._on_grad(record, grad))
             self._uses[key] = (weakref.ref(t), used, t._version)
@@ -732,6 +744,8 @@ class Recorder:
                 )
             if direct:
                 grads: tuple = (per,)
+            elif batch == 0:  # no example: nothing to take back (vmap takes no empty batch)
+                grads = tuple(b.held.new_zeros(0, *b.held.shape) for b in entry.bases)
             else:
                 self._vjp += 1
                 try:
@@ -762,9 +776,11 @@ class Recorder:
                 "graph; dpclip needs exactly one backward per forward (do not use retain_graph "
                 "to backpropagate twice)"
             )
-        if not self._in_backward:  # a new pass: sums left by an abandoned one are dropped
+        task = torch._C._current_graph_task_id()
+        if not self._in_backward or task != self._flush_task:
+            # a new pass: what an abandoned one left (torch or a hook raised in it) is dropped
             self._drop_sums()
-            self._in_backward = True
+            self._in_backward, self._flush_task = True, task
             Variable._execution_engine.queue_callback(self._flush)
         return True
 
@@ -779,8 +795,10 @@ class Recorder:
         would pay the cross terms between them, T² × T² per example for T5's bias)."""
         if base.record is None:
             assert self.batch is not None
-            inputs = base.per_example_inputs(grad.shape[0])
-            base.record = Record(base.module, inputs, grad.shape[0], base.forward)
+            inputs = base.per_example_inputs(grad.shape[0])  # views: the versions are shared
+            base.record = Record(
+                base.module, inputs, grad.shape[0], base.forward, versions=base.versions
+            )
         if not self._clipped_pass(base.record):
             return
         if base.sum is None:
@@ -828,6 +846,8 @@ class Recorder:
                 self._deliver(base.record, (grad,) if base.module in self._whole else grad)
         except BaseException:
             self._in_backward = False
+            for base in summed:
+                base.sum = None
             raise
         self._in_backward = False
         with full_precision():
