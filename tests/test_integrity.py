@@ -711,14 +711,21 @@ class _PositionsMadeSo(nn.Module):
         elif self.how == "as_tensor":  # the ids wrapped again inside the forward
             h = self.tok(torch.as_tensor(ids))
             p = self.pos(torch.arange(t))
+        elif self.how == "expand_as":  # XLM's positions, expanded to the states first
+            p = self.pos(torch.arange(t)[None]).expand_as(h)
+        elif self.how == "zero-state":  # a recurrent cell's first step: a layer on zeros (B, D)
+            z, r = (self.fc(torch.zeros(b, D, dtype=h.dtype)) + h[:, 0]).chunk(2, dim=1)
+            return self.head(torch.cat([torch.tanh(z), torch.sigmoid(r)], dim=1))
         else:  # a position table reversed along its positions
             p = self.pos(torch.arange(t)).flip(0)
         return self.head(torch.tanh(h + p).mean(1))
 
 
 @pytest.mark.parametrize(
-    "how", ["type_as", "frozen-table", "repeat", "expand-scaled", "as_tensor", "flip"]
-)
+    "how",
+    ["type_as", "frozen-table", "repeat", "expand-scaled", "as_tensor", "flip", "expand_as",
+     "zero-state"],
+)  # fmt: skip
 @pytest.mark.parametrize("length", [B, T], ids=["T=B", "T!=B"])
 def test_positions_made_in_the_usual_ways_equal_the_naive_loop(how, length):
     ids = torch.randint(0, 7, (B, length), generator=torch.Generator().manual_seed(0))
@@ -747,6 +754,9 @@ class _BiasMisuse(nn.Module):
             h = x + p
         elif self.how == "time-major":  # (T, 1, d) on (T, B, d) states: its dim 0 is time
             h = (self.fc(x).transpose(0, 1) + p[:, None]).transpose(0, 1)
+        elif self.how == "vector-time-major":  # (1, d) on (T, B, d): broadcast over time too
+            v = self.pos(torch.zeros(1, dtype=torch.long))
+            h = (self.fc(x).transpose(0, 1) + v).transpose(0, 1)
         elif self.how == "rows":  # B rows made from it, broadcast row by row
             h = x + p.sum(0).expand(x.shape[0], x.shape[1], -1).contiguous()
         else:  # kept and added to the loss: its gradient sums over the batch
@@ -764,6 +774,7 @@ class _BiasMisuse(nn.Module):
         ("in-place", r"has no batch dim .* mul_ changed it in place"),
         ("rows", r"has no batch dim .* 4 rows on dim 0 is broadcast row by row"),
         ("time-major", r"has no batch dim .* add uses it .*carries the batch"),
+        ("vector-time-major", r"pos \(Embedding\) has batch 1 .* add uses it .*carries the batch"),
     ],
 )  # fmt: skip
 def test_a_tensor_without_a_batch_dim_used_otherwise_is_refused_at_forward(how, match):

@@ -96,6 +96,9 @@ _FACTORIES = {
     "randint",
     "randperm",
 }  # fmt: skip  (not torch.tensor: its Python values may come from the batch)
+# factories whose length is a sequence's: constants whatever it is (the others, shaped like the
+# batch on dim 0 (torch.zeros(B, H), an RNN's initial state), are taken for batched)
+_SEQUENCES = {"arange", "linspace", "logspace", "randperm", "eye", "tril_indices", "triu_indices"}
 # calls whose tensor arguments after the first give a dtype or device only
 _CASTS = {"to", "type_as"}
 # calls that can copy a tensor over a new or size-1 dim 0 (position ids to (B, T)): a constant
@@ -199,6 +202,8 @@ class _Mode(TorchFunctionMode):
     ) -> None:
         """``out`` made from constants only (a factory, or a call whose tensors are all
         constants): a constant too (see :attr:`Recorder.consts_by_id`)."""
+        if kind == _FACTORY and name not in _SEQUENCES and self._batch_shaped(out):
+            return  # torch.zeros(B, H): batched
         if kind != _FACTORY:
             assert self.recorder is not None
             operands = args[:1] if kind == _CAST else (*args, *(kwargs or {}).values())
@@ -220,6 +225,10 @@ class _Mode(TorchFunctionMode):
             self.consts.pop(id(first), None)
             if first._base is not None:  # a view's change is its base's
                 self.consts.pop(id(first._base), None)
+
+    def _batch_shaped(self, out: object) -> bool:
+        batch = self.recorder.batch if self.recorder is not None else None
+        return isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] == batch
 
     def _replicates(self, t: object, out: object) -> bool:
         """Whether ``out`` copies ``t`` over a new or size-1 dim 0 of this forward's batch."""
@@ -298,7 +307,12 @@ class _Mode(TorchFunctionMode):
             out = attention_by_parts(**parts)
         else:
             out = func(*args, **kwargs) if kwargs else func(*args)
-        if pending:
+        split = None
+        if pending and name == "expand_as":  # p.expand_as(h): a broadcast over h's batch
+            split = guard.split_expand_as(args, out)
+        if split is not None:
+            out = split
+        elif pending:
             guard.follow_pending(args, kwargs, out, name)
         if kind in (_LEADING, _GETITEM) and args and id(args[0]) in outputs:
             guard.check_new_leading_dims(args[0], out, name)
@@ -393,11 +407,15 @@ class ParamUseGuard:
             "where no gradient is meant." + also
         )
 
-    def _batch_rank(self, a: torch.Tensor, others: Iterable[object]) -> int | None:
+    def _batch_rank(
+        self, a: torch.Tensor, others: Iterable[object], leading: bool = False
+    ) -> int | None:
         """The rank of the operand that broadcasts pending ``a`` over the batch, if one does:
-        a tensor of this forward's batch on dim 0 (not a pending one, not a constant) with
-        a's dims or more, against which a's dim 0 is 1, or the batch itself (row by row), or
-        dims it lacks."""
+        a tensor of this forward's batch on dim 0 (not a pending one, not a constant) against
+        which a's dim 0 is 1, or the batch itself (row by row), or a has exactly its other dims
+        (``x + pos(arange(T))``, (T, d) on (B, T, d)). Fewer dims, or a broadcast along them,
+        would let a time-major (T, B, d) tensor with T = B pass for batched; ``leading``: any
+        dims a lacks are the batch's (an attention mask, on a (B, H, T, d) query)."""
         recorder = self._recorder
         assert recorder is not None
         batch, rank = recorder.batch, None
@@ -408,11 +426,17 @@ class ParamUseGuard:
                 and t.dim() >= a.dim()
                 and t.dim()
                 and t.shape[0] == batch
-                and (t.dim() > a.dim() or a.shape[0] == 1 or _row_by_row(a, t))
                 and recorder.pending(t) is None
                 and not recorder.is_constant(t)
             ):
-                rank = max(rank or 0, t.dim())
+                if t.dim() == a.dim():
+                    fits = a.shape[0] == 1 or _row_by_row(a, t)
+                elif leading:
+                    fits = True
+                else:
+                    fits = t.dim() == a.dim() + 1 and t.shape[1:] == a.shape
+                if fits:
+                    rank = max(rank or 0, t.dim())
         return rank
 
     def split_pending(self, args: tuple) -> tuple:
@@ -430,6 +454,17 @@ class ParamUseGuard:
                 out[k] = recorder.broadcast_use(a, rank)
         return tuple(out)
 
+    def split_expand_as(self, args: tuple, out: object) -> torch.Tensor | None:
+        """``p.expand_as(h)`` of a pending ``p`` and a batched ``h`` (XLM's positions): the
+        recorder's copy of p per example, expanded so; None if it is not that."""
+        recorder = self._recorder
+        if recorder is None or len(args) < 2 or recorder.pending(args[0]) is None:
+            return None
+        rank = self._batch_rank(args[0], args[1:2])
+        if rank is None or not isinstance(out, torch.Tensor):
+            return None
+        return recorder.broadcast_use(args[0], rank).expand_as(out)
+
     def split_pending_mask(self, args: tuple, kwargs: Mapping) -> tuple[tuple, dict]:
         """Attention's arguments with a pending mask (T5's relative-position bias) replaced by
         its copy per example, when the query carries the batch."""
@@ -441,7 +476,7 @@ class ParamUseGuard:
         if recorder is None or recorder.pending(mask) is None:
             return args, kwargs
         assert isinstance(mask, torch.Tensor)
-        rank = self._batch_rank(mask, (query,))
+        rank = self._batch_rank(mask, (query,), leading=True)
         if rank is None:
             return args, kwargs
         used = recorder.broadcast_use(mask, rank)

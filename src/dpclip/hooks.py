@@ -575,6 +575,15 @@ class Recorder:
                 )
         expected = tuple(Fingerprint.of(leaves[k]) for k in outs)
         running = self._open[-1] if self._open and self._open[-1].module is module else None
+        flat = tree_leaves((args, kwargs))  # the order Call.split counts in
+        split = None
+        if any(self._unbatched(x) for x in flat):  # a table of B positions is not split
+            split = tuple(
+                k
+                for k, x in enumerate(flat)
+                if isinstance(x, Tensor) and x.dim() and x.shape[0] == self.batch
+                and not self._unbatched(x)
+            )  # fmt: skip
         call = Call(
             tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, args),
             tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, kwargs),
@@ -589,6 +598,7 @@ class Recorder:
             autocast=autocast,
             by_parts=running is not None and running.by_parts,
             answers=tuple(running.answers) if running is not None else (),
+            split=split,
         )
         if pending:
             return self._hold_pending(module, (call,), output, batchless=False)
@@ -680,6 +690,15 @@ class Recorder:
         """The pending entry of ``t``, if it is a pending output or computed from some."""
         entry = self._pending.get(id(t))
         return entry if entry is not None and entry.ref() is t else None
+
+    def _unbatched(self, x: object) -> bool:
+        """A pending tensor or a constant whose dim 0 happens to be the batch's size."""
+        return (
+            isinstance(x, Tensor)
+            and x.dim() > 0
+            and x.shape[0] == self.batch
+            and (self.pending(x) is not None or self.is_constant(x))
+        )
 
     def is_constant(self, t: object) -> bool:
         entry = self._consts.get(id(t))

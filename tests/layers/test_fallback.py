@@ -338,7 +338,9 @@ class _Stateful(nn.Module):
 
 
 class _SharedTable(nn.Module):
-    """Takes a table with as many rows as the batch that is not per example (summed)."""
+    """Takes a table with as many rows as the batch that is not per example (summed); made
+    from the batch (x · 0 + ...), so dpclip cannot know it is not (one made from constants only
+    is not split: see test_a_table_of_constants_with_the_batchs_rows_is_not_split)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -354,7 +356,7 @@ class _Uses(nn.Module):
         self.inner, self.head = inner, nn.Linear(3, 3).double()
 
     def forward(self, x):
-        extra = (torch.arange(x.shape[0] * 3, dtype=x.dtype).view(-1, 3),)
+        extra = (x.detach() * 0 + torch.arange(x.shape[0] * 3, dtype=x.dtype).view(-1, 3),)
         args = (x, *extra) if isinstance(self.inner, _SharedTable) else (x,)
         return self.head(torch.tanh(self.inner(*args)))
 
@@ -364,7 +366,7 @@ class _InPlaceAfter(_Uses):
     the rerun must still be checked against what the call returned."""
 
     def forward(self, x):
-        extra = (torch.arange(x.shape[0] * 3, dtype=x.dtype).view(-1, 3),)
+        extra = (x.detach() * 0 + torch.arange(x.shape[0] * 3, dtype=x.dtype).view(-1, 3),)
         args = (x, *extra) if isinstance(self.inner, _SharedTable) else (x,)
         h = self.inner(*args)
         h += x
@@ -380,6 +382,31 @@ def test_a_rerun_that_does_not_reproduce_the_forward_is_refused(inner, in_place)
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     with pytest.raises(dpclip.IntegrityError, match="ran each example of .* alone and got output"):
         F.cross_entropy(model(x), y).backward()
+
+
+def test_a_table_of_constants_with_the_batchs_rows_is_not_split():
+    """A (4, 3) table made in the forward from torch.arange, in a batch of 4: every example's
+    rerun gets all of it, as the forward did (it was split per row, and the rerun check refused
+    the step)."""
+    from tests.oracle import clipped_sum, per_sample_grads
+
+    class Constants(_Uses):
+        def forward(self, x):
+            table = torch.arange(12, dtype=x.dtype).view(4, 3)
+            return self.head(torch.tanh(self.inner(x, table)))
+
+    torch.manual_seed(0)
+    model = Constants(_SharedTable())
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    want = clipped_sum(per_sample_grads(model, x, y), [[0, 1, 2]], clipping="automatic",
+                       clip_norm=1.0, gamma=0.01)  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    dpclip.PrivacyEngine(model, opt, sample_size=10, batch_size=4, steps=1, noise_multiplier=0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for p, old, w in zip(model.parameters(), before, want, strict=True):
+        torch.testing.assert_close(old - p.detach(), w / 4, rtol=1e-6, atol=1e-12)
 
 
 def test_the_rerun_check_sees_small_and_moved_differences_and_not_rounding():
