@@ -110,6 +110,20 @@ _NEW_LEADING_DIMS = {
 }  # fmt: skip
 
 
+def _touches(pending: Mapping, args: tuple, kwargs: Mapping | None) -> bool:
+    """Whether a call's arguments (or the lists among them) hold a pending tensor: asked on
+    every call while one exists, so a plain loop."""
+    for values in (args, kwargs.values()) if kwargs else (args,):
+        for a in values:
+            if id(a) in pending:
+                return True
+            if type(a) in (list, tuple):
+                for x in a:
+                    if id(x) in pending:
+                        return True
+    return False
+
+
 def _tensors(args: tuple, kwargs: Mapping) -> Iterator[object]:
     for a in (*args, *kwargs.values()):
         if isinstance(a, (list, tuple)):
@@ -281,7 +295,7 @@ class _Mode(TorchFunctionMode):
                 for a in args:
                     if id(a) in self.managed:
                         guard.check(a, f".{attribute}")
-                if self.pending:
+                if self.pending and _touches(self.pending, args, None):
                     guard.follow_pending(args, None, out, f".{attribute}")
                 if self.consts:
                     self._mark_constant(kind, attribute, args, None, out)
@@ -307,13 +321,12 @@ class _Mode(TorchFunctionMode):
             out = attention_by_parts(**parts)
         else:
             out = func(*args, **kwargs) if kwargs else func(*args)
-        split = None
-        if pending and name == "expand_as":  # p.expand_as(h): a broadcast over h's batch
-            split = guard.split_expand_as(args, out)
-        if split is not None:
-            out = split
-        elif pending:
-            guard.follow_pending(args, kwargs, out, name)
+        if pending and _touches(pending, args, kwargs):
+            split = guard.split_expand_as(args, out) if name == "expand_as" else None
+            if split is not None:  # p.expand_as(h): a broadcast over h's batch
+                out = split
+            else:
+                guard.follow_pending(args, kwargs, out, name)
         if kind in (_LEADING, _GETITEM) and args and id(args[0]) in outputs:
             guard.check_new_leading_dims(args[0], out, name)
         consts = self.consts
@@ -492,10 +505,7 @@ class ParamUseGuard:
         recorder = self._recorder
         if recorder is None:
             return
-        pending = recorder.pending_by_id
         operands = [a for a in _tensors(args, kwargs or {}) if isinstance(a, torch.Tensor)]
-        if not any(id(a) in pending for a in operands):  # most calls: done in one pass
-            return
         found, other = [], None
         for a in operands:
             entry = recorder.pending(a)
