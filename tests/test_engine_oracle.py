@@ -96,6 +96,26 @@ def test_update_equals_naive_loop_for_each_norm_strategy(name, strategy):
     run_one_step(name, "automatic", "all-layer", "mean", norm_strategy=strategy)
 
 
+@pytest.mark.parametrize("name", ["t5_tiny", "mt5_tiny"])
+def test_t5s_relative_position_bias_equals_naive_loop_when_the_length_is_the_batch(name):
+    """T5 fills its (T, T) bucket table with full_like and zeros_like: still constants, so
+    the bias has no batch dim also when T equals the batch (ids cut to B positions)."""
+    model, b = engine_models.build(name), 4
+    x, y = engine_models.batch(name, b)
+    x = x[:, :b]
+    expected = clipped_sum(per_sample_grads(copy.deepcopy(model), x, y), _groups(model, "all-layer")[1],
+                           clipping="automatic", clip_norm=1.0, gamma=0.01)  # fmt: skip
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    dpclip.PrivacyEngine(model, optimizer, sample_size=100, batch_size=b, steps=1,
+                         noise_multiplier=0.0, verify=False)  # fmt: skip
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for p, old, want in zip(trainable, before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / b, rtol=1e-6, atol=1e-12)
+
+
 def test_update_equals_naive_loop_for_batch_of_one():
     run_one_step("linear", "automatic", "all-layer", "mean", batch=1)
 

@@ -716,6 +716,8 @@ class _PositionsMadeSo(nn.Module):
         elif self.how == "zero-state":  # a recurrent cell's first step: a layer on zeros (B, D)
             z, r = (self.fc(torch.zeros(b, D, dtype=h.dtype)) + h[:, 0]).chunk(2, dim=1)
             return self.head(torch.cat([torch.tanh(z), torch.sigmoid(r)], dim=1))
+        elif self.how == "two-lookups":  # a 1-D torch.zeros(T) is a constant too, at T = B
+            p = self.pos(torch.arange(t)) + self.pos(torch.zeros(t, dtype=torch.long))
         else:  # a position table reversed along its positions
             p = self.pos(torch.arange(t)).flip(0)
         return self.head(torch.tanh(h + p).mean(1))
@@ -724,7 +726,7 @@ class _PositionsMadeSo(nn.Module):
 @pytest.mark.parametrize(
     "how",
     ["type_as", "frozen-table", "repeat", "expand-scaled", "as_tensor", "flip", "expand_as",
-     "zero-state"],
+     "zero-state", "two-lookups"],
 )  # fmt: skip
 @pytest.mark.parametrize("length", [B, T], ids=["T=B", "T!=B"])
 def test_positions_made_in_the_usual_ways_equal_the_naive_loop(how, length):

@@ -96,8 +96,9 @@ _FACTORIES = {
     "randint",
     "randperm",
 }  # fmt: skip  (not torch.tensor: its Python values may come from the batch)
-# factories whose length is a sequence's: constants whatever it is (the others, shaped like the
-# batch on dim 0 (torch.zeros(B, H), an RNN's initial state), are taken for batched)
+# factories whose length is a sequence's: constants whatever it is (the others, of two dims or
+# more shaped like the batch on dim 0 (torch.zeros(B, H), an RNN's initial state), unless
+# shaped like a constant (full_like(table)), are taken for batched)
 _SEQUENCES = {"arange", "linspace", "logspace", "randperm", "eye", "tril_indices", "triu_indices"}
 # calls whose tensor arguments after the first give a dtype or device only
 _CASTS = {"to", "type_as"}
@@ -216,7 +217,7 @@ class _Mode(TorchFunctionMode):
     ) -> None:
         """``out`` made from constants only (a factory, or a call whose tensors are all
         constants): a constant too (see :attr:`Recorder.consts_by_id`)."""
-        if kind == _FACTORY and name not in _SEQUENCES and self._batch_shaped(out):
+        if kind == _FACTORY and name not in _SEQUENCES and self._batch_shaped(name, args, out):
             return  # torch.zeros(B, H): batched
         if kind != _FACTORY:
             assert self.recorder is not None
@@ -240,9 +241,17 @@ class _Mode(TorchFunctionMode):
             if first._base is not None:  # a view's change is its base's
                 self.consts.pop(id(first._base), None)
 
-    def _batch_shaped(self, out: object) -> bool:
-        batch = self.recorder.batch if self.recorder is not None else None
-        return isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] == batch
+    def _batch_shaped(self, name: str, args: tuple, out: object) -> bool:
+        """Whether a factory's output is shaped like the batch: two dims or more, the batch's
+        size on dim 0, and not shaped like a constant (T5 fills (T, T) tables by full_like)."""
+        assert self.recorder is not None
+        if name.endswith("_like") and args and self.recorder.is_constant(args[0]):
+            return False
+        return (
+            isinstance(out, torch.Tensor)
+            and out.dim() > 1
+            and out.shape[0] == self.recorder.batch
+        )
 
     def _replicates(self, t: object, out: object) -> bool:
         """Whether ``out`` copies ``t`` over a new or size-1 dim 0 of this forward's batch."""
