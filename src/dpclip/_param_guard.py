@@ -248,9 +248,7 @@ class _Mode(TorchFunctionMode):
         if name.endswith("_like") and args and self.recorder.is_constant(args[0]):
             return False
         return (
-            isinstance(out, torch.Tensor)
-            and out.dim() > 1
-            and out.shape[0] == self.recorder.batch
+            isinstance(out, torch.Tensor) and out.dim() > 1 and out.shape[0] == self.recorder.batch
         )
 
     def _replicates(self, t: object, out: object) -> bool:
