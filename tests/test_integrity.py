@@ -880,6 +880,27 @@ def test_a_tensor_without_a_batch_dim_changed_in_place_after_a_broadcast_is_refu
     engine.detach()
 
 
+def test_a_backward_that_raised_outside_dpclip_adds_nothing_and_training_goes_on():
+    """A hook of the user's (or torch, out of memory) raises in the middle of a backward pass:
+    what that pass reached is dropped at the next forward, whose step is the naive loop's."""
+    model = _BiasMisuse("kept").double()
+    x, y = _x(B, T, D), _y()
+    expected = clipped_sum(per_sample_grads(copy.deepcopy(model), x, y),
+                           [list(range(len(list(model.parameters()))))],
+                           clipping="automatic", clip_norm=1.0, gamma=0.01)  # fmt: skip
+    engine, opt = _engine(model, verify=False)
+    before = _snapshot(model)
+    out = model(x)
+    out.register_hook(lambda grad: (_ for _ in ()).throw(ValueError("a user's hook")))
+    with pytest.raises(ValueError, match="a user's hook"):
+        F.cross_entropy(out, y).backward()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for p, old, want in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(old - p.detach(), want / B, rtol=1e-6, atol=1e-12)
+    engine.detach()
+
+
 def test_a_gradient_reaching_a_tensor_without_a_batch_dim_otherwise_is_refused():
     model = _BiasMisuse("kept").double()
     engine, opt = _engine(model)

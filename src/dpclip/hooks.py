@@ -242,7 +242,6 @@ class Recorder:
     _uses: dict[tuple[int, int], tuple[weakref.ref, Tensor, int]] = field(default_factory=dict)
     _vjp: int = 0  # inside broadcast_use's backward to the pending outputs
     _summed: list[_Base] = field(default_factory=list)  # pending outputs with gradients to hand on
-    _flush_task: int = -1  # the backward pass whose end will hand them on
     _whole: set[nn.Module] = field(default_factory=set)
     # per whole-call module, the (random state, autocast state) each unfinished call began with
     _starts: dict[nn.Module, list[tuple[RngState, tuple | None]]] = field(default_factory=dict)
@@ -373,6 +372,10 @@ class Recorder:
         if self._depth > 1:
             return
         self._forward += 1
+        if self._in_backward and torch._C._current_graph_task_id() == -1:
+            # the last pass never ended (torch or a hook of the user's raised in it): the next
+            # one starts afresh (the engine drops what that one gathered at this forward too)
+            self._in_backward = False
         self._clear_forward()
         source = batch_of(args, kwargs)
         self.batch = None if source is None else int(source.shape[0])
@@ -795,11 +798,9 @@ class Recorder:
                 "graph; dpclip needs exactly one backward per forward (do not use retain_graph "
                 "to backpropagate twice)"
             )
-        task = torch._C._current_graph_task_id()
-        if not self._in_backward or task != self._flush_task:
-            # a new pass: what an abandoned one left (torch or a hook raised in it) is dropped
+        if not self._in_backward:
             self._drop_sums()
-            self._in_backward, self._flush_task = True, task
+            self._in_backward = True
             Variable._execution_engine.queue_callback(self._flush)
         return True
 
