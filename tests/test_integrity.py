@@ -67,6 +67,21 @@ def _assert_refused_at_step(model, x, y, match, loss=F.cross_entropy):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
 
 
+def _assert_refused_at_backward(model, match, verify=True, extra=lambda model: 0):
+    """The forward runs; its backward (of the loss plus ``extra(model)``) is refused, writes no
+    gradient, and no step follows."""
+    engine, opt = _engine(model, verify=verify)
+    before = _snapshot(model)
+    loss = F.cross_entropy(model(_x(B, T, D)), _y()) + extra(model)
+    with pytest.raises(dpclip.IntegrityError, match=match):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="without a backward pass"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+    engine.detach()
+
+
 def _assert_equals_naive_loop(model, x, y):
     trained = [p for p in model.parameters() if p.requires_grad]
     expected = clipped_sum(
@@ -814,14 +829,8 @@ def test_a_constant_input_changed_in_place_after_its_layer_is_refused():
             ids.add_(2)
             return self.head(torch.tanh(self.fc(x) + p).mean(1))
 
-    model = Shifted().double()
-    engine, opt = _engine(model, verify=False)
-    before = _snapshot(model)
-    loss = F.cross_entropy(model(_x(B, T, D)), _y())
-    with pytest.raises(dpclip.IntegrityError, match=r"input 0 of pos \(Embedding\) was modified"):
-        loss.backward()
-    _assert_unchanged(model, engine, before)
-    engine.detach()
+    match = r"input 0 of pos \(Embedding\) was modified"
+    _assert_refused_at_backward(Shifted().double(), match, verify=False)
 
 
 def test_features_made_with_torch_tensor_from_the_batch_are_batched():
@@ -868,16 +877,8 @@ def test_a_tensor_without_a_batch_dim_changed_in_place_after_a_broadcast_is_refu
                 p[0] = 0
             return self.head(torch.tanh(h + p).mean(1))
 
-    model = Changed().double()
-    engine, opt = _engine(model, verify=False)
-    before = _snapshot(model)
-    loss = F.cross_entropy(model(_x(B, T, D)), _y())
-    with pytest.raises(dpclip.IntegrityError, match=r"changed in place after .* broadcast"):
-        loss.backward()
-    with pytest.raises(RuntimeError, match="without a backward pass"):
-        opt.step()
-    _assert_unchanged(model, engine, before)
-    engine.detach()
+    match = r"changed in place after .* broadcast"
+    _assert_refused_at_backward(Changed().double(), match, verify=False)
 
 
 def test_a_backward_that_raised_outside_dpclip_adds_nothing_and_training_goes_on():
@@ -903,17 +904,9 @@ def test_a_backward_that_raised_outside_dpclip_adds_nothing_and_training_goes_on
 
 def test_a_gradient_reaching_a_tensor_without_a_batch_dim_otherwise_is_refused():
     model = _BiasMisuse("kept").double()
-    engine, opt = _engine(model)
-    before = _snapshot(model)
-    loss = F.cross_entropy(model(_x(B, T, D)), _y()) + model.kept.square().sum()
-    with pytest.raises(dpclip.IntegrityError, match=r"has no batch dim .* used other than by"):
-        loss.backward()
-    assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(RuntimeError, match="without a backward pass"):
-        opt.step()
-    _assert_unchanged(model, engine, before)
+    match = r"has no batch dim .* used other than by"
+    _assert_refused_at_backward(model, match, extra=lambda model: model.kept.square().sum())
     model.kept = None
-    engine.detach()
 
 
 class _Positions(nn.Module):

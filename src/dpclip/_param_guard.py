@@ -70,32 +70,13 @@ _BROADCASTING = {
     "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
     "__truediv__", "__rtruediv__", "__itruediv__", "where", "addcmul", "lerp",
 }  # fmt: skip
-# calls that make a tensor from constants (their values carry no example)
+# calls that make a tensor from constants (their values carry no example; not torch.tensor:
+# its Python values may come from the batch)
 _FACTORIES = {
-    "arange",
-    "zeros",
-    "ones",
-    "full",
-    "empty",
-    "eye",
-    "linspace",
-    "logspace",
-    "scalar_tensor",
-    "zeros_like",
-    "ones_like",
-    "full_like",
-    "empty_like",
-    "tril_indices",
-    "triu_indices",
-    "new_zeros",
-    "new_ones",
-    "new_full",
-    "new_empty",
-    "rand",
-    "randn",
-    "randint",
-    "randperm",
-}  # fmt: skip  (not torch.tensor: its Python values may come from the batch)
+    "arange", "zeros", "ones", "full", "empty", "eye", "linspace", "logspace", "scalar_tensor",
+    "zeros_like", "ones_like", "full_like", "empty_like", "tril_indices", "triu_indices",
+    "new_zeros", "new_ones", "new_full", "new_empty", "rand", "randn", "randint", "randperm",
+}  # fmt: skip
 # factories whose length is a sequence's: constants whatever it is (the others, of two dims or
 # more shaped like the batch on dim 0 (torch.zeros(B, H), an RNN's initial state), unless
 # shaped like a constant (full_like(table)), are taken for batched)

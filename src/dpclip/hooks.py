@@ -377,6 +377,7 @@ class Recorder:
             # one starts afresh (the engine drops what that one gathered at this forward too)
             self._in_backward = False
         self._clear_forward()
+        self._consts.update(self._buffers)  # constants in every forward
         source = batch_of(args, kwargs)
         self.batch = None if source is None else int(source.shape[0])
         self._root_shape = None if source is None else tuple(source.shape)
@@ -415,7 +416,6 @@ class Recorder:
         self._pending.clear()
         self._uses.clear()
         self._consts.clear()
-        self._consts.update(self._buffers)
 
     def accumulates(self) -> bool:
         """Whether the running backward pass accumulates into ``.grad`` (``loss.backward()``),
@@ -437,7 +437,6 @@ class Recorder:
         self._depth -= 1
         if self._depth == 0:  # also after a forward that raised (its unfinished calls' entries)
             self._clear_forward()
-            self._consts.clear()  # the buffers' entries: no torch call of dpclip's looks them up
             self._starts.clear()
             self._open.clear()
 
@@ -490,7 +489,7 @@ class Recorder:
             isinstance(module, _ANY_LEADING_DIMS)
             and not output.requires_grad
             and rows is not None
-            and self._constant(inputs)
+            and self.all_constant(inputs) is True
         )
         inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
         if rows == self.batch and not constant:
@@ -623,8 +622,7 @@ class Recorder:
         def used(grad: Tensor) -> None:
             if self._vjp:  # broadcast_use taking a broadcast's gradient back to it
                 return
-            self._in_backward = False  # this backward is abandoned
-            raise IntegrityError(message)
+            raise self._abandoned(message)
 
         held.register_hook(used)
         return held
@@ -636,14 +634,10 @@ class Recorder:
             own = self._owns[module] = {id(p) for p in module.parameters()}
         return own
 
-    def _constant(self, inputs: tuple) -> bool:
-        """Whether a layer call's tensor inputs are all constants of this forward (see
-        :attr:`consts_by_id`): its output then has no batch dim, whatever its shape."""
-        return self.all_constant(inputs) is True
-
     def all_constant(self, values: Iterable[object]) -> bool | None:
         """Whether every tensor among ``values`` (and in their lists and tuples) is a constant
-        of this forward; None when there is no tensor."""
+        of this forward (see :attr:`consts_by_id`: a layer called on those has no batch dim,
+        whatever its shape); None when there is no tensor."""
         consts, seen = self._consts, False
         for x in values:
             for t in x if isinstance(x, (list, tuple)) else (x,):
@@ -757,8 +751,7 @@ class Recorder:
             per = grad.reshape(batch, *t.shape)  # example b's gradient of t
             changed = self.changed_base(entry)
             if changed is not None or t._version != version:
-                self._in_backward = False  # this backward is abandoned
-                raise IntegrityError(
+                raise self._abandoned(
                     f"{entry.what}, and it (or a tensor computed from it) was changed in place "
                     "after the layer returned it or after a use broadcast over the batch: the "
                     "per-example gradients would be those of the new values. Make that "
@@ -814,7 +807,6 @@ class Recorder:
         broadcasts: handed on as one call when the backward pass ends (a call per broadcast
         would pay the cross terms between them, T² × T² per example for T5's bias)."""
         if base.record is None:
-            assert self.batch is not None
             inputs = base.per_example_inputs(grad.shape[0])  # views: the versions are shared
             base.record = Record(
                 base.module, inputs, grad.shape[0], base.forward, versions=base.versions
@@ -849,13 +841,18 @@ class Recorder:
         it cannot notice as it would without dpclip.)"""
         for k, (x, version) in enumerate(zip(record.inputs, record.versions, strict=True)):
             if version is not None and x._version != version:
-                self._in_backward = False  # this backward is abandoned
-                raise IntegrityError(
+                raise self._abandoned(
                     f"input {k} of {self.name(record.module)} was modified by an in-place "
                     "operation after the layer used it (h.mul_(), h += ..., relu_ on it): its "
                     "per-example gradients would be computed from the new values. Make that "
                     "operation out of place (h = h * 3), or apply it before the layer"
                 )
+
+    def _abandoned(self, message: str) -> IntegrityError:
+        """The error refusing the running backward pass, which is abandoned: the next one
+        starts afresh."""
+        self._in_backward = False
+        return IntegrityError(message)
 
     def _flush(self) -> None:
         summed, self._summed = self._summed, []
