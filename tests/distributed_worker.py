@@ -255,6 +255,56 @@ def per_rank_batch_declared_global(out: Path, rank: int, world: int) -> None:
     save(out, "per-rank-batch", rank, facts)
 
 
+# fp16 with a GradScaler: step 1 overflows on rank 1 only (one example's loss weighted up), and
+# step 2's global batch has one example, so rank 1's share is empty
+FP16_BATCHES = [torch.arange(0, 16), torch.arange(16, 32), torch.tensor([40]), torch.arange(48, 64)]
+FP16_HEAVY, FP16_SCALE = 17, 2.0**12
+
+
+def train_fp16(model, optimizer, scaler, rank: int, world: int, physical: int = 3) -> list[float]:
+    """fp16 autocast steps through ``scaler`` on :data:`FP16_BATCHES`, this rank taking every
+    world-th example; returns the loss scale after each step."""
+    x, y = data()
+    x = x.float()
+    weights = torch.ones(N, device=DEVICE)
+    weights[FP16_HEAVY] = 1e3  # its scaled gradient overflows fp16
+    scales = []
+    for batch in FP16_BATCHES:
+        for chunk in batch[rank::world].split(physical):
+            with torch.autocast(DEVICE.type, dtype=torch.float16):
+                losses = nn.functional.cross_entropy(model(x[chunk]), y[chunk], reduction="none")
+            scaler.scale((losses.float() * weights[chunk]).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+def fp16_optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.5)
+    return torch.optim.Adam(params, lr=0.05, fused=True)  # unscales inside its own kernel
+
+
+def fp16_scaler() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(DEVICE.type, init_scale=FP16_SCALE, growth_interval=1000)
+
+
+def fp16_overflow(out: Path, rank: int, world: int) -> None:
+    """A backward that overflows on one rank: every rank skips that step, and goes on."""
+    for name in ("sgd", "fused-adam"):
+        model = ddp(build_model().float())
+        opt = fp16_optimizer(name, model.parameters())
+        scaler = fp16_scaler()
+        engine = engine_for(model, opt, loss_reduction="sum", grad_scaler=scaler)
+        scales = train_fp16(model, opt, scaler, rank, world)
+        save(out, f"fp16-{name}", rank, {
+            "params": params_of(model), "steps": engine.steps_taken, "scales": scales,
+        })  # fmt: skip
+        engine.detach()
+
+
 def rank_dies(out: Path, rank: int, world: int) -> None:
     """Rank 1 dies before the step: rank 0 gets dpclip's error, not a hang."""
     model = ddp(build_model())
@@ -277,6 +327,7 @@ SCENARIOS = [
     refusals,
     skipped_draw,
     per_rank_batch_declared_global,
+    fp16_overflow,
 ]
 
 

@@ -1,7 +1,8 @@
 """One rank of tests/test_hf_trainer.py's multi-process run: `torchrun --nproc-per-node 2`.
 
-Trains the tests' tiny GPT-2 through DPTrainer without noise and writes this rank's
-parameters, steps and ε to OUT/rank-<r>.pt; the test compares them with one process.
+Trains the tests' tiny GPT-2 through DPTrainer without noise, in fp32, then in fp16 with a
+GradScaler, and writes this rank's parameters and steps to OUT/<precision>-rank-<r>.pt; the test
+compares them with one process.
 """
 
 import sys
@@ -16,16 +17,21 @@ from tests import test_hf_trainer as t
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
-    privacy = PrivacyArguments(noise_multiplier=0.0, sampling_seed=3)
-    trainer = t._trainer(Path(out), model=t._gpt2(dropout=0.0), privacy=privacy, max_steps=4,
-                         per_device_train_batch_size=8)  # fmt: skip
-    trainer.train()
-    rank = dist.get_rank()
-    torch.save({
-        "params": [p.detach().clone() for p in trainer.model.parameters()],
-        "steps": trainer.privacy_engine.steps_taken, "world": dist.get_world_size(),
-        "batch": trainer.logical_batch_size(),
-    }, Path(out) / f"rank-{rank}.pt")  # fmt: skip
+    for precision in ("fp32", "fp16"):
+        privacy = PrivacyArguments(noise_multiplier=0.0, sampling_seed=3)
+        trainer = t._trainer(Path(out) / precision, model=t._gpt2(dropout=0.0), privacy=privacy,
+                             max_steps=4, per_device_train_batch_size=8,
+                             fp16=precision == "fp16")  # fmt: skip
+        if precision == "fp16":  # Accelerate makes its GradScaler on GPUs only
+            trainer.accelerator.scaler = t.fp16_scaler(t.OVERFLOWING_SCALE)
+        trainer.train()
+        rank = dist.get_rank()  # the Trainer made the process group
+        torch.save({
+            "params": [p.detach().clone() for p in trainer.model.parameters()],
+            "steps": trainer.privacy_engine.steps_taken, "world": dist.get_world_size(),
+            "batch": trainer.logical_batch_size(),
+            "scale": trainer.accelerator.scaler.get_scale() if precision == "fp16" else None,
+        }, Path(out) / f"{precision}-rank-{rank}.pt")  # fmt: skip
     # Both ranks done before teardown: a rank exiting with the gloo group alive while the other
     # still ran aborted ("terminate called without an active exception") now and then.
     dist.barrier()

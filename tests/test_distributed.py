@@ -241,3 +241,24 @@ def test_tensors_lent_to_c10d_are_kept_until_c10d_drops_them(one_process_group):
     del work
     distributed._wait_for_c10d()
     assert distributed._LENT == []
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "fused-adam"])
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank_like_one_process(ran, optimizer):
+    """Rank 1's backward of step 1 overflows, rank 0's does not: both skip it (no noise, no
+    ledger entry) and lower the scale alike; rank 1's share of step 2 is empty. The parameters
+    equal one process's on the global batches, where step 1 overflows too."""
+    ranks = ran(f"fp16-{optimizer}")
+    model = worker.build_model().float()
+    opt = worker.fp16_optimizer(optimizer, model.parameters())
+    scaler = worker.fp16_scaler()
+    engine = worker.engine_for(model, opt, loss_reduction="sum", grad_scaler=scaler)
+    scales = worker.train_fp16(model, opt, scaler, rank=0, world=1)
+    scale = worker.FP16_SCALE
+    assert scales == [scale, scale / 2, scale / 2, scale / 2]  # step 1 was skipped
+    assert engine.steps_taken == len(worker.FP16_BATCHES) - 1
+    for rank in ranks:
+        assert rank["scales"] == scales and rank["steps"] == engine.steps_taken
+    assert _equal(ranks[0]["params"], ranks[1]["params"])  # bit-identical on both ranks
+    for got, want in zip(ranks[0]["params"], worker.params_of(model), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)

@@ -480,14 +480,23 @@ def test_training_twice_with_one_trainer_is_refused(tmp_path):
         trainer.train()
 
 
+def fp16_scaler(init_scale: float = 2.0**12) -> torch.amp.GradScaler:
+    """Accelerate creates its GradScaler on GPUs only; on the CPU one is given to it, so the path
+    DPTrainer takes on a GPU (the scaler handed to the engine) runs in CI."""
+    return torch.amp.GradScaler("cpu", init_scale=init_scale)
+
+
+# On the CPU the Trainer's fp16 leaves the model in float32: at this loss scale the first step's
+# per-example norms overflow float32 on one rank or both, and the scaler skips it
+OVERFLOWING_SCALE = 2.0**65
+
+
 def test_fp16_with_a_grad_scaler_trains_like_fp32(tmp_path):
-    """Accelerate creates its GradScaler on GPUs only; on the CPU one is given to it here, so the
-    path DPTrainer takes on a GPU (the scaler handed to the engine) runs in CI."""
     runs = {}
     for precision in ("fp32", "fp16"):
         trainer = _trainer(tmp_path / precision, max_steps=4, fp16=precision == "fp16")
         if precision == "fp16":
-            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+            trainer.accelerator.scaler = fp16_scaler()
         trainer.train()
         assert trainer.privacy_engine.steps_taken == 4
         runs[precision] = [p.detach().clone() for p in trainer.model.parameters()]
@@ -530,13 +539,13 @@ def test_prefix_tuning_trains_through_dptrainer(tmp_path):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
-def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_path):
-    """torchrun, 2 processes (gloo): the logical batch counts the world; without noise (and
-    dropout) the result equals one process with twice the per-device batch and the same
-    sampling seed."""
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The ranks' results of tests/dptrainer_worker.py under torchrun, 2 processes (gloo)."""
     import subprocess
     import sys
 
+    tmp_path = tmp_path_factory.mktemp("torchrun")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -545,16 +554,36 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_pat
         capture_output=True, text=True, timeout=300, env=env, cwd=root,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=False) for r in range(2)]
-    assert ranks[0]["world"] == 2 and ranks[0]["batch"] == 8 * 2 * 2 and ranks[0]["steps"] == 4
+    return lambda precision: [
+        torch.load(tmp_path / f"{precision}-rank-{r}.pt", weights_only=False) for r in range(2)
+    ]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_two_processes_train_like_one_process_on_the_same_global_batches(
+    tmp_path, two_processes, precision
+):
+    """The logical batch counts the world; without noise (and dropout) the result equals one
+    process with twice the per-device batch and the same sampling seed, in fp16 with a
+    GradScaler too (the ranks skip an overflowing step together)."""
+    ranks = two_processes(precision)
+    assert ranks[0]["world"] == 2 and ranks[0]["batch"] == 8 * 2 * 2
     for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(a, b)
     single = _trainer(tmp_path / "one", model=_gpt2(dropout=0.0), max_steps=4,
-                      per_device_train_batch_size=16,
+                      per_device_train_batch_size=16, fp16=precision == "fp16",
                       privacy=PrivacyArguments(noise_multiplier=0.0, sampling_seed=3))  # fmt: skip
+    if precision == "fp16":  # twice the physical batch: the mean loss halves each gradient
+        single.accelerator.scaler = fp16_scaler(2 * OVERFLOWING_SCALE)
     single.train()
+    if precision == "fp16":  # one step skipped, on both ranks and in one process
+        assert single.privacy_engine.steps_taken == ranks[0]["steps"] == ranks[1]["steps"] == 3
+        assert ranks[0]["scale"] == ranks[1]["scale"] == OVERFLOWING_SCALE / 2
+    else:
+        assert single.privacy_engine.steps_taken == ranks[0]["steps"] == 4
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-3, atol=2e-4)
     for a, b in zip(ranks[0]["params"], single.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b.detach(), **tol)
 
 
 def test_a_checkpoint_from_another_plan_is_refused_and_the_model_stays_trainable(tmp_path):

@@ -305,3 +305,38 @@ def test_a_skipped_step_whose_optimizer_raised_leaves_no_skip_behind():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert not torch.equal(model[0].weight, before) and engine.steps_taken == 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_empty_logical_batch_under_the_scaler_is_a_noise_only_step(fused):
+    """Poisson sampling gives empty logical batches: their step is the noise alone, under a
+    scaler too (GradScaler's own check fails with no gradient to check), also right after a
+    step the scaler skipped for overflow (its backward's NaN sums were zeroed since)."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused or None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # the first steps overflow
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 12, generator=g),
+                                          torch.randint(0, 5, (40,), generator=g))  # fmt: skip
+    engine = dpclip.PrivacyEngine(model, opt, sample_size=40, batch_size=1, steps=40,
+                                  noise_multiplier=1.0, seed=0, grad_scaler=scaler)  # fmt: skip
+    empty_after_skip = taken = 0
+    skipped = False
+    for logical in engine.data_loader(data, generator=torch.Generator().manual_seed(1)):
+        before = [p.detach().clone() for p in model.parameters()]
+        for x, y in logical:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        if len(logical) == 0:
+            assert moved and scaler.get_scale() == scale  # the noise, and no overflow
+            empty_after_skip += skipped
+        skipped = scaler.get_scale() < scale
+        taken += not skipped
+    assert empty_after_skip >= 1
+    assert engine.steps_taken == taken

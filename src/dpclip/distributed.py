@@ -156,6 +156,20 @@ class World:
             )
         return sum(counts)
 
+    def maximum(self, value: Tensor) -> Tensor:
+        """The maximum of the scalar ``value`` over the ranks (every rank calls this once)."""
+        out = value.detach().to(self.device, torch.float32).reshape(1).clone()
+        try:
+            torch.distributed.all_reduce(_lend(out), op=torch.distributed.ReduceOp.MAX)
+            _release()
+        except Exception as err:
+            raise DistributedStepError(
+                f"dpclip.distributed: rank {self.rank} could not agree with the other ranks on "
+                f"skipping the step for fp16 overflow (a rank failed or left: {_first_line(err)}); "
+                "the step was not applied"
+            ) from err
+        return out[0]
+
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
         """Sum ``tensors`` over the ranks in place, in flat buckets all in flight at once."""
         pending = []

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.amp.grad_scaler import OptState
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dpclip import _selfcheck, accounting, distributed
 from dpclip._bookkeeping import Accumulator
 from dpclip._first_batch import FirstBatch
+from dpclip._grad_scaler import LossScaling
 from dpclip._loss_tape import LossTape
 from dpclip._param_guard import ParamUseGuard
 from dpclip._plan import Plan, make_plan
@@ -171,7 +171,7 @@ class PrivacyEngine:
         sample_size, accountant = self.privacy.sample_size, self.privacy.accountant
         model, self._ddp = distributed.unwrap(model)
         self._world = distributed.World.detect()
-        self._scaler = _checked_scaler(grad_scaler, self._world)
+        self._scaling = LossScaling.of(grad_scaler, self._world)
         self.model, self.optimizer = model, _inner_optimizer(optimizer)
         self._plan = make_plan(
             model, optimizer, self.privacy, self.performance, registry or _REGISTRY
@@ -320,6 +320,11 @@ class PrivacyEngine:
             self.optimizer.register_step_post_hook(self._after_step),
             _watch_other_optimizers(self),
         ]
+        if self._scaling is not None:
+            device = self._params[0].device if self._params else torch.device("cpu")
+            self._hooks.append(
+                self._scaling.attach(self.optimizer, device, self._skipped_elsewhere)
+            )
         self.attached = True
 
     def detach(self) -> None:
@@ -456,9 +461,11 @@ class PrivacyEngine:
         )
 
     def _loss_scale(self) -> Tensor | None:
-        if self._scaler is None or not self._scaler.is_enabled():
-            return None
-        return self._scaler._get_scale_async()  # a tensor (no device sync); None before scale()
+        return None if self._scaling is None else self._scaling.scale()
+
+    def _skipped_elsewhere(self) -> None:
+        """Another rank's backward overflowed: the scaler skips this rank's step too."""
+        self._overflowed = True
 
     def _grads_cleared(self) -> bool:
         return all(p.grad is None or not bool(p.grad.any()) for p in self._params)
@@ -476,11 +483,13 @@ class PrivacyEngine:
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._skipping = False  # left set by a skipped step whose optimizer raised
         unscaled = None  # an optimizer whose loss-scaled sums the scaler must have unscaled
-        if self._scaler is not None:
-            fused = isinstance(getattr(optimizer, "grad_scale", None), Tensor)
-            if self._scaler_inside_step(optimizer):
-                return  # an overflow the fused step will skip: no noise, no ledger entry
-            if not fused:  # a fused optimizer's sums were unscaled just above
+        if self._scaling is not None:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            inside = self._scaling.inside_step(optimizer, grads)
+            if inside:  # an overflow the fused step will skip: no noise, no ledger entry
+                self._skipping = True
+                return
+            if inside is None:  # not fused: the scaler must have unscaled the sums by now
                 unscaled = optimizer
         world = self._world
         if world is None:
@@ -546,13 +555,15 @@ class PrivacyEngine:
             self._micro_batches, self._examples_in_step = 0, 0
             self._first.clear()  # its batches cannot be the self-check's: the next one is
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
+        if self._overflowed and self._grads_cleared():  # skipped, and zero_grad() since
+            self._micro_batches, self._overflowed, self._examples_in_step = 0, False, 0
         if self._overflowed:
             raise NonFiniteNormError(
                 "refusing to step: the loss-scaled backward overflowed; step through the "
                 "scaler (scaler.step(optimizer)), which skips this step"
             )
-        if unscaled is not None:
-            self._check_unscaled(unscaled)
+        if unscaled is not None and self._scaling is not None:
+            self._scaling.check_unscaled(unscaled)
         if self._spans_draws:
             raise LoopOrderError(
                 "optimizer.step() over two logical batches of engine.data_loader (the last one's "
@@ -666,39 +677,6 @@ class PrivacyEngine:
                 stacklevel=4,
             )
         self._step_sample = (count, steps)
-
-    def _check_unscaled(self, optimizer: torch.optim.Optimizer) -> None:
-        """The clipped sums of a loss-scaled backward hold S times the gradients until the
-        scaler unscales them (``scaler.step`` does, or ``scaler.unscale_``): noise added before
-        that would be S times too small for the ledger's σ."""
-        scaler = self._scaler
-        if scaler is None or not scaler.is_enabled() or scaler._scale is None:
-            return  # nothing was scaled yet
-        state = scaler._per_optimizer_states.get(id(optimizer))
-        if state is None or state["stage"] is not OptState.UNSCALED:
-            raise LoopOrderError(
-                "optimizer.step() was called on loss-scaled gradients: the GradScaler given to "
-                "the engine has not unscaled them, so the noise would be S times too small for "
-                "the ledger. Step through the scaler, scaler.step(optimizer), or call "
-                "scaler.unscale_(optimizer) first; the parameters are unchanged"
-            )
-
-    def _scaler_inside_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """A GradScaler stepping an optimizer that unscales in its own kernel (fused Adam/AdamW)
-        calls its step with ``grad_scale`` and ``found_inf`` set instead of unscaling first. The
-        noise must be added to the unscaled sums, so they are unscaled here and ``grad_scale``
-        cleared; an overflow (``found_inf``) is a step the kernel skips. True: skip it."""
-        found_inf = getattr(optimizer, "found_inf", None)
-        if isinstance(found_inf, Tensor) and bool(found_inf.sum() > 0):
-            self._skipping = True
-            return True
-        grad_scale = getattr(optimizer, "grad_scale", None)
-        if isinstance(grad_scale, Tensor):
-            grads = [p.grad for p in self._params if p.grad is not None]
-            if grads:
-                torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-            optimizer.grad_scale = None  # type: ignore[attr-defined]
-        return False
 
     # ----------------------------------------------------------------------------- self-check
     def verify(self, *args: Any, loss_fn: Callable[[Any], Tensor], **kwargs: Any) -> CheckResult:
@@ -934,6 +912,8 @@ class PrivacyEngine:
         self._draws += 1
         self._empty_allowed = size == 0
         self._sample_cut = False
+        if size == 0 and self._scaling is not None:
+            self._scaling.before_empty_batch()
 
     def _expect_batch(self, logical: Any, size: int | None, after: int) -> None:
         """The loader's physical batch of ``logical``: the model's next forwards must have this
@@ -1046,22 +1026,6 @@ class _Unwatch:
         engine = self.engine()
         if engine is not None:
             _ATTACHED.discard(engine)
-
-
-def _checked_scaler(scaler: Any, world: distributed.World | None) -> Any:
-    if scaler is None:
-        return None
-    if not isinstance(scaler, torch.amp.GradScaler):
-        raise ValueError(
-            f"expected grad_scaler to be a torch.amp.GradScaler, got {type(scaler).__name__}"
-        )
-    if world is not None and scaler.is_enabled():
-        raise ValueError(
-            "dpclip: fp16 loss scaling over several processes is not supported yet (a rank "
-            "whose backward overflows would skip a step the others take); use bf16 autocast, "
-            "which needs no scaler"
-        )
-    return scaler
 
 
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
