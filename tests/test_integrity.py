@@ -749,6 +749,56 @@ def test_positions_made_in_the_usual_ways_equal_the_naive_loop(how, length):
     _assert_equals_naive_loop(_PositionsMadeSo(how).double(), ids, _y())
 
 
+class _ShapeTable(nn.Embedding):
+    """A position table that takes the input's shape (transformers' Blenderbot): an embedding
+    subclass with its own forward, so the generic fallback reruns it, with no tensor argument."""
+
+    def forward(self, shape, offset=0, positions=None):
+        if positions is None:
+            positions = torch.arange(offset, offset + shape[1])
+        return super().forward(positions)
+
+
+class _FirstState(nn.Module):
+    """A learned first state for each of ``n`` examples, made from their count alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h0 = nn.Parameter(torch.randn(D))
+
+    def forward(self, n: int):
+        return torch.tanh(self.h0).expand(n, D) * torch.arange(1.0, D + 1, dtype=self.h0.dtype)
+
+
+class _FromShapes(nn.Module):
+    """Fallback modules whose arguments carry no example: ``how`` says which."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.tok, self.pos, self.first = nn.Embedding(7, D), _ShapeTable(8, D), _FirstState()
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        if self.how == "constant-argument":  # Blenderbot's decoder passes arange(T) + offset
+            h = self.tok(ids) + self.pos(ids.shape, positions=torch.arange(t) + 0)
+        else:
+            h = self.tok(ids) + self.pos(ids.shape)
+        if self.how == "first-state":  # (B, D) from the count alone, met row by row
+            return self.head(torch.tanh(h.mean(1) + self.first(b)))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("how", ["shape", "constant-argument", "first-state"])
+@pytest.mark.parametrize("length", [B, T], ids=["T=B", "T!=B"])
+def test_fallback_modules_on_shapes_or_constants_equal_the_naive_loop(how, length):
+    """Their outputs have no batch dim whatever their rows (they were refused as unbatched, or,
+    with T = B, taken for batched): each example's rerun gets all of the output."""
+    ids = torch.randint(0, 7, (B, length), generator=torch.Generator().manual_seed(0))
+    _assert_equals_naive_loop(_FromShapes(how).double(), ids, _y())
+
+
 class _BiasMisuse(nn.Module):
     """A (T, d) position table from constants, misused as ``how`` says."""
 

@@ -197,7 +197,7 @@ class _Base:
     sum: Tensor | None = None  # the broadcasts' per-example gradients so far in this backward
 
     def per_example_inputs(self, batch: int) -> tuple:
-        if not self.batchless:
+        if not self.batchless or isinstance(self.inputs[0], Call):
             return tuple(_expand(x, batch) for x in self.inputs)
         return tuple(
             x.unsqueeze(0).expand(batch, *x.shape) if isinstance(x, Tensor) else x
@@ -534,18 +534,18 @@ class Recorder:
         autocast: tuple | None,
     ) -> object:
         """A whole-call module: every floating-point output tensor gets its gradient into one
-        record (a batch-1 single tensor is pending, as for any layer). Recorded as its forward
-        ran: the arguments after its forward pre-hooks, its own output before any forward hook
-        of the user's (which acts on it downstream; the rerun runs the forward alone)."""
+        record (a batch-1 single tensor is pending, as for any layer; so is one of a call whose
+        tensor arguments are all constants, or that has none, such as a position table made
+        from the input's shape: it has no batch dim, whatever its rows). Recorded as its forward ran: the arguments after its forward pre-hooks, its
+        own output before any forward hook of the user's (which acts on it downstream; the
+        rerun runs the forward alone)."""
         assert self.batch is not None
         leaves, spec = tree_flatten(output)
         outs = [k for k, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
-        pending = (
-            isinstance(output, Tensor)
-            and output.dim()
-            and output.shape[0] == 1 != self.batch
-            and not output.requires_grad
-        )
+        single = isinstance(output, Tensor) and output.dim() and not output.requires_grad
+        tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+        batchless = bool(single and outs) and self.all_constant(tensors) is not False
+        pending = batchless or (single and output.shape[0] == 1 != self.batch)
         unbatched: dict[int, str] = {}
         if not pending:
             if not outs:
@@ -575,7 +575,8 @@ class Recorder:
                     "dpclip reruns its forward per example with its parameters in place, so "
                     "that use would get no gradient. Read it inside forward (self.<name>)"
                 )
-        expected = tuple(Fingerprint.of(leaves[k]) for k in outs)
+        # a batchless output, taken as one row: each example's rerun gives all of it
+        expected = tuple(Fingerprint.of(leaves[k][None] if batchless else leaves[k]) for k in outs)
         running = self._open[-1] if self._open and self._open[-1].module is module else None
         flat = tree_leaves((args, kwargs))  # the order Call.split counts in
         split = None
@@ -601,9 +602,10 @@ class Recorder:
             by_parts=running is not None and running.by_parts,
             answers=tuple(running.answers) if running is not None else (),
             split=split,
+            batchless=batchless,
         )
         if pending:
-            return self._hold_pending(module, (call,), output, batchless=False)
+            return self._hold_pending(module, (call,), output, batchless=batchless)
         record = Record(module, (call,), self.batch, self._forward)
         gathered = _Gather.apply(self._anchor, record, self._on_grad, *(leaves[k] for k in outs))
         for k, x in zip(outs, gathered, strict=True):
@@ -727,7 +729,10 @@ class Recorder:
         if hit is not None and hit[0]() is t and hit[2] == t._version:
             return hit[1]
         direct = len(entry.bases) == 1 and entry.bases[0].held is t
-        if t.dim() == dims and t.shape[0] == batch != 1:  # row b is example b's
+        row_by_row = t.dim() == dims and t.shape[0] == batch != 1  # row b is example b's
+        if row_by_row and direct and entry.bases[0].module in self._whole:
+            return self._rows_of_whole_call(entry.bases[0], t, key)
+        if row_by_row:
             if not direct:
                 raise IntegrityError(
                     f"{entry.what}; a tensor computed from it with {batch} rows on dim 0 is "
@@ -773,6 +778,29 @@ class Recorder:
             for base, g in zip(entry.bases, grads, strict=True):
                 if g is not None:
                     self._add_to(base, g if base.batchless else g[:, 0])
+
+        used.register_hook(on_grad)
+        self._uses[key] = (weakref.ref(t), used, version)
+        return used
+
+    def _rows_of_whole_call(self, base: _Base, t: Tensor, key: tuple) -> Tensor:
+        """A whole call's batchless output of B rows used row by row: example b's gradient of
+        it is row b's alone (its forward may mix the rows, so the rows are not its examples:
+        each example's rerun gets the whole output, with zeros in the other rows)."""
+        batch, version = t.shape[0], t._version
+        used = _Attach.apply(self._anchor, t.detach())
+
+        def on_grad(grad: Tensor) -> None:
+            if base.held._version != base.version or t._version != version:
+                raise self._abandoned(
+                    f"{base.what}, and it was changed in place after the layer returned it or "
+                    "after a use broadcast over the batch: the per-example gradients would be "
+                    "those of the new values. Make that operation out of place"
+                )
+            per = grad.new_zeros(batch, *t.shape)
+            rows = torch.arange(batch, device=grad.device)
+            per[rows, rows] = grad
+            self._add_to(base, per)
 
         used.register_hook(on_grad)
         self._uses[key] = (weakref.ref(t), used, version)

@@ -83,11 +83,18 @@ class Call:
     split: tuple[int, ...] | None = None
     by_parts: bool = False  # attention with dropout ran by parts in it: the rerun must too
     answers: tuple[bool, ...] = ()  # its branches on tensor values (bool(t)), in order
+    # no tensor argument (a table made from the input's shape): its output has no batch dim,
+    # and each example's rerun gives all of it
+    batchless: bool = False
 
     def expanded(self, batch: int) -> Call:
         """This call with every batch-1 tensor argument (and output) expanded to ``batch``: its
         output is broadcast over the batch, so only those arguments are split per example (a
-        batch-less one whose length is the batch, as positions (T,) with T = B, is not)."""
+        batch-less one whose length is the batch, as positions (T,) with T = B, is not). A
+        batchless call splits nothing (its fingerprint is of its output as one row)."""
+        if self.batchless:
+            expected = tuple(f.expanded(batch) for f in self.expected)
+            return dataclasses.replace(self, expected=expected, split=())
         flat, spec = tree_flatten((self.args, self.kwargs))
         split = tuple(k for k, x in enumerate(flat) if expand_rows(x, batch) is not x)
         flat = [expand_rows(x, batch) for x in flat]
@@ -287,6 +294,8 @@ def per_sample_grad(
             return tuple(out[k] for k in call.outputs)
 
         out, pull = vjp(outputs, p)
+        if call.batchless:  # each example's rerun gives the whole output
+            return pull(cot)[0], out
         return pull(tuple(c.unsqueeze(0) for c in cot))[0], tuple(o.squeeze(0) for o in out)
 
     def parts(vmapped: bool = False) -> tuple[TorchFunctionMode, ...]:
