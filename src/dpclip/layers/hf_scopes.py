@@ -20,6 +20,7 @@ SCOPES = {
     # the encoder's relative embeddings (and their LayerNorm) are read as a weight and fed,
     # batch-less, to every attention layer's own projections: the whole encoder
     "transformers.models.deberta_v2.modeling_deberta_v2.DebertaV2Encoder": ("*",),
+    "transformers.models.deberta.modeling_deberta.DebertaEncoder": ("*",),  # the same in v1
     # windows fold the batch into dim 0 (b × windows) inside the block
     "transformers.models.swin.modeling_swin.SwinLayer": ("*",),
     "transformers.models.swinv2.modeling_swinv2.Swinv2Layer": ("*",),
