@@ -2,7 +2,8 @@
 
 Trains the tests' tiny GPT-2 through DPTrainer without noise, in fp32, then in fp16 with a
 GradScaler, and writes this rank's parameters and steps to OUT/<precision>-rank-<r>.pt; the test
-compares them with one process.
+compares them with one process. Then in fp16 with noise where a rank's share of a logical batch
+is empty (OUT/shares-rank-<r>.pt).
 """
 
 import sys
@@ -32,6 +33,19 @@ def main(out: str) -> None:
             "batch": trainer.logical_batch_size(),
             "scale": trainer.accelerator.scaler.get_scale() if precision == "fp16" else None,
         }, Path(out) / f"{precision}-rank-{rank}.pt")  # fmt: skip
+    # fp16 with noise, one expected example per rank and step: rank 1's first share is empty
+    privacy = PrivacyArguments(
+        noise_multiplier=1.0, sampling_seed=t.EMPTY_SHARES_SEED, noise_seed=0
+    )
+    trainer = t._trainer(Path(out) / "shares", model=t._gpt2(dropout=0.0), privacy=privacy,
+                         max_steps=4, per_device_train_batch_size=1,
+                         gradient_accumulation_steps=1, fp16=True)  # fmt: skip
+    trainer.accelerator.scaler = t.fp16_scaler()
+    trainer.train()
+    torch.save({
+        "params": [p.detach().clone() for p in trainer.model.parameters()],
+        "steps": trainer.privacy_engine.steps_taken, "eps": trainer.privacy_engine.epsilon(),
+    }, Path(out) / f"shares-rank-{rank}.pt")  # fmt: skip
     # Both ranks done before teardown: a rank exiting with the gloo group alive while the other
     # still ran aborted ("terminate called without an active exception") now and then.
     dist.barrier()

@@ -253,13 +253,18 @@ def test_max_grad_norm_clips_the_noisy_update_and_the_logged_norm_is_the_noisy_o
     assert all(0.8 * expected_noise < n < 1.5 * expected_noise for n in logged)
 
 
-def test_steps_with_an_empty_logical_batch_are_taken_and_accounted(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_steps_with_an_empty_logical_batch_are_taken_and_accounted(tmp_path, precision):
     """q = 1/64: about a third of the logical batches are empty, the first one too (seed 6);
-    each is a noise-only step, in the ledger like any other."""
+    each is a noise-only step, in the ledger like any other (under fp16's scaler too, which
+    makes its scale at its first loss otherwise)."""
     assert next(iter(PoissonBatchSampler(64, 1 / 64, 1, seed=6))) == []
     trainer = _trainer(tmp_path, data=_counting(64), per_device_train_batch_size=1,
                        gradient_accumulation_steps=1, num_train_epochs=1,
+                       fp16=precision == "fp16",
                        privacy=PrivacyArguments(noise_multiplier=1.0, sampling_seed=6))  # fmt: skip
+    if precision == "fp16":
+        trainer.accelerator.scaler = fp16_scaler()
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     assert trainer.state.global_step == 64 == trainer.privacy_engine.steps_taken
@@ -539,6 +544,20 @@ def test_prefix_tuning_trains_through_dptrainer(tmp_path):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
+# two ranks, one expected example per rank and step (q = 2/256): rank 1's shares of the first
+# and third logical batches are empty, rank 0's of the third too
+EMPTY_SHARES_SEED = 5
+
+
+def _shares(seed: int, steps: int = 4) -> list[list[int]]:
+    """Each rank's share sizes of the first ``steps`` logical batches."""
+    sizes = []
+    for rank in range(2):
+        batches = iter(PoissonBatchSampler(256, 2 / 256, 1, seed, shard=(rank, 2)))
+        sizes.append([len(next(batches)) for _ in range(steps)])
+    return sizes
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """The ranks' results of tests/dptrainer_worker.py under torchrun, 2 processes (gloo)."""
@@ -557,6 +576,17 @@ def two_processes(tmp_path_factory):
     return lambda precision: [
         torch.load(tmp_path / f"{precision}-rank-{r}.pt", weights_only=False) for r in range(2)
     ]
+
+
+def test_two_processes_step_together_when_one_share_is_empty(two_processes):
+    """A rank whose share of a logical batch is empty takes the noise-only step with the others
+    (under fp16 too, where its scaler has no loss to scale, on the first step)."""
+    shares = _shares(EMPTY_SHARES_SEED)
+    assert shares == [[1, 1, 0, 1], [0, 1, 0, 1]]
+    ranks = two_processes("shares")
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 4 and ranks[0]["eps"] == ranks[1]["eps"]
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -340,3 +340,86 @@ def test_an_empty_logical_batch_under_the_scaler_is_a_noise_only_step(fused):
         taken += not skipped
     assert empty_after_skip >= 1
     assert engine.steps_taken == taken
+
+
+def test_the_scaler_pickles_and_copies_while_attached():
+    """The engine wraps the scaler's inf check while attached; a saved or copied scaler gets
+    the scaler's own check back (the engine stays with the one it was given)."""
+    import copy
+    import io
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = dpclip.PrivacyEngine(model, opt, sample_size=100 * B, batch_size=B, steps=10,
+                                  noise_multiplier=1.0, grad_scaler=scaler)  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(scaler, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(scaler), torch.load(buffer, weights_only=False)):
+        assert other._unscale_grads_.__func__ is torch.amp.GradScaler._unscale_grads_
+        assert other._unscale_grads_.__self__ is other
+    assert scaler._unscale_grads_.__class__.__name__ == "_SharedCheck"
+    engine.detach()
+    assert "_unscale_grads_" not in scaler.__dict__
+
+
+def test_a_refused_fused_step_leaves_the_sums_and_the_optimizer_as_they_were():
+    """A step refused under the scaler (here: physical batches of the logical batch still to
+    come) must change nothing: a fused optimizer's sums were unscaled before the checks, and
+    its grad_scale cleared, which broke every later scaler.step."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    engine = dpclip.PrivacyEngine(model, opt, sample_size=64, batch_size=8, steps=10,
+                                  noise_multiplier=1.0, seed=0, grad_scaler=scaler)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 12, generator=g),
+                                          torch.randint(0, 5, (64,), generator=g))  # fmt: skip
+    loader = engine.data_loader(data, physical_batch_size=2, generator=g)
+    logical = next(iter(loader))
+    assert len(logical) > 2
+    for x, y in logical:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        with pytest.raises(dpclip.LoopOrderError, match="physical batch"):
+            scaler.step(opt)  # inside the loop over the physical batches
+        break
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert isinstance(opt.grad_scale, torch.Tensor) and engine.steps_taken == 0
+    opt.zero_grad()
+    scaler.update()
+    for logical in loader:  # the loop done right from the next logical batch
+        for x, y in logical:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        break
+    assert engine.steps_taken == 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_backward_after_a_skipped_step_without_zero_grad_is_refused(fused):
+    """The skipped step's sums (NaN where it overflowed) stay in .grad until zero_grad: a loop
+    that forgets it would have every later step skipped, silently (the scaler's own check)."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused or None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # the first step overflows
+    engine = dpclip.PrivacyEngine(model, opt, sample_size=100 * B, batch_size=B, steps=10,
+                                  noise_multiplier=1.0, seed=0, grad_scaler=scaler)  # fmt: skip
+    (x, y), (x2, y2) = _batches()[:2]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**30 and engine.steps_taken == 0  # skipped
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x2), y2)
+    with pytest.raises(dpclip.LoopOrderError, match="zero_grad"):
+        scaler.scale(loss).backward()

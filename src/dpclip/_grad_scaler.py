@@ -63,33 +63,14 @@ class LossScaling:
     def attach(
         self, optimizer: torch.optim.Optimizer, device: torch.device, on_skip: Callable[[], None]
     ) -> _Unwrap:
-        """Wrap the scaler's inf check of ``optimizer`` while attached; ``on_skip`` is called on
-        a rank whose own sums were finite when another rank's overflowed (its step is skipped
-        too). Returns the handle that removes the wrapper. ``device``: the parameters', for
+        """Wrap the scaler's inf check of ``optimizer`` while attached; ``on_skip`` is called
+        when the check finds an overflow (on any rank): the scaler skips that step. Returns the
+        handle that removes the wrapper. ``device``: the parameters', for
         :meth:`before_empty_batch`."""
-        scaler, world = self.scaler, self.world
         self.device = device
-        check = scaler._unscale_grads_  # the bound method of the scaler's class
-
-        def shared(opt: Any, inv_scale: Tensor, found_inf: Tensor, allow_fp16: bool) -> dict:
-            per_device = check(opt, inv_scale, found_inf, allow_fp16)
-            if opt is not optimizer:
-                return per_device
-            if not per_device:  # no gradient here: nothing overflowed (found_inf is 0)
-                per_device = {found_inf.device: found_inf}
-            if world is None:
-                return per_device
-            mine = torch.stack([f.to(world.device, torch.float32) for f in per_device.values()])
-            everyone = world.maximum(mine.sum())
-            here, anywhere = (float(v) for v in torch.stack([mine.sum(), everyone]).tolist())
-            if anywhere and not here:
-                on_skip()
-            for f in per_device.values():
-                f.fill_(anywhere)
-            return per_device
-
-        scaler._unscale_grads_ = shared  # type: ignore[method-assign]
-        return _Unwrap(scaler, shared)
+        shared = _SharedCheck(self.scaler, optimizer, self.world, on_skip)
+        self.scaler._unscale_grads_ = shared  # type: ignore[method-assign]
+        return _Unwrap(self.scaler, shared)
 
     def before_empty_batch(self) -> None:
         """An empty logical batch has no loss to scale, and the scaler makes its scale at its
@@ -117,28 +98,66 @@ class LossScaling:
             )
 
     @staticmethod
-    def inside_step(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> bool | None:
+    def fused_step(optimizer: torch.optim.Optimizer) -> bool | None:
         """A GradScaler stepping an optimizer that unscales in its own kernel (fused Adam/AdamW)
-        calls its step with ``grad_scale`` and ``found_inf`` set instead of unscaling first. The
-        noise must be added to the unscaled sums, so ``grads`` are unscaled here and
-        ``grad_scale`` cleared. True: an overflow (``found_inf``), a step the kernel skips;
-        False: unscaled here; None: not such a step."""
+        calls its step with ``grad_scale`` and ``found_inf`` set instead of unscaling first.
+        True: an overflow (``found_inf``), a step the kernel skips; False: such a step, whose
+        sums :meth:`unscale_fused` must unscale before the noise; None: not such a step."""
         found_inf = getattr(optimizer, "found_inf", None)
         if isinstance(found_inf, Tensor) and bool(found_inf.sum() > 0):
             return True
-        grad_scale = getattr(optimizer, "grad_scale", None)
-        if not isinstance(grad_scale, Tensor):
-            return None
+        return False if isinstance(getattr(optimizer, "grad_scale", None), Tensor) else None
+
+    @staticmethod
+    def unscale_fused(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> None:
+        """Unscale ``grads`` for a fused step (the noise must be added to the unscaled sums)
+        and clear ``grad_scale``, so the kernel does not unscale them again. Called once the
+        step is allowed: a refused step leaves both as they were."""
+        grad_scale = optimizer.grad_scale  # type: ignore[attr-defined]
         if grads:
             torch._foreach_div_(grads, grad_scale.to(grads[0].device))
         optimizer.grad_scale = None  # type: ignore[attr-defined]
-        return False
+
+
+class _SharedCheck:
+    """The scaler's inf check of one optimizer, shared by the ranks (see the module's
+    docstring). A copy or a pickle of the scaler gets the scaler's own check instead."""
+
+    def __init__(
+        self,
+        scaler: torch.amp.GradScaler,
+        optimizer: torch.optim.Optimizer,
+        world: distributed.World | None,
+        on_skip: Callable[[], None],
+    ) -> None:
+        self.scaler, self.optimizer, self.world, self.on_skip = scaler, optimizer, world, on_skip
+
+    def __call__(self, opt: Any, inv_scale: Tensor, found_inf: Tensor, allow_fp16: bool) -> dict:
+        per_device = type(self.scaler)._unscale_grads_(
+            self.scaler, opt, inv_scale, found_inf, allow_fp16
+        )
+        if opt is not self.optimizer:
+            return per_device
+        if not per_device:  # no gradient here: nothing overflowed (found_inf is 0)
+            per_device = {found_inf.device: found_inf}
+        world = self.world
+        mine = torch.stack([f.to(found_inf.device, torch.float32) for f in per_device.values()])
+        anywhere = mine.sum() if world is None else world.maximum(mine.sum())
+        if float(anywhere):  # the step is skipped (one sync: the scaler makes one anyway)
+            self.on_skip()
+        if world is not None:
+            for f in per_device.values():
+                f.fill_(float(anywhere))
+        return per_device
+
+    def __reduce__(self) -> tuple:
+        return getattr, (self.scaler, "_unscale_grads_")
 
 
 class _Unwrap:
     """Removes :meth:`LossScaling.share_inf_check`'s wrapper (if it is still the scaler's)."""
 
-    def __init__(self, scaler: torch.amp.GradScaler, wrapper: Callable) -> None:
+    def __init__(self, scaler: torch.amp.GradScaler, wrapper: _SharedCheck) -> None:
         self.scaler, self.wrapper = scaler, wrapper
 
     def remove(self) -> None:

@@ -322,9 +322,7 @@ class PrivacyEngine:
         ]
         if self._scaling is not None:
             device = self._params[0].device if self._params else torch.device("cpu")
-            self._hooks.append(
-                self._scaling.attach(self.optimizer, device, self._skipped_elsewhere)
-            )
+            self._hooks.append(self._scaling.attach(self.optimizer, device, self._skipped_step))
         self.attached = True
 
     def detach(self) -> None:
@@ -463,9 +461,12 @@ class PrivacyEngine:
     def _loss_scale(self) -> Tensor | None:
         return None if self._scaling is None else self._scaling.scale()
 
-    def _skipped_elsewhere(self) -> None:
-        """Another rank's backward overflowed: the scaler skips this rank's step too."""
+    def _skipped_step(self) -> None:
+        """The scaler skips this step for overflow (on some rank): it ends here, as a step
+        taken would (the next backward must find the gradients zeroed; the scaler's own check
+        would skip every step after it otherwise)."""
         self._overflowed = True
+        self._micro_batches, self._examples_in_step = 0, 0
 
     def _grads_cleared(self) -> bool:
         return all(p.grad is None or not bool(p.grad.any()) for p in self._params)
@@ -483,13 +484,13 @@ class PrivacyEngine:
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._skipping = False  # left set by a skipped step whose optimizer raised
         unscaled = None  # an optimizer whose loss-scaled sums the scaler must have unscaled
+        fused = None  # a fused optimizer stepped by the scaler: its sums are unscaled here
         if self._scaling is not None:
-            grads = [p.grad for p in self._params if p.grad is not None]
-            inside = self._scaling.inside_step(optimizer, grads)
-            if inside:  # an overflow the fused step will skip: no noise, no ledger entry
+            fused = self._scaling.fused_step(optimizer)
+            if fused:  # an overflow the fused step will skip: no noise, no ledger entry
                 self._skipping = True
                 return
-            if inside is None:  # not fused: the scaler must have unscaled the sums by now
+            if fused is None:  # not fused: the scaler must have unscaled the sums by now
                 unscaled = optimizer
         world = self._world
         if world is None:
@@ -508,6 +509,8 @@ class PrivacyEngine:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self._params]
+        if fused is False:
+            LossScaling.unscale_fused(optimizer, grads)
         scale = 1.0 / self.privacy.batch_size
         if world is None:  # the noise and the division by B in one pass over the gradients
             self._noise.add_(grads, scale=scale)
@@ -903,16 +906,26 @@ class PrivacyEngine:
         self._begin_logical_batch(len(logical))
         logical.draw = self._draws
 
-    def _begin_logical_batch(self, size: int) -> None:
+    def _begin_logical_batch(self, size: int, drawn: bool = True) -> None:
+        """A logical batch of ``size`` examples (this rank's share) begins; ``drawn``: by
+        engine.data_loader, whose draws the ranks compare (an integration that samples itself
+        calls this for an empty share only, on that rank alone)."""
         # the last logical batch's clipped sums still wait for a step: refused at that step
         # (raising here would end the loader's iteration)
         self._spans_draws = bool(self._micro_batches) and not self._grads_cleared()
         if not self._spans_draws:
             self._micro_batches = 0
-        self._draws += 1
+        self._draws += drawn
         self._empty_allowed = size == 0
         self._sample_cut = False
-        if size == 0 and self._scaling is not None:
+        if size == 0:
+            self._empty_share_ahead()
+
+    def _empty_share_ahead(self) -> None:
+        """An empty share of a logical batch is coming: its step is the noise alone. It has no
+        loss to scale, and a GradScaler makes its scale at its first ``scale()``: a first share
+        that is empty gets it here, before ``scaler.step`` asks for it."""
+        if self._scaling is not None:
             self._scaling.before_empty_batch()
 
     def _expect_batch(self, logical: Any, size: int | None, after: int) -> None:

@@ -333,6 +333,8 @@ class DPTrainer(Trainer):
                 "clipped twice and both added. Compute every term in one loss, then one backward"
             )
         if isinstance(inputs, _Empty) or not inputs:
+            if self.privacy_engine is not None:  # before the step's scaler.step, under fp16
+                self.privacy_engine._empty_share_ahead()
             return torch.zeros((), device=self.args.device)
         if self.privacy_engine is None or not self.privacy_engine.attached:
             raise RuntimeError(
@@ -465,7 +467,9 @@ class DPTrainer(Trainer):
 
     def _before_private_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._examples_in_step == 0 and self.privacy_engine is not None:
-            self.privacy_engine._begin_logical_batch(0)  # a noise-only step is a real step
+            # a noise-only step is a real step (only this rank's share may be empty: the ranks'
+            # draws are engine.data_loader's, which the Trainer does not use)
+            self.privacy_engine._begin_logical_batch(0, drawn=False)
 
     def _after_noise(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Post-processing of the noisy update: max_grad_norm, and the logged norm."""
