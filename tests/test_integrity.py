@@ -439,12 +439,26 @@ class _Split(_FcHead):
     "how, match",
     [
         ("chunk", rf"fc \(Linear\) returned {B // 2} rows on dim 0 .*do not split the batch"),
-        ("loop", r"output of fc \(Linear\) has batch 1 .* linear uses it .*per example"),
         ("batched-then-loop", rf"head \(Linear\) returned 1 row on dim 0 .* batch is {B}\b"),
     ],
 )
 def test_a_layer_run_on_chunks_or_one_example_at_a_time_is_refused(how, match):
     _assert_refused_at_forward(_Split(how).double(), _x(B, D), match)
+
+
+def test_a_layer_run_on_one_example_at_a_time_is_refused_where_its_output_reaches_the_loss():
+    """Each call's output has batch 1 (pending, as a position table would be); the layer after
+    the loop runs on them, and the loss reaches them other than through a broadcast."""
+    model = _Split("loop").double()
+    engine, opt = _engine(model)
+    before = _snapshot(model)
+    loss = F.cross_entropy(model(_x(B, D)), _y())
+    with pytest.raises(
+        dpclip.IntegrityError, match=r"head \(Linear\) has batch 1 .* other than by"
+    ):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    _assert_unchanged(model, engine, before)
 
 
 class _Flipped(_FcHead):
@@ -719,8 +733,14 @@ class _PositionsMadeSo(nn.Module):
         elif self.how == "frozen-table":  # a parameter dpclip does not train is a constant
             p = self.frozen[:t] * 1.0
             return self.head(torch.tanh(self.fc(h + p)).mean(1))
-        elif self.how == "repeat":  # the refusals' own advice: a batch dim, then a layer on it
+        elif self.how == "repeat":  # a batch dim, then a layer on it (a constant at T = B)
             p = self.fc(self.pos(torch.arange(t).repeat(b, 1)))
+        elif self.how == "expand_as-input":  # the refusals' advice: a copy over the batch
+            p = self.fc(self.pos(torch.arange(t).expand_as(ids)))
+        elif self.how == "layer-on-table":  # a layer with parameters run on the (T, D) table
+            p = self.fc(torch.tanh(self.pos(torch.arange(t))))
+        elif self.how == "rows-from-table":  # B rows computed from it, met row by row
+            p = self.pos(torch.arange(t)).sum(0).expand(b, t, -1).contiguous() * 0.5
         elif self.how == "expand-scaled":  # BERT-style ids expanded to (B, T), then scaled
             p = self.pos(torch.arange(t)[None].expand(b, t)) * 0.5
         elif self.how == "as_tensor":  # the ids wrapped again inside the forward
@@ -740,13 +760,39 @@ class _PositionsMadeSo(nn.Module):
 
 @pytest.mark.parametrize(
     "how",
-    ["type_as", "frozen-table", "repeat", "expand-scaled", "as_tensor", "flip", "expand_as",
-     "zero-state", "two-lookups"],
+    ["type_as", "frozen-table", "repeat", "expand_as-input", "expand-scaled", "as_tensor", "flip",
+     "expand_as", "zero-state", "two-lookups", "layer-on-table", "rows-from-table"],
 )  # fmt: skip
 @pytest.mark.parametrize("length", [B, T], ids=["T=B", "T!=B"])
 def test_positions_made_in_the_usual_ways_equal_the_naive_loop(how, length):
     ids = torch.randint(0, 7, (B, length), generator=torch.Generator().manual_seed(0))
     _assert_equals_naive_loop(_PositionsMadeSo(how).double(), ids, _y())
+
+
+class _PairTable(nn.Module):
+    """A relative-position bias from a (T, T) table of pairs made by copying positions over a
+    new dim (``pos.expand(T, T)``, ``pos.repeat(T, 1)``), as older code writes it: at T = B
+    such a copy looks like one over the batch, and was taken for batched (its rows for
+    examples), silently."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.q, self.rel, self.head = nn.Linear(D, D), nn.Embedding(4 * T, 1), nn.Linear(D, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        pos = torch.arange(t)
+        pairs = pos.expand(t, t) if self.how == "expand" else pos.repeat(t, 1)
+        bias = self.rel(pairs - pos[:, None] + t).squeeze(-1)  # (T, T)
+        scores = self.q(x) @ x.transpose(1, 2) + bias[None]
+        return self.head(scores.softmax(-1) @ x).mean(1)
+
+
+@pytest.mark.parametrize("how", ["expand", "repeat"])
+@pytest.mark.parametrize("length", [B, T], ids=["T=B", "T!=B"])
+def test_a_table_of_pairs_made_by_copying_positions_equals_the_naive_loop(how, length):
+    _assert_equals_naive_loop(_PairTable(how).double(), _x(B, length, D), _y())
 
 
 class _ShapeTable(nn.Embedding):
@@ -814,8 +860,6 @@ class _BiasMisuse(nn.Module):
         p = self.pos(torch.arange(x.shape[1]))
         if self.how == "cat":  # rows beside the batch's, not broadcast over it
             return self.head(torch.cat([self.fc(x).mean(1), p]))[: x.shape[0]]
-        elif self.how == "layer":  # a layer with parameters run on it
-            h = x + self.fc(p)
         elif self.how == "in-place":
             p.mul_(2)
             h = x + p
@@ -824,8 +868,6 @@ class _BiasMisuse(nn.Module):
         elif self.how == "vector-time-major":  # (1, d) on (T, B, d): broadcast over time too
             v = self.pos(torch.zeros(1, dtype=torch.long))
             h = (self.fc(x).transpose(0, 1) + v).transpose(0, 1)
-        elif self.how == "rows":  # B rows made from it, broadcast row by row
-            h = x + p.sum(0).expand(x.shape[0], x.shape[1], -1).contiguous()
         else:  # kept and added to the loss: its gradient sums over the batch
             self.kept = p
             h = x + p
@@ -837,9 +879,7 @@ class _BiasMisuse(nn.Module):
     [
         ("cat", r"pos \(Embedding\) \(shape \(3, 5\)\) has no batch dim .* cat uses it .*carries "
                 r"the batch"),
-        ("layer", r"has no batch dim .* linear uses it .* parameter 'fc.weight'"),
         ("in-place", r"has no batch dim .* mul_ changed it in place"),
-        ("rows", r"has no batch dim .* 4 rows on dim 0 is broadcast row by row"),
         ("time-major", r"has no batch dim .* add uses it .*carries the batch"),
         ("vector-time-major", r"pos \(Embedding\) has batch 1 .* add uses it .*carries the batch"),
     ],

@@ -54,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from dpclip.errors import IntegrityError, ParameterUseError
-from dpclip.hooks import PLAIN_TENSORS, Recorder
+from dpclip.hooks import PLAIN_TENSORS, ROW_WISE, Recorder
 from dpclip.layers._attention_dropout import attention_by_parts, by_parts_args
 
 # calls that read a parameter without putting it on a gradient path
@@ -224,7 +224,10 @@ class _Mode(TorchFunctionMode):
 
     def _batch_shaped(self, name: str, args: tuple, out: object) -> bool:
         """Whether a factory's output is shaped like the batch: two dims or more, the batch's
-        size on dim 0, and not shaped like a constant (T5 fills (T, T) tables by full_like)."""
+        size on dim 0, and not shaped like a constant (T5 fills (T, T) tables by full_like).
+        (Its rows are all alike: taken for batched, a (T, T) table at T = B changes nothing
+        unless a layer is run on it; a recurrent cell's first state torch.zeros(B, H) must be
+        batched, also at H = B.)"""
         assert self.recorder is not None
         if name.endswith("_like") and args and self.recorder.is_constant(args[0]):
             return False
@@ -233,7 +236,8 @@ class _Mode(TorchFunctionMode):
         )
 
     def _replicates(self, t: object, out: object) -> bool:
-        """Whether ``out`` copies ``t`` over a new or size-1 dim 0 of this forward's batch."""
+        """Whether ``out`` copies ``t`` over a new or size-1 dim 0 of this forward's batch, and
+        over no dim of the batch's size beside it."""
         batch = self.recorder.batch if self.recorder is not None else None
         return (
             isinstance(t, torch.Tensor)
@@ -241,6 +245,7 @@ class _Mode(TorchFunctionMode):
             and out.dim() > 0
             and out.shape[0] == batch
             and (t.dim() < out.dim() or t.shape[0] == 1)
+            and _unambiguous(out, batch)
         )
 
     def _check_args(self, args: tuple, func: object) -> None:
@@ -500,7 +505,11 @@ class ParamUseGuard:
             if entry is not None:
                 found.append(entry)
             elif id(a) in self._owners:
-                if not all(recorder.is_whole_call(m) for m in self._owners[id(a)]):
+                owners = self._owners[id(a)]
+                if not all(recorder.is_whole_call(m) for m in owners) and not any(
+                    self._active[m] and isinstance(m, ROW_WISE) and not recorder.is_whole_call(m)
+                    for m in owners
+                ):  # a row-wise layer's own use, fc(pos(arange(T))), is pending too
                     other = other or f"the parameter {self._names[id(a)]!r} of a layer with a rule"
             elif a.requires_grad:
                 other = other or "a tensor that carries the batch"
@@ -511,7 +520,8 @@ class ParamUseGuard:
                 f"{found[0].what}, and {what} uses it (or a tensor computed from it) with "
                 f"{other}, other than by broadcasting it over the batch (x + layer(pos)): its "
                 "gradient would sum over examples and could not be split per example. Give the "
-                "layer a batched input (e.g. torch.arange(T).repeat(B, 1)); do not run layers "
+                "layer a batched input (e.g. torch.arange(T).expand_as(ids), a copy over the "
+                "batch of the model's input); do not run layers "
                 "per example (x[i:i+1]) or on chunks of the batch."
             )
         for entry in found:
@@ -579,7 +589,7 @@ class ParamUseGuard:
             f"the output of {type(module).__name__} (shape {tuple(t.shape)}) {how}: its dim 0 "
             "is not the batch (an input without one, such as torch.arange(T)), so its "
             "per-sample gradients cannot be told apart; give the layer a batched input, e.g. "
-            "torch.arange(T).repeat(batch, 1)"
+            "torch.arange(T).expand_as(ids), a copy over the batch of the model's input"
         )
 
     def _enter_root(self, module: nn.Module, inputs: tuple) -> None:
@@ -609,6 +619,15 @@ class ParamUseGuard:
     def _exit(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if self._mode is not None and isinstance(output, torch.Tensor):
             self._outputs[id(output)] = (module, weakref.ref(output))
+
+
+def _unambiguous(out: torch.Tensor, batch: int | None) -> bool:
+    """Whether a constant's copy with the batch's size on dim 0 can be taken for batched: not if another of its dims has that size too. ``pos.expand(T, T)`` or
+    ``torch.ones(T, T)`` at T = B is a table of positions, and so is BERT's
+    ``token_type_ids.expand(B, T)`` at T = B for all dpclip can tell: such a copy stays a
+    constant (a layer on it has no batch dim, and is split per example where it meets the batch,
+    which is right either way)."""
+    return batch not in out.shape[1:]
 
 
 def _row_by_row(a: torch.Tensor, t: torch.Tensor) -> bool:

@@ -95,9 +95,14 @@ class _Attach(torch.autograd.Function):
         return None, grad
 
 
-# layers whose rules take inputs with any leading dims: one on constants gets each example's
-# copy of its inputs as one more leading dim (a convolution's or a group norm's would not)
-_ANY_LEADING_DIMS = (nn.Embedding, nn.Linear, nn.LayerNorm, nn.RMSNorm)
+# the per-example gradients of a pending tensor used row by row are made in chunks of examples
+# of at most this many bytes (each example's is as large as the tensor)
+_ROWS_BYTES = 256 << 20
+
+# layers whose rules take inputs with any leading dims, each output row from its own input row:
+# one on constants, or on pending outputs, gets each example's copy of its inputs as one more
+# leading dim (a convolution's or a group norm's would not)
+ROW_WISE = (nn.Embedding, nn.Linear, nn.LayerNorm, nn.RMSNorm)
 
 _FIXES = (
     "dpclip clips one example per row of dim 0, so every layer must see the model's batch "
@@ -486,12 +491,16 @@ class Recorder:
         inputs = positional_inputs(module, args, kwargs)
         rows = output.shape[0] if output.dim() else None
         constant = (
-            isinstance(module, _ANY_LEADING_DIMS)
+            isinstance(module, ROW_WISE)
             and not output.requires_grad
             and rows is not None
             and self.all_constant(inputs) is True
         )
+        upstream = self._pending_inputs(module, inputs) if self._pending else ()
         inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
+        if upstream:  # fc(pos(arange(T))): pending too, whatever its rows
+            batchless = any(b.batchless for b in upstream)
+            return self._hold_pending(module, inputs, output, batchless, upstream)
         if rows == self.batch and not constant:
             versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
             record = Record(module, inputs, self.batch, self._forward, versions=versions)
@@ -513,7 +522,8 @@ class Recorder:
         )
         fix = _FIXES + (
             "; or, if its input has no batch dim (positions such as torch.arange(T)), give it "
-            "one: torch.arange(T)[None] (broadcast over the batch) or torch.arange(T).repeat(B, 1)"
+            "one: torch.arange(T)[None] (broadcast over the batch) or "
+            "torch.arange(T).expand_as(ids) (a copy over the batch of the model's input)"
             if positions
             else ""
         )
@@ -523,6 +533,18 @@ class Recorder:
             f"model's first tensor argument, here of shape {self._root_shape}: pass the batch "
             f"first). {fix}."
         )
+
+    def _pending_inputs(self, module: nn.Module, inputs: tuple) -> tuple[_Base, ...]:
+        """The layers of a row-wise layer's pending inputs (the forward guard refuses the others'
+        pending inputs, and checks that the rest of its inputs are constants)."""
+        if not isinstance(module, ROW_WISE):
+            return ()
+        bases: list[_Base] = []
+        for x in inputs:
+            entry = self.pending(x)
+            if entry is not None:
+                bases.extend(b for b in entry.bases if all(b is not c for c in bases))
+        return tuple(bases)
 
     def _record_call(
         self,
@@ -653,16 +675,23 @@ class Recorder:
         return True if seen else None
 
     def _hold_pending(
-        self, module: nn.Module, inputs: tuple, output: Tensor, batchless: bool
+        self,
+        module: nn.Module,
+        inputs: tuple,
+        output: Tensor,
+        batchless: bool,
+        upstream: tuple[_Base, ...] = (),
     ) -> Tensor:
         """A layer output without the batch: returned as it is, but refused if a gradient
-        reaches it other than through :meth:`broadcast_use`."""
+        reaches it other than through :meth:`broadcast_use`. ``upstream``: the layers its
+        pending inputs came from (``fc(pos(arange(T)))``), whose per-example gradients are
+        taken back through it."""
         name = self.name(module)
         if batchless:
             what = (
                 f"the output of {name} (shape {tuple(output.shape)}) has no batch dim in a "
                 f"forward whose batch is {self.batch} (its inputs are constants, such as "
-                "positions)"
+                "positions, or computed from them by layers)"
             )
         else:
             what = f"the output of {name} has batch 1 in a forward whose batch is {self.batch}"
@@ -670,12 +699,13 @@ class Recorder:
             output,
             f"{what}, and it was used other than by broadcasting it over the batch "
             "(x + layer(pos)); its gradient then sums over examples and cannot be split per "
-            "example. Give the layer a batched input (e.g. torch.arange(T).repeat(B, 1)). "
-            + _FIXES + ".",
+            "example. Give the layer a batched input (e.g. torch.arange(T).expand_as(ids), "
+            "a copy over the batch of the model's input). " + _FIXES + ".",
         )  # fmt: skip
         versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
         base = _Base(module, inputs, held, held._version, batchless, self._forward, what, versions)
-        self._pending[id(held)] = _Pending(weakref.ref(held), (base,))
+        bases = (base, *(b for b in upstream if b is not base))
+        self._pending[id(held)] = _Pending(weakref.ref(held), bases)
         return held
 
     @property
@@ -730,16 +760,9 @@ class Recorder:
             return hit[1]
         direct = len(entry.bases) == 1 and entry.bases[0].held is t
         row_by_row = t.dim() == dims and t.shape[0] == batch != 1  # row b is example b's
-        if row_by_row and direct and entry.bases[0].module in self._whole:
-            return self._rows_of_whole_call(entry.bases[0], t, key)
-        if row_by_row:
-            if not direct:
-                raise IntegrityError(
-                    f"{entry.what}; a tensor computed from it with {batch} rows on dim 0 is "
-                    "broadcast row by row against the batch: dpclip splits such a tensor per "
-                    "example only where it is the layer's output itself. Give the layer a "
-                    "batched input, or broadcast its output before changing it"
-                )
+        if row_by_row and not (direct and entry.bases[0].module not in self._whole):
+            return self._rows_used(entry, t, key)
+        if row_by_row:  # a row-wise layer's own output: row b's gradient is example b's call
             base = entry.bases[0]
             record = Record(base.module, base.inputs, batch, base.forward, versions=base.versions)
             used = _Attach.apply(self._anchor, t.detach())
@@ -783,24 +806,50 @@ class Recorder:
         self._uses[key] = (weakref.ref(t), used, version)
         return used
 
-    def _rows_of_whole_call(self, base: _Base, t: Tensor, key: tuple) -> Tensor:
-        """A whole call's batchless output of B rows used row by row: example b's gradient of
-        it is row b's alone (its forward may mix the rows, so the rows are not its examples:
-        each example's rerun gets the whole output, with zeros in the other rows)."""
+    def _rows_used(self, entry: _Pending, t: Tensor, key: tuple) -> Tensor:
+        """Pending ``t`` of B rows used row by row against the batch, other than as a row-wise
+        layer's own output (a tensor computed from one, a whole call's output): example b's
+        gradient of t is its row b alone, the other rows zero (its rows need not be examples:
+        positions, T = B), taken back to t's layers as for any broadcast. That holds B times
+        t for the pass back (in chunks of examples, at most :data:`_ROWS_BYTES` at a time)."""
         batch, version = t.shape[0], t._version
         used = _Attach.apply(self._anchor, t.detach())
 
         def on_grad(grad: Tensor) -> None:
-            if base.held._version != base.version or t._version != version:
+            changed = self.changed_base(entry)
+            if changed is not None or t._version != version:
                 raise self._abandoned(
-                    f"{base.what}, and it was changed in place after the layer returned it or "
-                    "after a use broadcast over the batch: the per-example gradients would be "
-                    "those of the new values. Make that operation out of place"
+                    f"{entry.what}, and it (or a tensor computed from it) was changed in place "
+                    "after the layer returned it or after a use broadcast over the batch: the "
+                    "per-example gradients would be those of the new values. Make that "
+                    "operation out of place"
                 )
-            per = grad.new_zeros(batch, *t.shape)
-            rows = torch.arange(batch, device=grad.device)
-            per[rows, rows] = grad
-            self._add_to(base, per)
+            bases = entry.bases
+            grads: list[Tensor | None] = [None] * len(bases)
+            chunk = max(1, _ROWS_BYTES // max(1, t.numel() * t.element_size()))
+            for start in range(0, batch, chunk):
+                rows = torch.arange(start, min(batch, start + chunk), device=grad.device)
+                per = grad.new_zeros(len(rows), *t.shape)  # example b's gradient of t
+                per[torch.arange(len(rows), device=grad.device), rows] = grad[rows]
+                if len(bases) == 1 and bases[0].held is t:
+                    got: tuple = (per,)
+                else:
+                    self._vjp += 1
+                    try:
+                        got = torch.autograd.grad(
+                            t, [b.held for b in bases], per,
+                            retain_graph=True, allow_unused=True, is_grads_batched=True,
+                        )  # fmt: skip
+                    finally:
+                        self._vjp -= 1
+                for k, g in enumerate(got):
+                    if g is not None:
+                        if grads[k] is None:
+                            grads[k] = g.new_zeros(batch, *g.shape[1:])
+                        grads[k][rows] = g
+            for base, g in zip(bases, grads, strict=True):
+                if g is not None:
+                    self._add_to(base, g if base.batchless else g[:, 0])
 
         used.register_hook(on_grad)
         self._uses[key] = (weakref.ref(t), used, version)

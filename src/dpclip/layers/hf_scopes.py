@@ -10,10 +10,6 @@ from __future__ import annotations
 from dpclip.layers._registry import LayerRegistry
 
 SCOPES = {
-    # the relative-attention bias embedding is looked up on (query, key) buckets, no batch dim,
-    # then expanded to the batch and copied, which the recorder does not split per example (it
-    # splits broadcasts: T5's bias, broadcast over the scores, needs no scope)
-    "transformers.models.mpnet.modeling_mpnet.MPNetEncoder": ("relative_attention_bias",),
     # the relative-position tables have no batch dim; they become the attention mask
     "transformers.models.beit.modeling_beit.BeitLayer": ("relative_position_bias",),
     "transformers.models.beit.modeling_beit.BeitModel": ("shared_position_bias",),
