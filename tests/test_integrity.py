@@ -845,6 +845,40 @@ def test_fallback_modules_on_shapes_or_constants_equal_the_naive_loop(how, lengt
     _assert_equals_naive_loop(_FromShapes(how).double(), ids, _y())
 
 
+class _RowsByPlace(nn.Module):
+    """B rows made without the batch that differ, each example taking its own: what example b
+    computes depends on its place in the batch and on the batch's size."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.first, self.pos = _FirstState(), nn.Embedding(8, D)
+        self.tok, self.head = nn.Embedding(7, D), nn.Linear(D, 3)
+
+    def forward(self, ids):
+        b = ids.shape[0]
+        if self.how == "first-state-cumsum":  # a whole call's output, its rows summed up
+            rows = self.first(b).cumsum(0)
+        else:  # positions of the batch's length: example b gets position b
+            rows = self.pos(torch.arange(b))
+        return self.head(torch.tanh(self.tok(ids).mean(1) + rows))
+
+
+@pytest.mark.parametrize("how", ["first-state-cumsum", "positions-by-place"])
+def test_rows_made_without_the_batch_that_differ_met_row_by_row_are_refused_at_the_step(how):
+    """Clipped exactly as computed, but one example added or removed would change the others'
+    gradients: refused before anything changes (with verify=False too: the self-check would
+    see it only on the first step)."""
+    model = _RowsByPlace(how).double()
+    engine, opt = _engine(model, verify=False)
+    before = _snapshot(model)
+    ids = torch.randint(0, 7, (B, T), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(ids), _y()).backward()
+    with pytest.raises(dpclip.IntegrityError, match=r"B rows of it, which differ, met the batch"):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+
+
 class _BiasMisuse(nn.Module):
     """A (T, d) position table from constants, misused as ``how`` says."""
 

@@ -213,6 +213,7 @@ class PrivacyEngine:
         self._empty_allowed = False
         self._poisoned: str | None = None
         self._unchecked: list[Tensor] = []  # finiteness of this step's norms, on the device
+        self._rows_unchecked: list[tuple[Tensor, str]] = []  # see Recorder.row_checks
         self._overflowed = False  # a GradScaler's backward overflowed: its step will be skipped
         self._skipping = False  # the optimizer's own (fused) step skips this one for overflow
         self._stepping = False  # between the noise and the end of optimizer.step()
@@ -433,6 +434,7 @@ class PrivacyEngine:
             self._overflowed = True
         if accumulator.finite is not None:  # an accelerator's backward: read at the step
             self._unchecked.append(accumulator.finite)
+        self._rows_unchecked += self._recorder.row_checks
         self._clipped_forward = accumulator.forward
         if self._micro_batches and self._sums_dropped():  # zero_grad() since the last backward
             self._examples_in_step = 0
@@ -552,6 +554,23 @@ class PrivacyEngine:
                     "a per-sample gradient norm of this step was NaN or infinite (check the "
                     "loss for NaN/inf); its clipped gradients hold NaN: call "
                     "optimizer.zero_grad() and go on with the next batch"
+                )
+        if self._rows_unchecked:  # read with the same device sync
+            checks, self._rows_unchecked = self._rows_unchecked, []
+            alike = torch.stack([c.to(checks[0][0].device) for c, _ in checks]).tolist()
+            differ = next(
+                (what for ok, (_, what) in zip(alike, checks, strict=True) if not ok), None
+            )
+            if differ is not None:
+                self._micro_batches, self._examples_in_step = 0, 0
+                self._first.clear()
+                raise IntegrityError(
+                    f"refusing to step: {differ}, and B rows of it, which differ, met the batch "
+                    "row by row: example b got row b, so what each example computes depends "
+                    "on its place in the batch (and on the batch's size), and one example "
+                    "added or removed changes the others' gradients, beyond what the clipping "
+                    "bounds. Broadcast one row to every example instead (p[None], or a table "
+                    "without the batch's rows); call optimizer.zero_grad() to drop this step"
                 )
         if self._poisoned is not None:
             # the step ends here: the next backward starts a new one, from cleared gradients

@@ -235,6 +235,9 @@ class Recorder:
     _paths: dict[nn.Module, str] = field(default_factory=dict)
     _in_backward: bool = False
     _anchor: Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
+    # this forward's pending tensors used row by row: (whether all their rows are equal, on the
+    # device, and how to name it), read by the engine at the step (see :meth:`broadcast_use`)
+    row_checks: list[tuple[Tensor, str]] = field(default_factory=list)
     _depth: int = 0
     _forward: int = 0
     batch: int | None = None  # this forward's batch
@@ -377,6 +380,7 @@ class Recorder:
         if self._depth > 1:
             return
         self._forward += 1
+        self.row_checks = []
         if self._in_backward and torch._C._current_graph_task_id() == -1:
             # the last pass never ended (torch or a hook of the user's raised in it): the next
             # one starts afresh (the engine drops what that one gathered at this forward too)
@@ -760,6 +764,10 @@ class Recorder:
             return hit[1]
         direct = len(entry.bases) == 1 and entry.bases[0].held is t
         row_by_row = t.dim() == dims and t.shape[0] == batch != 1  # row b is example b's
+        if row_by_row:  # made without the batch, its rows must be alike (checked at the step)
+            rows = t.detach()
+            alike = ((rows == rows[:1]) | (rows != rows)).all()  # NaN alike NaN
+            self.row_checks.append((alike, entry.what))
         if row_by_row and not (direct and entry.bases[0].module not in self._whole):
             return self._rows_used(entry, t, key)
         if row_by_row:  # a row-wise layer's own output: row b's gradient is example b's call
