@@ -622,11 +622,11 @@ class ParamUseGuard:
 
 
 def _unambiguous(out: torch.Tensor, batch: int | None) -> bool:
-    """Whether a constant's copy with the batch's size on dim 0 can be taken for batched: not if another of its dims has that size too. ``pos.expand(T, T)`` or
-    ``torch.ones(T, T)`` at T = B is a table of positions, and so is BERT's
-    ``token_type_ids.expand(B, T)`` at T = B for all dpclip can tell: such a copy stays a
-    constant (a layer on it has no batch dim, and is split per example where it meets the batch,
-    which is right either way)."""
+    """Whether a constant's copy with the batch's size on dim 0 can be taken for batched: not
+    if another of its dims has that size too. ``pos.expand(T, T)`` at T = B is a table of
+    pairs, and so is BERT's ``token_type_ids.expand(B, T)`` at T = B for all dpclip can tell:
+    such a copy stays a constant (a layer on it has no batch dim, and is split per example where
+    it meets the batch, which is right either way)."""
     return batch not in out.shape[1:]
 
 

@@ -562,9 +562,10 @@ class Recorder:
         """A whole-call module: every floating-point output tensor gets its gradient into one
         record (a batch-1 single tensor is pending, as for any layer; so is one of a call whose
         tensor arguments are all constants, or that has none, such as a position table made
-        from the input's shape: it has no batch dim, whatever its rows). Recorded as its forward ran: the arguments after its forward pre-hooks, its
-        own output before any forward hook of the user's (which acts on it downstream; the
-        rerun runs the forward alone)."""
+        from the input's shape: it has no batch dim, whatever its rows). Recorded as its
+        forward ran: the arguments after its forward pre-hooks, its own output before any
+        forward hook of the user's (which acts on it downstream; the rerun runs the forward
+        alone)."""
         assert self.batch is not None
         leaves, spec = tree_flatten(output)
         outs = [k for k, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
