@@ -454,7 +454,7 @@ def test_a_layer_run_on_one_example_at_a_time_is_refused_where_its_output_reache
     before = _snapshot(model)
     loss = F.cross_entropy(model(_x(B, D)), _y())
     with pytest.raises(
-        dpclip.IntegrityError, match=r"head \(Linear\) has batch 1 .* other than by"
+        dpclip.IntegrityError, match=r"head \(Linear\) .* other than by broadcasting"
     ):
         loss.backward()
     assert all(p.grad is None for p in model.parameters())
@@ -723,7 +723,11 @@ class _PositionsMadeSo(nn.Module):
         self.how = how
         self.tok, self.pos = nn.Embedding(7, D), nn.Embedding(8, D)
         self.frozen = nn.Parameter(torch.randn(8, D), requires_grad=False)  # a fixed table
-        self.fc, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+        self.fc, self.head, self.cat = nn.Linear(D, D), nn.Linear(D, 3), nn.Linear(2 * D, D)
+
+    def _copied(self, b, t):
+        """Positions copied over the batch, then looked up: at T = B a table, else batched."""
+        return self.pos(torch.arange(t).expand(b, t))
 
     def forward(self, ids):
         b, t = ids.shape
@@ -741,6 +745,14 @@ class _PositionsMadeSo(nn.Module):
             p = self.fc(torch.tanh(self.pos(torch.arange(t))))
         elif self.how == "rows-from-table":  # B rows computed from it, met row by row
             p = self.pos(torch.arange(t)).sum(0).expand(b, t, -1).contiguous() * 0.5
+        elif self.how == "batch-1-expanded-then-layer":  # GPT-2's wpe, copied to B rows, a layer
+            p = self.fc(self.pos(torch.arange(t)[None]).expand(b, t, D))
+        elif self.how == "dropout-on-copies":  # rows that differ by chance (p=0: the same op)
+            p = F.dropout(self.pos(torch.arange(t).expand(b, t)), 0.0, training=True)
+        elif self.how == "joined":  # concatenated beside the batch's features, then a layer
+            return self.head(torch.tanh(self.cat(torch.cat([h, self._copied(b, t)], -1))).mean(1))
+        elif self.how == "matmul":  # a batched product with the batch's states
+            p = torch.softmax(h @ self._copied(b, t).transpose(1, 2), -1) @ h
         elif self.how == "expand-scaled":  # BERT-style ids expanded to (B, T), then scaled
             p = self.pos(torch.arange(t)[None].expand(b, t)) * 0.5
         elif self.how == "as_tensor":  # the ids wrapped again inside the forward
@@ -761,12 +773,33 @@ class _PositionsMadeSo(nn.Module):
 @pytest.mark.parametrize(
     "how",
     ["type_as", "frozen-table", "repeat", "expand_as-input", "expand-scaled", "as_tensor", "flip",
-     "expand_as", "zero-state", "two-lookups", "layer-on-table", "rows-from-table"],
+     "expand_as", "zero-state", "two-lookups", "layer-on-table", "rows-from-table",
+     "batch-1-expanded-then-layer", "dropout-on-copies", "joined", "matmul"],
 )  # fmt: skip
 @pytest.mark.parametrize("length", [B, T], ids=["T=B", "T!=B"])
 def test_positions_made_in_the_usual_ways_equal_the_naive_loop(how, length):
     ids = torch.randint(0, 7, (B, length), generator=torch.Generator().manual_seed(0))
     _assert_equals_naive_loop(_PositionsMadeSo(how).double(), ids, _y())
+
+
+@pytest.mark.parametrize("how", ["repeat", "joined", "matmul", "batch-1-expanded-then-layer"])
+def test_positions_copied_over_a_batch_of_one_equal_the_naive_loop(how):
+    """At B = 1 a copy over the batch has another dim of its size whenever T = 1 too, yet both
+    readings (batched, a table) are one: one example gets all of it."""
+    for length in (1, T):
+        ids = torch.randint(0, 7, (1, length), generator=torch.Generator().manual_seed(0))
+        model = _PositionsMadeSo(how).double()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        expected = clipped_sum(
+            per_sample_grads(copy.deepcopy(model), ids, _y(1)), [list(range(len(trained)))],
+            clipping="automatic", clip_norm=1.0, gamma=0.01,
+        )  # fmt: skip
+        engine, opt = _engine(model)
+        before = [p.detach().clone() for p in trained]
+        F.cross_entropy(model(ids), _y(1)).backward()
+        opt.step()
+        for p, old, want in zip(trained, before, expected, strict=True):
+            torch.testing.assert_close(old - p.detach(), want / B, rtol=1e-6, atol=1e-12)
 
 
 class _PairTable(nn.Module):
@@ -864,16 +897,25 @@ class _RowsByPlace(nn.Module):
         return self.head(torch.tanh(self.tok(ids).mean(1) + rows))
 
 
+@pytest.mark.parametrize("between", ["nothing", "a forward without grad", "a dropped forward"])
 @pytest.mark.parametrize("how", ["first-state-cumsum", "positions-by-place"])
-def test_rows_made_without_the_batch_that_differ_met_row_by_row_are_refused_at_the_step(how):
+def test_rows_made_without_the_batch_that_differ_met_row_by_row_are_refused_at_the_step(
+    how, between
+):
     """Clipped exactly as computed, but one example added or removed would change the others'
     gradients: refused before anything changes (with verify=False too: the self-check would
-    see it only on the first step)."""
+    see it only on the first step), also when other forwards ran before the backward."""
     model = _RowsByPlace(how).double()
     engine, opt = _engine(model, verify=False)
     before = _snapshot(model)
     ids = torch.randint(0, 7, (B, T), generator=torch.Generator().manual_seed(0))
-    F.cross_entropy(model(ids), _y()).backward()
+    loss = F.cross_entropy(model(ids), _y())
+    if between == "a forward without grad":
+        with torch.no_grad():
+            model(ids[:2])
+    elif between == "a dropped forward":
+        model(ids[:1])
+    loss.backward()
     with pytest.raises(dpclip.IntegrityError, match=r"B rows of it, which differ, met the batch"):
         opt.step()
     _assert_unchanged(model, engine, before)

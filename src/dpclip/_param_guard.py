@@ -81,6 +81,17 @@ _FACTORIES = {
 # more shaped like the batch on dim 0 (torch.zeros(B, H), an RNN's initial state), unless
 # shaped like a constant (full_like(table)), are taken for batched)
 _SEQUENCES = {"arange", "linspace", "logspace", "randperm", "eye", "tril_indices", "triu_indices"}
+# random calls (a pending tensor computed through one has rows that differ by chance)
+_RANDOM = {
+    "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "bernoulli", "bernoulli_", "native_dropout",
+}  # fmt: skip
+# calls that join a list of tensors along a dim: one of B rows pending, joined with the batch
+# along another dim than 0, meets it row by row (torch.cat([h, pos(ids)], dim=-1) at T = B)
+_JOINS = {"cat", "concat", "concatenate", "stack"}
+# batched matrix products: one of B rows pending against a batched one of as many dims (three or
+# more), its dim 0 a batch dim of the product, meets it row by row
+_MATMULS = {"matmul", "bmm", "__matmul__", "__rmatmul__"}
 # calls whose tensor arguments after the first give a dtype or device only
 _CASTS = {"to", "type_as"}
 # calls that can copy a tensor over a new or size-1 dim 0 (position ids to (B, T)): a constant
@@ -307,6 +318,10 @@ class _Mode(TorchFunctionMode):
         parts = None
         if kind == _ATTENTION and pending:
             args, kwargs = guard.split_pending_mask(args, kwargs or {})
+        if pending and name in _JOINS and args and _touches(pending, args[:1], None):
+            args = guard.split_pending_joined(name, args, kwargs or {})
+        if pending and name in _MATMULS and _touches(pending, args, None):
+            args = guard.split_pending_matmul(args)
         if kind == _ATTENTION and self.recorder is not None and self.recorder.in_whole_call:
             parts = by_parts_args(args, kwargs or {})
         if parts is not None:  # its dropout, drawn again in the fallback's rerun
@@ -460,6 +475,52 @@ class ParamUseGuard:
                 out[k] = recorder.broadcast_use(a, rank)
         return tuple(out)
 
+    def split_pending_joined(self, name: str, args: tuple, kwargs: Mapping) -> tuple:
+        """``torch.cat``/``torch.stack`` of pending tensors of B rows with batched ones along a
+        dim other than 0: each such pending tensor replaced by its split for a use row by row
+        (joined along dim 0 they would merge examples: :meth:`follow_pending` refuses that)."""
+        recorder = self._recorder
+        assert recorder is not None
+        tensors = args[0]
+        batched = [
+            t for t in tensors
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == recorder.batch
+            and recorder.pending(t) is None and not recorder.is_constant(t)
+        ]  # fmt: skip
+        if not batched:
+            return args
+        rank = batched[0].dim()
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if not isinstance(dim, int) or dim % (rank + (name == "stack")) == 0:
+            return args
+        joined = [
+            recorder.broadcast_use(t, rank)
+            if recorder.pending(t) is not None and t.dim() == rank and t.shape[0] == recorder.batch
+            else t
+            for t in tensors
+        ]
+        return (type(tensors)(joined), *args[1:])
+
+    def split_pending_matmul(self, args: tuple) -> tuple:
+        """A batched matrix product of a pending tensor of B rows and a batched one of as many
+        dims (three or more): the pending one split for a use row by row."""
+        recorder = self._recorder
+        assert recorder is not None
+        batch = recorder.batch
+        tensors = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+        if len(tensors) != 2 or tensors[0].dim() != tensors[1].dim() or tensors[0].dim() < 3:
+            return args
+        if any(t.shape[0] != batch for t in tensors):
+            return args
+        pending = [recorder.pending(t) is not None for t in tensors]
+        if pending.count(True) != 1 or any(recorder.is_constant(t) for t in tensors):
+            return args
+        rank = tensors[0].dim()
+        return tuple(
+            recorder.broadcast_use(a, rank) if k < 2 and pending[k] else a
+            for k, a in enumerate(args)
+        )
+
     def split_expand_as(self, args: tuple, out: object) -> torch.Tensor | None:
         """``p.expand_as(h)`` of a pending ``p`` and a batched ``h`` (XLM's positions): the
         recorder's copy of p per example, expanded so; None if it is not that."""
@@ -532,7 +593,7 @@ class ParamUseGuard:
                     "per-example gradients back to the layer's output as the layer returned it. "
                     "Make that operation out of place"
                 )
-        recorder.derive(out, found)
+        recorder.derive(out, found, random=what in _RANDOM)
 
     def check_rows_kept(self, name: str, args: tuple, kwargs: Mapping) -> None:
         """Refuse ``name`` moving rows along dim 0 of a tensor on the gradient path whose dim 0
@@ -627,7 +688,7 @@ def _unambiguous(out: torch.Tensor, batch: int | None) -> bool:
     pairs, and so is BERT's ``token_type_ids.expand(B, T)`` at T = B for all dpclip can tell:
     such a copy stays a constant (a layer on it has no batch dim, and is split per example where
     it meets the batch, which is right either way)."""
-    return batch not in out.shape[1:]
+    return batch == 1 or batch not in out.shape[1:]  # one example: both readings are one
 
 
 def _row_by_row(a: torch.Tensor, t: torch.Tensor) -> bool:

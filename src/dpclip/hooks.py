@@ -216,6 +216,7 @@ class _Pending:
 
     ref: weakref.ref
     bases: tuple[_Base, ...]
+    random: bool = False  # computed through dropout (its rows differ by chance, not by place)
 
     @property
     def what(self) -> str:
@@ -235,7 +236,7 @@ class Recorder:
     _paths: dict[nn.Module, str] = field(default_factory=dict)
     _in_backward: bool = False
     _anchor: Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
-    # this forward's pending tensors used row by row: (whether all their rows are equal, on the
+    # this backward's pending tensors used row by row: (whether all their rows are equal, on the
     # device, and how to name it), read by the engine at the step (see :meth:`broadcast_use`)
     row_checks: list[tuple[Tensor, str]] = field(default_factory=list)
     _depth: int = 0
@@ -380,7 +381,6 @@ class Recorder:
         if self._depth > 1:
             return
         self._forward += 1
-        self.row_checks = []
         if self._in_backward and torch._C._current_graph_task_id() == -1:
             # the last pass never ended (torch or a hook of the user's raised in it): the next
             # one starts afresh (the engine drops what that one gathered at this forward too)
@@ -503,7 +503,9 @@ class Recorder:
         upstream = self._pending_inputs(module, inputs) if self._pending else ()
         inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
         if upstream:  # fc(pos(arange(T))): pending too, whatever its rows
-            batchless = any(b.batchless for b in upstream)
+            # batch 1 only if it has one row from batch-1 outputs alone (not B rows copied from
+            # one: fc(wpe(pos).expand(B, T, d)) has no batch dim)
+            batchless = rows != 1 or any(b.batchless for b in upstream)
             return self._hold_pending(module, inputs, output, batchless, upstream)
         if rows == self.batch and not constant:
             versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
@@ -738,14 +740,16 @@ class Recorder:
         entry = self._consts.get(id(t))
         return entry is not None and entry() is t
 
-    def derive(self, out: object, entries: list[_Pending]) -> None:
-        """``out`` was computed from the pending ``entries`` and constants only: pending too."""
+    def derive(self, out: object, entries: list[_Pending], random: bool = False) -> None:
+        """``out`` was computed from the pending ``entries`` and constants only: pending too
+        (``random``: by a random op, dropout)."""
         bases: list[_Base] = []
         for entry in entries:
             bases.extend(b for b in entry.bases if all(b is not c for c in bases))
+        random = random or any(entry.random for entry in entries)
         for t in out if isinstance(out, (list, tuple)) else (out,):
             if isinstance(t, Tensor) and t.requires_grad and self.pending(t) is None:
-                self._pending[id(t)] = _Pending(weakref.ref(t), tuple(bases))
+                self._pending[id(t)] = _Pending(weakref.ref(t), tuple(bases), random)
 
     def changed_base(self, entry: _Pending) -> _Base | None:
         """A base of ``entry`` changed in place since its layer returned it."""
@@ -765,17 +769,19 @@ class Recorder:
             return hit[1]
         direct = len(entry.bases) == 1 and entry.bases[0].held is t
         row_by_row = t.dim() == dims and t.shape[0] == batch != 1  # row b is example b's
-        if row_by_row:  # made without the batch, its rows must be alike (checked at the step)
-            rows = t.detach()
-            alike = ((rows == rows[:1]) | (rows != rows)).all()  # NaN alike NaN
-            self.row_checks.append((alike, entry.what))
         if row_by_row and not (direct and entry.bases[0].module not in self._whole):
             return self._rows_used(entry, t, key)
         if row_by_row:  # a row-wise layer's own output: row b's gradient is example b's call
             base = entry.bases[0]
             record = Record(base.module, base.inputs, batch, base.forward, versions=base.versions)
             used = _Attach.apply(self._anchor, t.detach())
-            used.register_hook(lambda grad: self._on_grad(record, grad))
+            check = _rows_alike(entry, t)
+
+            def on_grad(grad: Tensor) -> None:
+                self._on_grad(record, grad)
+                self.row_checks.append(check)
+
+            used.register_hook(on_grad)
             self._uses[key] = (weakref.ref(t), used, t._version)
             return used
         version = t._version
@@ -823,6 +829,7 @@ class Recorder:
         t for the pass back (in chunks of examples, at most :data:`_ROWS_BYTES` at a time)."""
         batch, version = t.shape[0], t._version
         used = _Attach.apply(self._anchor, t.detach())
+        check = _rows_alike(entry, t)
 
         def on_grad(grad: Tensor) -> None:
             changed = self.changed_base(entry)
@@ -859,6 +866,7 @@ class Recorder:
             for base, g in zip(bases, grads, strict=True):
                 if g is not None:
                     self._add_to(base, g if base.batchless else g[:, 0])
+            self.row_checks.append(check)
 
         used.register_hook(on_grad)
         self._uses[key] = (weakref.ref(t), used, version)
@@ -879,6 +887,7 @@ class Recorder:
             )
         if not self._in_backward:
             self._drop_sums()
+            self.row_checks = []
             self._in_backward = True
             Variable._execution_engine.queue_callback(self._flush)
         return True
@@ -955,6 +964,19 @@ class Recorder:
         self._in_backward = False
         with full_precision():
             self.on_backward_end()
+
+
+def _rows_alike(entry: _Pending, t: Tensor) -> tuple[Tensor, str]:
+    """Whether the rows of ``t``, B rows made without the batch and met row by row, are all
+    alike (as a device tensor, read at the step, and how to name t): rows that differ by place
+    (``pos(torch.arange(B))``) would make each example depend on the others. Rows made to
+    differ by dropout differ by chance: their layers' outputs are checked instead."""
+    with torch.no_grad():
+        alike = []
+        for rows in [b.held for b in entry.bases] if entry.random else [t]:
+            rows = rows.detach()
+            alike.append(((rows == rows[:1]) | (rows != rows)).all())  # NaN alike NaN
+        return (alike[0] if len(alike) == 1 else torch.stack(alike).all()), entry.what
 
 
 def _autocast_types() -> tuple[str, ...]:
