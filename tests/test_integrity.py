@@ -890,15 +890,34 @@ class _RowsByPlace(nn.Module):
 
     def forward(self, ids):
         b = ids.shape[0]
+        h = self.tok(ids).mean(1)
+        place = torch.arange(b)[:, None].to(h.dtype)  # a constant of B rows that differ
+        same = self.pos(torch.zeros(b, dtype=torch.long))  # B rows alike
         if self.how == "first-state-cumsum":  # a whole call's output, its rows summed up
             rows = self.first(b).cumsum(0)
+        elif self.how == "dropout-then-place":  # rows that differ by chance, then by place
+            rows = F.dropout(same, 0.5, training=True) * place
+        elif self.how == "alike-values-not-gradients":  # rows equal, gradients by place
+            rows = same + (same - same.detach()) * place
+        elif self.how == "where-by-place":  # example 0 alone gets a gradient
+            rows = torch.where(place < 1, same, same.detach())
+        elif self.how == "nan-by-place":  # one row NaN where the others are not
+            rows = torch.nan_to_num(same.masked_fill(place == 1, float("nan")))
+        elif self.how == "time-major":  # a (T, B, D) view at T = B, dim 0 taken for the batch
+            hs = self.tok(ids).transpose(0, 1)
+            rows = self.pos(torch.zeros(b, dtype=torch.long))[:, None].expand(b, b, D)
+            return self.head(torch.tanh((hs + rows).transpose(0, 1)).mean(1))
         else:  # positions of the batch's length: example b gets position b
             rows = self.pos(torch.arange(b))
-        return self.head(torch.tanh(self.tok(ids).mean(1) + rows))
+        return self.head(torch.tanh(h + rows))
 
 
 @pytest.mark.parametrize("between", ["nothing", "a forward without grad", "a dropped forward"])
-@pytest.mark.parametrize("how", ["first-state-cumsum", "positions-by-place"])
+@pytest.mark.parametrize(
+    "how",
+    ["first-state-cumsum", "positions-by-place", "dropout-then-place", "alike-values-not-gradients",
+     "where-by-place", "nan-by-place"],
+)  # fmt: skip
 def test_rows_made_without_the_batch_that_differ_met_row_by_row_are_refused_at_the_step(
     how, between
 ):
@@ -919,6 +938,47 @@ def test_rows_made_without_the_batch_that_differ_met_row_by_row_are_refused_at_t
     with pytest.raises(dpclip.IntegrityError, match=r"B rows of it, which differ, met the batch"):
         opt.step()
     _assert_unchanged(model, engine, before)
+
+
+def test_rows_copied_over_a_time_major_view_are_refused_at_forward():
+    """(T, B, D) at T = B: the copy's dim 1 has the batch's size, so dim 0 may not be it."""
+    model = _RowsByPlace("time-major").double()
+    ids = torch.randint(0, 7, (B, B), generator=torch.Generator().manual_seed(0))
+    _assert_refused_at_forward(model, ids, r"copied over its dim 1, of the batch's size too")
+
+
+def test_rows_dropped_out_or_sent_through_a_layer_after_dropout_are_not_refused():
+    """Rows of a table copied over the batch (T = B) that differ by dropout's masks alone: the
+    step is taken (they are compared up to their zeros; a layer's output on them is not)."""
+
+    class _Dropped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos, self.fc = nn.Embedding(7, D), nn.Embedding(8, D), nn.Linear(D, D)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, ids):
+            b, t = ids.shape
+            p = F.dropout(self.pos(torch.arange(t).expand(b, t)), 0.5, training=True)
+            return self.head(torch.tanh(self.tok(ids) + p + self.fc(p)).mean(1))
+
+    model = _Dropped().double()
+    engine, opt = _engine(model, verify=False)
+    ids = torch.randint(0, 7, (B, B), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(ids), _y()).backward()
+    opt.step()
+    assert engine.steps_taken == 1
+
+
+def test_a_refused_row_check_goes_with_the_sums_zero_grad_drops():
+    model = _RowsByPlace("positions-by-place").double()
+    engine, opt = _engine(model, verify=False)
+    ids = torch.randint(0, 7, (B, T), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(ids), _y()).backward()
+    opt.zero_grad()
+    F.cross_entropy(model(ids[:1]), _y(1)).backward()  # one example: rows alike
+    opt.step()
+    assert engine.steps_taken == 1
 
 
 class _BiasMisuse(nn.Module):

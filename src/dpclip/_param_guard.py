@@ -226,6 +226,14 @@ class _Mode(TorchFunctionMode):
             if isinstance(t, torch.Tensor):
                 self.consts[id(t)] = weakref.ref(t)
 
+    def _detached(self, t: object, out: object) -> None:
+        """``t.detach()`` of a pending output or a constant: a constant (its values carry no
+        example; taken for batched, it would be split against, e - e.detach())."""
+        if id(t) in self.pending or id(t) in self.consts:
+            assert self.recorder is not None
+            if self.recorder.pending(t) is not None or self.recorder.is_constant(t):
+                self.consts[id(out)] = weakref.ref(out)
+
     def _unmark(self, kind: int, args: tuple, out: object) -> None:
         first = args[0] if args else None
         if (kind == _PUT or out is first) and isinstance(first, torch.Tensor):
@@ -288,7 +296,10 @@ class _Mode(TorchFunctionMode):
                 self.recorder.branched(answer)
             return answer
         if kind == _FREE or not torch.is_grad_enabled():
-            return func(*args, **kwargs) if kwargs else func(*args)
+            out = func(*args, **kwargs) if kwargs else func(*args)
+            if name == "detach" and (self.pending or self.consts) and args:
+                self._detached(args[0], out)
+            return out
         guard = self.guard
         if kind == _ATTRIBUTE:  # an attribute read: a use if it gives a tensor (p.T)
             out = func(*args, **kwargs) if kwargs else func(*args)
@@ -560,7 +571,7 @@ class ParamUseGuard:
         if recorder is None:
             return
         operands = [a for a in _tensors(args, kwargs or {}) if isinstance(a, torch.Tensor)]
-        found, other = [], None
+        found, other, rest = [], None, []
         for a in operands:
             entry = recorder.pending(a)
             if entry is not None:
@@ -574,6 +585,8 @@ class ParamUseGuard:
                     other = other or f"the parameter {self._names[id(a)]!r} of a layer with a rule"
             elif a.requires_grad:
                 other = other or "a tensor that carries the batch"
+            else:
+                rest.append(a)
         if not found:
             return
         if other is not None:
@@ -593,7 +606,7 @@ class ParamUseGuard:
                     "per-example gradients back to the layer's output as the layer returned it. "
                     "Make that operation out of place"
                 )
-        recorder.derive(out, found, random=what in _RANDOM)
+        recorder.derive(out, found, rest, random=what in _RANDOM)
 
     def check_rows_kept(self, name: str, args: tuple, kwargs: Mapping) -> None:
         """Refuse ``name`` moving rows along dim 0 of a tensor on the gradient path whose dim 0

@@ -434,12 +434,13 @@ class PrivacyEngine:
             self._overflowed = True
         if accumulator.finite is not None:  # an accelerator's backward: read at the step
             self._unchecked.append(accumulator.finite)
-        self._rows_unchecked += self._recorder.row_checks
         self._clipped_forward = accumulator.forward
         if self._micro_batches and self._sums_dropped():  # zero_grad() since the last backward
             self._examples_in_step = 0
+            self._rows_unchecked = []  # those sums' checks went with them
             if self._recorder.expected is not None:  # inside a logical batch of the loader
                 self._sample_cut = True
+        self._rows_unchecked += self._recorder.row_checks
         for p, g in sums.items():
             if p.grad is None:
                 p.grad = g.to(p.dtype)

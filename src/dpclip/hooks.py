@@ -216,7 +216,15 @@ class _Pending:
 
     ref: weakref.ref
     bases: tuple[_Base, ...]
-    random: bool = False  # computed through dropout (its rows differ by chance, not by place)
+    # What must have rows alike where B rows of it meet the batch row by row (see _rows_alike):
+    # ``mixed``: computed through dropout or with a tensor of the batch (a mask), so its rows
+    # may differ by chance or by example: alike only up to the zeros; ``sources``: its constants
+    # of B rows on its dim 0 (arange(B)[:, None]); ``opaque``: a layer ran on a mixed tensor, so
+    # its own rows may differ; ``inherited``: what was checked of that input instead.
+    mixed: bool = False
+    sources: tuple[Tensor, ...] = ()
+    opaque: bool = False
+    inherited: tuple[tuple[Tensor, bool], ...] = ()
 
     @property
     def what(self) -> str:
@@ -505,7 +513,7 @@ class Recorder:
         if upstream:  # fc(pos(arange(T))): pending too, whatever its rows
             # batch 1 only if it has one row from batch-1 outputs alone (not B rows copied from
             # one: fc(wpe(pos).expand(B, T, d)) has no batch dim)
-            batchless = rows != 1 or any(b.batchless for b in upstream)
+            batchless = rows != 1 or any(b.batchless for e in upstream for b in e.bases)
             return self._hold_pending(module, inputs, output, batchless, upstream)
         if rows == self.batch and not constant:
             versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
@@ -540,17 +548,12 @@ class Recorder:
             f"first). {fix}."
         )
 
-    def _pending_inputs(self, module: nn.Module, inputs: tuple) -> tuple[_Base, ...]:
-        """The layers of a row-wise layer's pending inputs (the forward guard refuses the others'
-        pending inputs, and checks that the rest of its inputs are constants)."""
+    def _pending_inputs(self, module: nn.Module, inputs: tuple) -> tuple[_Pending, ...]:
+        """A row-wise layer's pending inputs (the forward guard refuses the others' pending
+        inputs, and checks that the rest of its inputs are constants)."""
         if not isinstance(module, ROW_WISE):
             return ()
-        bases: list[_Base] = []
-        for x in inputs:
-            entry = self.pending(x)
-            if entry is not None:
-                bases.extend(b for b in entry.bases if all(b is not c for c in bases))
-        return tuple(bases)
+        return tuple(e for x in inputs if (e := self.pending(x)) is not None)
 
     def _record_call(
         self,
@@ -687,7 +690,7 @@ class Recorder:
         inputs: tuple,
         output: Tensor,
         batchless: bool,
-        upstream: tuple[_Base, ...] = (),
+        upstream: tuple[_Pending, ...] = (),
     ) -> Tensor:
         """A layer output without the batch: returned as it is, but refused if a gradient
         reaches it other than through :meth:`broadcast_use`. ``upstream``: the layers its
@@ -711,8 +714,19 @@ class Recorder:
         )  # fmt: skip
         versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
         base = _Base(module, inputs, held, held._version, batchless, self._forward, what, versions)
-        bases = (base, *(b for b in upstream if b is not base))
-        self._pending[id(held)] = _Pending(weakref.ref(held), bases)
+        bases = [base]
+        for entry in upstream:
+            bases.extend(b for b in entry.bases if all(b is not c for c in bases))
+        # a layer on a mixed input: its rows may differ, its input's are checked instead
+        opaque = any(e.mixed or e.opaque for e in upstream)
+        inherited = tuple(
+            c for e in upstream
+            for c in (*e.inherited, *((x, False) for x in e.sources),
+                      *(((e.ref(), True),) if e.mixed and e.ref() is not None else ()))
+        )  # fmt: skip
+        self._pending[id(held)] = _Pending(
+            weakref.ref(held), tuple(bases), opaque=opaque, inherited=inherited
+        )
         return held
 
     @property
@@ -740,16 +754,30 @@ class Recorder:
         entry = self._consts.get(id(t))
         return entry is not None and entry() is t
 
-    def derive(self, out: object, entries: list[_Pending], random: bool = False) -> None:
-        """``out`` was computed from the pending ``entries`` and constants only: pending too
-        (``random``: by a random op, dropout)."""
+    def derive(
+        self, out: object, entries: list[_Pending], rest: list[Tensor], random: bool = False
+    ) -> None:
+        """``out`` was computed from the pending ``entries`` and ``rest``, tensors that need no
+        gradient (constants, or the batch's masks): pending too (``random``: by dropout)."""
         bases: list[_Base] = []
         for entry in entries:
             bases.extend(b for b in entry.bases if all(b is not c for c in bases))
-        random = random or any(entry.random for entry in entries)
+        sources = [x for entry in entries for x in entry.sources]
+        mixed = random or any(entry.mixed for entry in entries)
+        opaque = any(entry.opaque for entry in entries)
+        inherited = tuple(c for entry in entries for c in entry.inherited)
+        first = next((t for t in (out if isinstance(out, (list, tuple)) else (out,))), None)
+        rank = first.dim() if isinstance(first, Tensor) else -1
+        for x in rest:
+            if not self.is_constant(x):
+                mixed = True  # the batch's own rows (a padding mask): they differ by example
+            elif x.dim() == rank and x.shape[0] == self.batch != 1:  # its dim 0 is out's
+                sources.append(x.detach())
         for t in out if isinstance(out, (list, tuple)) else (out,):
             if isinstance(t, Tensor) and t.requires_grad and self.pending(t) is None:
-                self._pending[id(t)] = _Pending(weakref.ref(t), tuple(bases), random)
+                self._pending[id(t)] = _Pending(
+                    weakref.ref(t), tuple(bases), mixed, tuple(sources), opaque, inherited
+                )
 
     def changed_base(self, entry: _Pending) -> _Base | None:
         """A base of ``entry`` changed in place since its layer returned it."""
@@ -769,6 +797,22 @@ class Recorder:
             return hit[1]
         direct = len(entry.bases) == 1 and entry.bases[0].held is t
         row_by_row = t.dim() == dims and t.shape[0] == batch != 1  # row b is example b's
+        copied = next(
+            (
+                k
+                for k in range(1, t.dim())
+                if row_by_row and t.stride(k) == 0 and t.shape[k] == batch
+            ),
+            None,
+        )
+        if copied is not None:
+            raise IntegrityError(
+                f"{entry.what}; {batch} rows of a tensor computed from it meet the batch row by "
+                f"row, but it was copied over its dim {copied}, of the batch's size too: the "
+                "batch is likely there, and dim 0 another dim of that size (a time-major "
+                "(T, B, ...) view at T = B). Keep the batch first: add it to the batch-first "
+                "tensor, broadcast over the batch (p[None] or p[:, None] on (B, T, ...))"
+            )
         if row_by_row and not (direct and entry.bases[0].module not in self._whole):
             return self._rows_used(entry, t, key)
         if row_by_row:  # a row-wise layer's own output: row b's gradient is example b's call
@@ -969,14 +1013,36 @@ class Recorder:
 def _rows_alike(entry: _Pending, t: Tensor) -> tuple[Tensor, str]:
     """Whether the rows of ``t``, B rows made without the batch and met row by row, are all
     alike (as a device tensor, read at the step, and how to name t): rows that differ by place
-    (``pos(torch.arange(B))``) would make each example depend on the others. Rows made to
-    differ by dropout differ by chance: their layers' outputs are checked instead."""
+    (``pos(torch.arange(B))``, ``p * torch.arange(B)[:, None]``) would make each example depend
+    on the others. Where rows may differ by chance (dropout) or by example (the batch's mask),
+    they are compared up to their zeros; a layer's output computed from such a tensor is not
+    compared, that tensor is; its constants of B rows always are."""
     with torch.no_grad():
         alike = []
-        for rows in [b.held for b in entry.bases] if entry.random else [t]:
+        # the constants always: rows alike in value may still differ in their gradient
+        # (torch.where(arange(B)[:, None] < 1, e, e.detach()))
+        checked = [*entry.inherited, *((x, False) for x in entry.sources)]
+        if not entry.opaque:
+            checked.append((t, entry.mixed))
+        for rows, up_to_zeros in checked:
             rows = rows.detach()
-            alike.append(((rows == rows[:1]) | (rows != rows)).all())  # NaN alike NaN
+            if not rows.dim() or rows.shape[0] < 2:
+                continue
+            alike.append(_alike(rows, up_to_zeros))
+        if not alike:
+            return torch.ones((), dtype=torch.bool, device=t.device), entry.what
         return (alike[0] if len(alike) == 1 else torch.stack(alike).all()), entry.what
+
+
+def _alike(rows: Tensor, up_to_zeros: bool) -> Tensor:
+    """Whether all rows along dim 0 are equal (NaN where all are NaN), or, ``up_to_zeros``,
+    equal where they are not zero (dropout zeroes entries and scales the rest alike)."""
+    if not up_to_zeros:
+        first = rows[:1]
+        return ((rows == first) | (rows.isnan() & first.isnan())).all()
+    kept = rows != 0
+    high = torch.where(kept, rows, float("-inf")).amax(0, keepdim=True)
+    return (~kept | (rows == high)).all()
 
 
 def _autocast_types() -> tuple[str, ...]:
