@@ -152,7 +152,7 @@ _PUTS = {"__setitem__", "index_put", "index_put_"}
 # What the mode does with a call, by the called function (decided once per function: the mode
 # sees every torch call of every forward, so its per-call work is host time on every step).
 (_PLAIN, _FREE, _ATTRIBUTE, _BROADCAST, _LEADING, _GETITEM, _PUT, _ROWS, _ATTENTION, _BOOL,
- _FACTORY, _CAST) = range(12)  # fmt: skip
+ _FACTORY, _CAST, _DETACH, _JOIN, _MATMUL) = range(15)  # fmt: skip
 _KIND: dict[object, tuple[int, str]] = {}  # func -> (what to do, its name)
 
 
@@ -162,8 +162,14 @@ def _kind_of(func: object) -> tuple[int, str]:
         kind = _ATTRIBUTE
     elif func is torch.Tensor.__bool__:
         kind = _BOOL
+    elif name == "detach":
+        kind = _DETACH
     elif name in _NO_GRADIENT:
         kind = _FREE
+    elif name in _JOINS:
+        kind = _JOIN
+    elif name in _MATMULS:
+        kind = _MATMUL
     elif name in _BROADCASTING:
         kind = _BROADCAST
     elif name == "__getitem__":
@@ -296,8 +302,10 @@ class _Mode(TorchFunctionMode):
                 self.recorder.branched(answer)
             return answer
         if kind == _FREE or not torch.is_grad_enabled():
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if kind == _DETACH:
             out = func(*args, **kwargs) if kwargs else func(*args)
-            if name == "detach" and (self.pending or self.consts) and args:
+            if (self.pending or self.consts) and args:
                 self._detached(args[0], out)
             return out
         guard = self.guard
@@ -329,9 +337,9 @@ class _Mode(TorchFunctionMode):
         parts = None
         if kind == _ATTENTION and pending:
             args, kwargs = guard.split_pending_mask(args, kwargs or {})
-        if pending and name in _JOINS and args and _touches(pending, args[:1], None):
+        if kind == _JOIN and pending and args and _touches(pending, args[:1], None):
             args = guard.split_pending_joined(name, args, kwargs or {})
-        if pending and name in _MATMULS and _touches(pending, args, None):
+        if kind == _MATMUL and pending and _touches(pending, args, None):
             args = guard.split_pending_matmul(args)
         if kind == _ATTENTION and self.recorder is not None and self.recorder.in_whole_call:
             parts = by_parts_args(args, kwargs or {})
