@@ -92,6 +92,32 @@ _JOINS = {"cat", "concat", "concatenate", "stack"}
 # batched matrix products: one of B rows pending against a batched one of as many dims (three or
 # more), its dim 0 a batch dim of the product, meets it row by row
 _MATMULS = {"matmul", "bmm", "__matmul__", "__rmatmul__"}
+# calls that pick, move, join or sum rows of a tensor (a pending one of B rows so changed by
+# place cannot be met row by row where dropout made its rows differ)
+_ROWS_OPS = {
+    "__getitem__", "__setitem__", "narrow", "select", "index_select", "index_put", "index_put_",
+    "split", "chunk", "unbind", "tensor_split", "roll", "flip", "gather", "scatter", "scatter_",
+    "cumsum", "cumprod", "cummax", "cummin", "sum", "mean", "amax", "amin", "max", "min",
+    "prod", "cat", "concat", "concatenate", "stack",
+}  # fmt: skip
+
+
+def _on_rows(name: str, args: tuple, kwargs: Mapping) -> bool:
+    """Whether a call of :data:`_ROWS_OPS` acts along dim 0 (a slice of rows, a sum over them):
+    ``t[:, None]`` does not, ``t[1:]`` does; a call along no dim given (a sum of all) does."""
+    if name in ("__getitem__", "__setitem__", "index_put", "index_put_"):
+        key = _key(args, kwargs)
+        first = key[0] if type(key) is tuple and key else key
+        return not (first is None or first is Ellipsis or first == slice(None))
+    dim = kwargs.get("dim", kwargs.get("dims", args[1] if len(args) > 1 else None))
+    if name in ("roll",):
+        dim = kwargs.get("dims", args[2] if len(args) > 2 else None)
+    if dim is None:
+        return name not in ("cat", "concat", "concatenate", "stack", "unbind", "split", "chunk")
+    dims = dim if isinstance(dim, (list, tuple)) else (dim,)
+    return any(isinstance(d, int) and d == 0 for d in dims)
+
+
 # calls whose tensor arguments after the first give a dtype or device only
 _CASTS = {"to", "type_as"}
 # calls that can copy a tensor over a new or size-1 dim 0 (position ids to (B, T)): a constant
@@ -614,7 +640,8 @@ class ParamUseGuard:
                     "per-example gradients back to the layer's output as the layer returned it. "
                     "Make that operation out of place"
                 )
-        recorder.derive(out, found, rest, random=what in _RANDOM)
+        rows_op = what in _ROWS_OPS and _on_rows(what, args, kwargs or {})
+        recorder.derive(out, found, rest, random=what in _RANDOM, rows_op=rows_op)
 
     def check_rows_kept(self, name: str, args: tuple, kwargs: Mapping) -> None:
         """Refuse ``name`` moving rows along dim 0 of a tensor on the gradient path whose dim 0

@@ -225,6 +225,9 @@ class _Pending:
     sources: tuple[Tensor, ...] = ()
     opaque: bool = False
     inherited: tuple[tuple[Tensor, bool], ...] = ()
+    # its B rows went through an op that picks, moves or sums rows (a slice, cat, cumsum): with
+    # rows that may differ by chance or by example, it cannot be met row by row
+    placed: bool = False
 
     @property
     def what(self) -> str:
@@ -755,7 +758,12 @@ class Recorder:
         return entry is not None and entry() is t
 
     def derive(
-        self, out: object, entries: list[_Pending], rest: list[Tensor], random: bool = False
+        self,
+        out: object,
+        entries: list[_Pending],
+        rest: list[Tensor],
+        random: bool = False,
+        rows_op: bool = False,
     ) -> None:
         """``out`` was computed from the pending ``entries`` and ``rest``, tensors that need no
         gradient (constants, or the batch's masks): pending too (``random``: by dropout)."""
@@ -766,6 +774,12 @@ class Recorder:
         mixed = random or any(entry.mixed for entry in entries)
         opaque = any(entry.opaque for entry in entries)
         inherited = tuple(c for entry in entries for c in entry.inherited)
+        placed = any(entry.placed for entry in entries) or (
+            rows_op
+            and any(
+                b.held.dim() and b.held.shape[0] == self.batch for e in entries for b in e.bases
+            )  # fmt: skip
+        )
         first = next((t for t in (out if isinstance(out, (list, tuple)) else (out,))), None)
         rank = first.dim() if isinstance(first, Tensor) else -1
         for x in rest:
@@ -776,7 +790,7 @@ class Recorder:
         for t in out if isinstance(out, (list, tuple)) else (out,):
             if isinstance(t, Tensor) and t.requires_grad and self.pending(t) is None:
                 self._pending[id(t)] = _Pending(
-                    weakref.ref(t), tuple(bases), mixed, tuple(sources), opaque, inherited
+                    weakref.ref(t), tuple(bases), mixed, tuple(sources), opaque, inherited, placed
                 )
 
     def changed_base(self, entry: _Pending) -> _Base | None:
@@ -796,7 +810,7 @@ class Recorder:
         if hit is not None and hit[0]() is t and hit[2] == t._version:
             return hit[1]
         direct = len(entry.bases) == 1 and entry.bases[0].held is t
-        row_by_row = t.dim() == dims and t.shape[0] == batch != 1  # row b is example b's
+        row_by_row = t.dim() == dims and t.shape[0] == batch > 1  # row b is example b's
         copied = next(
             (
                 k
@@ -813,7 +827,18 @@ class Recorder:
                 "(T, B, ...) view at T = B). Keep the batch first: add it to the batch-first "
                 "tensor, broadcast over the batch (p[None] or p[:, None] on (B, T, ...))"
             )
-        if row_by_row and not (direct and entry.bases[0].module not in self._whole):
+        own = direct and entry.bases[0].module not in self._whole  # a row-wise layer's output
+        if row_by_row and not own and not (entry.mixed or entry.opaque):
+            return self._first_row_used(entry, t, dims, key)
+        if row_by_row and not own:  # rows that may differ by chance or by example
+            if entry.placed:
+                raise IntegrityError(
+                    f"{entry.what}; {batch} rows of a tensor computed from it meet the batch row "
+                    "by row, after dropout (or the batch's own values) made its rows differ "
+                    "and an op picked, moved or summed its rows (a slice, cat, cumsum): dpclip "
+                    "cannot tell that each example's row is computed alike. Apply such ops "
+                    "before the dropout, or to the batched tensor"
+                )
             return self._rows_used(entry, t, key)
         if row_by_row:  # a row-wise layer's own output: row b's gradient is example b's call
             base = entry.bases[0]
@@ -863,6 +888,20 @@ class Recorder:
 
         used.register_hook(on_grad)
         self._uses[key] = (weakref.ref(t), used, version)
+        return used
+
+    def _first_row_used(self, entry: _Pending, t: Tensor, dims: int, key: tuple) -> Tensor:
+        """Pending ``t`` of B rows, computed from tables without the batch and constants alone,
+        met row by row: its rows must be alike (checked at the step), so every example gets a
+        copy of its row 0 instead, whose gradient goes back as for any broadcast. What example
+        b computes is then the same function for every b by construction, also where rows equal
+        in value would differ in their gradient (e + (e - e.detach()) * place)."""
+        first = t[:1]  # computed here, where the forward guard sees no call: derived by hand
+        self.derive(first, [entry], [])
+        used = self.broadcast_use(first, dims)
+        check = _rows_alike(entry, t)
+        used.register_hook(lambda grad: self.row_checks.append(check))
+        self._uses[key] = (weakref.ref(t), used, t._version)
         return used
 
     def _rows_used(self, entry: _Pending, t: Tensor, key: tuple) -> Tensor:
@@ -1036,13 +1075,22 @@ def _rows_alike(entry: _Pending, t: Tensor) -> tuple[Tensor, str]:
 
 def _alike(rows: Tensor, up_to_zeros: bool) -> Tensor:
     """Whether all rows along dim 0 are equal (NaN where all are NaN), or, ``up_to_zeros``,
-    equal where they are not zero (dropout zeroes entries and scales the rest alike)."""
+    equal where they are not zero (dropout zeroes entries and scales the rest alike). Floating
+    rows may differ in their last bits (a vectorised kernel and its scalar tail round alike
+    values apart: gelu, sigmoid): within 8 units of their precision."""
     if not up_to_zeros:
-        first = rows[:1]
-        return ((rows == first) | (rows.isnan() & first.isnan())).all()
+        return _close(rows, rows[:1]).all()
     kept = rows != 0
     high = torch.where(kept, rows, float("-inf")).amax(0, keepdim=True)
-    return (~kept | (rows == high)).all()
+    return (~kept | _close(rows, high)).all()
+
+
+def _close(a: Tensor, b: Tensor) -> Tensor:
+    same = (a == b) | (a.isnan() & b.isnan())
+    if not a.is_floating_point():
+        return same
+    ulps = 8 * torch.finfo(a.dtype).eps
+    return same | ((a - b).abs() <= ulps * torch.maximum(a.abs(), b.abs()))
 
 
 def _autocast_types() -> tuple[str, ...]:
