@@ -10,11 +10,6 @@ from __future__ import annotations
 from dpclip.layers._registry import LayerRegistry
 
 SCOPES = {
-    # the relative-attention bias embedding is looked up on (query, key) buckets, no batch dim,
-    # then expanded to the batch and copied: the recorder splits that too (B rows met row by
-    # row), but its pass back costs B² · heads · T² a step, more than this scope from B ≈ 32
-    # (T5's bias, broadcast over the scores, needs no scope)
-    "transformers.models.mpnet.modeling_mpnet.MPNetEncoder": ("relative_attention_bias",),
     # the relative-position tables have no batch dim; they become the attention mask
     "transformers.models.beit.modeling_beit.BeitLayer": ("relative_position_bias",),
     "transformers.models.beit.modeling_beit.BeitModel": ("shared_position_bias",),
