@@ -983,6 +983,17 @@ def test_alike_rows_met_row_by_row_equal_the_naive_loop(how):
             torch.testing.assert_close(old - p.detach(), want / B, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("how", ["positions-by-place", "alike-values-not-gradients"])
+def test_a_forward_computes_what_the_model_computes_also_where_its_step_is_refused(how):
+    """Rows met row by row are taken as copies of row 0 for the gradient only: a forward (an
+    evaluation with gradients on, no step after it) gives the model's own output."""
+    model = _RowsByPlace(how).double()
+    plain = copy.deepcopy(model)
+    _engine(model, verify=False)
+    ids = torch.randint(0, 7, (B, T), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids), plain(ids))
+
+
 @pytest.mark.parametrize(
     "how, match",
     [

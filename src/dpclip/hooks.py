@@ -95,6 +95,20 @@ class _Attach(torch.autograd.Function):
         return None, grad
 
 
+class _Carry(torch.autograd.Function):
+    """The values of ``value`` (as they are), with the gradient going to ``carrier`` instead
+    (of the same shape): a use of B alike rows computes with its own rows, and its gradient is
+    row 0's for every example."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, carrier: Tensor) -> Tensor:  # type: ignore[override]
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        return None, grad
+
+
 # the per-example gradients of a pending tensor used row by row are made in chunks of examples
 # of at most this many bytes (each example's is as large as the tensor)
 _ROWS_BYTES = 256 << 20
@@ -895,12 +909,15 @@ class Recorder:
         met row by row: its rows must be alike (checked at the step), so every example gets a
         copy of its row 0 instead, whose gradient goes back as for any broadcast. What example
         b computes is then the same function for every b by construction, also where rows equal
-        in value would differ in their gradient (e + (e - e.detach()) * place)."""
+        in value would differ in their gradient (e + (e - e.detach()) * place). The forward
+        computes with t's own rows (their values are the model's; only the gradient is row 0's),
+        so a forward that no step follows (an evaluation) is the model's whatever t holds."""
         first = t[:1]  # computed here, where the forward guard sees no call: derived by hand
         self.derive(first, [entry], [])
-        used = self.broadcast_use(first, dims)
+        copies = self.broadcast_use(first, dims)
         check = _rows_alike(entry, t)
-        used.register_hook(lambda grad: self.row_checks.append(check))
+        copies.register_hook(lambda grad: self.row_checks.append(check))
+        used = _Carry.apply(t.detach(), copies)
         self._uses[key] = (weakref.ref(t), used, t._version)
         return used
 
@@ -1075,9 +1092,9 @@ def _rows_alike(entry: _Pending, t: Tensor) -> tuple[Tensor, str]:
 
 def _alike(rows: Tensor, up_to_zeros: bool) -> Tensor:
     """Whether all rows along dim 0 are equal (NaN where all are NaN), or, ``up_to_zeros``,
-    equal where they are not zero (dropout zeroes entries and scales the rest alike). Floating
-    rows may differ in their last bits (a vectorised kernel and its scalar tail round alike
-    values apart: gelu, sigmoid): within 8 units of their precision."""
+    equal where they are not zero (dropout zeroes entries and scales the rest alike). Finite
+    floating rows may differ in their last bits (a vectorised kernel and its scalar tail round
+    alike values apart: gelu, sigmoid): see :func:`_close`."""
     if not up_to_zeros:
         return _close(rows, rows[:1]).all()
     kept = rows != 0
@@ -1086,11 +1103,18 @@ def _alike(rows: Tensor, up_to_zeros: bool) -> Tensor:
 
 
 def _close(a: Tensor, b: Tensor) -> Tensor:
+    """Equal (NaN to NaN, inf to the same inf), or both finite and apart by rounding alone:
+    eight units of float32's or float64's precision (gelu near its minimum loses that many to
+    cancellation), relative to them and to the largest finite row entry (rounding near zero),
+    or one unit of a 16-bit type's (its kernels compute in float32 and round once)."""
     same = (a == b) | (a.isnan() & b.isnan())
     if not a.is_floating_point():
         return same
-    ulps = 8 * torch.finfo(a.dtype).eps
-    return same | ((a - b).abs() <= ulps * torch.maximum(a.abs(), b.abs()))
+    ulps = torch.finfo(a.dtype).eps * (8 if a.dtype in (torch.float32, torch.float64) else 1)
+    finite = a.isfinite() & b.isfinite()
+    scale = torch.where(finite, b.abs(), 0).amax()
+    near = (a - b).abs() <= ulps * (torch.maximum(a.abs(), b.abs()) + scale)
+    return same | (finite & near)
 
 
 def _autocast_types() -> tuple[str, ...]:
