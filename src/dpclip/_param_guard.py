@@ -340,6 +340,8 @@ class _Mode(TorchFunctionMode):
             if not isinstance(out, torch.Tensor):
                 return out
             attribute = getattr(getattr(func, "__self__", None), "__name__", "")
+            if attribute == "data" and (self.pending or self.consts) and args:
+                self._detached(args[0], out)  # as t.detach()
             if attribute not in _GRADIENT_FREE_ATTRIBUTES:
                 for a in args:
                     if id(a) in self.managed:
