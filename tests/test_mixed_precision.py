@@ -30,6 +30,22 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]  # fmt: skip
 
 
+def _scaled_loss(model: nn.Module, scaler, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss-scaled cross entropy of an fp16 autocast forward, for its backward."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x), y)
+    return scaler.scale(loss)
+
+
+def _step_through(scaler, opt) -> bool:
+    """``scaler.step``, ``update`` and ``zero_grad``; whether the scaler skipped the step."""
+    scale = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    return scaler.get_scale() < scale
+
+
 def _train(
     precision: str,
     clipping: str,
@@ -115,14 +131,8 @@ def test_an_overflowing_step_is_skipped_without_noise_ledger_entry_or_error():
     before = [p.detach().clone() for p in model.parameters()]
     skipped = 0
     for x, y in _batches() * 10:
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        scale = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
-        if scaler.get_scale() < scale:  # this step was skipped
+        _scaled_loss(model, scaler, x, y).backward()
+        if _step_through(scaler, opt):  # this step was skipped
             skipped += 1
             if engine.steps_taken == 0:
                 assert all(
@@ -142,9 +152,7 @@ def test_stepping_past_the_scaler_after_an_overflow_is_refused():
         grad_scaler=scaler,
     )  # fmt: skip
     x, y = _batches()[0]
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = F.cross_entropy(model(x), y)
-    scaler.scale(loss).backward()
+    _scaled_loss(model, scaler, x, y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(dpclip.NonFiniteNormError, match="scaler.step"):
         opt.step()
@@ -259,9 +267,7 @@ def test_stepping_the_optimizer_past_the_scaler_is_refused_unless_it_unscaled(un
     engine = dpclip.PrivacyEngine(model, opt, sample_size=100 * B, batch_size=B, steps=10,
                                   noise_multiplier=1.0, seed=0, grad_scaler=scaler)  # fmt: skip
     x, y = _batches()[0]
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = F.cross_entropy(model(x), y)
-    scaler.scale(loss).backward()
+    _scaled_loss(model, scaler, x, y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters()]
     if unscale_first:
@@ -325,18 +331,14 @@ def test_an_empty_logical_batch_under_the_scaler_is_a_noise_only_step(fused):
     for logical in engine.data_loader(data, generator=torch.Generator().manual_seed(1)):
         before = [p.detach().clone() for p in model.parameters()]
         for x, y in logical:
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
+            _scaled_loss(model, scaler, x, y).backward()
         scale = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
+        skipped_now = _step_through(scaler, opt)
         moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
         if len(logical) == 0:
             assert moved and scaler.get_scale() == scale  # the noise, and no overflow
             empty_after_skip += skipped
-        skipped = scaler.get_scale() < scale
+        skipped = skipped_now
         taken += not skipped
     assert empty_after_skip >= 1
     assert engine.steps_taken == taken
@@ -380,9 +382,7 @@ def test_a_refused_fused_step_leaves_the_sums_and_the_optimizer_as_they_were():
     logical = next(iter(loader))
     assert len(logical) > 2
     for x, y in logical:
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
+        _scaled_loss(model, scaler, x, y).backward()
         grads = [p.grad.clone() for p in model.parameters()]
         with pytest.raises(dpclip.LoopOrderError, match="physical batch"):
             scaler.step(opt)  # inside the loop over the physical batches
@@ -393,12 +393,8 @@ def test_a_refused_fused_step_leaves_the_sums_and_the_optimizer_as_they_were():
     scaler.update()
     for logical in loader:  # the loop done right from the next logical batch
         for x, y in logical:
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
+            _scaled_loss(model, scaler, x, y).backward()
+        _step_through(scaler, opt)
         break
     assert engine.steps_taken == 1
 
@@ -413,13 +409,10 @@ def test_a_backward_after_a_skipped_step_without_zero_grad_is_refused(fused):
     engine = dpclip.PrivacyEngine(model, opt, sample_size=100 * B, batch_size=B, steps=10,
                                   noise_multiplier=1.0, seed=0, grad_scaler=scaler)  # fmt: skip
     (x, y), (x2, y2) = _batches()[:2]
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = F.cross_entropy(model(x), y)
-    scaler.scale(loss).backward()
+    _scaled_loss(model, scaler, x, y).backward()
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() < 2.0**30 and engine.steps_taken == 0  # skipped
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = F.cross_entropy(model(x2), y2)
+    loss = _scaled_loss(model, scaler, x2, y2)
     with pytest.raises(dpclip.LoopOrderError, match="zero_grad"):
-        scaler.scale(loss).backward()
+        loss.backward()

@@ -142,12 +142,13 @@ class _SharedCheck:
             per_device = {found_inf.device: found_inf}
         world = self.world
         mine = torch.stack([f.to(found_inf.device, torch.float32) for f in per_device.values()])
-        anywhere = mine.sum() if world is None else world.maximum(mine.sum())
-        if float(anywhere):  # the step is skipped (one sync: the scaler makes one anyway)
+        # one device sync (the scaler makes one anyway)
+        anywhere = float(mine.sum() if world is None else world.maximum(mine.sum()))
+        if anywhere:  # the step is skipped
             self.on_skip()
         if world is not None:
             for f in per_device.values():
-                f.fill_(float(anywhere))
+                f.fill_(anywhere)
         return per_device
 
     def __reduce__(self) -> tuple:

@@ -121,14 +121,7 @@ class World:
             [1 if failure else 0, steps, -steps, draws, -draws, *counts], dtype=torch.int64,
             device=self.device,
         )  # fmt: skip
-        try:
-            torch.distributed.all_reduce(_lend(status), op=torch.distributed.ReduceOp.MAX)
-            _release()
-        except Exception as err:
-            raise DistributedStepError(
-                f"dpclip.distributed: rank {self.rank} could not agree on the step with the other "
-                f"ranks (a rank failed or left: {_first_line(err)}); the step was not applied"
-            ) from err
+        self._maximum_(status, "on the step with the other ranks")
         failed, most, fewest, latest, earliest, *counts = (int(v) for v in status.tolist())
         if failed:
             failures: list[Any] = [None] * self.size
@@ -159,16 +152,20 @@ class World:
     def maximum(self, value: Tensor) -> Tensor:
         """The maximum of the scalar ``value`` over the ranks (every rank calls this once)."""
         out = value.detach().to(self.device, torch.float32).reshape(1).clone()
+        self._maximum_(out, "with the other ranks on skipping the step for fp16 overflow")
+        return out[0]
+
+    def _maximum_(self, t: Tensor, about: str) -> None:
+        """``t`` made its maximum over the ranks, in place; a peer that failed or left raises
+        :class:`DistributedStepError` ("could not agree ``about``")."""
         try:
-            torch.distributed.all_reduce(_lend(out), op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(_lend(t), op=torch.distributed.ReduceOp.MAX)
             _release()
         except Exception as err:
             raise DistributedStepError(
-                f"dpclip.distributed: rank {self.rank} could not agree with the other ranks on "
-                f"skipping the step for fp16 overflow (a rank failed or left: {_first_line(err)}); "
-                "the step was not applied"
+                f"dpclip.distributed: rank {self.rank} could not agree {about} (a rank failed or "
+                f"left: {_first_line(err)}); the step was not applied"
             ) from err
-        return out[0]
 
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
         """Sum ``tensors`` over the ranks in place, in flat buckets all in flight at once."""

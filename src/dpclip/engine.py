@@ -523,6 +523,12 @@ class PrivacyEngine:
         world.all_reduce_(grads)
         torch._foreach_mul_(grads, scale)
 
+    def _drop_step(self) -> None:
+        """A step refused for what its sums hold: it ends here, and the next backward starts a
+        new one from cleared gradients (its batches cannot be the self-check's: the next is)."""
+        self._micro_batches, self._examples_in_step = 0, 0
+        self._first.clear()
+
     def _other_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Refuse another optimizer's step on a parameter this engine manages: its .grad
         holds clipped sums without their noise until this engine's optimizer steps."""
@@ -563,8 +569,7 @@ class PrivacyEngine:
                 (what for ok, (_, what) in zip(alike, checks, strict=True) if not ok), None
             )
             if differ is not None:
-                self._micro_batches, self._examples_in_step = 0, 0
-                self._first.clear()
+                self._drop_step()
                 raise IntegrityError(
                     f"refusing to step: {differ}, and B rows of it, which differ, met the batch "
                     "row by row: example b got row b, so what each example computes depends "
@@ -574,9 +579,7 @@ class PrivacyEngine:
                     "without the batch's rows); call optimizer.zero_grad() to drop this step"
                 )
         if self._poisoned is not None:
-            # the step ends here: the next backward starts a new one, from cleared gradients
-            self._micro_batches, self._examples_in_step = 0, 0
-            self._first.clear()  # its batches cannot be the self-check's: the next one is
+            self._drop_step()
             raise NonFiniteNormError(f"refusing to step: {self._poisoned}")
         if self._overflowed and self._grads_cleared():  # skipped, and zero_grad() since
             self._micro_batches, self._overflowed, self._examples_in_step = 0, False, 0

@@ -875,30 +875,12 @@ class Recorder:
 
         def on_grad(grad: Tensor) -> None:
             per = grad.reshape(batch, *t.shape)  # example b's gradient of t
-            changed = self.changed_base(entry)
-            if changed is not None or t._version != version:
-                raise self._abandoned(
-                    f"{entry.what}, and it (or a tensor computed from it) was changed in place "
-                    "after the layer returned it or after a use broadcast over the batch: the "
-                    "per-example gradients would be those of the new values. Make that "
-                    "operation out of place"
-                )
-            if direct:
-                grads: tuple = (per,)
-            elif batch == 0:  # no example: nothing to take back (vmap takes no empty batch)
-                grads = tuple(b.held.new_zeros(0, *b.held.shape) for b in entry.bases)
+            self._check_unchanged_since(entry, t, version)
+            if batch == 0:  # no example: nothing to take back (vmap takes no empty batch)
+                grads: tuple = tuple(b.held.new_zeros(0, *b.held.shape) for b in entry.bases)
             else:
-                self._vjp += 1
-                try:
-                    grads = torch.autograd.grad(
-                        t, [b.held for b in entry.bases], per,
-                        retain_graph=True, allow_unused=True, is_grads_batched=True,
-                    )  # fmt: skip
-                finally:
-                    self._vjp -= 1
-            for base, g in zip(entry.bases, grads, strict=True):
-                if g is not None:
-                    self._add_to(base, g if base.batchless else g[:, 0])
+                grads = self._back_to_bases(entry, t, per)
+            self._add_per_base(entry, grads)
 
         used.register_hook(on_grad)
         self._uses[key] = (weakref.ref(t), used, version)
@@ -932,45 +914,56 @@ class Recorder:
         check = _rows_alike(entry, t)
 
         def on_grad(grad: Tensor) -> None:
-            changed = self.changed_base(entry)
-            if changed is not None or t._version != version:
-                raise self._abandoned(
-                    f"{entry.what}, and it (or a tensor computed from it) was changed in place "
-                    "after the layer returned it or after a use broadcast over the batch: the "
-                    "per-example gradients would be those of the new values. Make that "
-                    "operation out of place"
-                )
-            bases = entry.bases
-            grads: list[Tensor | None] = [None] * len(bases)
+            self._check_unchanged_since(entry, t, version)
+            grads: list[Tensor | None] = [None] * len(entry.bases)
             chunk = max(1, _ROWS_BYTES // max(1, t.numel() * t.element_size()))
             for start in range(0, batch, chunk):
                 rows = torch.arange(start, min(batch, start + chunk), device=grad.device)
                 per = grad.new_zeros(len(rows), *t.shape)  # example b's gradient of t
                 per[torch.arange(len(rows), device=grad.device), rows] = grad[rows]
-                if len(bases) == 1 and bases[0].held is t:
-                    got: tuple = (per,)
-                else:
-                    self._vjp += 1
-                    try:
-                        got = torch.autograd.grad(
-                            t, [b.held for b in bases], per,
-                            retain_graph=True, allow_unused=True, is_grads_batched=True,
-                        )  # fmt: skip
-                    finally:
-                        self._vjp -= 1
-                for k, g in enumerate(got):
+                for k, g in enumerate(self._back_to_bases(entry, t, per)):
                     if g is not None:
                         if grads[k] is None:
                             grads[k] = g.new_zeros(batch, *g.shape[1:])
                         grads[k][rows] = g
-            for base, g in zip(bases, grads, strict=True):
-                if g is not None:
-                    self._add_to(base, g if base.batchless else g[:, 0])
+            self._add_per_base(entry, tuple(grads))
             self.row_checks.append(check)
 
         used.register_hook(on_grad)
         self._uses[key] = (weakref.ref(t), used, version)
         return used
+
+    def _check_unchanged_since(self, entry: _Pending, t: Tensor, version: int) -> None:
+        """Refuse the running backward if ``t`` or a layer output it was computed from changed
+        in place since its use (its gradient would be the new values')."""
+        if self.changed_base(entry) is not None or t._version != version:
+            raise self._abandoned(
+                f"{entry.what}, and it (or a tensor computed from it) was changed in place "
+                "after the layer returned it or after a use broadcast over the batch: the "
+                "per-example gradients would be those of the new values. Make that "
+                "operation out of place"
+            )
+
+    def _back_to_bases(self, entry: _Pending, t: Tensor, per: Tensor) -> tuple:
+        """Per-example gradients ``per`` (examples, *t.shape) of pending ``t`` taken back to
+        the layer outputs it was computed from, by one batched vjp (None for one it does not
+        reach); ``per`` itself where t is its one layer's output."""
+        if len(entry.bases) == 1 and entry.bases[0].held is t:
+            return (per,)
+        self._vjp += 1  # the outputs' refusal hooks let these gradients through
+        try:
+            return torch.autograd.grad(
+                t, [b.held for b in entry.bases], per,
+                retain_graph=True, allow_unused=True, is_grads_batched=True,
+            )  # fmt: skip
+        finally:
+            self._vjp -= 1
+
+    def _add_per_base(self, entry: _Pending, grads: tuple) -> None:
+        """Each base's per-example gradients (rows of a batch-1 output: its row) to its sum."""
+        for base, g in zip(entry.bases, grads, strict=True):
+            if g is not None:
+                self._add_to(base, g if base.batchless else g[:, 0])
 
     # ----------------------------------------------------------------------------- backward
     def _clipped_pass(self, record: Record) -> bool:
