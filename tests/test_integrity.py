@@ -109,8 +109,11 @@ class _FcHead(nn.Module):
 
 
 class _FlatTokens(nn.Module):
-    def __init__(self, frozen_backbone: bool = False) -> None:
+    """Its layers run on the batch flattened into tokens, (B·T, d); ``how``: how it flattens."""
+
+    def __init__(self, how: str = "reshape", frozen_backbone: bool = False) -> None:
         super().__init__()
+        self.how = how
         self.body = nn.Linear(D, D)
         self.head = nn.Linear(D, 3)
         if frozen_backbone:
@@ -118,7 +121,27 @@ class _FlatTokens(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        h = torch.tanh(self.body(x.reshape(b * t, d)))
+        how = self.how
+        if how == "reshape":
+            flat = x.reshape(b * t, d)
+        elif how == "flatten-inplace-relu":
+            flat = F.relu(x.flatten(0, 1) * 1.0, inplace=True)
+        elif how == "time-major":
+            flat = x.transpose(0, 1).reshape(-1, d)
+        elif how in ("flip", "roll"):
+            flat = x.reshape(-1, d).flip(0) if how == "flip" else x.reshape(-1, d).roll(1, 0)
+        elif how in ("flip-after-a-layer", "roll-after-a-layer"):
+            flat = x.reshape(-1, d)
+        elif how == "mixed-with-time-major":
+            flat = x.reshape(-1, d) + x.transpose(0, 1).reshape(-1, d)
+        elif how == "source-changed-in-place":
+            flat = x.reshape(-1, d)
+            x.mul_(2.0)
+        h = torch.tanh(self.body(flat))
+        if how == "flip-after-a-layer":
+            h = h.flip(0)
+        elif how == "roll-after-a-layer":
+            h = h.roll(t, 0)  # by one example's rows: still a reordering of the examples
         return self.head(h).reshape(b, t, 3).mean(1)
 
 
@@ -133,18 +156,69 @@ class _FlatIds(nn.Module):
         return self.head(self.emb(ids.reshape(-1)).reshape(b, t, D).mean(1))
 
 
+class _FlatFeedForward(nn.Module):
+    """transformers' OPT layer's second half: norm, two linear layers and the residual on the
+    batch flattened into tokens, viewed back as (B, T, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, x.size(-1))
+        h = self.fc2(F.relu(self.fc1(self.norm(flat))))
+        return self.head((flat + h).view(shape)).mean(1)
+
+
+@pytest.mark.parametrize("batch, length", [(B, T), (B, B), (B, 1), (1, T)])
 @pytest.mark.parametrize(
-    "model, x, layer",
+    "model",
     [
-        (_FlatTokens(), _x(B, T, D), r"body \(Linear\)"),
-        (_FlatTokens(frozen_backbone=True), _x(B, T, D), r"head \(Linear\)"),
-        (_FlatIds(), torch.randint(0, 7, (B, T)), r"emb \(Embedding\)"),
+        lambda: _FlatTokens(),
+        lambda: _FlatTokens("flatten-inplace-relu"),
+        lambda: _FlatTokens(frozen_backbone=True),
+        lambda: _FlatFeedForward(),
+        lambda: _FlatIds(),
     ],
-    ids=["every-linear", "frozen-backbone-trainable-head", "embedding-ids"],
+    ids=["linear", "flatten-inplace-relu", "frozen-backbone", "feed-forward", "embedding-ids"],
 )
-def test_a_layer_fed_the_batch_flattened_into_tokens_is_refused(model, x, layer):
-    match = rf"{layer} returned {B * T} rows on dim 0 .* batch is {B}\b.*x\.view\(B, T, d\)"
-    _assert_refused_at_forward(model.double(), x, match)
+def test_layers_on_the_batch_flattened_into_tokens_equal_the_naive_loop(model, batch, length):
+    """Row r of (B·T, ...) is example r // T's: each call is clipped as the same on (B, T, ...)."""
+    m = model().double()
+    x = (
+        torch.randint(0, 7, (batch, length), generator=torch.Generator().manual_seed(1))
+        if isinstance(m, _FlatIds)
+        else _x(batch, length, D)
+    )
+    _assert_equals_naive_loop(m, x, _y(batch))
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("time-major", rf"body \(Linear\) returned {B * T} rows on dim 0 .* batch is {B}\b"),
+        ("mixed-with-time-major", rf"body \(Linear\) returned {B * T} rows on dim 0"),
+        ("source-changed-in-place", rf"body \(Linear\) returned {B * T} rows on dim 0"),
+        ("flip", rf"body \(Linear\) returned {B * T} rows on dim 0"),
+        ("roll", rf"body \(Linear\) returned {B * T} rows on dim 0"),
+        ("flip-after-a-layer", r"flip moves rows along dim 0 of the batch flattened into tokens"),
+        ("roll-after-a-layer", r"roll moves rows along dim 0 of the batch flattened into tokens"),
+    ],
+)
+def test_a_flattening_whose_rows_dpclip_cannot_follow_is_refused(how, match):
+    """Rows not in example order (a time-major flattening, a reordering, a tensor changed in
+    place after it was flattened): a layer on them is refused, naming the fix."""
+    _assert_refused_at_forward(
+        _FlatTokens(how).double(), _x(B, T, D), match + r".*(reshape\(-1, d\)|order)"
+    )
+
+
+def test_a_time_major_flattening_whose_length_is_the_batch_is_refused_by_the_self_check():
+    _assert_refused_at_step(
+        _FlatTokens("time-major").double(), _x(B, B, D), _y(), r"example 0 run alone differs"
+    )
 
 
 # ------------------------------------------------------------------ 2. sequence-first layouts

@@ -53,6 +53,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from dpclip._folds import RESHAPES
 from dpclip.errors import IntegrityError, ParameterUseError
 from dpclip.hooks import PLAIN_TENSORS, ROW_WISE, Recorder
 from dpclip.layers._attention_dropout import attention_by_parts, by_parts_args
@@ -234,6 +235,7 @@ class _Mode(TorchFunctionMode):
         self.active, self.outputs = guard._active, guard._outputs
         self.pending = guard._recorder.pending_by_id if guard._recorder is not None else {}
         self.consts = guard._recorder.consts_by_id if guard._recorder is not None else {}
+        self.folds = guard._recorder.folds if guard._recorder is not None else None
         self.recorder = guard._recorder
 
     def _mark_constant(
@@ -382,6 +384,13 @@ class _Mode(TorchFunctionMode):
                 out = split
             else:
                 guard.follow_pending(args, kwargs, out, name)
+        folds = self.folds
+        if folds is not None and (
+            name in RESHAPES or (folds.by_id and _touches(folds.by_id, args, kwargs))
+        ):
+            recorder = self.recorder
+            assert recorder is not None
+            folds.after(name, args, kwargs, out, recorder.batch, recorder.batch_first)
         if kind in (_LEADING, _GETITEM) and args and id(args[0]) in outputs:
             guard.check_new_leading_dims(args[0], out, name)
         consts = self.consts
@@ -654,13 +663,24 @@ class ParamUseGuard:
         if not batch or batch < 2 or not any(t.requires_grad for t in tensors):
             return
         t = args[0]
-        if not isinstance(t, torch.Tensor) or not t.dim() or t.shape[0] != batch:
+        if not isinstance(t, torch.Tensor) or not t.dim():
             return
-        if recorder is not None and recorder.pending(t) is not None:
+        assert recorder is not None
+        per_example = recorder.folds.rows_per_example(t)
+        if per_example is not None:
+            batch = t.shape[0]  # the batch flattened into tokens: its rows are examples' too
+        if t.shape[0] != batch:
+            return
+        if recorder.pending(t) is not None:
             return  # no batch dim: its rows are positions
         if _moves_rows(name, args, kwargs, batch):
+            where = (
+                f"the batch flattened into tokens ({per_example} rows per example, in order)"
+                if per_example is not None
+                else f"a tensor whose dim 0 is the batch ({batch})"
+            )
             raise IntegrityError(
-                f"{name} moves rows along dim 0 of a tensor whose dim 0 is the batch ({batch}) "
+                f"{name} moves rows along dim 0 of {where} "
                 "inside the model's forward: dpclip clips row j of every layer as example j, so "
                 "a layer after the move would add one example's gradient to another's (sorting "
                 "the batch by length around an RNN, then unsorting). Keep the batch's order "
@@ -688,6 +708,9 @@ class ParamUseGuard:
             return
         if self._pending(t):
             return  # no batch dim: the recorder splits it where it meets the batch
+        assert self._recorder is not None
+        if self._recorder.folds.rows_per_example(t) is not None:
+            return  # the batch flattened into tokens, viewed back as (B, T, ...)
         assert isinstance(t, torch.Tensor)
         if t.shape[0] > 1 and out.dim() > t.dim() and out.shape[out.dim() - t.dim() :] == t.shape:
             self._refuse(hit[0], t, f"gets new leading dims from {what}")

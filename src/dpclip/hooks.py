@@ -50,6 +50,7 @@ from torch.autograd import Variable
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
+from dpclip._folds import Folds
 from dpclip.errors import DoubleBackwardError, IntegrityError
 from dpclip.layers._fingerprint import Fingerprint
 from dpclip.layers.fallback import Call, RngState, autocast_state, expand_rows
@@ -120,9 +121,11 @@ ROW_WISE = (nn.Embedding, nn.Linear, nn.LayerNorm, nn.RMSNorm)
 
 _FIXES = (
     "dpclip clips one example per row of dim 0, so every layer must see the model's batch "
-    "there: keep the batch as the leading dim instead of flattening it into tokens "
-    "(x.view(B, T, d), not (B*T, d): nn.Linear takes any leading dims), use a batch-first layout "
-    "(not (T, B, d)), and do not split the batch inside forward (chunk, per-example loops)"
+    "there, or the batch flattened into tokens by a reshape of a batch-first tensor "
+    "(h.reshape(-1, d) of (B, T, d), not of a transposed (T, B, d) one, and not reordered or "
+    "changed in place afterwards; an embedding, linear layer or norm only): keep the batch as "
+    "the leading dim (x.view(B, T, d): nn.Linear takes any leading dims), use a batch-first "
+    "layout (not (T, B, d)), and do not split the batch inside forward (chunk, per-example loops)"
 )
 
 
@@ -273,6 +276,8 @@ class Recorder:
     # model's buffers, which count as such in every forward
     _consts: dict[int, weakref.ref] = field(default_factory=dict)
     _buffers: dict[int, weakref.ref] = field(default_factory=dict)
+    # this forward's tensors of the batch flattened into tokens (the guard follows them)
+    folds: Folds = field(default_factory=Folds)
     _uses: dict[tuple[int, int], tuple[weakref.ref, Tensor, int]] = field(default_factory=dict)
     _vjp: int = 0  # inside broadcast_use's backward to the pending outputs
     _summed: list[_Base] = field(default_factory=list)  # pending outputs with gradients to hand on
@@ -450,6 +455,7 @@ class Recorder:
         self._pending.clear()
         self._uses.clear()
         self._consts.clear()
+        self.folds.clear()
 
     def accumulates(self) -> bool:
         """Whether the running backward pass accumulates into ``.grad`` (``loss.backward()``),
@@ -526,21 +532,31 @@ class Recorder:
             and self.all_constant(inputs) is True
         )
         upstream = self._pending_inputs(module, inputs) if self._pending else ()
+        folded = self._folded(module, inputs, rows) if rows != self.batch else None
         inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
         if upstream:  # fc(pos(arange(T))): pending too, whatever its rows
             # batch 1 only if it has one row from batch-1 outputs alone (not B rows copied from
             # one: fc(wpe(pos).expand(B, T, d)) has no batch dim)
             batchless = rows != 1 or any(b.batchless for e in upstream for b in e.bases)
             return self._hold_pending(module, inputs, output, batchless, upstream)
-        if rows == self.batch and not constant:
+        if (rows == self.batch or folded) and not constant:
+            batch = self.batch
+            if folded:  # the same call on (B, k, ...): a row-wise layer acts on each row alone
+                inputs = tuple(x.unflatten(0, (batch, folded)) for x in inputs)
             versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
-            record = Record(module, inputs, self.batch, self._forward, versions=versions)
+            record = Record(module, inputs, batch, self._forward, versions=versions)
             # a view (nn.Linear's output for 3-D input when that input needs a gradient) would
             # lose the hook if the model changed it in place (h[pad] = 0, relu_, +=): autograd
             # rebases a view's history then; the attached alias is no view, and keeps it
             if not output.requires_grad or output._is_view():
                 output = _Attach.apply(self._anchor, output)
-            output.register_hook(lambda grad: self._on_grad(record, grad))
+            if folded:
+                self.folds.mark(output, folded)
+                output.register_hook(
+                    lambda grad: self._on_grad(record, grad.reshape(batch, -1, *grad.shape[1:]))
+                )
+            else:
+                output.register_hook(lambda grad: self._on_grad(record, grad))
             return output
         if rows == 1 and not output.requires_grad:
             return self._hold_pending(module, inputs, output, batchless=False)
@@ -563,6 +579,28 @@ class Recorder:
             f"forward whose batch is {self.batch} (dpclip reads the batch from dim 0 of the "
             f"model's first tensor argument, here of shape {self._root_shape}: pass the batch "
             f"first). {fix}."
+        )
+
+    def _folded(self, module: nn.Module, inputs: tuple, rows: int | None) -> int | None:
+        """k, for a row-wise layer whose inputs are all of the batch flattened into B·k rows
+        (see :mod:`dpclip._folds`), and whose output has as many rows."""
+        if not (isinstance(module, ROW_WISE) and inputs and rows and self.batch):
+            return None
+        k = self.folds.rows_per_example(inputs[0])
+        if k is None or rows != self.batch * k:
+            return None
+        if any(not isinstance(x, Tensor) or self.folds.rows_per_example(x) != k for x in inputs):
+            return None
+        return k
+
+    def batch_first(self, t: Tensor) -> bool:
+        """Whether ``t`` is taken for a tensor of this forward's batch on dim 0: that size there,
+        and neither pending nor a constant."""
+        return (
+            t.dim() > 0
+            and t.shape[0] == self.batch
+            and self.pending(t) is None
+            and not self.is_constant(t)
         )
 
     def _pending_inputs(self, module: nn.Module, inputs: tuple) -> tuple[_Pending, ...]:
