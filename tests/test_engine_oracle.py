@@ -216,3 +216,17 @@ def test_a_shared_parameter_rule_breaking_its_contract_is_refused(name, change, 
     with pytest.raises(RuntimeError, match="without a backward pass"):
         optimizer.step()
     assert all(torch.equal(p, old) for p, old in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("name", ["opt_tiny", "opt_post_ln_tiny"])
+def test_opts_feed_forward_on_the_batch_flattened_into_tokens_takes_no_fallback(name):
+    """OPT runs each layer's second half on (B·T, d): its layers keep their own rules (the
+    naive loop's update: test_update_equals_naive_loop_with_the_defaults). Only the learned
+    positions (an nn.Embedding whose forward takes offsets) take the fallback."""
+    model = engine_models.build(name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = dpclip.PrivacyEngine(
+        model, optimizer, sample_size=100, batch_size=B, steps=1, noise_multiplier=0.0
+    )
+    assert engine._plan.fallback == ("model.model.decoder.embed_positions",)
+    engine.detach()

@@ -20,13 +20,6 @@ SCOPES = {
     # windows fold the batch into dim 0 (b × windows) inside the block
     "transformers.models.swin.modeling_swin.SwinLayer": ("*",),
     "transformers.models.swinv2.modeling_swinv2.Swinv2Layer": ("*",),
-    # each layer's feed-forward half runs on the batch flattened into tokens, (b·T, d); the
-    # decoder, not the layer, takes them: the layers get the cache, which they change
-    "transformers.models.opt.modeling_opt.OPTDecoder": (
-        "layers.*.final_layer_norm",
-        "layers.*.fc1",
-        "layers.*.fc2",
-    ),
 }
 
 
