@@ -201,10 +201,10 @@ def test_layers_on_the_batch_flattened_into_tokens_equal_the_naive_loop(model, b
         ("time-major", rf"body \(Linear\) returned {B * T} rows on dim 0 .* batch is {B}\b"),
         ("mixed-with-time-major", rf"body \(Linear\) returned {B * T} rows on dim 0"),
         ("source-changed-in-place", rf"body \(Linear\) returned {B * T} rows on dim 0"),
-        ("flip", rf"body \(Linear\) returned {B * T} rows on dim 0"),
-        ("roll", rf"body \(Linear\) returned {B * T} rows on dim 0"),
-        ("flip-after-a-layer", r"flip moves rows along dim 0 of the batch flattened into tokens"),
-        ("roll-after-a-layer", r"roll moves rows along dim 0 of the batch flattened into tokens"),
+        ("flip", r"flip moves rows of the batch flattened into tokens"),
+        ("roll", r"roll moves rows of the batch flattened into tokens"),
+        ("flip-after-a-layer", r"flip moves rows of the batch flattened into tokens"),
+        ("roll-after-a-layer", r"roll moves rows of the batch flattened into tokens"),
     ],
 )
 def test_a_flattening_whose_rows_dpclip_cannot_follow_is_refused(how, match):
@@ -215,28 +215,91 @@ def test_a_flattening_whose_rows_dpclip_cannot_follow_is_refused(how, match):
     )
 
 
-def test_a_time_major_flattening_whose_length_is_the_batch_is_refused_by_the_self_check():
-    _assert_refused_at_step(
-        _FlatTokens("time-major").double(), _x(B, B, D), _y(), r"example 0 run alone differs"
-    )
+def test_a_time_major_flattening_whose_length_is_the_batch_is_refused_too():
+    """At T = B its rows look like a batch-first flattening's; the transpose before it did not."""
+    match = rf"body \(Linear\) returned {B * B} rows on dim 0"
+    _assert_refused_at_forward(_FlatTokens("time-major").double(), _x(B, B, D), match)
 
 
 # ------------------------------------------------------------------ 2. sequence-first layouts
 class _SeqFirst(_FcHead):
-    """Batch-first input, (T, B, d) through the layers."""
+    """(T, B, d) through the layers; ``how``: how it is made and used."""
+
+    def __init__(self, how: str = "") -> None:
+        super().__init__(how)
+        self.across = nn.Linear(B, 3)  # used by "across-the-batch" only
 
     def forward(self, x):
-        h = torch.tanh(self.fc(x.transpose(0, 1)))  # (T, B, d)
+        how = self.how
+        if how == "stacked":  # made from the examples' steps: dpclip cannot tell its layout
+            h = torch.stack([x[:, t] for t in range(x.shape[1])])
+        elif how == "permute":
+            h = x.permute(1, 0, 2)
+        elif how == "movedim":
+            h = x.movedim(0, 1)
+        else:
+            h = x.transpose(0, 1)
+        h = torch.tanh(self.fc(h))  # (T, B, d)
+        if how == "residual":
+            h = h + x.mean(1) * 0.5  # (B, d) broadcast over the steps
+        elif how == "flipped":
+            h = h.flip(1)
+        elif how == "across-the-batch":  # a layer on (T, d, B): over the examples
+            return self.across(h.transpose(1, 2)).mean((0, 1))[None].expand(x.shape[0], -1)
         return self.head(h).mean(0)
 
 
-def test_a_sequence_first_layout_is_refused_when_its_length_differs_from_the_batch():
+class _SeqFirstEncoder(nn.Module):
+    """PyTorch's nn.TransformerEncoder as it runs by default (batch_first=False)."""
+
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(
+            D, 1, 2 * D, dropout=0.0, norm_first=norm_first, batch_first=False
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x.transpose(0, 1)).mean(0))
+
+
+@pytest.mark.parametrize("batch, length", [(B, T), (B, B), (1, T)])
+@pytest.mark.parametrize("how", ["transpose", "permute", "movedim", "residual"])
+def test_a_sequence_first_layout_equals_the_naive_loop(how, batch, length):
+    """(T, B, d) made by transposing the batch-first tensor: each layer is clipped as the same
+    call with the batch moved to dim 0, at any length (T = B too)."""
+    _assert_equals_naive_loop(_SeqFirst(how).double(), _x(batch, length, D), _y(batch))
+
+
+@pytest.mark.parametrize("length", [T, B])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_pytorchs_sequence_first_transformer_encoder_equals_the_naive_loop(norm_first, length):
+    model = dpclip.fix(_SeqFirstEncoder(norm_first)).double()
+    _assert_equals_naive_loop(model, _x(B, length, D), _y())
+
+
+def test_a_sequence_first_tensor_dpclip_cannot_follow_is_refused_when_its_length_differs():
     match = rf"fc \(Linear\) returned {T} rows on dim 0 .* batch is {B} .*batch-first"
-    _assert_refused_at_forward(_SeqFirst().double(), _x(B, T, D), match)
+    _assert_refused_at_forward(_SeqFirst("stacked").double(), _x(B, T, D), match)
 
 
-def test_a_sequence_first_layout_whose_length_is_the_batch_is_refused_by_the_self_check():
-    _assert_refused_at_step(_SeqFirst().double(), _x(B, B, D), _y(), r"per-example gradient norm")
+def test_a_sequence_first_tensor_dpclip_cannot_follow_whose_length_is_the_batch_is_refused_by_the_self_check():
+    _assert_refused_at_step(
+        _SeqFirst("stacked").double(), _x(B, B, D), _y(), r"per-example gradient norm"
+    )
+
+
+@pytest.mark.parametrize("length", [T, B])
+def test_moving_entries_along_the_batch_of_a_sequence_first_layout_is_refused(length):
+    match = r"flip moves dim 1 of a tensor that holds the batch there"
+    _assert_refused_at_forward(_SeqFirst("flipped").double(), _x(B, length, D), match)
+
+
+@pytest.mark.parametrize("length", [T, B])
+def test_a_layer_acting_across_the_dim_that_holds_the_batch_is_refused(length):
+    match = r"across \(Linear\) acts on dim 2 of its input, which holds the batch"
+    _assert_refused_at_forward(_SeqFirst("across-the-batch").double(), _x(B, length, D), match)
 
 
 def test_the_batch_comes_from_the_model_input_keyword_not_from_a_keyword_before_it():

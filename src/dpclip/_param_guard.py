@@ -53,7 +53,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from dpclip._folds import RESHAPES
+from dpclip._layouts import FOLLOWED
 from dpclip.errors import IntegrityError, ParameterUseError
 from dpclip.hooks import PLAIN_TENSORS, ROW_WISE, Recorder
 from dpclip.layers._attention_dropout import attention_by_parts, by_parts_args
@@ -235,7 +235,7 @@ class _Mode(TorchFunctionMode):
         self.active, self.outputs = guard._active, guard._outputs
         self.pending = guard._recorder.pending_by_id if guard._recorder is not None else {}
         self.consts = guard._recorder.consts_by_id if guard._recorder is not None else {}
-        self.folds = guard._recorder.folds if guard._recorder is not None else None
+        self.layouts = guard._recorder.layouts if guard._recorder is not None else None
         self.recorder = guard._recorder
 
     def _mark_constant(
@@ -364,6 +364,10 @@ class _Mode(TorchFunctionMode):
                 guard.check_broadcast(args, name)
         if kind == _ROWS or (kind in (_GETITEM, _PUT) and _advanced(_key(args, kwargs))):
             guard.check_rows_kept(name, args, kwargs or {})
+        layouts = self.layouts
+        if kind in (_ROWS, _GETITEM, _PUT) and layouts and layouts.by_id and args:
+            if id(args[0]) in layouts.by_id:
+                guard.check_layout_kept(name, args, kwargs or {})
         parts = None
         if kind == _ATTENTION and pending:
             args, kwargs = guard.split_pending_mask(args, kwargs or {})
@@ -384,13 +388,11 @@ class _Mode(TorchFunctionMode):
                 out = split
             else:
                 guard.follow_pending(args, kwargs, out, name)
-        folds = self.folds
-        if folds is not None and (
-            name in RESHAPES or (folds.by_id and _touches(folds.by_id, args, kwargs))
+        if layouts is not None and (
+            name in FOLLOWED or (layouts.by_id and _touches(layouts.by_id, args, kwargs))
         ):
-            recorder = self.recorder
-            assert recorder is not None
-            folds.after(name, args, kwargs, out, recorder.batch, recorder.batch_first)
+            assert self.recorder is not None
+            layouts.after(name, args, kwargs, out, self.recorder)
         if kind in (_LEADING, _GETITEM) and args and id(args[0]) in outputs:
             guard.check_new_leading_dims(args[0], out, name)
         consts = self.consts
@@ -665,22 +667,13 @@ class ParamUseGuard:
         t = args[0]
         if not isinstance(t, torch.Tensor) or not t.dim():
             return
-        assert recorder is not None
-        per_example = recorder.folds.rows_per_example(t)
-        if per_example is not None:
-            batch = t.shape[0]  # the batch flattened into tokens: its rows are examples' too
         if t.shape[0] != batch:
             return
-        if recorder.pending(t) is not None:
+        if recorder is not None and recorder.pending(t) is not None:
             return  # no batch dim: its rows are positions
         if _moves_rows(name, args, kwargs, batch):
-            where = (
-                f"the batch flattened into tokens ({per_example} rows per example, in order)"
-                if per_example is not None
-                else f"a tensor whose dim 0 is the batch ({batch})"
-            )
             raise IntegrityError(
-                f"{name} moves rows along dim 0 of {where} "
+                f"{name} moves rows along dim 0 of a tensor whose dim 0 is the batch ({batch}) "
                 "inside the model's forward: dpclip clips row j of every layer as example j, so "
                 "a layer after the move would add one example's gradient to another's (sorting "
                 "the batch by length around an RNN, then unsorting). Keep the batch's order "
@@ -688,6 +681,30 @@ class ParamUseGuard:
                 "that dpclip.register_layer gives a rule as a whole. (A time-major (T, B, ...) "
                 "view whose T happens to equal the batch looks the same: move along the time "
                 "dim of the batch-first tensor instead, e.g. h.flip(1) before transposing)"
+            )
+
+    def check_layout_kept(self, name: str, args: tuple, kwargs: Mapping) -> None:
+        """Refuse ``name`` moving entries along the batch of a tensor that holds it elsewhere
+        than on dim 0 alone (see :mod:`dpclip._layouts`): rows of the batch flattened into
+        tokens, or the dim that holds it in a sequence-first layout."""
+        recorder = self._recorder
+        assert recorder is not None
+        t = args[0]
+        layout = recorder.layouts.of(t)
+        if layout is None or not recorder.batch or recorder.batch < 2:
+            return
+        dim, k = layout
+        if _moves_rows(name, args, kwargs, t.shape[dim], dim):
+            where = (
+                f"rows of the batch flattened into tokens ({k} per example, in order)"
+                if dim == 0
+                else f"dim {dim} of a tensor that holds the batch there (a sequence-first layout)"
+            )
+            raise IntegrityError(
+                f"{name} moves {where} inside the model's forward: dpclip clips each example's "
+                "entries as that example's, so a layer after the move would add one example's "
+                "gradient to another's. Keep the examples' order inside the forward, or move "
+                "along another dim (the tokens of a batch-first tensor: h.flip(1))"
             )
 
     def check_broadcast(self, args: tuple, what: str) -> None:
@@ -709,7 +726,7 @@ class ParamUseGuard:
         if self._pending(t):
             return  # no batch dim: the recorder splits it where it meets the batch
         assert self._recorder is not None
-        if self._recorder.folds.rows_per_example(t) is not None:
+        if self._recorder.layouts.of(t) is not None:
             return  # the batch flattened into tokens, viewed back as (B, T, ...)
         assert isinstance(t, torch.Tensor)
         if t.shape[0] > 1 and out.dim() > t.dim() and out.shape[out.dim() - t.dim() :] == t.shape:
@@ -784,8 +801,9 @@ def _advanced(key: object) -> bool:
     return isinstance(key, (torch.Tensor, list)) or hasattr(key, "__array__")
 
 
-def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int) -> bool:
-    """Whether the call takes or puts rows of dim 0 anywhere but in place."""
+def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int, along: int = 0) -> bool:
+    """Whether the call takes or puts entries of dim ``along`` (of size ``batch``) anywhere but
+    in place."""
     t = args[0]
     if name == "__getitem__" or name in _PUTS:
         key = _key(args, kwargs)
@@ -793,23 +811,50 @@ def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int) -> bool:
             value = args[2] if len(args) > 2 else kwargs.get("values", kwargs.get("value"))
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 return False
-        index = key[0] if type(key) in (tuple, list) and key and not _is_index(key) else key
-        return not _is_identity(index, batch)
+        if name not in ("__getitem__", "__setitem__") and not along:  # index_put: per dim
+            return not _is_identity(key[0] if key else None, batch)
+        return not _is_identity(_index_of(key, along, t.dim()), batch)
+    if name not in _ROW_MOVES:
+        return False
     dim_at, index_at = _ROW_MOVES[name]
     dim = _arg(args, kwargs, dim_at, "dims" if name in ("flip", "roll") else "dim")
     if name == "flip":
         dims = [dim] if isinstance(dim, int) else list(dim)
-        return any(d % t.dim() == 0 for d in dims)
+        return any(d % t.dim() == along for d in dims)
     if name == "roll":
         shifts = args[1] if len(args) > 1 else kwargs.get("shifts")
         if dim is None:
             return True  # a roll of the flattened tensor
         dims = [dim] if isinstance(dim, int) else list(dim)
         shifts = [shifts] if isinstance(shifts, int) else list(shifts)
-        return any(d % t.dim() == 0 and s % batch for d, s in zip(dims, shifts, strict=False))
-    if dim is None or dim % t.dim() != 0:
+        return any(d % t.dim() == along and s % batch for d, s in zip(dims, shifts, strict=False))
+    if dim is None or dim % t.dim() != along:
         return False
     return not _is_identity(_arg(args, kwargs, index_at, "index"), batch)
+
+
+def _index_of(key: object, dim: int, ndim: int) -> object:
+    """The index that ``t[key]`` takes along dim ``dim`` of t (of ``ndim`` dims): one of the
+    key's, or ``slice(None)`` where the key leaves that dim whole."""
+    keys = key if type(key) in (tuple, list) and key and not _is_index(key) else (key,)
+    keys = [k for k in keys if k is not None]  # a new dim takes none of t's
+
+    def width(k: object) -> int:  # how many of t's dims an index takes
+        return k.dim() if isinstance(k, torch.Tensor) and k.dtype == torch.bool else 1
+
+    cut = next((i for i, k in enumerate(keys) if k is Ellipsis), None)  # not ==: arrays
+    if cut is not None:  # the keys after it take the last dims
+        tail = keys[cut + 1 :]
+        start = ndim - sum(width(k) for k in tail)
+        keys = keys[:cut] if dim < start else tail
+        if dim >= start:
+            dim -= start
+    at = 0
+    for k in keys:
+        if at <= dim < at + width(k):
+            return k
+        at += width(k)
+    return slice(None)
 
 
 def _arg(args: tuple, kwargs: Mapping, at: int | None, name: str) -> object:

@@ -50,7 +50,7 @@ from torch.autograd import Variable
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from dpclip._folds import Folds
+from dpclip import _layouts
 from dpclip.errors import DoubleBackwardError, IntegrityError
 from dpclip.layers._fingerprint import Fingerprint
 from dpclip.layers.fallback import Call, RngState, autocast_state, expand_rows
@@ -276,8 +276,8 @@ class Recorder:
     # model's buffers, which count as such in every forward
     _consts: dict[int, weakref.ref] = field(default_factory=dict)
     _buffers: dict[int, weakref.ref] = field(default_factory=dict)
-    # this forward's tensors of the batch flattened into tokens (the guard follows them)
-    folds: Folds = field(default_factory=Folds)
+    # this forward's tensors whose batch is not on dim 0 alone (the guard follows them)
+    layouts: _layouts.Layouts = field(default_factory=_layouts.Layouts)
     _uses: dict[tuple[int, int], tuple[weakref.ref, Tensor, int]] = field(default_factory=dict)
     _vjp: int = 0  # inside broadcast_use's backward to the pending outputs
     _summed: list[_Base] = field(default_factory=list)  # pending outputs with gradients to hand on
@@ -455,7 +455,7 @@ class Recorder:
         self._pending.clear()
         self._uses.clear()
         self._consts.clear()
-        self.folds.clear()
+        self.layouts.clear()
 
     def accumulates(self) -> bool:
         """Whether the running backward pass accumulates into ``.grad`` (``loss.backward()``),
@@ -532,17 +532,17 @@ class Recorder:
             and self.all_constant(inputs) is True
         )
         upstream = self._pending_inputs(module, inputs) if self._pending else ()
-        folded = self._folded(module, inputs, rows) if rows != self.batch else None
+        layout = self._layout(module, inputs, output) if self.layouts.by_id else None
         inputs = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
         if upstream:  # fc(pos(arange(T))): pending too, whatever its rows
             # batch 1 only if it has one row from batch-1 outputs alone (not B rows copied from
             # one: fc(wpe(pos).expand(B, T, d)) has no batch dim)
             batchless = rows != 1 or any(b.batchless for e in upstream for b in e.bases)
             return self._hold_pending(module, inputs, output, batchless, upstream)
-        if (rows == self.batch or folded) and not constant:
+        if (rows == self.batch or layout) and not constant:
             batch = self.batch
-            if folded:  # the same call on (B, k, ...): a row-wise layer acts on each row alone
-                inputs = tuple(x.unflatten(0, (batch, folded)) for x in inputs)
+            if layout:  # the same call on the batch-first view: a row-wise layer acts per row
+                inputs = tuple(_layouts.batch_first_view(x, layout, batch) for x in inputs)
             versions = tuple(x._version if isinstance(x, Tensor) else None for x in inputs)
             record = Record(module, inputs, batch, self._forward, versions=versions)
             # a view (nn.Linear's output for 3-D input when that input needs a gradient) would
@@ -550,10 +550,12 @@ class Recorder:
             # rebases a view's history then; the attached alias is no view, and keeps it
             if not output.requires_grad or output._is_view():
                 output = _Attach.apply(self._anchor, output)
-            if folded:
-                self.folds.mark(output, folded)
+            if layout:
+                self.layouts.mark(output, layout)
                 output.register_hook(
-                    lambda grad: self._on_grad(record, grad.reshape(batch, -1, *grad.shape[1:]))
+                    lambda grad: self._on_grad(
+                        record, _layouts.grad_batch_first(grad, layout, batch)
+                    )
                 )
             else:
                 output.register_hook(lambda grad: self._on_grad(record, grad))
@@ -581,17 +583,31 @@ class Recorder:
             f"first). {fix}."
         )
 
-    def _folded(self, module: nn.Module, inputs: tuple, rows: int | None) -> int | None:
-        """k, for a row-wise layer whose inputs are all of the batch flattened into B·k rows
-        (see :mod:`dpclip._folds`), and whose output has as many rows."""
-        if not (isinstance(module, ROW_WISE) and inputs and rows and self.batch):
+    def _layout(self, module: nn.Module, inputs: tuple, output: Tensor) -> _layouts.Layout | None:
+        """For a row-wise layer whose inputs all hold the batch in one followed layout (see
+        :mod:`dpclip._layouts`) before the dims the layer acts on, as its output does: that
+        layout."""
+        if not (isinstance(module, ROW_WISE) and inputs and self.batch):
             return None
-        k = self.folds.rows_per_example(inputs[0])
-        if k is None or rows != self.batch * k:
+        layout = self.layouts.of(inputs[0])
+        if layout is None or any(self.layouts.of(x) != layout for x in inputs[1:]):
             return None
-        if any(not isinstance(x, Tensor) or self.folds.rows_per_example(x) != k for x in inputs):
-            return None
-        return k
+        first = inputs[0]
+        acted_on = (
+            0
+            if isinstance(module, nn.Embedding)
+            else len(module.normalized_shape)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+            else 1
+        )
+        if layout[0] >= first.dim() - acted_on:
+            raise IntegrityError(
+                f"{self.name(module)} acts on dim {layout[0]} of its input, which holds the "
+                f"batch (input shape {tuple(first.shape)}, made by moving the batch there): it "
+                "would combine examples. Move the batch off the dims the layer acts on (its last "
+                "one; a norm's normalized dims)"
+            )
+        return layout if _layouts.holds_batch(output, layout, self.batch) else None
 
     def batch_first(self, t: Tensor) -> bool:
         """Whether ``t`` is taken for a tensor of this forward's batch on dim 0: that size there,
@@ -601,6 +617,7 @@ class Recorder:
             and t.shape[0] == self.batch
             and self.pending(t) is None
             and not self.is_constant(t)
+            and self.layouts.of(t) is None
         )
 
     def _pending_inputs(self, module: nn.Module, inputs: tuple) -> tuple[_Pending, ...]:
