@@ -137,6 +137,15 @@ class _FlatTokens(nn.Module):
         elif how == "source-changed-in-place":
             flat = x.reshape(-1, d)
             x.mul_(2.0)
+        elif how == "reordered-then-flattened-again":  # rows of unknown order, made (B, -1)
+            flat = x.reshape(-1, d).unsqueeze(1).squeeze(1).flip(0).view(b, -1).view(-1, d)
+        elif how == "changed-through-data":
+            flat = x.reshape(-1, d) * 1.0
+            flat.data.copy_(flat.data.flip(0))
+        elif how == "softmax":
+            flat = x.reshape(-1, d)[:, :].softmax(-1)
+        elif how == "normalize":
+            flat = F.normalize(x.reshape(-1, d), dim=-1)
         h = torch.tanh(self.body(flat))
         if how == "flip-after-a-layer":
             h = h.flip(0)
@@ -178,11 +187,21 @@ class _FlatFeedForward(nn.Module):
     [
         lambda: _FlatTokens(),
         lambda: _FlatTokens("flatten-inplace-relu"),
+        lambda: _FlatTokens("softmax"),
+        lambda: _FlatTokens("normalize"),
         lambda: _FlatTokens(frozen_backbone=True),
         lambda: _FlatFeedForward(),
         lambda: _FlatIds(),
     ],
-    ids=["linear", "flatten-inplace-relu", "frozen-backbone", "feed-forward", "embedding-ids"],
+    ids=[
+        "linear",
+        "flatten-inplace-relu",
+        "softmax",
+        "normalize",
+        "frozen-backbone",
+        "feed-forward",
+        "embedding-ids",
+    ],  # fmt: skip
 )
 def test_layers_on_the_batch_flattened_into_tokens_equal_the_naive_loop(model, batch, length):
     """Row r of (B·T, ...) is example r // T's: each call is clipped as the same on (B, T, ...)."""
@@ -201,6 +220,8 @@ def test_layers_on_the_batch_flattened_into_tokens_equal_the_naive_loop(model, b
         ("time-major", rf"body \(Linear\) returned {B * T} rows on dim 0 .* batch is {B}\b"),
         ("mixed-with-time-major", rf"body \(Linear\) returned {B * T} rows on dim 0"),
         ("source-changed-in-place", rf"body \(Linear\) returned {B * T} rows on dim 0"),
+        ("reordered-then-flattened-again", rf"body \(Linear\) returned {B * T} rows on dim 0"),
+        ("changed-through-data", rf"body \(Linear\) returned {B * T} rows on dim 0"),
         ("flip", r"flip moves rows of the batch flattened into tokens"),
         ("roll", r"roll moves rows of the batch flattened into tokens"),
         ("flip-after-a-layer", r"flip moves rows of the batch flattened into tokens"),
@@ -213,6 +234,30 @@ def test_a_flattening_whose_rows_dpclip_cannot_follow_is_refused(how, match):
     _assert_refused_at_forward(
         _FlatTokens(how).double(), _x(B, T, D), match + r".*(reshape\(-1, d\)|order)"
     )
+
+
+class _Rejoined(_FcHead):
+    """Slices of the batch put back together by ``torch.cat``/``torch.stack`` along dim 0."""
+
+    def forward(self, x):
+        b = x.shape[0]
+        if self.how == "cat-in-order":
+            h = torch.cat([x[:1], x[1:]])
+        elif self.how == "cat-swapped":
+            h = torch.cat([x[:1], x[2:3], x[1:2], x[3:]]) if b > 2 else x
+        else:  # "stack-swapped"
+            h = torch.stack([x[k] for k in (1, 0, *range(2, b))]) if b > 1 else x
+        return self.head(torch.tanh(self.fc(h)))
+
+
+def test_slices_of_the_batch_joined_back_in_order_equal_the_naive_loop():
+    _assert_equals_naive_loop(_Rejoined("cat-in-order").double(), _x(B, D), _y())
+
+
+@pytest.mark.parametrize("how", ["cat-swapped", "stack-swapped"])
+def test_slices_of_the_batch_joined_back_in_another_order_are_refused(how):
+    match = r"along dim 0 of slices of one tensor puts its rows back in another order"
+    _assert_refused_at_forward(_Rejoined(how).double(), _x(B, D), match)
 
 
 def test_a_time_major_flattening_whose_length_is_the_batch_is_refused_too():

@@ -26,6 +26,10 @@ from torch import Tensor
 
 # (the dim of the batch, rows per example along dim 0): (0, k > 1) flattened, (j > 0, 1) moved
 Layout = tuple[int, int]
+# the mark of a tensor reshaped or moved from one whose dim 0 is not the batch and that no layout
+# explains (B·k rows made in some order dpclip did not follow): not a source of either layout,
+# whatever its shape, nor is anything computed from it (a layer on it is judged by its dim 0)
+_UNKNOWN: Layout = (-1, 0)
 
 # calls that reshape (the elements keep their order)
 _RESHAPES = frozenset({"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten"})
@@ -44,7 +48,11 @@ _ELEMENTWISE = frozenset({
     "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
     "__truediv__", "__rtruediv__", "__itruediv__", "where", "maximum", "minimum",
     "contiguous", "clone", "to", "float", "half", "bfloat16", "double", "type_as",
+    "masked_fill", "masked_fill_",
 })  # fmt: skip
+# calls along one dim given as ``dim`` (second argument): the layout is kept unless it is the
+# batch's
+_ALONG_DIM = frozenset({"softmax", "log_softmax", "normalize"})
 # calls row-wise in their first operand, whose others are weights (a frozen layer's, or one
 # called functionally): F.linear(x, w, b), F.layer_norm(x, shape, w, b), F.embedding(ids, w)
 _ROW_WISE_IN_FIRST = frozenset({"linear", "layer_norm", "rms_norm", "embedding"})
@@ -58,6 +66,8 @@ class Forward(Protocol):
     def batch_first(self, t: Tensor) -> bool: ...
 
     def is_constant(self, t: object) -> bool: ...
+
+    def pending(self, t: object) -> object | None: ...
 
 
 def holds_batch(t: Tensor, layout: Layout, batch: int) -> bool:
@@ -95,13 +105,31 @@ class Layouts:
         """The layout of a followed tensor unchanged since (or changed ``changes`` times in
         place: by the call being followed); else None."""
         entry = self.by_id.get(id(t))
-        if entry is None or entry[0]() is not t:
+        if entry is None or entry[0]() is not t or entry[1] == _UNKNOWN:
             return None
         assert isinstance(t, Tensor)
         return entry[1] if t._version == entry[2] + changes else None
 
+    def unknown(self, t: object) -> bool:
+        """Whether ``t`` was made from B·k rows of an order dpclip did not follow."""
+        entry = self.by_id.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] == _UNKNOWN
+
     def mark(self, t: Tensor, layout: Layout) -> None:
         self.by_id[id(t)] = (weakref.ref(t), layout, t._version)
+
+    def forget(self, t: object) -> None:
+        """Drop ``t``'s mark (a layer's batch-first output: taken for one, as every layer's)."""
+        entry = self.by_id.get(id(t))
+        if entry is not None and entry[0]() is t:
+            del self.by_id[id(t)]
+
+    def lose(self, t: object) -> None:
+        """A followed tensor whose order dpclip can no longer vouch for (its ``.data`` read:
+        changed through it, its version would not show)."""
+        entry = self.by_id.get(id(t))
+        if entry is not None and entry[0]() is t:
+            self.by_id[id(t)] = (entry[0], _UNKNOWN, entry[2])
 
     def after(
         self, name: str, args: tuple, kwargs: Mapping | None, out: object, forward: Forward
@@ -111,10 +139,16 @@ class Layouts:
         batch = forward.batch
         if not isinstance(out, Tensor) or not out.dim() or not batch:
             return
+        if any(self.unknown(a) for a in _operands(args, kwargs)):
+            self.mark(out, _UNKNOWN)  # whatever the call: its order stays unknown
+            return
         source = args[0] if args else None
         if name in _RESHAPES or name in _MOVES:
             layout = self._source(source, forward)
-            if layout is not None:
+            if layout is None and _of_unknown_order(source, forward):
+                if out.shape[0] % batch == 0 and out.shape[0]:
+                    self.mark(out, _UNKNOWN)
+            elif layout is not None:
                 assert isinstance(source, Tensor)
                 got = (
                     _reshaped(source, out, layout, batch)
@@ -129,6 +163,20 @@ class Layouts:
             if layout is not None and holds_batch(out, layout, batch):
                 assert isinstance(source, Tensor)
                 if layout[0] < out.dim() - _trailing(name, args, kwargs, source):
+                    self.mark(out, layout)
+            return
+        if name in _ALONG_DIM:
+            layout = self.of(source)
+            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+            if layout is not None and isinstance(dim, int) and holds_batch(out, layout, batch):
+                assert isinstance(source, Tensor)
+                if dim % source.dim() != layout[0] and out.dim() == source.dim():
+                    self.mark(out, layout)
+            return
+        if name == "__getitem__":
+            layout = self.of(source)
+            if layout is not None and _slices_keep(args[1] if len(args) > 1 else None, layout):
+                if holds_batch(out, layout, batch):
                     self.mark(out, layout)
             return
         if name in _ELEMENTWISE:
@@ -185,6 +233,37 @@ class Layouts:
         return found
 
 
+def _operands(args: tuple, kwargs: Mapping | None) -> list[object]:
+    out: list[object] = []
+    for a in (*args, *(kwargs.values() if kwargs else ())):
+        out.extend(a) if type(a) in (list, tuple) else out.append(a)
+    return out
+
+
+def _of_unknown_order(t: object, forward: Forward) -> bool:
+    """A tensor whose dim 0 is not the batch's and that is neither pending nor a constant: its
+    rows (B·k of them, or T of a sequence-first one) are in an order no layout explains."""
+    return (
+        isinstance(t, Tensor)
+        and t.dim() > 0
+        and t.shape[0] != forward.batch
+        and forward.pending(t) is None
+        and not forward.is_constant(t)
+    )
+
+
+def _slices_keep(key: object, layout: Layout) -> bool:
+    """Whether ``t[key]`` keeps every dim up to the batch's whole: a key of plain slices (and
+    an Ellipsis after them), ``slice(None)`` up to the batch's dim."""
+    keys = key if type(key) is tuple else (key,)
+    for at, k in enumerate(keys):
+        if k is Ellipsis:
+            return at > layout[0]
+        if type(k) is not slice or (at <= layout[0] and k != slice(None)):
+            return False
+    return True
+
+
 def _trailing(name: str, args: tuple, kwargs: Mapping | None, source: Tensor) -> int:
     """How many trailing dims a functional row-wise layer reduces over or replaces (the batch
     must come before them)."""
@@ -198,7 +277,7 @@ def _reshaped(source: Tensor, out: Tensor, layout: Layout, batch: int) -> Layout
     dim, _ = layout
     if dim == 0:  # batch-first or flattened: a reshape to B·k rows keeps the examples' order
         rows = out.shape[0]
-        return (0, rows // batch) if rows != batch and rows % batch == 0 else None
+        return (0, rows // batch) if rows > batch and rows % batch == 0 else None
     # the batch on dim j: kept where the dims up to it are kept
     if out.dim() > dim and out.shape[: dim + 1] == source.shape[: dim + 1]:
         return layout

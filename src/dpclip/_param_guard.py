@@ -344,6 +344,8 @@ class _Mode(TorchFunctionMode):
             attribute = getattr(getattr(func, "__self__", None), "__name__", "")
             if attribute == "data" and (self.pending or self.consts) and args:
                 self._detached(args[0], out)  # as t.detach()
+            if attribute == "data" and self.layouts is not None and self.layouts.by_id and args:
+                self.layouts.lose(args[0])  # changed through .data, its version would not show
             if attribute not in _GRADIENT_FREE_ATTRIBUTES:
                 for a in args:
                     if id(a) in self.managed:
@@ -371,6 +373,8 @@ class _Mode(TorchFunctionMode):
         parts = None
         if kind == _ATTENTION and pending:
             args, kwargs = guard.split_pending_mask(args, kwargs or {})
+        if kind == _JOIN and args and type(args[0]) in (list, tuple):
+            guard.check_rows_rejoined(name, args, kwargs or {})
         if kind == _JOIN and pending and args and _touches(pending, args[:1], None):
             args = guard.split_pending_joined(name, args, kwargs or {})
         if kind == _MATMUL and pending and _touches(pending, args, None):
@@ -681,6 +685,41 @@ class ParamUseGuard:
                 "that dpclip.register_layer gives a rule as a whole. (A time-major (T, B, ...) "
                 "view whose T happens to equal the batch looks the same: move along the time "
                 "dim of the batch-first tensor instead, e.g. h.flip(1) before transposing)"
+            )
+
+    def check_rows_rejoined(self, name: str, args: tuple, kwargs: Mapping) -> None:
+        """Refuse ``torch.cat``/``torch.stack`` along dim 0 of slices (rows, or single rows) of
+        one tensor that put all its rows back in another order: ``cat([x[2:], x[:2]])`` moves
+        rows as ``x[perm]`` does."""
+        parts = args[0]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if not isinstance(dim, int) or dim != 0 or len(parts) < 2:
+            return
+        if not all(isinstance(p, torch.Tensor) and p.dim() for p in parts):
+            return
+        base = parts[0]._base if parts[0]._base is not None else parts[0]
+        if base.dim() == 0 or base.shape[0] < 2:
+            return
+        step, start = base.stride(0), base.storage_offset()
+        rows: list[int] = []
+        for p in parts:
+            if (p._base if p._base is not None else p) is not base or not step:
+                return
+            first, rest = divmod(p.storage_offset() - start, step)
+            if rest:
+                return  # not whole rows of the base
+            count = 1 if name == "stack" else p.shape[0]
+            if name != "stack" and p.shape[1:] != base.shape[1:]:
+                return
+            if name == "stack" and p.shape != base.shape[1:]:
+                return
+            rows.extend(range(first, first + count))
+        if sorted(rows) == list(range(base.shape[0])) and rows != sorted(rows):
+            raise IntegrityError(
+                f"{name} along dim 0 of slices of one tensor puts its rows back in another order "
+                "inside the model's forward: dpclip clips row j of every layer as example j, so "
+                "a layer after it would add one example's gradient to another's. Keep the "
+                "batch's order inside the forward"
             )
 
     def check_layout_kept(self, name: str, args: tuple, kwargs: Mapping) -> None:
