@@ -260,6 +260,30 @@ def test_slices_of_the_batch_joined_back_in_another_order_are_refused(how):
     _assert_refused_at_forward(_Rejoined(how).double(), _x(B, D), match)
 
 
+def test_a_model_returning_the_batch_flattened_into_tokens_is_told_to_return_it_batch_first():
+    """Its self-check cannot run the loss on one example's output (T rows against B·T
+    targets); the refusal says how to return the output instead."""
+
+    class FlatLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            return self.head(x.reshape(-1, D))  # (B·T, 3)
+
+    model = FlatLogits().double()
+    engine, opt = _engine(model)
+    before = _snapshot(model)
+    targets = torch.randint(0, 3, (B * T,), generator=torch.Generator().manual_seed(3))
+    F.cross_entropy(model(_x(B, T, D)), targets).backward()
+    with pytest.raises(
+        dpclip.SelfCheckError, match=rf"has shape \({B * T}, 3\) for a batch of {B}.*batch-first"
+    ):
+        opt.step()
+    _assert_unchanged(model, engine, before)
+
+
 def test_a_time_major_flattening_whose_length_is_the_batch_is_refused_too():
     """At T = B its rows look like a batch-first flattening's; the transpose before it did not."""
     match = rf"body \(Linear\) returned {B * B} rows on dim 0"

@@ -159,30 +159,55 @@ def check(subject: Subject, args: tuple, kwargs: dict, tape: LossTape) -> CheckR
         out = subject.model(*args, **kwargs)
         leaves, spec = tree_flatten(out)
         fixed = [t.detach().clone() if isinstance(t, Tensor) else t for t in leaves]
-        raw = subject.dpclip_norms_sq(_scalar(_replay(tape, out)))
-        del out, leaves  # the forward's activations go before the output-sized work below
-        used, base = _used_leaves(tape, fixed, spec)
-        from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
-        rows = rows_to_check(batch)
-        if from_rows:  # among the examples the loss uses: a row without labels shows nothing
-            rows = _live_rows(base, batch) or rows
-            _check_rows_do_not_mix(tape, fixed, spec, used, _RowGrads(base, rows), rows, rtol)
-        del base
-        worst = 0.0
-        with subject.hooks_off():
-            for i in rows:
-                rows_used = used if from_rows else None
-                norms = _alone(subject, args, kwargs, batch, i, tape, fixed, spec, rows_used)
-                scale = 1.0 if from_rows or not subject.mean_reduction else float(batch)
-                worst = max(worst, _compare(subject, raw, norms, i, scale, rtol, from_rows))
+        try:
+            raw = subject.dpclip_norms_sq(_scalar(_replay(tape, out)))
+            del out, leaves  # the forward's activations go before the output-sized work below
+            used, base = _used_leaves(tape, fixed, spec)
+            from_rows = all(fixed[k].dim() and fixed[k].shape[0] == batch for k in used)
+            rows = rows_to_check(batch)
+            if from_rows:  # among the examples the loss uses: a row without labels shows nothing
+                rows = _live_rows(base, batch) or rows
+                _check_rows_do_not_mix(tape, fixed, spec, used, _RowGrads(base, rows), rows, rtol)
+            del base
+            worst = 0.0
+            with subject.hooks_off():
+                for i in rows:
+                    rows_used = used if from_rows else None
+                    norms = _alone(subject, args, kwargs, batch, i, tape, fixed, spec, rows_used)
+                    scale = 1.0 if from_rows or not subject.mean_reduction else float(batch)
+                    worst = max(worst, _compare(subject, raw, norms, i, scale, rtol, from_rows))
+        except _ReplayError as err:
+            raise SelfCheckError(str(err) + _flattened_hint(fixed, batch)) from err.__cause__
     return CheckResult(rows, worst, from_rows)
+
+
+class _ReplayError(SelfCheckError):
+    """The loss could not be computed again (on another output, or an example's alone)."""
+
+
+def _flattened_hint(outputs: list, batch: int) -> str:
+    """Why the loss may fail on an example's output alone: a model output of B·k rows."""
+    shape = next(
+        (
+            tuple(t.shape) for t in outputs
+            if isinstance(t, Tensor) and t.dim() and t.shape[0] > batch and not t.shape[0] % batch
+        ),
+        None,
+    )  # fmt: skip
+    if shape is None:
+        return ""
+    return (
+        f" The model's output has shape {shape} for a batch of {batch}: the batch flattened "
+        "into tokens? Return it batch-first, (B, T, ...), and flatten it in the loss "
+        "(logits.view(-1, V)), as transformers' models do."
+    )
 
 
 def _replay(tape: LossTape, output: object, like: tuple[int, int] | None = None) -> Tensor:
     try:
         return tape.loss(output, like)
     except Exception as err:
-        raise SelfCheckError(
+        raise _ReplayError(
             f"dpclip's self-check could not compute the loss again on another output ({err!r}); "
             "call engine.verify(*inputs, loss_fn=...) with a loss it can, or pass verify=False "
             "to PrivacyEngine if you know your model clips true examples. Nothing changed."
