@@ -139,24 +139,33 @@ class Layouts:
         batch = forward.batch
         if not isinstance(out, Tensor) or not out.dim() or not batch:
             return
-        if any(self.unknown(a) for a in _operands(args, kwargs)):
+        if self.by_id and any(self.unknown(a) for a in _operands(args, kwargs)):
             self.mark(out, _UNKNOWN)  # whatever the call: its order stays unknown
             return
         source = args[0] if args else None
         if name in _RESHAPES or name in _MOVES:
-            layout = self._source(source, forward)
-            if layout is None and _of_unknown_order(source, forward):
-                if out.shape[0] % batch == 0 and out.shape[0]:
-                    self.mark(out, _UNKNOWN)
-            elif layout is not None:
-                assert isinstance(source, Tensor)
-                got = (
-                    _reshaped(source, out, layout, batch)
-                    if name in _RESHAPES
-                    else _moved(name, args, kwargs, source, out, layout, batch)
-                )
-                if got is not None:
-                    self.mark(out, got)
+            if not isinstance(source, Tensor) or not source.dim():
+                return
+            layout = self.of(source)
+            if layout is None:  # cheap tests first: every view and transpose comes here
+                if source.shape[0] != batch:
+                    if out.shape[0] % batch == 0 and _of_unknown_order(source, forward):
+                        self.mark(out, _UNKNOWN)
+                    return
+                if name in _RESHAPES and (out.shape[0] == batch or out.shape[0] % batch):
+                    return  # batch-first still, or rows that are no multiple of the batch
+                if name in _MOVES and not _may_move_dim0(name, args, kwargs, source.dim()):
+                    return
+                if not forward.batch_first(source):
+                    return
+                layout = (0, 1)
+            got = (
+                _reshaped(source, out, layout, batch)
+                if name in _RESHAPES
+                else _moved(name, args, kwargs, source, out, layout, batch)
+            )
+            if got is not None:
+                self.mark(out, got)
             return
         if name in _ROW_WISE_IN_FIRST:
             layout = self.of(source)
@@ -183,14 +192,6 @@ class Layouts:
             layout = self._elementwise(args, kwargs, out, forward)
             if layout is not None:
                 self.mark(out, layout)  # an in-place call's output is its first operand
-
-    def _source(self, t: object, forward: Forward) -> Layout | None:
-        if not isinstance(t, Tensor):
-            return None
-        layout = self.of(t)
-        if layout is None and forward.batch_first(t):
-            return (0, 1)
-        return layout
 
     def _elementwise(
         self, args: tuple, kwargs: Mapping | None, out: Tensor, forward: Forward
@@ -231,6 +232,24 @@ class Layouts:
                 continue
             return None  # the batch's place holds entries of unknown examples
         return found
+
+
+def _may_move_dim0(name: str, args: tuple, kwargs: Mapping | None, n: int) -> bool:
+    """Whether a transpose or permute can move dim 0 (most move others: attention's heads)."""
+    if name in ("transpose", "swapaxes", "swapdims"):
+        dims = args[1:3] if len(args) > 2 else tuple((kwargs or {}).values())
+        return not all(isinstance(d, int) and d % n != 0 for d in dims) or len(dims) < 2
+    if name == "permute":
+        dims = args[1:] if len(args) > 1 else ((kwargs or {}).get("dims", ()),)
+        first = (
+            dims[0][0]
+            if dims and isinstance(dims[0], Sequence) and dims[0]
+            else dims[0]
+            if dims
+            else None
+        )
+        return not (isinstance(first, int) and first % n == 0)
+    return True
 
 
 def _operands(args: tuple, kwargs: Mapping | None) -> list[object]:
