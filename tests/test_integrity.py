@@ -142,6 +142,11 @@ class _FlatTokens(nn.Module):
         elif how == "changed-through-data":
             flat = x.reshape(-1, d) * 1.0
             flat.data.copy_(flat.data.flip(0))
+        elif how in ("last-token", "tokens-swapped"):  # B rows of the flattened tokens
+            rows = torch.arange(b) * t + t - 1
+            if how == "tokens-swapped" and b > 1:
+                rows = rows.flip(0)
+            return self.head(torch.tanh(self.body(x.reshape(-1, d)[rows])))
         elif how == "softmax":
             flat = x.reshape(-1, d)[:, :].softmax(-1)
         elif how == "normalize":
@@ -214,6 +219,10 @@ def test_layers_on_the_batch_flattened_into_tokens_equal_the_naive_loop(model, b
     _assert_equals_naive_loop(m, x, _y(batch))
 
 
+def test_each_examples_last_token_picked_from_the_flattened_batch_equals_the_naive_loop():
+    _assert_equals_naive_loop(_FlatTokens("last-token").double(), _x(B, T, D), _y())
+
+
 @pytest.mark.parametrize(
     "how, match",
     [
@@ -222,10 +231,11 @@ def test_layers_on_the_batch_flattened_into_tokens_equal_the_naive_loop(model, b
         ("source-changed-in-place", rf"body \(Linear\) returned {B * T} rows on dim 0"),
         ("reordered-then-flattened-again", rf"body \(Linear\) returned {B * T} rows on dim 0"),
         ("changed-through-data", rf"body \(Linear\) returned {B * T} rows on dim 0"),
-        ("flip", r"flip moves rows of the batch flattened into tokens"),
-        ("roll", r"roll moves rows of the batch flattened into tokens"),
-        ("flip-after-a-layer", r"flip moves rows of the batch flattened into tokens"),
-        ("roll-after-a-layer", r"roll moves rows of the batch flattened into tokens"),
+        ("flip", r"flip moves or gathers rows of the batch flattened into tokens"),
+        ("roll", r"roll moves or gathers rows of the batch flattened into tokens"),
+        ("tokens-swapped", r"__getitem__ moves or gathers rows of the batch flattened"),
+        ("flip-after-a-layer", r"flip moves or gathers rows of the batch flattened into tokens"),
+        ("roll-after-a-layer", r"roll moves or gathers rows of the batch flattened into tokens"),
     ],
 )
 def test_a_flattening_whose_rows_dpclip_cannot_follow_is_refused(how, match):
@@ -313,6 +323,11 @@ class _SeqFirst(_FcHead):
             h = h + x.mean(1) * 0.5  # (B, d) broadcast over the steps
         elif how == "flipped":
             h = h.flip(1)
+        elif how == "last-step":  # each example's last step: (B, d), in order
+            return self.head(h[x.shape[1] - 1, torch.arange(x.shape[0])])
+        elif how == "gathered":  # steps of several examples, by index
+            b = x.shape[0]
+            return self.head(h[torch.arange(b) % x.shape[1], torch.arange(b).flip(0)])
         elif how == "across-the-batch":  # a layer on (T, d, B): over the examples
             return self.across(h.transpose(1, 2)).mean((0, 1))[None].expand(x.shape[0], -1)
         return self.head(h).mean(0)
@@ -360,9 +375,15 @@ def test_a_sequence_first_tensor_dpclip_cannot_follow_whose_length_is_the_batch_
 
 
 @pytest.mark.parametrize("length", [T, B])
-def test_moving_entries_along_the_batch_of_a_sequence_first_layout_is_refused(length):
-    match = r"flip moves dim 1 of a tensor that holds the batch there"
-    _assert_refused_at_forward(_SeqFirst("flipped").double(), _x(B, length, D), match)
+def test_each_examples_last_step_of_a_sequence_first_layout_equals_the_naive_loop(length):
+    _assert_equals_naive_loop(_SeqFirst("last-step").double(), _x(B, length, D), _y())
+
+
+@pytest.mark.parametrize("how", ["flipped", "gathered"])
+@pytest.mark.parametrize("length", [T, B])
+def test_moving_entries_along_the_batch_of_a_sequence_first_layout_is_refused(how, length):
+    match = r"(flip|__getitem__) moves or gathers dim 1 of a tensor that holds the batch there"
+    _assert_refused_at_forward(_SeqFirst(how).double(), _x(B, length, D), match)
 
 
 @pytest.mark.parametrize("length", [T, B])

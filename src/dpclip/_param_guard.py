@@ -733,14 +733,17 @@ class ParamUseGuard:
         if layout is None or not recorder.batch or recorder.batch < 2:
             return
         dim, k = layout
-        if _moves_rows(name, args, kwargs, t.shape[dim], dim):
+        if _moves_rows(name, args, kwargs, t.shape[dim], dim) or _picks_across(
+            name, args, kwargs, layout, recorder.batch
+        ):
             where = (
                 f"rows of the batch flattened into tokens ({k} per example, in order)"
                 if dim == 0
                 else f"dim {dim} of a tensor that holds the batch there (a sequence-first layout)"
             )
             raise IntegrityError(
-                f"{name} moves {where} inside the model's forward: dpclip clips each example's "
+                f"{name} moves or gathers {where} inside the model's forward: dpclip clips "
+                "each example's "
                 "entries as that example's, so a layer after the move would add one example's "
                 "gradient to another's. Keep the examples' order inside the forward, or move "
                 "along another dim (the tokens of a batch-first tensor: h.flip(1))"
@@ -870,6 +873,34 @@ def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int, along: int 
     if dim is None or dim % t.dim() != along:
         return False
     return not _is_identity(_arg(args, kwargs, index_at, "index"), batch)
+
+
+def _picks_across(
+    name: str, args: tuple, kwargs: Mapping, layout: tuple[int, int], batch: int
+) -> bool:
+    """Whether an index into a followed tensor (see :mod:`dpclip._layouts`) takes entries
+    along its batch other than in order: for sequence-first, any index at the batch's dim but
+    ``arange(B)`` (a mask or an index over it gathers entries of several examples in another
+    order: Longformer's global tokens); for flattened tokens, B rows not one per example in
+    order (the last token of each: rows b·k + t_b)."""
+    if name != "__getitem__" and name not in _PUTS:
+        return False
+    t, (dim, k) = args[0], layout
+    index = _index_of(_key(args, kwargs), dim, t.dim())
+    if isinstance(index, (list, tuple)) or hasattr(index, "__array__"):
+        index = torch.as_tensor(index)
+    if isinstance(index, int) and not isinstance(index, bool):
+        return dim > 0  # one example of a sequence-first batch
+    if not isinstance(index, torch.Tensor):
+        return False
+    if index.dtype == torch.bool:
+        return dim > 0  # a row mask keeps flattened rows in order
+    if dim > 0:
+        return not (index.dim() == 1 and index.shape[0] == batch) or not _is_identity(index, batch)
+    if index.dim() != 1 or index.shape[0] != batch:
+        return False  # not B rows: a layer on them is refused by their count
+    owners = torch.div(index % t.shape[0], k, rounding_mode="floor")
+    return not bool((owners == torch.arange(batch, device=index.device)).all())
 
 
 def _index_of(key: object, dim: int, ndim: int) -> object:
