@@ -223,14 +223,18 @@ def test_each_examples_last_token_picked_from_the_flattened_batch_equals_the_nai
     _assert_equals_naive_loop(_FlatTokens("last-token").double(), _x(B, T, D), _y())
 
 
+# a layer on a tensor computed from a sequence-first one in a way dpclip does not follow
+_NOT_FOLLOWED = r"body \(Linear\) was given a tensor computed from one whose batch is not on dim 0"
+
+
 @pytest.mark.parametrize(
     "how, match",
     [
-        ("time-major", rf"body \(Linear\) returned {B * T} rows on dim 0 .* batch is {B}\b"),
-        ("mixed-with-time-major", rf"body \(Linear\) returned {B * T} rows on dim 0"),
-        ("source-changed-in-place", rf"body \(Linear\) returned {B * T} rows on dim 0"),
-        ("reordered-then-flattened-again", rf"body \(Linear\) returned {B * T} rows on dim 0"),
-        ("changed-through-data", rf"body \(Linear\) returned {B * T} rows on dim 0"),
+        ("time-major", _NOT_FOLLOWED),
+        ("mixed-with-time-major", _NOT_FOLLOWED),
+        ("source-changed-in-place", _NOT_FOLLOWED),
+        ("reordered-then-flattened-again", r"flip moves or gathers rows of the batch flattened"),
+        ("changed-through-data", _NOT_FOLLOWED),
         ("flip", r"flip moves or gathers rows of the batch flattened into tokens"),
         ("roll", r"roll moves or gathers rows of the batch flattened into tokens"),
         ("tokens-swapped", r"__getitem__ moves or gathers rows of the batch flattened"),
@@ -242,7 +246,7 @@ def test_a_flattening_whose_rows_dpclip_cannot_follow_is_refused(how, match):
     """Rows not in example order (a time-major flattening, a reordering, a tensor changed in
     place after it was flattened): a layer on them is refused, naming the fix."""
     _assert_refused_at_forward(
-        _FlatTokens(how).double(), _x(B, T, D), match + r".*(reshape\(-1, d\)|order)"
+        _FlatTokens(how).double(), _x(B, T, D), match + r".*(reshape\(-1, d\)|order|dim 0)"
     )
 
 
@@ -296,8 +300,7 @@ def test_a_model_returning_the_batch_flattened_into_tokens_is_told_to_return_it_
 
 def test_a_time_major_flattening_whose_length_is_the_batch_is_refused_too():
     """At T = B its rows look like a batch-first flattening's; the transpose before it did not."""
-    match = rf"body \(Linear\) returned {B * B} rows on dim 0"
-    _assert_refused_at_forward(_FlatTokens("time-major").double(), _x(B, B, D), match)
+    _assert_refused_at_forward(_FlatTokens("time-major").double(), _x(B, B, D), _NOT_FOLLOWED)
 
 
 # ------------------------------------------------------------------ 2. sequence-first layouts
@@ -310,8 +313,15 @@ class _SeqFirst(_FcHead):
 
     def forward(self, x):
         how = self.how
-        if how == "stacked":  # made from the examples' steps: dpclip cannot tell its layout
+        if how in ("stacked", "stacked-then-back"):  # a recurrent loop's steps, (T, B, d)
             h = torch.stack([x[:, t] for t in range(x.shape[1])])
+            if how == "stacked-then-back":
+                return self.head(torch.tanh(self.fc(h.transpose(0, 1)))).mean(1)
+        elif how == "filled":  # steps put into a (T, B, d) buffer: at T = B it looks batch-first
+            h = x.new_zeros(x.shape[1], x.shape[0], x.shape[2])
+            for t in range(x.shape[1]):
+                h[t] = x[:, t]
+            return self.head(torch.tanh(self.fc(h.transpose(0, 1)))).mean(1)
         elif how == "permute":
             h = x.permute(1, 0, 2)
         elif how == "movedim":
@@ -323,6 +333,15 @@ class _SeqFirst(_FcHead):
             h = h + x.mean(1) * 0.5  # (B, d) broadcast over the steps
         elif how == "flipped":
             h = h.flip(1)
+        elif how == "time-slice":  # a decoder's shift: (T - 1, B, d), T - 1 = B at T = B + 1
+            h = self.fc(h[:-1])
+        elif how == "gather-batch":  # the examples reordered along dim 1 by an index
+            index = torch.arange(x.shape[0]).flip(0).view(1, -1, 1).expand_as(h)
+            h = torch.gather(h, 1, index)
+        elif how == "put-into-buffer":
+            buffer = torch.zeros_like(h)
+            buffer[:, torch.arange(x.shape[0]).flip(0)] = h
+            h = buffer
         elif how == "last-step":  # each example's last step: (B, d), in order
             return self.head(h[x.shape[1] - 1, torch.arange(x.shape[0])])
         elif how == "gathered":  # steps of several examples, by index
@@ -363,15 +382,31 @@ def test_pytorchs_sequence_first_transformer_encoder_equals_the_naive_loop(norm_
     _assert_equals_naive_loop(model, _x(B, length, D), _y())
 
 
-def test_a_sequence_first_tensor_dpclip_cannot_follow_is_refused_when_its_length_differs():
-    match = rf"fc \(Linear\) returned {T} rows on dim 0 .* batch is {B} .*batch-first"
-    _assert_refused_at_forward(_SeqFirst("stacked").double(), _x(B, T, D), match)
+@pytest.mark.parametrize("how", ["stacked", "stacked-then-back", "time-slice"])
+@pytest.mark.parametrize("length", [T, B, B + 1])
+def test_steps_stacked_or_sliced_along_time_equal_the_naive_loop(how, length):
+    """torch.stack of batch-first steps (a recurrent loop's) puts the batch on dim 1, followed
+    there and back; a slice along time keeps it (also where the new length is the batch's)."""
+    _assert_equals_naive_loop(_SeqFirst(how).double(), _x(B, length, D), _y())
 
 
-def test_a_sequence_first_tensor_dpclip_cannot_follow_whose_length_is_the_batch_is_refused_by_the_self_check():
-    _assert_refused_at_step(
-        _SeqFirst("stacked").double(), _x(B, B, D), _y(), r"per-example gradient norm"
-    )
+def test_a_time_major_buffer_moved_at_a_length_equal_to_the_batch_is_refused():
+    """Steps put into a (T, B, d) buffer at T = B: no shape tells its batch from its time, so
+    moving it is refused where it meets a layer (at T != B its dim 0 settles it)."""
+    _assert_equals_naive_loop(_SeqFirst("filled").double(), _x(B, T, D), _y())
+    match = r"fc \(Linear\) was given a tensor computed from one whose batch is not on dim 0"
+    _assert_refused_at_forward(_SeqFirst("filled").double(), _x(B, B, D), match)
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("gather-batch", r"gather moves or gathers dim 1 of a tensor that holds the batch"),
+        ("put-into-buffer", r"__setitem__ puts a tensor whose batch is on dim 1"),
+    ],
+)
+def test_examples_reordered_along_a_sequence_first_batch_are_refused(how, match):
+    _assert_refused_at_forward(_SeqFirst(how).double(), _x(B, T, D), match)
 
 
 @pytest.mark.parametrize("length", [T, B])
@@ -726,6 +761,8 @@ class _Reordered(_FcHead):
             return self.head(h.roll(1, 0))
         if self.how == "numpy":
             return self.head(h[order.numpy()])
+        if self.how == "2-d index":  # rows of B along its last dim, one new leading dim
+            return self.head(h[order[None]][0])
         if self.how == "index_add":
             return self.head(torch.zeros_like(h).index_add(0, order, h))
         if self.how == "transposed layout":  # batch on dim 0, laid out inner (seq-first RNN out)
@@ -736,8 +773,8 @@ class _Reordered(_FcHead):
 
 @pytest.mark.parametrize(
     "how",
-    ["getitem", "list", "setitem", "index_select", "gather", "roll", "numpy", "index_add",
-     "transposed layout"],
+    ["getitem", "list", "setitem", "index_select", "gather", "roll", "numpy", "2-d index",
+     "index_add", "transposed layout"],
 )  # fmt: skip
 def test_rows_moved_along_the_batch_inside_the_forward_are_refused(how):
     _assert_refused_at_forward(_Reordered(how).double(), _x(B, D), "moves rows along dim 0")

@@ -26,16 +26,25 @@ from torch import Tensor
 
 # (the dim of the batch, rows per example along dim 0): (0, k > 1) flattened, (j > 0, 1) moved
 Layout = tuple[int, int]
-# the mark of a tensor reshaped or moved from one whose dim 0 is not the batch and that no layout
-# explains (B·k rows made in some order dpclip did not follow): not a source of either layout,
-# whatever its shape, nor is anything computed from it (a layer on it is judged by its dim 0)
+# a tensor reshaped or moved from one whose dim 0 is not the batch and that no layout explains
+# (B·k rows made in some order dpclip did not follow): never a source of a layout, nor is
+# anything computed from it (a layer on it is judged by its dim 0, as before layouts)
 _UNKNOWN: Layout = (-1, 0)
+# a tensor computed from a followed one by a call that dpclip does not follow, or moved from one
+# whose batch could be on another dim too (T = B): it cannot tell which entries are whose, and a
+# layer on it (or on anything computed from it) is refused
+_SUSPECT: Layout = (-2, 0)
 
 # calls that reshape (the elements keep their order)
 _RESHAPES = frozenset({"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten"})
-# calls that permute dims
-_MOVES = frozenset({"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t"})
-FOLLOWED = _RESHAPES | _MOVES  # followed from a batch-first tensor too (the others: from tracked)
+# calls that permute dims, or add or drop a dim of size 1
+_MOVES = frozenset({
+    "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t", "unsqueeze",
+    "squeeze",
+})  # fmt: skip
+# joins of several tensors along a dim
+_JOINS = frozenset({"cat", "concat", "concatenate", "stack"})
+FOLLOWED = _RESHAPES | _MOVES | _JOINS  # followed from batch-first tensors too
 # calls that compute each entry of their output from the same entries of their operands alone,
 # broadcast (the batch's entries keep their places)
 _ELEMENTWISE = frozenset({
@@ -48,14 +57,26 @@ _ELEMENTWISE = frozenset({
     "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
     "__truediv__", "__rtruediv__", "__itruediv__", "where", "maximum", "minimum",
     "contiguous", "clone", "to", "float", "half", "bfloat16", "double", "type_as",
-    "masked_fill", "masked_fill_",
+    "masked_fill", "masked_fill_", "zeros_like", "ones_like", "full_like", "empty_like",
 })  # fmt: skip
 # calls along one dim given as ``dim`` (second argument): the layout is kept unless it is the
 # batch's
-_ALONG_DIM = frozenset({"softmax", "log_softmax", "normalize"})
+_ALONG_DIM = frozenset({
+    "softmax", "log_softmax", "normalize", "cumsum", "cumprod", "logcumsumexp", "flip", "roll",
+})  # fmt: skip
+# reductions over the dims given as ``dim``: the layout is kept (shifted) unless the batch's is
+# among them
+_REDUCTIONS = frozenset({
+    "sum", "mean", "amax", "amin", "logsumexp", "norm", "std", "var", "prod", "nansum",
+    "nanmean",
+})  # fmt: skip
+# batched matrix products (their batch dims are all but the last two)
+_MATMULS = frozenset({"matmul", "__matmul__", "bmm", "baddbmm"})
 # calls row-wise in their first operand, whose others are weights (a frozen layer's, or one
 # called functionally): F.linear(x, w, b), F.layer_norm(x, shape, w, b), F.embedding(ids, w)
 _ROW_WISE_IN_FIRST = frozenset({"linear", "layer_norm", "rms_norm", "embedding"})
+# calls that split a tensor along a dim (a tuple of parts)
+_SPLITS = frozenset({"chunk", "split", "unbind", "tensor_split"})
 
 
 class Forward(Protocol):
@@ -93,138 +114,259 @@ def grad_batch_first(grad: Tensor, layout: Layout, batch: int) -> Tensor:
 
 class Layouts:
     """This forward's tensors of either layout: by id, each with its layout and its version
-    when it was marked (changed in place since: unknown again)."""
+    when it was marked (changed in place since: unknown again); and the tensors known to be
+    batch-first (the model's inputs, layers' outputs, layouts moved back), which settle where
+    the batch is when another dim has its size too."""
 
     def __init__(self) -> None:
         self.by_id: dict[int, tuple[weakref.ref, Layout, int]] = {}
+        self.known: dict[int, weakref.ref] = {}
 
     def clear(self) -> None:
         self.by_id.clear()
+        self.known.clear()
+
+    def _entry(self, t: object) -> tuple[weakref.ref, Layout, int] | None:
+        entry = self.by_id.get(id(t))
+        return entry if entry is not None and entry[0]() is t else None
 
     def of(self, t: object, changes: int = 0) -> Layout | None:
         """The layout of a followed tensor unchanged since (or changed ``changes`` times in
         place: by the call being followed); else None."""
-        entry = self.by_id.get(id(t))
-        if entry is None or entry[0]() is not t or entry[1] == _UNKNOWN:
+        entry = self._entry(t)
+        if entry is None or entry[1][0] < 0:
             return None
         assert isinstance(t, Tensor)
         return entry[1] if t._version == entry[2] + changes else None
 
     def unknown(self, t: object) -> bool:
         """Whether ``t`` was made from B·k rows of an order dpclip did not follow."""
-        entry = self.by_id.get(id(t))
-        return entry is not None and entry[0]() is t and entry[1] == _UNKNOWN
+        entry = self._entry(t)
+        return entry is not None and entry[1] == _UNKNOWN
+
+    def suspect(self, t: object) -> bool:
+        """Whether ``t`` was computed from a followed tensor in a way dpclip did not follow
+        (see :data:`_SUSPECT`), or changed in place since it was followed."""
+        entry = self._entry(t)
+        if entry is None:
+            return False
+        assert isinstance(t, Tensor)
+        return entry[1] == _SUSPECT or (entry[1][0] >= 0 and t._version != entry[2])
 
     def mark(self, t: Tensor, layout: Layout) -> None:
         self.by_id[id(t)] = (weakref.ref(t), layout, t._version)
 
-    def forget(self, t: object) -> None:
-        """Drop ``t``'s mark (a layer's batch-first output: taken for one, as every layer's)."""
-        entry = self.by_id.get(id(t))
-        if entry is not None and entry[0]() is t:
+    def know(self, t: Tensor) -> None:
+        """``t`` is batch-first: a layer's output, the model's input."""
+        self.known[id(t)] = weakref.ref(t)
+        entry = self._entry(t)
+        if entry is not None:
             del self.by_id[id(t)]
+
+    def is_known(self, t: object) -> bool:
+        ref = self.known.get(id(t))
+        return ref is not None and ref() is t
 
     def lose(self, t: object) -> None:
         """A followed tensor whose order dpclip can no longer vouch for (its ``.data`` read:
         changed through it, its version would not show)."""
-        entry = self.by_id.get(id(t))
-        if entry is not None and entry[0]() is t:
-            self.by_id[id(t)] = (entry[0], _UNKNOWN, entry[2])
+        entry = self._entry(t)
+        if entry is not None:
+            self.by_id[id(t)] = (entry[0], _SUSPECT, entry[2])
 
     def after(
         self, name: str, args: tuple, kwargs: Mapping | None, out: object, forward: Forward
     ) -> None:
         """Follow one call of the model's forward (one of :data:`FOLLOWED`, or any call on a
-        followed tensor): mark ``out`` with its layout if the call keeps one."""
+        followed tensor): mark its outputs with their layout if the call keeps one; as
+        :data:`_SUSPECT` if it takes a followed operand and does not."""
         batch = forward.batch
-        if not isinstance(out, Tensor) or not out.dim() or not batch:
+        outs = [t for t in (out if type(out) in (list, tuple) else (out,)) if isinstance(t, Tensor)]
+        if not batch or not outs:
             return
-        if self.by_id and any(self.unknown(a) for a in _operands(args, kwargs)):
-            self.mark(out, _UNKNOWN)  # whatever the call: its order stays unknown
+        operands = _operands(args, kwargs)
+        if self.by_id:
+            worst = None
+            for a in operands:
+                entry = self._entry(a)
+                if entry is not None and entry[1][0] < 0:
+                    worst = entry[1] if worst != _SUSPECT else worst
+            if worst is not None:
+                for t in outs:
+                    self.mark(t, worst)  # whatever the call: its order stays unknown
+                return
+        # an operand whose batch a move put on another dim: a call that does not keep that
+        # layout leaves no telling where the batch is (at T = B its result would pass for
+        # batch-first). Flattened tokens that a call does not keep are judged by their dim 0
+        # (B·k rows, refused by a layer; heads folded into the batch go through many such calls)
+        followed = self.by_id and any(
+            (layout := self.of(a, int(a is out))) is not None and layout[0] > 0 for a in operands
+        )
+        if type(out) in (list, tuple):
+            got = self._split(name, args, kwargs, outs, batch) if name in _SPLITS else None
+            if got is None and followed:
+                got = [_SUSPECT] * len(outs)
+            for t, layout in zip(outs, got or (), strict=False):
+                if layout == (0, 1):
+                    self.know(t)
+                elif layout is not None:
+                    self.mark(t, layout)
             return
+        assert isinstance(out, Tensor)
+        got = self._follow(name, args, kwargs, out, operands, forward) if out.dim() else None
+        if got == (0, 1):
+            self.know(out)
+        elif got is not None:
+            self.mark(out, got)
+        elif followed and out.dim():
+            self.mark(out, _SUSPECT)
+
+    def _follow(
+        self, name: str, args: tuple, kwargs: Mapping | None, out: Tensor, operands: list,
+        forward: Forward,
+    ) -> Layout | None:  # fmt: skip
+        """The layout of ``out`` ((0, 1): batch-first, known), or None."""
+        batch = forward.batch
+        assert batch is not None
         source = args[0] if args else None
         if name in _RESHAPES or name in _MOVES:
             if not isinstance(source, Tensor) or not source.dim():
-                return
+                return None
             layout = self.of(source)
             if layout is None:  # cheap tests first: every view and transpose comes here
                 if source.shape[0] != batch:
                     if out.shape[0] % batch == 0 and _of_unknown_order(source, forward):
-                        self.mark(out, _UNKNOWN)
-                    return
+                        return _UNKNOWN
+                    return None
                 if name in _RESHAPES and (out.shape[0] == batch or out.shape[0] % batch):
-                    return  # batch-first still, or rows that are no multiple of the batch
+                    return None  # batch-first still, or rows that are no multiple of the batch
                 if name in _MOVES and not _may_move_dim0(name, args, kwargs, source.dim()):
-                    return
+                    return None
                 if not forward.batch_first(source):
-                    return
+                    return None
+                if name in _MOVES and _ambiguous(source, batch) and not self.is_known(source):
+                    return _SUSPECT  # (T, B, d) at T = B, or (B, T, d): no telling which
                 layout = (0, 1)
-            got = (
-                _reshaped(source, out, layout, batch)
-                if name in _RESHAPES
-                else _moved(name, args, kwargs, source, out, layout, batch)
-            )
-            if got is not None:
-                self.mark(out, got)
-            return
+            if name in _RESHAPES:
+                return _reshaped(source, out, layout, batch)
+            return _moved(name, args, kwargs, source, out, layout, batch)
+        if name in _JOINS:
+            return self._joined(name, args, kwargs, out, forward)
+        layout = self.of(source, int(source is out))
         if name in _ROW_WISE_IN_FIRST:
-            layout = self.of(source)
             if layout is not None and holds_batch(out, layout, batch):
                 assert isinstance(source, Tensor)
                 if layout[0] < out.dim() - _trailing(name, args, kwargs, source):
-                    self.mark(out, layout)
-            return
+                    return layout
+            return None
         if name in _ALONG_DIM:
-            layout = self.of(source)
-            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
-            if layout is not None and isinstance(dim, int) and holds_batch(out, layout, batch):
+            dims = _along(name, args, kwargs)
+            if layout is not None and dims is not None and holds_batch(out, layout, batch):
                 assert isinstance(source, Tensor)
-                if dim % source.dim() != layout[0] and out.dim() == source.dim():
-                    self.mark(out, layout)
-            return
+                if all(d % source.dim() != layout[0] for d in dims) and out.dim() == source.dim():
+                    return layout
+            return None
+        if name == "pad":  # F.pad of the last dims but the batch's
+            widths = args[1] if len(args) > 1 else (kwargs or {}).get("pad", ())
+            if layout is None or not isinstance(widths, Sequence):
+                return None
+            assert isinstance(source, Tensor)
+            first_padded = source.dim() - len(widths) // 2
+            return layout if layout[0] < first_padded and holds_batch(out, layout, batch) else None
+        if name in _REDUCTIONS:
+            if layout is None:
+                return None
+            assert isinstance(source, Tensor)
+            return _reduced(args, kwargs, source, out, layout, batch)
         if name == "__getitem__":
-            layout = self.of(source)
-            if layout is not None and _slices_keep(args[1] if len(args) > 1 else None, layout):
-                if holds_batch(out, layout, batch):
-                    self.mark(out, layout)
-            return
-        if name in _ELEMENTWISE:
-            layout = self._elementwise(args, kwargs, out, forward)
-            if layout is not None:
-                self.mark(out, layout)  # an in-place call's output is its first operand
+            if layout is None:
+                return None
+            assert isinstance(source, Tensor)
+            got = _indexed(args[1] if len(args) > 1 else None, layout, source.dim())
+            return got if got is not None and holds_batch(out, got, batch) else None
+        if name in _MATMULS or name in _ELEMENTWISE:
+            return self._elementwise(name, args, kwargs, out, forward)
+        return None
 
-    def _elementwise(
-        self, args: tuple, kwargs: Mapping | None, out: Tensor, forward: Forward
+    def _joined(
+        self, name: str, args: tuple, kwargs: Mapping | None, out: Tensor, forward: Forward
     ) -> Layout | None:
-        """The layout of an elementwise call's output: that of its followed operands (aligned
-        from the right, as broadcasting aligns them), if every operand that spans the batch's
-        place has the batch there (followed, or batch-first) or is a constant or broadcast
-        along it; else None."""
+        """``torch.cat`` along another dim than the batch's of tensors of one layout (and
+        constants); ``torch.stack`` of such tensors, or of batch-first ones along dim 0 (the
+        steps of a recurrent loop: the batch on dim 1)."""
         batch = forward.batch
         assert batch is not None
+        parts = args[0] if args and type(args[0]) in (list, tuple) else None
+        dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
+        if not parts or not isinstance(dim, int) or not all(isinstance(p, Tensor) for p in parts):
+            return None
+        layouts = {self.of(p) for p in parts if not forward.is_constant(p)}
+        if len(layouts) != 1:
+            return None
+        (layout,) = layouts
+        ndim = parts[0].dim()
+        if layout is None:  # batch-first parts
+            if name != "stack" or dim % (ndim + 1) != 0:
+                return None
+            if not all(forward.batch_first(p) for p in parts):
+                return None
+            return (1, 1) if holds_batch(out, (1, 1), batch) else None
+        j, k = layout
+        if name == "stack":
+            where = dim % (ndim + 1)
+            got = (j + 1, k) if where <= j else layout
+            return got if k == 1 and holds_batch(out, got, batch) else None
+        return layout if dim % ndim != j and holds_batch(out, layout, batch) else None
+
+    def _split(
+        self, name: str, args: tuple, kwargs: Mapping | None, outs: list, batch: int
+    ) -> list[Layout | None] | None:
+        source = args[0] if args else None
+        layout = self.of(source)
+        if layout is None:
+            return None
+        assert isinstance(source, Tensor)
+        dim = args[2] if len(args) > 2 else (kwargs or {}).get("dim", 0)
+        if name == "unbind":
+            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
+        if not isinstance(dim, int) or dim % source.dim() == layout[0]:
+            return None
+        dim %= source.dim()
+        j, k = layout
+        got = (j - 1, k) if name == "unbind" and dim < j else layout
+        return [got if holds_batch(t, got, batch) else _SUSPECT for t in outs]
+
+    def _elementwise(
+        self, name: str, args: tuple, kwargs: Mapping | None, out: Tensor, forward: Forward
+    ) -> Layout | None:
+        """The layout of an elementwise call's output (or a batched matrix product's, whose
+        batch dims are all but the last two): that of its followed operands (aligned from the
+        right, as broadcasting aligns them), if every operand that spans the batch's place has
+        the batch there (followed, or batch-first) or is a constant or broadcast along it."""
+        batch = forward.batch
+        assert batch is not None
+        tensors = [a for a in _operands(args, kwargs) if isinstance(a, Tensor) and a.dim()]
         found: Layout | None = None
-        for a in (*args, *(kwargs.values() if kwargs else ())):
-            if isinstance(a, Tensor) and a.dim():
-                layout = self.of(a, changes=int(a is out))
-                if layout is not None:
-                    offset = out.dim() - a.dim()
-                    if layout[0] == 0 and layout[1] > 1 and offset:
-                        return None  # flattened rows broadcast against more dims
-                    shifted = (layout[0] + offset, layout[1])
-                    if found is not None and shifted != found:
-                        return None
-                    found = shifted
+        for a in tensors:
+            layout = self.of(a, changes=int(a is out))
+            if layout is not None:
+                offset = out.dim() - a.dim()
+                if layout[0] == 0 and layout[1] > 1 and offset:
+                    return None  # flattened rows broadcast against more dims
+                shifted = (layout[0] + offset, layout[1])
+                if found is not None and shifted != found:
+                    return None
+                found = shifted
         if found is None or not holds_batch(out, found, batch):
             return None
         dim, k = found
-        for a in (*args, *(kwargs.values() if kwargs else ())):
-            if not isinstance(a, Tensor) or not a.dim():
-                continue
+        if name in _MATMULS and dim >= out.dim() - 2:
+            return None  # the product would sum over the batch
+        for a in tensors:
             offset = out.dim() - a.dim()
             if offset > dim or a.shape[dim - offset] == 1:
                 continue  # the same for every example
-            layout = self.of(a, changes=int(a is out))
-            if layout is not None:
+            if self.of(a, changes=int(a is out)) is not None:
                 continue  # checked above
             if k == 1 and offset == dim and forward.batch_first(a):
                 continue  # (B, d) against (T, B, d): example b's at b
@@ -236,6 +378,9 @@ class Layouts:
 
 def _may_move_dim0(name: str, args: tuple, kwargs: Mapping | None, n: int) -> bool:
     """Whether a transpose or permute can move dim 0 (most move others: attention's heads)."""
+    if name in ("unsqueeze", "squeeze"):
+        at = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+        return name == "unsqueeze" and isinstance(at, int) and at % (n + 1) == 0
     if name in ("transpose", "swapaxes", "swapdims"):
         dims = args[1:3] if len(args) > 2 else tuple((kwargs or {}).values())
         return not all(isinstance(d, int) and d % n != 0 for d in dims) or len(dims) < 2
@@ -271,16 +416,77 @@ def _of_unknown_order(t: object, forward: Forward) -> bool:
     )
 
 
-def _slices_keep(key: object, layout: Layout) -> bool:
-    """Whether ``t[key]`` keeps every dim up to the batch's whole: a key of plain slices (and
-    an Ellipsis after them), ``slice(None)`` up to the batch's dim."""
+def _along(name: str, args: tuple, kwargs: Mapping | None) -> list[int] | None:
+    """The dims a call of :data:`_ALONG_DIM` acts along (None: all, or not given as ints)."""
+    kwargs = kwargs or {}
+    if name == "roll":
+        dims = args[2] if len(args) > 2 else kwargs.get("dims")
+    elif name == "flip":
+        dims = args[1:] if len(args) > 1 else kwargs.get("dims")
+        if isinstance(dims, tuple) and len(dims) == 1 and isinstance(dims[0], Sequence):
+            dims = dims[0]
+    else:
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    dims = list(dims) if isinstance(dims, Sequence) else [dims]
+    return dims if dims and all(isinstance(d, int) for d in dims) else None
+
+
+def _ambiguous(t: Tensor, batch: int) -> bool:
+    """Whether a tensor of the batch's size on dim 0 has that size on dim 1 too: a time-major
+    (T, B, ...) one at T = B looks batch-first."""
+    return t.dim() > 1 and t.shape[1] == batch
+
+
+def _reduced(
+    args: tuple, kwargs: Mapping | None, source: Tensor, out: Tensor, layout: Layout, batch: int
+) -> Layout | None:
+    """A reduction over dims other than the batch's keeps it (one dim further forward per dim
+    before it that goes)."""
+    dims = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+    if dims is None:
+        return None  # over everything: the examples' entries together
+    dims = [d % source.dim() for d in (dims if isinstance(dims, Sequence) else (dims,))]
+    j, k = layout
+    if j in dims:
+        return None  # over the examples
+    if j == 0:
+        return layout if holds_batch(out, layout, batch) else None
+    keep = (args[2] if len(args) > 2 else (kwargs or {}).get("keepdim", False)) is True
+    got = (j if keep else j - sum(d < j for d in dims), k)
+    return got if holds_batch(out, got, batch) else None
+
+
+def _indexed(key: object, layout: Layout, ndim: int) -> Layout | None:
+    """Where ``t[key]`` has the batch: plain slices and ints before it (an int drops its dim),
+    ``slice(None)`` at it, anything but tensors after it; None for another key."""
     keys = key if type(key) is tuple else (key,)
-    for at, k in enumerate(keys):
-        if k is Ellipsis:
-            return at > layout[0]
-        if type(k) is not slice or (at <= layout[0] and k != slice(None)):
-            return False
-    return True
+    j, k = layout
+    at = shift = 0  # the source dim reached; output dims added (None) or dropped (int)
+    for key_ in keys:
+        if at > j:
+            if key_ is Ellipsis or type(key_) in (slice, int) or key_ is None:
+                continue
+            return None
+        if key_ is None:
+            shift += 1
+        elif key_ is Ellipsis:
+            return None
+        elif type(key_) is int:
+            if at == j:
+                return None
+            shift -= 1
+            at += 1
+        elif type(key_) is slice:
+            if at == j and key_ != slice(None):
+                return None
+            at += 1
+        elif isinstance(key_, Tensor) and at == j and key_.dim() == 1:
+            # B entries along the batch, each example's own (the forward guard refused any
+            # other index there): the batch, in order; B rows of flattened tokens: batch-first
+            return (0, 1) if k > 1 else (j + shift, 1)
+        else:
+            return None
+    return (j + shift, k)
 
 
 def _trailing(name: str, args: tuple, kwargs: Mapping | None, source: Tensor) -> int:
@@ -296,7 +502,7 @@ def _reshaped(source: Tensor, out: Tensor, layout: Layout, batch: int) -> Layout
     dim, _ = layout
     if dim == 0:  # batch-first or flattened: a reshape to B·k rows keeps the examples' order
         rows = out.shape[0]
-        return (0, rows // batch) if rows > batch and rows % batch == 0 else None
+        return (0, rows // batch) if rows >= batch and rows % batch == 0 else None
     # the batch on dim j: kept where the dims up to it are kept
     if out.dim() > dim and out.shape[: dim + 1] == source.shape[: dim + 1]:
         return layout
@@ -308,13 +514,29 @@ def _moved(
     layout: Layout, batch: int,
 ) -> Layout | None:  # fmt: skip
     dim, k = layout
-    if k != 1:
+    n = source.dim()
+    if name in ("unsqueeze", "squeeze"):
+        at = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+        if name == "unsqueeze":
+            if not isinstance(at, int):
+                return None
+            where = dim + (at % (n + 1) <= dim)
+        else:
+            ats = range(n) if at is None else at if isinstance(at, Sequence) else (at,)
+            gone = {a % n for a in ats if isinstance(a, int) and source.shape[a] == 1}
+            if dim in gone:
+                return None
+            where = dim - sum(a < dim for a in gone)
+    elif k != 1:
         return None  # flattened rows moved off dim 0
-    order = _permutation(name, args, kwargs or {}, source.dim())
-    if order is None:
-        return None
-    where = order.index(dim)
-    return (where, 1) if where and out.shape[where] == batch else None
+    else:
+        order = _permutation(name, args, kwargs or {}, n)
+        if order is None:
+            return None
+        where = order.index(dim)
+    if where == 0 and k > 1:
+        return layout if holds_batch(out, layout, batch) else None
+    return (where, k) if holds_batch(out, (where, k), batch) else None
 
 
 def _permutation(name: str, args: tuple, kwargs: Mapping, n: int) -> list[int] | None:

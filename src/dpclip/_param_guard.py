@@ -368,7 +368,7 @@ class _Mode(TorchFunctionMode):
             guard.check_rows_kept(name, args, kwargs or {})
         layouts = self.layouts
         if kind in (_ROWS, _GETITEM, _PUT) and layouts and layouts.by_id and args:
-            if id(args[0]) in layouts.by_id:
+            if _touches(layouts.by_id, args, kwargs):
                 guard.check_layout_kept(name, args, kwargs or {})
         parts = None
         if kind == _ATTENTION and pending:
@@ -693,28 +693,37 @@ class ParamUseGuard:
         rows as ``x[perm]`` does."""
         parts = args[0]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        if not isinstance(dim, int) or dim != 0 or len(parts) < 2:
+        if not isinstance(dim, int) or len(parts) < 2:
             return
         if not all(isinstance(p, torch.Tensor) and p.dim() for p in parts):
             return
         base = parts[0]._base if parts[0]._base is not None else parts[0]
-        if base.dim() == 0 or base.shape[0] < 2:
+        along = dim % (base.dim() + (name == "stack")) if base.dim() else 0
+        if along:  # along the batch of a sequence-first tensor only
+            recorder = self._recorder
+            layout = recorder.layouts.of(base) if recorder is not None else None
+            if layout is None or layout != (along, 1) or name == "stack":
+                return
+        if base.dim() == 0 or base.shape[along] < 2:
             return
-        step, start = base.stride(0), base.storage_offset()
+        step, start = base.stride(along), base.storage_offset()
         rows: list[int] = []
         for p in parts:
             if (p._base if p._base is not None else p) is not base or not step:
                 return
             first, rest = divmod(p.storage_offset() - start, step)
-            if rest:
-                return  # not whole rows of the base
-            count = 1 if name == "stack" else p.shape[0]
-            if name != "stack" and p.shape[1:] != base.shape[1:]:
-                return
+            if rest or not 0 <= first < base.shape[along]:
+                return  # not whole slices of the base along that dim
+            count = 1 if name == "stack" else p.shape[along]
             if name == "stack" and p.shape != base.shape[1:]:
                 return
+            if name != "stack" and (
+                p.shape[:along] != base.shape[:along]
+                or p.shape[along + 1 :] != base.shape[along + 1 :]
+            ):
+                return
             rows.extend(range(first, first + count))
-        if sorted(rows) == list(range(base.shape[0])) and rows != sorted(rows):
+        if sorted(rows) == list(range(base.shape[along])) and rows != sorted(rows):
             raise IntegrityError(
                 f"{name} along dim 0 of slices of one tensor puts its rows back in another order "
                 "inside the model's forward: dpclip clips row j of every layer as example j, so "
@@ -728,13 +737,26 @@ class ParamUseGuard:
         tokens, or the dim that holds it in a sequence-first layout."""
         recorder = self._recorder
         assert recorder is not None
+        if not recorder.batch or recorder.batch < 2:
+            return
         t = args[0]
+        value = _put_value(name, args, kwargs)
+        moved = recorder.layouts.of(value) if value is not None else None
+        if moved is not None and _puts_across(name, args, kwargs, moved):
+            raise IntegrityError(
+                f"{name} puts a tensor whose batch is on dim {moved[0]} (sequence-first, or "
+                "flattened into tokens) at an index along that dim inside the model's forward: "
+                "its entries would land at other examples' places. Keep the examples' order "
+                "inside the forward"
+            )
         layout = recorder.layouts.of(t)
-        if layout is None or not recorder.batch or recorder.batch < 2:
+        if layout is None:
             return
         dim, k = layout
-        if _moves_rows(name, args, kwargs, t.shape[dim], dim) or _picks_across(
-            name, args, kwargs, layout, recorder.batch
+        if (
+            _moves_rows(name, args, kwargs, t.shape[dim], dim)
+            or _picks_across(name, args, kwargs, layout, recorder.batch)
+            or _gathers_across(name, args, kwargs, layout, t.shape[dim])
         ):
             where = (
                 f"rows of the batch flattened into tokens ({k} per example, in order)"
@@ -903,6 +925,57 @@ def _picks_across(
     return not bool((owners == torch.arange(batch, device=index.device)).all())
 
 
+def _put_value(name: str, args: tuple, kwargs: Mapping) -> object:
+    """The tensor a put or a scatter writes (``t[key] = value``, ``index_copy(d, i, source)``)."""
+    if name in _PUTS:
+        return args[2] if len(args) > 2 else kwargs.get("values", kwargs.get("value"))
+    if name.startswith(("index_copy", "index_add", "scatter", "index_reduce")):
+        return args[3] if len(args) > 3 else kwargs.get("source", kwargs.get("src"))
+    return None
+
+
+def _puts_across(name: str, args: tuple, kwargs: Mapping, layout: tuple[int, int]) -> bool:
+    """Whether a followed tensor written into another lands along its batch other than whole
+    and in place: a key with anything but ``slice(None)`` at the batch's place (its dims align
+    with the key's last ones), or an index-put or scatter along that dim."""
+    dim, _ = layout
+    value = _put_value(name, args, kwargs)
+    assert isinstance(value, torch.Tensor)
+    target = args[0]
+    if name in _PUTS:
+        at = target.dim() - value.dim() + dim  # the target's dim that takes the batch
+        index = _index_of(_key(args, kwargs), at, target.dim())
+        return not (type(index) is slice and index == slice(None))
+    along = args[1] if len(args) > 1 else kwargs.get("dim")
+    return not isinstance(along, int) or along % target.dim() == dim
+
+
+def _gathers_across(
+    name: str, args: tuple, kwargs: Mapping, layout: tuple[int, int], size: int
+) -> bool:
+    """Whether a gather along the batch's dim of a followed tensor takes other entries than
+    each one's own: its index (shaped like the tensor) must be ``arange`` along that dim."""
+    if name not in ("gather", "take_along_dim", "index_select"):
+        return False
+    t, (dim, _) = args[0], layout
+    along = args[1] if len(args) > 1 else kwargs.get("dim")
+    if name == "take_along_dim":
+        along = args[2] if len(args) > 2 else kwargs.get("dim")
+    if not isinstance(along, int) or along % t.dim() != dim:
+        return False
+    index = _arg(args, kwargs, 1 if name == "take_along_dim" else 2, "index")
+    if not isinstance(index, torch.Tensor):
+        return True
+    if index.dim() == 1:
+        return not (index.shape[0] == size and _is_identity(index, size))
+    if index.dim() != t.dim() or index.shape[dim] != size:
+        return True
+    shape = [1] * index.dim()
+    shape[dim] = size
+    places = torch.arange(size, device=index.device).view(shape)
+    return not bool((index == places).all())
+
+
 def _index_of(key: object, dim: int, ndim: int) -> object:
     """The index that ``t[key]`` takes along dim ``dim`` of t (of ``ndim`` dims): one of the
     key's, or ``slice(None)`` where the key leaves that dim whole."""
@@ -948,6 +1021,9 @@ def _is_identity(index: object, batch: int) -> bool:
         index = torch.as_tensor(index)
     if not isinstance(index, torch.Tensor) or not index.dim() or index.dtype == torch.bool:
         return True
+    if index.dim() > 1 and index.shape[-1] == batch:  # h[p[None]]: rows of B along its last dim
+        rows = torch.arange(batch, device=index.device)
+        return bool((index == rows).all())
     if index.shape[0] != batch:
         return True
     rows = torch.arange(batch, device=index.device).view(-1, *([1] * (index.dim() - 1)))

@@ -419,6 +419,8 @@ class Recorder:
         self._consts.update(self._buffers)  # constants in every forward
         source = batch_of(args, kwargs)
         self.batch = None if source is None else int(source.shape[0])
+        if source is not None:
+            self.layouts.know(source)
         self._root_shape = None if source is None else tuple(source.shape)
         if (
             self.enabled
@@ -550,8 +552,8 @@ class Recorder:
             # rebases a view's history then; the attached alias is no view, and keeps it
             if not output.requires_grad or output._is_view():
                 output = _Attach.apply(self._anchor, output)
-            if not layout and self.layouts.by_id:
-                self.layouts.forget(output)  # a layer's output is taken for batch-first
+            if not layout:
+                self.layouts.know(output)  # a layer's output is taken for batch-first
             if layout:
                 self.layouts.mark(output, layout)
                 output.register_hook(
@@ -591,6 +593,16 @@ class Recorder:
         layout."""
         if not (isinstance(module, ROW_WISE) and inputs and self.batch):
             return None
+        if any(self.layouts.suspect(x) for x in inputs):
+            raise IntegrityError(
+                f"{self.name(module)} was given a tensor computed from one whose batch is not on "
+                "dim 0 alone (sequence-first, or flattened into tokens) by a call dpclip does "
+                "not follow, or changed in place, or moved from a tensor with another dim of "
+                "the batch's size (T = B: no telling which is the batch): it cannot tell which "
+                "entries are which example's. Move the batch back to dim 0 (or view the tokens "
+                "as (B, T, ...)) before such calls, and move a layer's output or the model's "
+                "input, not a tensor computed from them, when a length may equal the batch"
+            )
         layout = self.layouts.of(inputs[0])
         if layout is None or any(self.layouts.of(x) != layout for x in inputs[1:]):
             return None
