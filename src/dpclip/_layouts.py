@@ -19,7 +19,7 @@ before (dim 0 is taken for the batch only where it has the batch's size).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from torch import Tensor
@@ -121,6 +121,8 @@ class Layouts:
     def __init__(self) -> None:
         self.by_id: dict[int, tuple[weakref.ref, Layout, int]] = {}
         self.known: dict[int, weakref.ref] = {}
+        # this forward's layer outputs by id (the forward guard's table): batch-first too
+        self.outputs: Mapping[int, tuple[object, weakref.ref]] = {}
 
     def clear(self) -> None:
         self.by_id.clear()
@@ -154,25 +156,62 @@ class Layouts:
         return entry[1] == _SUSPECT or (entry[1][0] >= 0 and t._version != entry[2])
 
     def mark(self, t: Tensor, layout: Layout) -> None:
-        self.by_id[id(t)] = (weakref.ref(t), layout, t._version)
+        # dropped when the tensor goes (most go within a statement: attention's permuted
+        # projections), so that the forward guard's test for a followed argument, made on
+        # every call while any is marked, mostly finds none
+        self.by_id[id(t)] = (weakref.ref(t, self._dropper(self.by_id, id(t))), layout, t._version)
 
     def know(self, t: Tensor) -> None:
         """``t`` is batch-first: a layer's output, the model's input."""
-        self.known[id(t)] = weakref.ref(t)
+        self.known[id(t)] = weakref.ref(t, self._dropper(self.known, id(t)))
         entry = self._entry(t)
         if entry is not None:
             del self.by_id[id(t)]
 
+    @staticmethod
+    def _dropper(table: dict, key: int) -> Callable[[weakref.ref], None]:
+        def drop(ref: weakref.ref) -> None:
+            entry = table.get(key)
+            if entry is not None and (entry is ref or (type(entry) is tuple and entry[0] is ref)):
+                del table[key]
+
+        return drop
+
     def is_known(self, t: object) -> bool:
         ref = self.known.get(id(t))
-        return ref is not None and ref() is t
+        if ref is not None and ref() is t:
+            return True
+        hit = self.outputs.get(id(t))
+        return hit is not None and hit[1]() is t
+
+    def forget(self, t: object) -> None:
+        """Drop ``t``'s mark: a layer's batch-first output (taken for one, as every layer's)."""
+        if self._entry(t) is not None:
+            del self.by_id[id(t)]
+
+    def skips(
+        self, name: str, args: tuple, kwargs: Mapping | None, out: object, batch: int
+    ) -> bool:
+        """Whether a view or transpose of an unmarked tensor is sure to keep nothing to follow
+        (batch-first in, batch-first out): asked first, for every such call of every forward."""
+        if name in _JOINS:
+            return False
+        try:
+            source = args[0]
+            if id(source) in self.by_id or source.shape[0] != batch:
+                return False
+            if name in _MOVES:
+                return not _may_move_dim0(name, args, kwargs, source.dim())
+            return out.shape[0] == batch  # a reshape
+        except (IndexError, AttributeError, TypeError):  # no tensor, or one of no dims
+            return True
 
     def lose(self, t: object) -> None:
         """A followed tensor whose order dpclip can no longer vouch for (its ``.data`` read:
         changed through it, its version would not show)."""
-        entry = self._entry(t)
-        if entry is not None:
-            self.by_id[id(t)] = (entry[0], _SUSPECT, entry[2])
+        if self._entry(t) is not None:
+            assert isinstance(t, Tensor)
+            self.mark(t, _SUSPECT)
 
     def after(
         self, name: str, args: tuple, kwargs: Mapping | None, out: object, forward: Forward
@@ -334,6 +373,8 @@ class Layouts:
         dim %= source.dim()
         j, k = layout
         got = (j - 1, k) if name == "unbind" and dim < j else layout
+        if got == (0, 1):  # the batch back on dim 0 (q, k, v of a permuted projection)
+            return [None if holds_batch(t, got, batch) else _SUSPECT for t in outs]
         return [got if holds_batch(t, got, batch) else _SUSPECT for t in outs]
 
     def _elementwise(
@@ -382,7 +423,9 @@ def _may_move_dim0(name: str, args: tuple, kwargs: Mapping | None, n: int) -> bo
         at = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
         return name == "unsqueeze" and isinstance(at, int) and at % (n + 1) == 0
     if name in ("transpose", "swapaxes", "swapdims"):
-        dims = args[1:3] if len(args) > 2 else tuple((kwargs or {}).values())
+        if len(args) > 2 and type(args[1]) is int and type(args[2]) is int:
+            return not (args[1] % n and args[2] % n)
+        dims = tuple((kwargs or {}).values())
         return not all(isinstance(d, int) and d % n != 0 for d in dims) or len(dims) < 2
     if name == "permute":
         dims = args[1:] if len(args) > 1 else ((kwargs or {}).get("dims", ()),)

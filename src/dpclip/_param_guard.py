@@ -393,7 +393,11 @@ class _Mode(TorchFunctionMode):
             else:
                 guard.follow_pending(args, kwargs, out, name)
         if layouts is not None and (
-            name in FOLLOWED or (layouts.by_id and _touches(layouts.by_id, args, kwargs))
+            (layouts.by_id and _touches(layouts.by_id, args, kwargs))
+            or (
+                name in FOLLOWED
+                and not layouts.skips(name, args, kwargs, out, self.recorder.batch or 0)
+            )
         ):
             assert self.recorder is not None
             layouts.after(name, args, kwargs, out, self.recorder)
@@ -430,6 +434,8 @@ class ParamUseGuard:
         self._unruled = {id(p): tuple(paths) for p, paths in (unruled or {}).items()}
         # this forward's layer outputs, held weakly: an output the model drops is freed as usual
         self._outputs: dict[int, tuple[nn.Module, weakref.ref]] = {}
+        if recorder is not None:  # layer outputs are batch-first for the followed layouts too
+            recorder.layouts.outputs = self._outputs
         self._active: Counter[nn.Module] = Counter()
         self._depth = 0
         self._mode: _Mode | None = None

@@ -552,8 +552,8 @@ class Recorder:
             # rebases a view's history then; the attached alias is no view, and keeps it
             if not output.requires_grad or output._is_view():
                 output = _Attach.apply(self._anchor, output)
-            if not layout:
-                self.layouts.know(output)  # a layer's output is taken for batch-first
+            if not layout and self.layouts.by_id:
+                self.layouts.forget(output)  # a layer's output is taken for batch-first
             if layout:
                 self.layouts.mark(output, layout)
                 output.register_hook(
