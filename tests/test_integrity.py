@@ -333,6 +333,8 @@ class _SeqFirst(_FcHead):
             h = h + x.mean(1) * 0.5  # (B, d) broadcast over the steps
         elif how == "flipped":
             h = h.flip(1)
+        elif how == "time-flipped":  # along time: fine at any length
+            h = h.flip(0)
         elif how == "time-slice":  # a decoder's shift: (T - 1, B, d), T - 1 = B at T = B + 1
             h = self.fc(h[:-1])
         elif how == "gather-batch":  # the examples reordered along dim 1 by an index
@@ -382,7 +384,7 @@ def test_pytorchs_sequence_first_transformer_encoder_equals_the_naive_loop(norm_
     _assert_equals_naive_loop(model, _x(B, length, D), _y())
 
 
-@pytest.mark.parametrize("how", ["stacked", "stacked-then-back", "time-slice"])
+@pytest.mark.parametrize("how", ["stacked", "stacked-then-back", "time-slice", "time-flipped"])
 @pytest.mark.parametrize("length", [T, B, B + 1])
 def test_steps_stacked_or_sliced_along_time_equal_the_naive_loop(how, length):
     """torch.stack of batch-first steps (a recurrent loop's) puts the batch on dim 1, followed

@@ -681,6 +681,8 @@ class ParamUseGuard:
             return
         if recorder is not None and recorder.pending(t) is not None:
             return  # no batch dim: its rows are positions
+        if recorder is not None and recorder.layouts.of(t) is not None:
+            return  # its batch is elsewhere (a time-major view at T = B): check_layout_kept
         if _moves_rows(name, args, kwargs, batch):
             raise IntegrityError(
                 f"{name} moves rows along dim 0 of a tensor whose dim 0 is the batch ({batch}) "
