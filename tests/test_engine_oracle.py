@@ -96,10 +96,15 @@ def test_update_equals_naive_loop_for_each_norm_strategy(name, strategy):
     run_one_step(name, "automatic", "all-layer", "mean", norm_strategy=strategy)
 
 
-@pytest.mark.parametrize("name", ["t5_tiny", "mt5_tiny"])
-def test_t5s_relative_position_bias_equals_naive_loop_when_the_length_is_the_batch(name):
-    """T5 fills its (T, T) bucket table with full_like and zeros_like: still constants, so
-    the bias has no batch dim also when T equals the batch (ids cut to B positions)."""
+@pytest.mark.parametrize(
+    "name", ["t5_tiny", "mt5_tiny", "opt_tiny", "opt_post_ln_tiny", "longformer_mlm_tiny"]
+)
+def test_models_equal_naive_loop_when_the_length_is_the_batch(name):
+    """Where no shape tells the batch from the length (ids cut to B positions): T5 fills its
+    (T, T) bucket table with full_like and zeros_like, still constants, so the bias has no
+    batch dim; OPT flattens the batch into tokens and Longformer runs its projections
+    sequence-first, both followed from the batch-first tensor (with verify=False: no
+    self-check to catch a wrong layout)."""
     model, b = engine_models.build(name), 4
     x, y = engine_models.batch(name, b)
     x = x[:, :b]

@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 # (the dim of the batch, rows per example along dim 0): (0, k > 1) flattened, (j > 0, 1) moved
@@ -66,10 +67,7 @@ _ALONG_DIM = frozenset({
 })  # fmt: skip
 # reductions over the dims given as ``dim``: the layout is kept (shifted) unless the batch's is
 # among them
-_REDUCTIONS = frozenset({
-    "sum", "mean", "amax", "amin", "logsumexp", "norm", "std", "var", "prod", "nansum",
-    "nanmean",
-})  # fmt: skip
+_REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "logsumexp", "nansum", "nanmean"})
 # batched matrix products (their batch dims are all but the last two)
 _MATMULS = frozenset({"matmul", "__matmul__", "bmm", "baddbmm"})
 # calls row-wise in their first operand, whose others are weights (a frozen layer's, or one
@@ -206,6 +204,12 @@ class Layouts:
         except (IndexError, AttributeError, TypeError):  # no tensor, or one of no dims
             return True
 
+    def copy(self, t: object, out: object) -> None:
+        """``out`` holds ``t``'s entries in their places (``t.detach()``): its mark too."""
+        entry = self._entry(t)
+        if entry is not None and isinstance(out, Tensor):
+            self.mark(out, _SUSPECT if self.suspect(t) else entry[1])
+
     def lose(self, t: object) -> None:
         """A followed tensor whose order dpclip can no longer vouch for (its ``.data`` read:
         changed through it, its version would not show)."""
@@ -220,7 +224,8 @@ class Layouts:
         followed tensor): mark its outputs with their layout if the call keeps one; as
         :data:`_SUSPECT` if it takes a followed operand and does not."""
         batch = forward.batch
-        outs = [t for t in (out if type(out) in (list, tuple) else (out,)) if isinstance(t, Tensor)]
+        many = isinstance(out, (list, tuple))  # torch.return_types too: (values, indices)
+        outs = [t for t in (out if many else (out,)) if isinstance(t, Tensor)]
         if not batch or not outs:
             return
         operands = _operands(args, kwargs)
@@ -241,7 +246,7 @@ class Layouts:
         followed = self.by_id and any(
             (layout := self.of(a, int(a is out))) is not None and layout[0] > 0 for a in operands
         )
-        if type(out) in (list, tuple):
+        if many:
             got = self._split(name, args, kwargs, outs, batch) if name in _SPLITS else None
             if got is None and followed:
                 got = [_SUSPECT] * len(outs)
@@ -283,8 +288,10 @@ class Layouts:
                     return None
                 if not forward.batch_first(source):
                     return None
+                if name == "unsqueeze" and not self.is_known(source):
+                    return None  # one example's rows at T = B look like a step's
                 if name in _MOVES and _ambiguous(source, batch) and not self.is_known(source):
-                    return _SUSPECT  # (T, B, d) at T = B, or (B, T, d): no telling which
+                    return None  # (T, B, d) at T = B, or (B, T, d)? judged by dim 0, as ever
                 layout = (0, 1)
             if name in _RESHAPES:
                 return _reshaped(source, out, layout, batch)
@@ -347,8 +354,8 @@ class Layouts:
         if layout is None:  # batch-first parts
             if name != "stack" or dim % (ndim + 1) != 0:
                 return None
-            if not all(forward.batch_first(p) for p in parts):
-                return None
+            if not all(forward.batch_first(p) and self.is_known(p) for p in parts):
+                return None  # rows of one example each (a loop over the batch) look alike
             return (1, 1) if holds_batch(out, (1, 1), batch) else None
         j, k = layout
         if name == "stack":
@@ -475,9 +482,9 @@ def _along(name: str, args: tuple, kwargs: Mapping | None) -> list[int] | None:
 
 
 def _ambiguous(t: Tensor, batch: int) -> bool:
-    """Whether a tensor of the batch's size on dim 0 has that size on dim 1 too: a time-major
-    (T, B, ...) one at T = B looks batch-first."""
-    return t.dim() > 1 and t.shape[1] == batch
+    """Whether a tensor of the batch's size on dim 0 has that size on another dim too: a
+    time-major (T, B, ...) one at T = B looks batch-first, and so does a (T, 2, B, d) buffer."""
+    return any(n == batch for n in t.shape[1:])
 
 
 def _reduced(
@@ -523,7 +530,10 @@ def _indexed(key: object, layout: Layout, ndim: int) -> Layout | None:
             if at == j and key_ != slice(None):
                 return None
             at += 1
-        elif isinstance(key_, Tensor) and at == j and key_.dim() == 1:
+        elif (
+            isinstance(key_, Tensor) and at == j and key_.dim() == 1 and not key_.is_floating_point()
+            and key_.dtype != torch.bool
+        ):  # fmt: skip
             # B entries along the batch, each example's own (the forward guard refused any
             # other index there): the batch, in order; B rows of flattened tokens: batch-first
             return (0, 1) if k > 1 else (j + shift, 1)

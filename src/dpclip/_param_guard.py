@@ -335,6 +335,8 @@ class _Mode(TorchFunctionMode):
             out = func(*args, **kwargs) if kwargs else func(*args)
             if (self.pending or self.consts) and args:
                 self._detached(args[0], out)
+            if self.layouts is not None and self.layouts.by_id and args:
+                self.layouts.copy(args[0], out)  # the same entries, in the same places
             return out
         guard = self.guard
         if kind == _ATTRIBUTE:  # an attribute read: a use if it gives a tensor (p.T)
