@@ -5,28 +5,52 @@ Models run their row-wise layers (Linear, LayerNorm, RMSNorm, Embedding) on two 
 - **flattened into tokens**, (B·k, ...) from (B, T, ...) by a reshape, as transformers' OPT runs
   the feed-forward half of its layers. A reshape keeps the elements' order, so row r of a
   reshape of a batch-first tensor to B·k rows is example r // k's;
-- **the batch on another dim**, (T, B, ...) from (B, T, ...) by a transpose or a permute, as
-  PyTorch's ``nn.Transformer`` layers run by default (``batch_first=False``).
+- **the batch on another dim**, (T, B, ...) from (B, T, ...) by a transpose, permute, movedim
+  or ``unsqueeze(0)``, or a stack of a layer's batch-first steps, as PyTorch's
+  ``nn.Transformer`` layers run by default (``batch_first=False``).
 
-The forward guard follows tensors of either layout through the calls that keep it: reshapes
-that keep the dims up to the batch's, transposes, activations, dropout, arithmetic with tensors
-of the same layout or broadcast along the batch, functional row-wise layers. A row-wise layer
-given one is recorded as the same call on its batch-first view: (B, k, ...), or the batch moved
-to dim 0. Anything else leaves a tensor's layout unknown, and a layer on it is refused as
-before (dim 0 is taken for the batch only where it has the batch's size).
+The forward guard hands every call on a followed tensor (and every view, transpose and join)
+to :class:`Layouts`, which marks its output with the layout the call keeps
+(:mod:`dpclip._layout_calls` says which calls keep what). A row-wise layer given a followed
+tensor is recorded as the same call on its batch-first view: (B, k, ...), or the batch moved to
+dim 0. A call on a sequence-first tensor that keeps no layout marks its output suspect, and a
+layer on a suspect tensor is refused (at T = B it would pass for batch-first); flattened tokens
+a call does not keep are judged by their dim 0 again, as is everything without a mark.
 """
-
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
-# (the dim of the batch, rows per example along dim 0): (0, k > 1) flattened, (j > 0, 1) moved
-Layout = tuple[int, int]
+from dpclip._layout_calls import (
+    ALONG_DIM,
+    ELEMENTWISE,
+    FOLLOWED,
+    JOINS,
+    MATMULS,
+    MOVES,
+    REDUCTIONS,
+    RESHAPES,
+    ROW_WISE_IN_FIRST,
+    SPLITS,
+    Layout,
+    along_dims,
+    ambiguous,
+    call_operands,
+    holds_batch,
+    indexed,
+    may_move_dim0,
+    moved,
+    reduced,
+    reshaped,
+    trailing,
+)
+
+__all__ = ["FOLLOWED", "Layout", "Layouts", "batch_first_view", "grad_batch_first", "holds_batch"]
+
 # a tensor reshaped or moved from one whose dim 0 is not the batch and that no layout explains
 # (B·k rows made in some order dpclip did not follow): never a source of a layout, nor is
 # anything computed from it (a layer on it is judged by its dim 0, as before layouts)
@@ -35,46 +59,6 @@ _UNKNOWN: Layout = (-1, 0)
 # whose batch could be on another dim too (T = B): it cannot tell which entries are whose, and a
 # layer on it (or on anything computed from it) is refused
 _SUSPECT: Layout = (-2, 0)
-
-# calls that reshape (the elements keep their order)
-_RESHAPES = frozenset({"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten"})
-# calls that permute dims, or add or drop a dim of size 1
-_MOVES = frozenset({
-    "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t", "unsqueeze",
-    "squeeze",
-})  # fmt: skip
-# joins of several tensors along a dim
-_JOINS = frozenset({"cat", "concat", "concatenate", "stack"})
-FOLLOWED = _RESHAPES | _MOVES | _JOINS  # followed from batch-first tensors too
-# calls that compute each entry of their output from the same entries of their operands alone,
-# broadcast (the batch's entries keep their places)
-_ELEMENTWISE = frozenset({
-    "relu", "relu_", "relu6", "gelu", "silu", "silu_", "mish", "tanh", "tanh_", "sigmoid",
-    "sigmoid_", "hardtanh", "hardtanh_", "hardswish", "hardsigmoid", "elu", "elu_", "selu",
-    "celu", "leaky_relu", "leaky_relu_", "softplus", "exp", "log", "sqrt", "rsqrt", "neg",
-    "__neg__", "abs", "square", "pow", "__pow__", "erf", "clamp", "clamp_", "clip",
-    "dropout", "alpha_dropout", "feature_alpha_dropout",
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__radd__",
-    "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
-    "__truediv__", "__rtruediv__", "__itruediv__", "where", "maximum", "minimum",
-    "contiguous", "clone", "to", "float", "half", "bfloat16", "double", "type_as",
-    "masked_fill", "masked_fill_", "zeros_like", "ones_like", "full_like", "empty_like",
-})  # fmt: skip
-# calls along one dim given as ``dim`` (second argument): the layout is kept unless it is the
-# batch's
-_ALONG_DIM = frozenset({
-    "softmax", "log_softmax", "normalize", "cumsum", "cumprod", "logcumsumexp", "flip", "roll",
-})  # fmt: skip
-# reductions over the dims given as ``dim``: the layout is kept (shifted) unless the batch's is
-# among them
-_REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "logsumexp", "nansum", "nanmean"})
-# batched matrix products (their batch dims are all but the last two)
-_MATMULS = frozenset({"matmul", "__matmul__", "bmm", "baddbmm"})
-# calls row-wise in their first operand, whose others are weights (a frozen layer's, or one
-# called functionally): F.linear(x, w, b), F.layer_norm(x, shape, w, b), F.embedding(ids, w)
-_ROW_WISE_IN_FIRST = frozenset({"linear", "layer_norm", "rms_norm", "embedding"})
-# calls that split a tensor along a dim (a tuple of parts)
-_SPLITS = frozenset({"chunk", "split", "unbind", "tensor_split"})
 
 
 class Forward(Protocol):
@@ -87,14 +71,6 @@ class Forward(Protocol):
     def is_constant(self, t: object) -> bool: ...
 
     def pending(self, t: object) -> object | None: ...
-
-
-def holds_batch(t: Tensor, layout: Layout, batch: int) -> bool:
-    """Whether ``t`` has the batch where ``layout`` puts it."""
-    dim, k = layout
-    if dim == 0:
-        return t.dim() > 0 and t.shape[0] == batch * k
-    return t.dim() > dim and t.shape[dim] == batch
 
 
 def batch_first_view(t: Tensor, layout: Layout, batch: int) -> Tensor:
@@ -192,14 +168,14 @@ class Layouts:
     ) -> bool:
         """Whether a view or transpose of an unmarked tensor is sure to keep nothing to follow
         (batch-first in, batch-first out): asked first, for every such call of every forward."""
-        if name in _JOINS:
+        if name in JOINS:
             return False
         try:
             source = args[0]
             if id(source) in self.by_id or source.shape[0] != batch:
                 return False
-            if name in _MOVES:
-                return not _may_move_dim0(name, args, kwargs, source.dim())
+            if name in MOVES:
+                return not may_move_dim0(name, args, kwargs, source.dim())
             return out.shape[0] == batch  # a reshape
         except (IndexError, AttributeError, TypeError):  # no tensor, or one of no dims
             return True
@@ -228,7 +204,7 @@ class Layouts:
         outs = [t for t in (out if many else (out,)) if isinstance(t, Tensor)]
         if not batch or not outs:
             return
-        operands = _operands(args, kwargs)
+        operands = call_operands(args, kwargs)
         if self.by_id:
             worst = None
             for a in operands:
@@ -247,7 +223,7 @@ class Layouts:
             (layout := self.of(a, int(a is out))) is not None and layout[0] > 0 for a in operands
         )
         if many:
-            got = self._split(name, args, kwargs, outs, batch) if name in _SPLITS else None
+            got = self._split(name, args, kwargs, outs, batch) if name in SPLITS else None
             if got is None and followed:
                 got = [_SUSPECT] * len(outs)
             for t, layout in zip(outs, got or (), strict=False):
@@ -273,7 +249,7 @@ class Layouts:
         batch = forward.batch
         assert batch is not None
         source = args[0] if args else None
-        if name in _RESHAPES or name in _MOVES:
+        if name in RESHAPES or name in MOVES:
             if not isinstance(source, Tensor) or not source.dim():
                 return None
             layout = self.of(source)
@@ -282,31 +258,31 @@ class Layouts:
                     if out.shape[0] % batch == 0 and _of_unknown_order(source, forward):
                         return _UNKNOWN
                     return None
-                if name in _RESHAPES and (out.shape[0] == batch or out.shape[0] % batch):
+                if name in RESHAPES and (out.shape[0] == batch or out.shape[0] % batch):
                     return None  # batch-first still, or rows that are no multiple of the batch
-                if name in _MOVES and not _may_move_dim0(name, args, kwargs, source.dim()):
+                if name in MOVES and not may_move_dim0(name, args, kwargs, source.dim()):
                     return None
                 if not forward.batch_first(source):
                     return None
                 if name == "unsqueeze" and not self.is_known(source):
                     return None  # one example's rows at T = B look like a step's
-                if name in _MOVES and _ambiguous(source, batch) and not self.is_known(source):
+                if name in MOVES and ambiguous(source, batch) and not self.is_known(source):
                     return None  # (T, B, d) at T = B, or (B, T, d)? judged by dim 0, as ever
                 layout = (0, 1)
-            if name in _RESHAPES:
-                return _reshaped(source, out, layout, batch)
-            return _moved(name, args, kwargs, source, out, layout, batch)
-        if name in _JOINS:
+            if name in RESHAPES:
+                return reshaped(source, out, layout, batch)
+            return moved(name, args, kwargs, source, out, layout, batch)
+        if name in JOINS:
             return self._joined(name, args, kwargs, out, forward)
         layout = self.of(source, int(source is out))
-        if name in _ROW_WISE_IN_FIRST:
+        if name in ROW_WISE_IN_FIRST:
             if layout is not None and holds_batch(out, layout, batch):
                 assert isinstance(source, Tensor)
-                if layout[0] < out.dim() - _trailing(name, args, kwargs, source):
+                if layout[0] < out.dim() - trailing(name, args, kwargs, source):
                     return layout
             return None
-        if name in _ALONG_DIM:
-            dims = _along(name, args, kwargs)
+        if name in ALONG_DIM:
+            dims = along_dims(name, args, kwargs)
             if layout is not None and dims is not None and holds_batch(out, layout, batch):
                 assert isinstance(source, Tensor)
                 if all(d % source.dim() != layout[0] for d in dims) and out.dim() == source.dim():
@@ -319,18 +295,18 @@ class Layouts:
             assert isinstance(source, Tensor)
             first_padded = source.dim() - len(widths) // 2
             return layout if layout[0] < first_padded and holds_batch(out, layout, batch) else None
-        if name in _REDUCTIONS:
+        if name in REDUCTIONS:
             if layout is None:
                 return None
             assert isinstance(source, Tensor)
-            return _reduced(args, kwargs, source, out, layout, batch)
+            return reduced(args, kwargs, source, out, layout, batch)
         if name == "__getitem__":
             if layout is None:
                 return None
             assert isinstance(source, Tensor)
-            got = _indexed(args[1] if len(args) > 1 else None, layout, source.dim())
+            got = indexed(args[1] if len(args) > 1 else None, layout, source.dim())
             return got if got is not None and holds_batch(out, got, batch) else None
-        if name in _MATMULS or name in _ELEMENTWISE:
+        if name in MATMULS or name in ELEMENTWISE:
             return self._elementwise(name, args, kwargs, out, forward)
         return None
 
@@ -393,7 +369,7 @@ class Layouts:
         the batch there (followed, or batch-first) or is a constant or broadcast along it."""
         batch = forward.batch
         assert batch is not None
-        tensors = [a for a in _operands(args, kwargs) if isinstance(a, Tensor) and a.dim()]
+        tensors = [a for a in call_operands(args, kwargs) if isinstance(a, Tensor) and a.dim()]
         found: Layout | None = None
         for a in tensors:
             layout = self.of(a, changes=int(a is out))
@@ -408,7 +384,7 @@ class Layouts:
         if found is None or not holds_batch(out, found, batch):
             return None
         dim, k = found
-        if name in _MATMULS and dim >= out.dim() - 2:
+        if name in MATMULS and dim >= out.dim() - 2:
             return None  # the product would sum over the batch
         for a in tensors:
             offset = out.dim() - a.dim()
@@ -424,36 +400,6 @@ class Layouts:
         return found
 
 
-def _may_move_dim0(name: str, args: tuple, kwargs: Mapping | None, n: int) -> bool:
-    """Whether a transpose or permute can move dim 0 (most move others: attention's heads)."""
-    if name in ("unsqueeze", "squeeze"):
-        at = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
-        return name == "unsqueeze" and isinstance(at, int) and at % (n + 1) == 0
-    if name in ("transpose", "swapaxes", "swapdims"):
-        if len(args) > 2 and type(args[1]) is int and type(args[2]) is int:
-            return not (args[1] % n and args[2] % n)
-        dims = tuple((kwargs or {}).values())
-        return not all(isinstance(d, int) and d % n != 0 for d in dims) or len(dims) < 2
-    if name == "permute":
-        dims = args[1:] if len(args) > 1 else ((kwargs or {}).get("dims", ()),)
-        first = (
-            dims[0][0]
-            if dims and isinstance(dims[0], Sequence) and dims[0]
-            else dims[0]
-            if dims
-            else None
-        )
-        return not (isinstance(first, int) and first % n == 0)
-    return True
-
-
-def _operands(args: tuple, kwargs: Mapping | None) -> list[object]:
-    out: list[object] = []
-    for a in (*args, *(kwargs.values() if kwargs else ())):
-        out.extend(a) if type(a) in (list, tuple) else out.append(a)
-    return out
-
-
 def _of_unknown_order(t: object, forward: Forward) -> bool:
     """A tensor whose dim 0 is not the batch's and that is neither pending nor a constant: its
     rows (B·k of them, or T of a sequence-first one) are in an order no layout explains."""
@@ -464,159 +410,3 @@ def _of_unknown_order(t: object, forward: Forward) -> bool:
         and forward.pending(t) is None
         and not forward.is_constant(t)
     )
-
-
-def _along(name: str, args: tuple, kwargs: Mapping | None) -> list[int] | None:
-    """The dims a call of :data:`_ALONG_DIM` acts along (None: all, or not given as ints)."""
-    kwargs = kwargs or {}
-    if name == "roll":
-        dims = args[2] if len(args) > 2 else kwargs.get("dims")
-    elif name == "flip":
-        dims = args[1:] if len(args) > 1 else kwargs.get("dims")
-        if isinstance(dims, tuple) and len(dims) == 1 and isinstance(dims[0], Sequence):
-            dims = dims[0]
-    else:
-        dims = args[1] if len(args) > 1 else kwargs.get("dim")
-    dims = list(dims) if isinstance(dims, Sequence) else [dims]
-    return dims if dims and all(isinstance(d, int) for d in dims) else None
-
-
-def _ambiguous(t: Tensor, batch: int) -> bool:
-    """Whether a tensor of the batch's size on dim 0 has that size on another dim too: a
-    time-major (T, B, ...) one at T = B looks batch-first, and so does a (T, 2, B, d) buffer."""
-    return any(n == batch for n in t.shape[1:])
-
-
-def _reduced(
-    args: tuple, kwargs: Mapping | None, source: Tensor, out: Tensor, layout: Layout, batch: int
-) -> Layout | None:
-    """A reduction over dims other than the batch's keeps it (one dim further forward per dim
-    before it that goes)."""
-    dims = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
-    if dims is None:
-        return None  # over everything: the examples' entries together
-    dims = [d % source.dim() for d in (dims if isinstance(dims, Sequence) else (dims,))]
-    j, k = layout
-    if j in dims:
-        return None  # over the examples
-    if j == 0:
-        return layout if holds_batch(out, layout, batch) else None
-    keep = (args[2] if len(args) > 2 else (kwargs or {}).get("keepdim", False)) is True
-    got = (j if keep else j - sum(d < j for d in dims), k)
-    return got if holds_batch(out, got, batch) else None
-
-
-def _indexed(key: object, layout: Layout, ndim: int) -> Layout | None:
-    """Where ``t[key]`` has the batch: plain slices and ints before it (an int drops its dim),
-    ``slice(None)`` at it, anything but tensors after it; None for another key."""
-    keys = key if type(key) is tuple else (key,)
-    j, k = layout
-    at = shift = 0  # the source dim reached; output dims added (None) or dropped (int)
-    for key_ in keys:
-        if at > j:
-            if key_ is Ellipsis or type(key_) in (slice, int) or key_ is None:
-                continue
-            return None
-        if key_ is None:
-            shift += 1
-        elif key_ is Ellipsis:
-            return None
-        elif type(key_) is int:
-            if at == j:
-                return None
-            shift -= 1
-            at += 1
-        elif type(key_) is slice:
-            if at == j and key_ != slice(None):
-                return None
-            at += 1
-        elif (
-            isinstance(key_, Tensor) and at == j and key_.dim() == 1 and not key_.is_floating_point()
-            and key_.dtype != torch.bool
-        ):  # fmt: skip
-            # B entries along the batch, each example's own (the forward guard refused any
-            # other index there): the batch, in order; B rows of flattened tokens: batch-first
-            return (0, 1) if k > 1 else (j + shift, 1)
-        else:
-            return None
-    return (j + shift, k)
-
-
-def _trailing(name: str, args: tuple, kwargs: Mapping | None, source: Tensor) -> int:
-    """How many trailing dims a functional row-wise layer reduces over or replaces (the batch
-    must come before them)."""
-    if name in ("layer_norm", "rms_norm"):
-        shape = args[1] if len(args) > 1 else (kwargs or {}).get("normalized_shape", ())
-        return len(shape) if isinstance(shape, Sequence) else 1
-    return 0 if name == "embedding" else 1
-
-
-def _reshaped(source: Tensor, out: Tensor, layout: Layout, batch: int) -> Layout | None:
-    dim, _ = layout
-    if dim == 0:  # batch-first or flattened: a reshape to B·k rows keeps the examples' order
-        rows = out.shape[0]
-        return (0, rows // batch) if rows >= batch and rows % batch == 0 else None
-    # the batch on dim j: kept where the dims up to it are kept
-    if out.dim() > dim and out.shape[: dim + 1] == source.shape[: dim + 1]:
-        return layout
-    return None
-
-
-def _moved(
-    name: str, args: tuple, kwargs: Mapping | None, source: Tensor, out: Tensor,
-    layout: Layout, batch: int,
-) -> Layout | None:  # fmt: skip
-    dim, k = layout
-    n = source.dim()
-    if name in ("unsqueeze", "squeeze"):
-        at = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
-        if name == "unsqueeze":
-            if not isinstance(at, int):
-                return None
-            where = dim + (at % (n + 1) <= dim)
-        else:
-            ats = range(n) if at is None else at if isinstance(at, Sequence) else (at,)
-            gone = {a % n for a in ats if isinstance(a, int) and source.shape[a] == 1}
-            if dim in gone:
-                return None
-            where = dim - sum(a < dim for a in gone)
-    elif k != 1:
-        return None  # flattened rows moved off dim 0
-    else:
-        order = _permutation(name, args, kwargs or {}, n)
-        if order is None:
-            return None
-        where = order.index(dim)
-    if where == 0 and k > 1:
-        return layout if holds_batch(out, layout, batch) else None
-    return (where, k) if holds_batch(out, (where, k), batch) else None
-
-
-def _permutation(name: str, args: tuple, kwargs: Mapping, n: int) -> list[int] | None:
-    """Which source dim each dim of the output of a transpose, permute or movedim is."""
-    order = list(range(n))
-    try:
-        if name == "t":
-            return order[::-1]
-        if name in ("transpose", "swapaxes", "swapdims"):
-            a = args[1] if len(args) > 1 else kwargs.get("dim0", kwargs.get("axis0"))
-            b = args[2] if len(args) > 2 else kwargs.get("dim1", kwargs.get("axis1"))
-            a, b = a % n, b % n
-            order[a], order[b] = order[b], order[a]
-            return order
-        if name == "permute":
-            dims = args[1:] if len(args) > 1 else kwargs.get("dims", ())
-            if len(dims) == 1 and isinstance(dims[0], Sequence):
-                dims = dims[0]
-            return [d % n for d in dims]
-        source = args[1] if len(args) > 1 else kwargs.get("source")
-        dest = args[2] if len(args) > 2 else kwargs.get("destination")
-        sources = [s % n for s in (source if isinstance(source, Sequence) else [source])]
-        dests = [d % n for d in (dest if isinstance(dest, Sequence) else [dest])]
-        out: list[int | None] = [None] * n
-        for s, d in zip(sources, dests, strict=True):
-            out[d] = s
-        rest = iter(d for d in order if d not in sources)
-        return [next(rest) if d is None else d for d in out]
-    except (TypeError, ValueError, IndexError, StopIteration):
-        return None
