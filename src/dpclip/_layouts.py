@@ -17,6 +17,7 @@ dim 0. A call on a sequence-first tensor that keeps no layout marks its output s
 layer on a suspect tensor is refused (at T = B it would pass for batch-first); flattened tokens
 a call does not keep are judged by their dim 0 again, as is everything without a mark.
 """
+
 from __future__ import annotations
 
 import weakref
