@@ -406,6 +406,34 @@ def test_a_time_major_buffer_moved_back_to_batch_first_equals_the_naive_loop(len
     _assert_equals_naive_loop(_SeqFirst("filled").double(), _x(B, length, D), _y())
 
 
+class _ScaledSeqFirst(nn.Module):
+    """A module of the generic fallback (a bare parameter) given a sequence-first tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = _Scale()
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.scale(x.transpose(0, 1)).mean(0))
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(D))
+
+    def forward(self, h):
+        return h * self.weight
+
+
+@pytest.mark.parametrize("length", [T, B])
+def test_a_fallback_module_given_a_sequence_first_tensor_is_refused(length):
+    """Its per-example rerun takes rows of dim 0: at T = B those would be time steps."""
+    match = r"scale \(_Scale\) takes the generic fallback, .* batch is not on dim 0"
+    _assert_refused_at_forward(_ScaledSeqFirst().double(), _x(B, length, D), match)
+
+
 @pytest.mark.parametrize(
     "how, match",
     [

@@ -623,6 +623,21 @@ class Recorder:
             )
         return layout if _layouts.holds_batch(output, layout, self.batch) else None
 
+    def _refuse_moved_batch(self, module: nn.Module, tensors: list[Tensor]) -> None:
+        """A module of the generic fallback reruns its forward per example on rows of dim 0:
+        an argument whose batch is elsewhere (sequence-first, or suspect) would give it rows of
+        several examples, at T = B without a shape to show it."""
+        for x in tensors:
+            layout = self.layouts.of(x)
+            if (layout is not None and layout[0] > 0) or self.layouts.suspect(x):
+                raise IntegrityError(
+                    f"{self.name(module)} takes the generic fallback, which runs it per example "
+                    f"on rows of dim 0, but was given a tensor of shape {tuple(x.shape)} whose "
+                    "batch is not on dim 0 (sequence-first). Move the batch to dim 0 before the "
+                    "module (x.transpose(0, 1)) and back after it, or give it a rule with "
+                    "dpclip.register_layer"
+                )
+
     def batch_first(self, t: Tensor) -> bool:
         """Whether ``t`` is taken for a tensor of this forward's batch on dim 0: that size there,
         and neither pending nor a constant."""
@@ -662,6 +677,8 @@ class Recorder:
         outs = [k for k, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
         single = isinstance(output, Tensor) and output.dim() and not output.requires_grad
         tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+        if self.layouts.by_id:
+            self._refuse_moved_batch(module, tensors)
         batchless = bool(single and outs) and self.all_constant(tensors) is not False
         pending = batchless or (single and output.shape[0] == 1 != self.batch)
         unbatched: dict[int, str] = {}
