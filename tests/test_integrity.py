@@ -310,6 +310,7 @@ class _SeqFirst(_FcHead):
     def __init__(self, how: str = "") -> None:
         super().__init__(how)
         self.across = nn.Linear(B, 3)  # used by "across-the-batch" only
+        self.positions = nn.Embedding(B + 2, D)  # used by "learned-positions" only
 
     def forward(self, x):
         how = self.how
@@ -338,6 +339,8 @@ class _SeqFirst(_FcHead):
             h = h.flip(1)
         elif how == "time-flipped":  # along time: fine at any length
             h = h.flip(0)
+        elif how == "learned-positions":  # a position table (T, 1, d) along the batch
+            h = torch.tanh(self.fc(h + self.positions(torch.arange(x.shape[1]))[:, None]))
         elif how == "time-slice":  # a decoder's shift: (T - 1, B, d), T - 1 = B at T = B + 1
             h = self.fc(h[:-1])
         elif how == "gather-batch":  # the examples reordered along dim 1 by an index
@@ -388,8 +391,12 @@ def test_pytorchs_sequence_first_transformer_encoder_equals_the_naive_loop(norm_
 
 
 @pytest.mark.parametrize(
-    "how", ["stacked", "stacked-then-back", "time-slice", "time-flipped", "examples-restacked"]
-)
+    "how",
+    [
+        "stacked", "stacked-then-back", "time-slice", "time-flipped", "examples-restacked",
+        "learned-positions",
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("length", [T, B, B + 1])
 def test_steps_stacked_or_sliced_along_time_equal_the_naive_loop(how, length):
     """torch.stack of a layer's batch-first steps (a recurrent loop's) puts the batch on dim 1,
@@ -1297,8 +1304,8 @@ def test_a_forward_computes_what_the_model_computes_also_where_its_step_is_refus
 @pytest.mark.parametrize(
     "how, match",
     [
-        # (T, B, D) at T = B: the copy's dim 1 has the batch's size, so dim 0 may not be it
-        ("time-major", r"copied over its dim 1, of the batch's size too"),
+        # (T, B, D) at T = B, a copy over dim 1 (its batch, followed from the transpose)
+        ("time-major", r"has no batch dim .* add uses it .*carries the batch"),
         # rows that dropout made differ, then changed by place: no row check can tell
         ("dropout-then-slices", r"picked, moved or summed its rows"),
     ],
@@ -1378,12 +1385,17 @@ class _BiasMisuse(nn.Module):
         ("cat", r"pos \(Embedding\) \(shape \(3, 5\)\) has no batch dim .* cat uses it .*carries "
                 r"the batch"),
         ("in-place", r"has no batch dim .* mul_ changed it in place"),
-        ("time-major", r"has no batch dim .* add uses it .*carries the batch"),
         ("vector-time-major", r"pos \(Embedding\) has batch 1 .* add uses it .*carries the batch"),
     ],
 )  # fmt: skip
 def test_a_tensor_without_a_batch_dim_used_otherwise_is_refused_at_forward(how, match):
     _assert_refused_at_forward(_BiasMisuse(how).double(), _x(B, T, D), match)
+
+
+def test_a_table_without_a_batch_dim_along_a_sequence_first_batch_equals_the_naive_loop():
+    """(T, 1, d) positions on (T, B, d) states: split per example along the dim that holds the
+    batch, as on a batch-first tensor."""
+    _assert_equals_naive_loop(_BiasMisuse("time-major").double(), _x(B, T, D), _y())
 
 
 def test_a_convolution_on_constants_needs_the_batch_on_dim_0_as_before():

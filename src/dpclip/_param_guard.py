@@ -519,6 +519,7 @@ class ParamUseGuard:
                 and t.shape[0] == batch
                 and recorder.pending(t) is None
                 and not recorder.is_constant(t)
+                and recorder.layouts.of(t) is None  # its batch is elsewhere (T = B)
             ):
                 if t.dim() == a.dim():
                     fits = a.shape[0] == 1 or _row_by_row(a, t)
@@ -543,7 +544,27 @@ class ParamUseGuard:
             rank = self._batch_rank(a, args)
             if rank is not None:
                 out[k] = recorder.broadcast_use(a, rank)
+            else:
+                out[k] = self._split_pending_moved(a, args)
         return tuple(out)
+
+    def _split_pending_moved(self, a: torch.Tensor, args: tuple) -> torch.Tensor:
+        """Pending ``a`` broadcast along the batch of a sequence-first operand (``pos(arange(T))
+        [:, None]``, (T, 1, d), against (T, B, d)): split as for a batch-first one, in the frame
+        with the batch moved to dim 0, and moved back (marked sequence-first); else ``a``."""
+        recorder = self._recorder
+        assert recorder is not None
+        for t in args:
+            layout = recorder.layouts.of(t) if isinstance(t, torch.Tensor) else None
+            if layout is None or layout[0] == 0 or t.dim() != a.dim() or a.shape[layout[0]] != 1:
+                continue
+            j = layout[0]
+            moved = a.movedim(j, 0)  # a view: pending as ``a`` is (no op of the model's)
+            recorder.derive(moved, [recorder.pending(a)], [])
+            use = recorder.broadcast_use(moved, t.dim()).movedim(0, j)
+            recorder.layouts.mark(use, layout)
+            return use
+        return a
 
     def split_pending_joined(self, name: str, args: tuple, kwargs: Mapping) -> tuple:
         """``torch.cat``/``torch.stack`` of pending tensors of B rows with batched ones along a
