@@ -441,6 +441,22 @@ def test_a_fallback_module_given_a_sequence_first_tensor_is_refused(length):
     _assert_refused_at_forward(_ScaledSeqFirst().double(), _x(B, length, D), match)
 
 
+def test_a_layer_whose_rule_needs_the_batch_on_dim_0_given_a_sequence_first_tensor_is_refused():
+    """A GroupNorm (its rule, unlike a row-wise layer's, takes dim 0 for the batch) on (T, B, C)
+    at T = B would clip time steps as examples."""
+
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.head = nn.GroupNorm(1, B), nn.Linear(D, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(x.transpose(0, 1)).mean(0))
+
+    match = r"norm \(GroupNorm\) has a rule that takes its batch from dim 0"
+    _assert_refused_at_forward(Grouped().double(), _x(B, B, D), match)
+
+
 @pytest.mark.parametrize(
     "how, match",
     [

@@ -591,7 +591,10 @@ class Recorder:
         """For a row-wise layer whose inputs all hold the batch in one followed layout (see
         :mod:`dpclip._layouts`) before the dims the layer acts on, as its output does: that
         layout."""
-        if not (isinstance(module, ROW_WISE) and inputs and self.batch):
+        if not (inputs and self.batch):
+            return None
+        if not isinstance(module, ROW_WISE):  # its rule needs the batch on dim 0
+            self._refuse_moved_batch(module, [x for x in inputs if isinstance(x, Tensor)])
             return None
         if any(self.layouts.suspect(x) for x in inputs):
             raise IntegrityError(
@@ -630,12 +633,20 @@ class Recorder:
         for x in tensors:
             layout = self.layouts.of(x)
             if (layout is not None and layout[0] > 0) or self.layouts.suspect(x):
+                how = (
+                    "takes the generic fallback, which runs it per example on rows of dim 0"
+                    if module in self._whole
+                    else "has a rule that takes its batch from dim 0"
+                )
                 raise IntegrityError(
-                    f"{self.name(module)} takes the generic fallback, which runs it per example "
-                    f"on rows of dim 0, but was given a tensor of shape {tuple(x.shape)} whose "
-                    "batch is not on dim 0 (sequence-first). Move the batch to dim 0 before the "
-                    "module (x.transpose(0, 1)) and back after it, or give it a rule with "
-                    "dpclip.register_layer"
+                    f"{self.name(module)} {how}, but was given a tensor of shape "
+                    f"{tuple(x.shape)} whose batch is not on dim 0 (sequence-first). Move the "
+                    "batch to dim 0 before the module (x.transpose(0, 1)) and back after it"
+                    + (
+                        ", or give it a rule with dpclip.register_layer"
+                        if module in self._whole
+                        else ""
+                    )
                 )
 
     def batch_first(self, t: Tensor) -> bool:
