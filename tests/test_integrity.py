@@ -339,6 +339,12 @@ class _SeqFirst(_FcHead):
             h = h.flip(1)
         elif how == "time-flipped":  # along time: fine at any length
             h = h.flip(0)
+        elif how == "custom-function":  # an autograd.Function: its inside runs without grad
+            h = torch.tanh(self.fc(_Identity.apply(h)))
+        elif how == "changed-then-scaled":  # changed in place along time, then an op, a layer
+            g = h * 1.0
+            g[0] = 0.0
+            h = torch.tanh(self.fc(g * 2.0))
         elif how == "learned-positions":  # a position table (T, 1, d) along the batch
             h = torch.tanh(self.fc(h + self.positions(torch.arange(x.shape[1]))[:, None]))
         elif how == "time-slice":  # a decoder's shift: (T - 1, B, d), T - 1 = B at T = B + 1
@@ -358,6 +364,16 @@ class _SeqFirst(_FcHead):
         elif how == "across-the-batch":  # a layer on (T, d, B): over the examples
             return self.across(h.transpose(1, 2)).mean((0, 1))[None].expand(x.shape[0], -1)
         return self.head(h).mean(0)
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad
 
 
 class _SeqFirstEncoder(nn.Module):
@@ -394,7 +410,7 @@ def test_pytorchs_sequence_first_transformer_encoder_equals_the_naive_loop(norm_
     "how",
     [
         "stacked", "stacked-then-back", "time-slice", "time-flipped", "examples-restacked",
-        "learned-positions",
+        "learned-positions", "custom-function",
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("length", [T, B, B + 1])
@@ -404,6 +420,14 @@ def test_steps_stacked_or_sliced_along_time_equal_the_naive_loop(how, length):
     batch's); a loop over the examples, stacked again, stays batch-first (at T = B its parts
     look like steps: only a layer's outputs are taken for those)."""
     _assert_equals_naive_loop(_SeqFirst(how).double(), _x(B, length, D), _y())
+
+
+@pytest.mark.parametrize("length", [T, B])
+def test_a_sequence_first_tensor_changed_in_place_then_computed_on_is_refused(length):
+    """Its layout no longer vouched for, anything computed from it is suspect (at T = B an
+    unmarked result would pass for batch-first)."""
+    match = r"fc \(Linear\) was given a tensor computed from one whose batch is not on dim 0"
+    _assert_refused_at_forward(_SeqFirst("changed-then-scaled").double(), _x(B, length, D), match)
 
 
 @pytest.mark.parametrize("length", [T, B])

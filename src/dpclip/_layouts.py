@@ -108,13 +108,14 @@ class Layouts:
         return entry if entry is not None and entry[0]() is t else None
 
     def of(self, t: object, changes: int = 0) -> Layout | None:
-        """The layout of a followed tensor unchanged since (or changed ``changes`` times in
-        place: by the call being followed); else None."""
+        """The layout of a followed tensor unchanged since (or changed up to ``changes`` times
+        in place: by the call being followed, which may return it unchanged: dropout of p = 0);
+        else None."""
         entry = self._entry(t)
         if entry is None or entry[1][0] < 0:
             return None
         assert isinstance(t, Tensor)
-        return entry[1] if t._version == entry[2] + changes else None
+        return entry[1] if entry[2] <= t._version <= entry[2] + changes else None
 
     def unknown(self, t: object) -> bool:
         """Whether ``t`` was made from B·k rows of an order dpclip did not follow."""
@@ -151,6 +152,11 @@ class Layouts:
                 del table[key]
 
         return drop
+
+    def marked(self, t: object) -> bool:
+        """Whether ``t`` has any mark: a layout, or unknown or suspect (its dim 0 is not sure to
+        be the batch, even where it has the batch's size)."""
+        return self._entry(t) is not None
 
     def is_known(self, t: object) -> bool:
         ref = self.known.get(id(t))
@@ -210,8 +216,12 @@ class Layouts:
             worst = None
             for a in operands:
                 entry = self._entry(a)
-                if entry is not None and entry[1][0] < 0:
+                if entry is None:
+                    continue
+                if entry[1][0] < 0:
                     worst = entry[1] if worst != _SUSPECT else worst
+                elif not entry[2] <= a._version <= entry[2] + int(a is out):
+                    worst = _SUSPECT  # changed in place since (not by this call: relu_)
             if worst is not None:
                 for t in outs:
                     self.mark(t, worst)  # whatever the call: its order stays unknown

@@ -329,8 +329,15 @@ class _Mode(TorchFunctionMode):
             if self.recorder is not None and self.recorder.in_whole_call:
                 self.recorder.branched(answer)
             return answer
-        if kind == _FREE or not torch.is_grad_enabled():
+        if kind == _FREE:
             return func(*args, **kwargs) if kwargs else func(*args)
+        if not torch.is_grad_enabled():
+            out = func(*args, **kwargs) if kwargs else func(*args)
+            layouts = self.layouts
+            if layouts is not None and layouts.by_id and _touches(layouts.by_id, args, kwargs):
+                assert self.recorder is not None  # no_grad blocks, custom Functions' insides
+                layouts.after(name, args, kwargs, out, self.recorder)
+            return out
         if kind == _DETACH:
             out = func(*args, **kwargs) if kwargs else func(*args)
             if (self.pending or self.consts) and args:
@@ -519,7 +526,7 @@ class ParamUseGuard:
                 and t.shape[0] == batch
                 and recorder.pending(t) is None
                 and not recorder.is_constant(t)
-                and recorder.layouts.of(t) is None  # its batch is elsewhere (T = B)
+                and not recorder.layouts.marked(t)  # its batch is elsewhere, or unsure (T = B)
             ):
                 if t.dim() == a.dim():
                     fits = a.shape[0] == 1 or _row_by_row(a, t)
