@@ -117,11 +117,6 @@ class Layouts:
         assert isinstance(t, Tensor)
         return entry[1] if entry[2] <= t._version <= entry[2] + changes else None
 
-    def unknown(self, t: object) -> bool:
-        """Whether ``t`` was made from B·k rows of an order dpclip did not follow."""
-        entry = self._entry(t)
-        return entry is not None and entry[1] == _UNKNOWN
-
     def suspect(self, t: object) -> bool:
         """Whether ``t`` was computed from a followed tensor in a way dpclip did not follow
         (see :data:`_SUSPECT`), or changed in place since it was followed."""
@@ -140,9 +135,7 @@ class Layouts:
     def know(self, t: Tensor) -> None:
         """``t`` is batch-first: a layer's output, the model's input."""
         self.known[id(t)] = weakref.ref(t, self._dropper(self.known, id(t)))
-        entry = self._entry(t)
-        if entry is not None:
-            del self.by_id[id(t)]
+        self.forget(t)
 
     @staticmethod
     def _dropper(table: dict, key: int) -> Callable[[weakref.ref], None]:

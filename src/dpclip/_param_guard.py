@@ -376,7 +376,7 @@ class _Mode(TorchFunctionMode):
         if kind == _ROWS or (kind in (_GETITEM, _PUT) and _advanced(_key(args, kwargs))):
             guard.check_rows_kept(name, args, kwargs or {})
         layouts = self.layouts
-        if kind in (_ROWS, _GETITEM, _PUT) and layouts and layouts.by_id and args:
+        if kind in (_ROWS, _GETITEM, _PUT) and layouts is not None and layouts.by_id and args:
             if _touches(layouts.by_id, args, kwargs):
                 guard.check_layout_kept(name, args, kwargs or {})
         parts = None
@@ -705,9 +705,7 @@ class ParamUseGuard:
         if not batch or batch < 2 or not any(t.requires_grad for t in tensors):
             return
         t = args[0]
-        if not isinstance(t, torch.Tensor) or not t.dim():
-            return
-        if t.shape[0] != batch:
+        if not isinstance(t, torch.Tensor) or not t.dim() or t.shape[0] != batch:
             return
         if recorder is not None and recorder.pending(t) is not None:
             return  # no batch dim: its rows are positions
@@ -803,8 +801,7 @@ class ParamUseGuard:
             )
             raise IntegrityError(
                 f"{name} moves or gathers {where} inside the model's forward: dpclip clips "
-                "each example's "
-                "entries as that example's, so a layer after the move would add one example's "
+                "each example's entries as that example's, so a layer after the move would add one example's "
                 "gradient to another's. Keep the examples' order inside the forward, or move "
                 "along another dim (the tokens of a batch-first tensor: h.flip(1))"
             )
@@ -910,7 +907,7 @@ def _moves_rows(name: str, args: tuple, kwargs: Mapping, batch: int, along: int 
     if name == "__getitem__" or name in _PUTS:
         key = _key(args, kwargs)
         if name in _PUTS:  # a value put at the rows: only a tensor of rows moves any
-            value = args[2] if len(args) > 2 else kwargs.get("values", kwargs.get("value"))
+            value = _put_value(name, args, kwargs)
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 return False
         if name not in ("__getitem__", "__setitem__") and not along:  # index_put: per dim
